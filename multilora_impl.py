@@ -1,0 +1,454 @@
+"""Multi-LoRA: the operation's contract, the float64 reference, the torch baselines,
+the registry of every implementation, and the decode microbenchmark (see main()).
+
+For every token t whose adapter is i = idx[t] (nothing when idx[t] == -1):
+
+    v[t]  = x[t] @ A[i, :ranks[i]].T                      # shrink, kept in fp32
+    y[t] += scale[i] * v[t] @ B[i, :, :ranks[i]].T        # expand, in place
+
+Shapes (torch.nn.Linear / PEFT layouts, so PEFT weights drop in unchanged):
+    x      [T, h_in]            fp16 / bf16 / fp32
+    y      [T, h_out]           same dtype as x, updated in place
+    A      [L, r_max, h_in]     stacked lora_A weights of L adapters
+    B      [L, h_out, r_max]    stacked lora_B weights
+    idx    [T]                  int32 / int64, adapter of each token, -1 = no LoRA
+    scale  [L]                  fp32 (lora_alpha / r, or alpha / sqrt(r) for rsLoRA)
+    ranks  [L] int32 or None    adapter i uses its first ranks[i] rows of A / columns
+                                of B; the padded part is never read by the kernels
+
+Output slices (q/k/v or gate/up read the same x): A may be [S, L, r_max, h_in] and B a
+tuple of S tensors [L, h_out_s, r_max]; y is then [T, sum_s h_out_s] with slice s in
+columns [off_s, off_s + h_out_s). Kernels shrink once for all S slices.
+
+Every mode is called the same way:  fn(y, x, A, B, idx, scale, ranks=None, meta=None).
+`meta` (a LoraMeta from `make_meta`, built on the host where the request-to-adapter
+assignment is known) carries segments and groups; when None, a mode that needs it builds
+it from idx (one host sync, fine for tests, not inside a CUDA graph).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+# ---------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+# ||out - ref|| / ||ref|| bounds against the float64 reference (DESIGN.md, Validation).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+MAX_RANK = 128  # the largest rank every kernel supports
+WORKLOADS = ("distinct", "uniform", "skewed", "identical")
+
+BList = Union[Tensor, Sequence[Tensor]]
+
+
+# ---------------------------------------------------------------------------------------
+# Input checking, shared by every public entry point
+# ---------------------------------------------------------------------------------------
+def _fail(arg: str, expected: str, got: object) -> None:
+    raise ValueError(f"{arg}: expected {expected}, got {got}")
+
+
+def as_slices(A: Tensor, B: BList) -> tuple[Tensor, list[Tensor]]:
+    """Normalise to A4 [S, L, r_max, h_in] and a list of S tensors B_s [L, h_out_s, r_max]."""
+    if not isinstance(A, Tensor):
+        _fail("A", "a torch.Tensor", type(A).__name__)
+    if A.dim() == 3:
+        A4 = A.unsqueeze(0)
+    elif A.dim() == 4:
+        A4 = A
+    else:
+        _fail("A", "[L, r_max, h_in] or [S, L, r_max, h_in]", tuple(A.shape))
+    Bs = [B] if isinstance(B, Tensor) else list(B)
+    if not all(isinstance(b, Tensor) for b in Bs):
+        _fail("B", "a Tensor or a sequence of Tensors", [type(b).__name__ for b in Bs])
+    if len(Bs) != A4.shape[0]:
+        _fail("B", f"{A4.shape[0]} slice(s) to match A", len(Bs))
+    return A4, Bs
+
+
+def check_lora_args(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
+                    ranks: Optional[Tensor] = None, *, max_rank: int = MAX_RANK,
+                    check_idx_range: bool = False) -> tuple[Tensor, list[Tensor]]:
+    """Validate the contract; raise ValueError naming the argument. Returns (A4, Bs).
+
+    Index range is only checked with check_idx_range=True (it reads idx on the host,
+    a sync; kernels skip it in the hot path and rely on callers or the debug flag).
+    """
+    A4, Bs = as_slices(A, B)
+    for name, t in (("y", y), ("x", x), ("idx", idx), ("scale", scale)):
+        if not isinstance(t, Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__)
+    if x.dtype not in TOLERANCE:
+        _fail("x", "dtype float16, bfloat16 or float32", x.dtype)
+    if x.dim() != 2:
+        _fail("x", "2-D [T, h_in]", tuple(x.shape))
+    T, h_in = x.shape
+    if T == 0:
+        _fail("x", "at least one token (T >= 1)", tuple(x.shape))
+    S, L, r_max, a_h_in = A4.shape
+    if L == 0 or r_max == 0:
+        _fail("A", "L >= 1 adapters and r_max >= 1", tuple(A.shape))
+    if a_h_in != h_in:
+        _fail("A", f"last dim h_in={h_in} to match x", tuple(A.shape))
+    if r_max > max_rank:
+        _fail("A", f"r_max <= {max_rank}", r_max)
+    h_out_total = 0
+    for s, b in enumerate(Bs):
+        bname = "B" if len(Bs) == 1 and isinstance(B, Tensor) else f"B[{s}]"
+        if b.dim() != 3 or b.shape[0] != L or b.shape[2] != r_max:
+            _fail(bname, f"[L={L}, h_out, r_max={r_max}]", tuple(b.shape))
+        if b.dtype != x.dtype:
+            _fail(bname, f"dtype {x.dtype} (same as x)", b.dtype)
+        if b.device != x.device:
+            _fail(bname, f"device {x.device} (same as x)", b.device)
+        h_out_total += b.shape[1]
+    if y.dim() != 2 or y.shape[0] != T or y.shape[1] != h_out_total:
+        _fail("y", f"[T={T}, h_out={h_out_total}]", tuple(y.shape))
+    for name, t in (("y", y), ("A", A4)):
+        if t.dtype != x.dtype:
+            _fail(name, f"dtype {x.dtype} (same as x)", t.dtype)
+    for name, t in (("y", y), ("A", A4), ("idx", idx), ("scale", scale)):
+        if t.device != x.device:
+            _fail(name, f"device {x.device} (same as x)", t.device)
+    if idx.dtype not in (torch.int32, torch.int64) or idx.shape != (T,):
+        _fail("idx", f"int32/int64 of shape [T={T}]", f"{idx.dtype} {tuple(idx.shape)}")
+    if scale.dtype != torch.float32 or scale.shape != (L,):
+        _fail("scale", f"float32 of shape [L={L}]", f"{scale.dtype} {tuple(scale.shape)}")
+    if ranks is not None:
+        if not isinstance(ranks, Tensor) or ranks.dtype not in (torch.int32, torch.int64) \
+                or ranks.shape != (L,):
+            _fail("ranks", f"int32 tensor of shape [L={L}] or None",
+                  f"{getattr(ranks, 'dtype', type(ranks))} {tuple(getattr(ranks, 'shape', ()))}")
+        if ranks.device != x.device:
+            _fail("ranks", f"device {x.device} (same as x)", ranks.device)
+    if y.stride(-1) != 1:
+        _fail("y", "unit stride in the last dim", y.stride())
+    if check_idx_range:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= L:
+            _fail("idx", f"values in [-1, {L - 1}]", f"range [{lo}, {hi}]")
+        if ranks is not None:
+            rlo, rhi = int(ranks.min()), int(ranks.max())
+            if rlo < 0 or rhi > r_max:
+                _fail("ranks", f"values in [0, r_max={r_max}]", f"range [{rlo}, {rhi}]")
+    return A4, Bs
+
+
+# ---------------------------------------------------------------------------------------
+# The float64 reference
+# ---------------------------------------------------------------------------------------
+def lora_reference(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
+                   ranks: Optional[Tensor] = None) -> Tensor:
+    """Return y + LoRA in float64 (y is not modified). The operation stated plainly."""
+    A4, Bs = as_slices(A, B)
+    out = y.detach().to("cpu", torch.float64).clone()
+    x64 = x.detach().to("cpu", torch.float64)
+    idx_l = idx.tolist()
+    r_max = A4.shape[2]
+    ranks_l = ranks.tolist() if ranks is not None else [r_max] * A4.shape[1]
+    scale_l = scale.tolist()
+    col = 0
+    for s, Bs_s in enumerate(Bs):
+        A_s = A4[s].detach().to("cpu", torch.float64)
+        B_s = Bs_s.detach().to("cpu", torch.float64)
+        h_out = B_s.shape[1]
+        for t, i in enumerate(idx_l):
+            if i < 0:
+                continue
+            r = ranks_l[i]
+            v = x64[t] @ A_s[i, :r].T                       # [r]
+            out[t, col:col + h_out] += scale_l[i] * (B_s[i, :, :r] @ v)
+        col += h_out
+    return out
+
+
+def relative_error(out: Tensor, ref: Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN, which fails every bound)."""
+    out64 = out.detach().to("cpu", torch.float64)
+    ref64 = ref.detach().to("cpu", torch.float64)
+    return float(torch.linalg.vector_norm(out64 - ref64) / torch.linalg.vector_norm(ref64))
+
+
+# ---------------------------------------------------------------------------------------
+# Metadata: segments (SGMV) and groups (gbmm), built on the host
+# ---------------------------------------------------------------------------------------
+def build_segments(idx: Tensor) -> tuple[Tensor, Tensor]:
+    """One segment per run of consecutive tokens with the same adapter (including -1 runs,
+    whose programs exit at once). Returns int32 seg_starts [S+1] and seg_adapter [S] on
+    idx's device. Reads idx on the host: call it where the assignment is known."""
+    idx_h = idx.detach().to("cpu", torch.int64)
+    T = idx_h.numel()
+    if T == 0:
+        _fail("idx", "at least one token", tuple(idx.shape))
+    change = torch.ones(T, dtype=torch.bool)
+    change[1:] = idx_h[1:] != idx_h[:-1]
+    starts = torch.nonzero(change).flatten()
+    seg_starts = torch.cat([starts, torch.tensor([T])]).to(torch.int32)
+    seg_adapter = idx_h[starts].to(torch.int32)
+    return seg_starts.to(idx.device), seg_adapter.to(idx.device)
+
+
+def idx_from_segments(seg_starts: Tensor, seg_adapter: Tensor) -> Tensor:
+    """Inverse of build_segments: idx [T] int64 (SGMV's semantics are BGMV's on this idx)."""
+    lens = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
+    return torch.repeat_interleave(seg_adapter.to(torch.int64), lens)
+
+
+@dataclass
+class LoraMeta:
+    """Per-batch metadata built once on the host and reused by every layer and step."""
+    idx: Tensor                    # [T] int32, device
+    seg_starts: Tensor             # [S+1] int32, device
+    seg_adapter: Tensor            # [S] int32, device
+    num_segments: int
+    max_seg_len: int
+    # gbmm: for each adapter present, the positions of its tokens (device int64 tensors)
+    groups: list[tuple[int, Tensor]] = field(default_factory=list)
+    # cheat_bmm: A[idx], B[idx] gathered outside the timed region
+    gathered: Optional[tuple] = None
+
+
+def make_meta(idx: Tensor) -> LoraMeta:
+    idx_h = idx.detach().to("cpu", torch.int64)
+    seg_starts, seg_adapter = build_segments(idx)
+    lens = seg_starts[1:] - seg_starts[:-1]
+    groups = []
+    for a in torch.unique(idx_h).tolist():
+        if a >= 0:
+            groups.append((a, torch.nonzero(idx_h == a).flatten().to(idx.device)))
+    return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts, seg_adapter=seg_adapter,
+                    num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
+                    groups=groups)
+
+
+# ---------------------------------------------------------------------------------------
+# Torch baselines
+# ---------------------------------------------------------------------------------------
+def _rank_mask(ranks: Optional[Tensor], adapters: Tensor, r_max: int) -> Optional[Tensor]:
+    """[n, r_max] bool, True where the rank column is used (None: all are)."""
+    if ranks is None:
+        return None
+    return torch.arange(r_max, device=adapters.device)[None, :] < ranks.long()[adapters][:, None]
+
+
+def lora_none(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
+    """No LoRA: the cost floor."""
+    return None
+
+
+def lora_loop(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
+    """The obvious loop: per token, y[t] += s * (x[t] @ A_i.T) @ B_i.T (syncs per token)."""
+    A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    idx_h = idx.tolist()
+    ranks_h = ranks.tolist() if ranks is not None else None
+    col = 0
+    for s, B_s in enumerate(Bs):
+        h_out = B_s.shape[1]
+        for t, i in enumerate(idx_h):
+            if i < 0:
+                continue
+            r = ranks_h[i] if ranks_h is not None else A4.shape[2]
+            v = x[t:t + 1].float() @ A4[s, i, :r].float().T             # [1, r]
+            y[t:t + 1, col:col + h_out] += (scale[i] * (v @ B_s[i, :, :r].float().T)).to(y.dtype)
+        col += h_out
+
+
+def _gather_weights(A4: Tensor, Bs: list[Tensor], idx: Tensor, ranks: Optional[Tensor]):
+    """A4[:, idx], B_s[idx] for rows with an adapter, padded rank zeroed (pads may be junk)."""
+    rows = torch.nonzero(idx >= 0).flatten()
+    adapters = idx[rows].long()
+    mask = _rank_mask(ranks, adapters, A4.shape[2])
+    Ag = A4[:, adapters]                                   # [S, n, r_max, h_in]
+    Bg = [b[adapters] for b in Bs]                         # [n, h_out_s, r_max]
+    if mask is not None:
+        Ag = torch.where(mask[None, :, :, None], Ag, 0)
+        Bg = [torch.where(mask[:, None, :], b, 0) for b in Bg]
+    return rows, adapters, Ag, Bg
+
+
+def prepare_cheat_bmm(x, A, B, idx, scale, ranks=None) -> LoraMeta:
+    """Gather A[idx], B[idx] once (what cheat_bmm leaves out of its timed region)."""
+    meta = make_meta(idx)
+    A4, Bs = as_slices(A, B)
+    meta.gathered = _gather_weights(A4, Bs, idx, ranks)
+    return meta
+
+
+def lora_cheat_bmm(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
+    """Idealised bound: weights already gathered per token (meta.gathered, built outside the
+    timed region), then two batched matmuls. Leaves out the gather, which moves n x the
+    adapter bytes, so it is not a deployable method."""
+    A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    if meta is None or meta.gathered is None:
+        meta = prepare_cheat_bmm(x, A, B, idx, scale, ranks)
+    rows, adapters, Ag, Bg = meta.gathered
+    xr = x[rows].unsqueeze(1)                              # [n, 1, h_in]
+    s = scale[adapters][:, None, None]
+    col = 0
+    for si, b in enumerate(Bg):
+        v = torch.bmm(xr, Ag[si].transpose(1, 2))          # [n, 1, r_max]
+        d = torch.bmm(v, b.transpose(1, 2)).float() * s    # [n, 1, h_out_s]
+        h_out = b.shape[1]
+        y[rows, col:col + h_out] += d.squeeze(1).to(y.dtype)
+        col += h_out
+
+
+def lora_gbmm(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
+    """Group tokens by adapter (meta.groups), then two matmuls per group."""
+    A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    if meta is None:
+        meta = make_meta(idx)
+    ranks_h = ranks.tolist() if ranks is not None else None
+    for a, pos in meta.groups:
+        xg = x[pos]                                        # [n_a, h_in]
+        r = ranks_h[a] if ranks_h is not None else A4.shape[2]
+        col = 0
+        for si, b in enumerate(Bs):
+            v = xg @ A4[si, a, :r].T                       # [n_a, r]
+            d = (v @ b[a, :, :r].T).float() * scale[a]     # [n_a, h_out_s]
+            h_out = b.shape[1]
+            y[pos, col:col + h_out] += d.to(y.dtype)
+            col += h_out
+
+
+# ---------------------------------------------------------------------------------------
+# Registry
+# ---------------------------------------------------------------------------------------
+@dataclass
+class LoraMode:
+    name: str
+    fn: Union[Callable, str]                  # callable, or "module:attr" loaded lazily
+    prepare: Optional[Callable] = None        # builds meta outside the timed region
+    description: str = ""
+    graph_safe: bool = True                   # no host sync in the call (given meta)
+    needs_cuda: bool = False                  # cannot run on the CPU at all
+    is_triton: bool = False                   # runs on the CPU only under TRITON_INTERPRET=1
+
+    def resolve(self) -> Callable:
+        if isinstance(self.fn, str):
+            module, attr = self.fn.split(":")
+            self.fn = getattr(importlib.import_module(module), attr)
+        return self.fn
+
+    def __call__(self, y, x, A, B, idx, scale, ranks=None, meta=None):
+        return self.resolve()(y, x, A, B, idx, scale, ranks, meta)
+
+    def make_meta(self, x, A, B, idx, scale, ranks=None) -> LoraMeta:
+        return (self.prepare or (lambda x, A, B, idx, scale, ranks: make_meta(idx)))(
+            x, A, B, idx, scale, ranks)
+
+
+MODES: dict[str, LoraMode] = {m.name: m for m in [
+    LoraMode("none", lora_none, description="no LoRA: the cost floor"),
+    LoraMode("loop", lora_loop, graph_safe=False,
+             description="per-token Python loop, y[t] += s (x[t] A_i^T) B_i^T"),
+    LoraMode("cheat_bmm", lora_cheat_bmm, prepare=prepare_cheat_bmm,
+             description="A[idx], B[idx] pre-gathered outside the timing, then two bmm"),
+    LoraMode("gbmm", lora_gbmm, graph_safe=False,
+             description="group tokens by adapter, two matmuls per group"),
+    LoraMode("bgmv_triton", "bgmv_triton.bgmv_triton:bgmv_lora", is_triton=True,
+             description="Triton BGMV: one program per (token, tile) gathers its adapter"),
+    LoraMode("bgmv_cuda", "bgmv_cuda.bgmv_cuda:bgmv_lora", needs_cuda=True,
+             description="CUDA C++ BGMV extension (JIT-built), Punica-style"),
+    LoraMode("sgmv_triton", "sgmv_triton.sgmv_lora:sgmv_lora", is_triton=True,
+             description="Triton SGMV: one program per (segment, tile), shrink then expand"),
+]}
+
+
+def get_mode(name: str) -> LoraMode:
+    if name not in MODES:
+        raise ValueError(f"mode: expected one of {sorted(MODES)}, got {name!r}")
+    return MODES[name]
+
+
+# ---------------------------------------------------------------------------------------
+# Workloads and random inputs (shared by tests and benchmarks)
+# ---------------------------------------------------------------------------------------
+def make_workload(kind: str, num_requests: int, num_adapters: int, no_lora_share: float = 0.0,
+                  seed: int = 0) -> Tensor:
+    """Adapter per request, int32 on the CPU, after the Punica paper.
+
+    distinct: every request its own adapter (needs num_adapters >= num_requests);
+    uniform: uniform over num_adapters; skewed: Zipf-like (p ~ 1/rank^1.5 over
+    num_adapters); identical: adapter 0 for all. Then a share of requests gets -1."""
+    g = torch.Generator().manual_seed(seed)
+    n, L = num_requests, num_adapters
+    if kind == "distinct":
+        if L < n:
+            _fail("num_adapters", f">= num_requests={n} for the distinct workload", L)
+        a = torch.randperm(L, generator=g)[:n]
+    elif kind == "uniform":
+        a = torch.randint(0, L, (n,), generator=g)
+    elif kind == "skewed":
+        p = 1.0 / torch.arange(1, L + 1, dtype=torch.float64) ** 1.5
+        a = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+    elif kind == "identical":
+        a = torch.zeros(n, dtype=torch.int64)
+    else:
+        raise ValueError(f"workload: expected one of {WORKLOADS}, got {kind!r}")
+    if no_lora_share > 0:
+        a[torch.rand(n, generator=g) < no_lora_share] = -1
+    return a.to(torch.int32)
+
+
+def make_lora_inputs(T: int, h_in: int, h_out: Union[int, Sequence[int]], L: int, r_max: int,
+                     dtype: torch.dtype, device: Union[str, torch.device] = "cpu",
+                     ranks: Optional[Sequence[int]] = None, seed: int = 0,
+                     pad_value: float = float("nan")) -> dict:
+    """Fresh random x, y, A, B, scale (and ranks) with outputs of order 1.
+
+    h_out as a list makes S slices (A [S, L, r_max, h_in], B a tuple). With ranks, the
+    padded rows of A / columns of B hold pad_value (NaN by default) so that any kernel
+    reading them poisons its output."""
+    g = torch.Generator().manual_seed(seed)
+    sliced = not isinstance(h_out, int)
+    h_outs = list(h_out) if sliced else [h_out]
+    S = len(h_outs)
+    x = torch.randn(T, h_in, generator=g)
+    A = torch.randn(S, L, r_max, h_in, generator=g) / math.sqrt(h_in)
+    Bs = [torch.randn(L, h, r_max, generator=g) / math.sqrt(r_max) for h in h_outs]
+    y = 0.5 * torch.randn(T, sum(h_outs), generator=g)
+    scale = (0.5 + torch.rand(L, generator=g)).to(torch.float32)
+    ranks_t = None
+    if ranks is not None:
+        ranks_t = torch.tensor(list(ranks), dtype=torch.int32)
+        if ranks_t.shape != (L,):
+            _fail("ranks", f"{L} values", len(ranks_t))
+        used = torch.arange(r_max)[None, :] < ranks_t[:, None].long()     # [L, r_max]
+        A = torch.where(used[None, :, :, None], A, pad_value)
+        Bs = [torch.where(used[:, None, :], b, pad_value) for b in Bs]
+    cast = dict(dtype=dtype, device=device)
+    return dict(
+        x=x.to(**cast), y=y.to(**cast),
+        A=(A if sliced else A[0]).to(**cast).contiguous(),
+        B=tuple(b.to(**cast) for b in Bs) if sliced else Bs[0].to(**cast),
+        scale=scale.to(device), ranks=None if ranks_t is None else ranks_t.to(device))
+
+
+def check_mode(mode: Union[str, LoraMode], inputs: dict, idx: Tensor, poison: bool = True,
+               meta: Optional[LoraMeta] = None) -> float:
+    """Run one mode on a copy of inputs, compare with the float64 reference, return the
+    relative error. Rows with idx = -1 must be bit-identical to the input y (checked here:
+    a changed -1 row raises AssertionError)."""
+    mode = get_mode(mode) if isinstance(mode, str) else mode
+    x, A, B, scale, ranks = (inputs[k] for k in ("x", "A", "B", "scale", "ranks"))
+    y0 = inputs["y"]
+    idx = idx.to(x.device)
+    ref = lora_reference(y0, x, A, B, idx, scale, ranks)
+    y = y0.clone()
+    if meta is None:
+        meta = mode.make_meta(x, A, B, idx, scale, ranks)
+    mode(y, x, A, B, idx, scale, ranks, meta)
+    if mode.name == "none":
+        return relative_error(y, ref)
+    skip = (idx < 0)
+    if bool(skip.any()) and not torch.equal(y[skip], y0[skip]):
+        raise AssertionError(f"{mode.name}: rows with idx = -1 were modified")
+    return relative_error(y, ref)
