@@ -28,6 +28,8 @@ it from idx (one host sync, fine for tests, not inside a CUDA graph).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -244,20 +246,25 @@ def lora_none(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
 
 
 def lora_loop(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
-    """The obvious loop: per token, y[t] += s * (x[t] @ A_i.T) @ B_i.T (syncs per token)."""
+    """The obvious loop: per run of same-adapter tokens (a request in prefill, usually one
+    token in decode), y[rows] += s * (x[rows] @ A_i.T) @ B_i.T. Syncs on the host."""
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
-    idx_h = idx.tolist()
+    if meta is None:
+        meta = make_meta(idx)
+    starts = meta.seg_starts.tolist()
+    adapters = meta.seg_adapter.tolist()
     ranks_h = ranks.tolist() if ranks is not None else None
-    col = 0
-    for s, B_s in enumerate(Bs):
-        h_out = B_s.shape[1]
-        for t, i in enumerate(idx_h):
-            if i < 0:
-                continue
-            r = ranks_h[i] if ranks_h is not None else A4.shape[2]
-            v = x[t:t + 1].float() @ A4[s, i, :r].float().T             # [1, r]
-            y[t:t + 1, col:col + h_out] += (scale[i] * (v @ B_s[i, :, :r].float().T)).to(y.dtype)
-        col += h_out
+    for seg, i in enumerate(adapters):
+        if i < 0:
+            continue
+        t0, t1 = starts[seg], starts[seg + 1]
+        r = ranks_h[i] if ranks_h is not None else A4.shape[2]
+        col = 0
+        for s, B_s in enumerate(Bs):
+            h_out = B_s.shape[1]
+            v = x[t0:t1].float() @ A4[s, i, :r].float().T                 # [n, r]
+            y[t0:t1, col:col + h_out] += (scale[i] * (v @ B_s[i, :, :r].float().T)).to(y.dtype)
+            col += h_out
 
 
 def _gather_weights(A4: Tensor, Bs: list[Tensor], idx: Tensor, ranks: Optional[Tensor]):
@@ -348,7 +355,7 @@ class LoraMode:
 MODES: dict[str, LoraMode] = {m.name: m for m in [
     LoraMode("none", lora_none, description="no LoRA: the cost floor"),
     LoraMode("loop", lora_loop, graph_safe=False,
-             description="per-token Python loop, y[t] += s (x[t] A_i^T) B_i^T"),
+             description="Python loop over requests (runs of one adapter): y += s (x A_i^T) B_i^T"),
     LoraMode("cheat_bmm", lora_cheat_bmm, prepare=prepare_cheat_bmm,
              description="A[idx], B[idx] pre-gathered outside the timing, then two bmm"),
     LoraMode("gbmm", lora_gbmm, graph_safe=False,
@@ -375,15 +382,17 @@ def make_workload(kind: str, num_requests: int, num_adapters: int, no_lora_share
                   seed: int = 0) -> Tensor:
     """Adapter per request, int32 on the CPU, after the Punica paper.
 
-    distinct: every request its own adapter (needs num_adapters >= num_requests);
+    distinct: every request its own adapter (when num_adapters < num_requests, all
+    adapters used equally often);
     uniform: uniform over num_adapters; skewed: Zipf-like (p ~ 1/rank^1.5 over
     num_adapters); identical: adapter 0 for all. Then a share of requests gets -1."""
     g = torch.Generator().manual_seed(seed)
     n, L = num_requests, num_adapters
     if kind == "distinct":
-        if L < n:
-            _fail("num_adapters", f">= num_requests={n} for the distinct workload", L)
-        a = torch.randperm(L, generator=g)[:n]
+        # Every request its own adapter; with fewer adapters than requests, every adapter
+        # is used and each equally often (as distinct as the pool allows).
+        a = torch.arange(n) % L
+        a = a[torch.randperm(n, generator=g)]
     elif kind == "uniform":
         a = torch.randint(0, L, (n,), generator=g)
     elif kind == "skewed":
@@ -452,3 +461,336 @@ def check_mode(mode: Union[str, LoraMode], inputs: dict, idx: Tensor, poison: bo
     if bool(skip.any()) and not torch.equal(y[skip], y0[skip]):
         raise AssertionError(f"{mode.name}: rows with idx = -1 were modified")
     return relative_error(y, ref)
+
+
+# ---------------------------------------------------------------------------------------
+# Microbenchmark: validate then time every mode at one point (shared with the prefill script)
+# ---------------------------------------------------------------------------------------
+def _fresh_set(ref: dict) -> dict:
+    """Another input set on the GPU shaped like ref (fresh randn, same NaN pads)."""
+    def like(t, fan_in):
+        new = torch.randn_like(t) / math.sqrt(fan_in)
+        return torch.where(torch.isnan(t), t, new)
+    A = ref["A"]
+    Bs = ref["B"] if isinstance(ref["B"], tuple) else (ref["B"],)
+    newB = tuple(like(b, b.shape[-1]) for b in Bs)
+    return dict(x=torch.randn_like(ref["x"]), y=0.5 * torch.randn_like(ref["y"]),
+                A=like(A, A.shape[-1]), B=newB if isinstance(ref["B"], tuple) else newB[0],
+                scale=ref["scale"], ranks=ref["ranks"])
+
+
+def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Sequence[int],
+                r_max: int, dtype: torch.dtype, ranks: Optional[Sequence[int]] = None,
+                seed: int = 0, device: str = "cuda") -> dict:
+    """Validate every mode on input set 0 against the float64 reference, then time it over
+    a pool of input sets (CUDA-graph replay for graph-safe modes, do_bench otherwise).
+    A mode that fails validation is not timed; its error is recorded either way."""
+    import bench_utils as bu
+    T = idx.numel()
+    h_out_arg = list(h_outs) if len(h_outs) > 1 else h_outs[0]
+    set0 = make_lora_inputs(T, h_in, h_out_arg, L, r_max, dtype, device, ranks=ranks, seed=seed)
+    idx_d = idx.to(device, torch.int32)
+    nbytes = bu.lora_bytes(idx, h_in, h_outs, r_max, dtype, set0["ranks"])
+    elt = torch.finfo(dtype).bits // 8
+    set_bytes = elt * (sum(t.numel() for t in (set0["x"], set0["y"], set0["A"]))
+                       + sum(b.numel() for b in (set0["B"] if isinstance(set0["B"], tuple)
+                                                 else (set0["B"],))))
+    n_sets = bu.pool_size(set_bytes, max_sets=128) if device == "cuda" else 1
+    pool = [set0] + [_fresh_set(set0) for _ in range(n_sets - 1)]
+    ref = lora_reference(set0["y"], set0["x"], set0["A"], set0["B"], idx_d, set0["scale"],
+                         set0["ranks"])
+    y0 = set0["y"].clone()  # timing updates the pool's y in place: validate from a copy
+    out = {"T": T, "bytes": nbytes, "n_sets": n_sets, "modes": {}}
+    for name in modes:
+        mode = get_mode(name)
+        rec: dict = {}
+        out["modes"][name] = rec
+        if mode.needs_cuda and device != "cuda":
+            rec["skipped"] = "needs CUDA"
+            continue
+        try:
+            metas = [mode.make_meta(p["x"], p["A"], p["B"], idx_d, p["scale"], p["ranks"])
+                     for p in pool]
+            y = y0.clone()
+            mode(y, set0["x"], set0["A"], set0["B"], idx_d, set0["scale"], set0["ranks"], metas[0])
+            rec["error"] = relative_error(y, ref) if name != "none" else 0.0
+            skip = idx_d < 0
+            if name != "none" and bool(skip.any()) and not torch.equal(y[skip], y0[skip]):
+                rec["error"] = float("inf")
+            if not rec["error"] <= TOLERANCE[dtype]:
+                rec["skipped"] = f"validation failed: error {rec['error']:.3g}"
+                print(f"  {name}: {rec['skipped']}")
+                continue
+
+            def call(k, mode=mode, metas=metas):
+                p = pool[k]
+                mode(p["y"], p["x"], p["A"], p["B"], idx_d, p["scale"], p["ranks"], metas[k])
+            if name == "none":
+                med = bu.empty_graph_us(device)
+                rec.update(method="empty kernel in a CUDA graph (launch floor)")
+                rec["median_us"] = rec["p20_us"] = rec["p80_us"] = med
+                continue
+            if mode.graph_safe and device == "cuda":
+                try:
+                    t = bu.time_graph(call, n_sets)
+                    rec["method"] = f"CUDA graph replay, {n_sets} input sets"
+                except Exception as e:  # a mode that cannot be captured: say so, time eagerly
+                    bu.sync(device)
+                    rec["graph_error"] = str(e)[:200]
+                    t = bu.time_fn(lambda: call(0))
+                    rec["method"] = "do_bench (capture failed)"
+            else:
+                t = bu.time_fn(lambda: call(0), device=device)
+                rec["method"] = ("do_bench, L2 flushed" if device == "cuda"
+                                 else "CPU wall clock (tests only)")
+            rec["median_us"], rec["p20_us"], rec["p80_us"] = t
+            rec["gbs"] = nbytes / (t[0] * 1e-6) / 1e9
+        except Exception as e:
+            bu.sync(device)
+            rec["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print(f"  {name}: {rec['skipped']}")
+    del pool
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def base_gemm_us(T: int, h_in: int, h_out: int, dtype: torch.dtype, device: str = "cuda") -> tuple:
+    import bench_utils as bu
+    call, n_sets = bu.gemm_call(T, h_in, h_out, dtype, device)
+    if device != "cuda":
+        return bu.time_fn(lambda: call(0), device=device)
+    return bu.time_graph(call, n_sets)
+
+
+# ---------------------------------------------------------------------------------------
+# Decode figures: each sweep writes plots/<name>.json, then the plot is drawn from it
+# ---------------------------------------------------------------------------------------
+DECODE_MODES = ["loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "none"]
+DECODE_FIG = "decode_lora_loop_vs_cheat_bmm_vs_gbmm_vs_bgmv_cuda_triton_vs_sgmv_triton"
+
+
+def run_decode_sweep(args, workloads, batch_sizes, h_in, h_out, rank, num_adapters,
+                     distinct_adapters=None, name="decode") -> dict:
+    """distinct: distinct_adapters adapters (None: one per request); the other workloads
+    spread the requests over num_adapters."""
+    import bench_utils as bu
+    dtype = DTYPES[args.dtype]
+    data = {"env": bu.env_info(), "config": {
+        "kind": "decode", "dtype": args.dtype, "h_in": h_in, "h_out": h_out, "rank": rank,
+        "num_adapters": num_adapters, "distinct_adapters": distinct_adapters, "workloads": list(workloads),
+        "batch_sizes": list(batch_sizes), "no_lora_share": args.no_lora_share,
+        "modes": list(args.modes), "seed": args.seed,
+        "command": " ".join(sys.argv)},
+        "copy_gbs": bu.copy_bandwidth_gbs(args.device),
+        "empty_graph_us": bu.empty_graph_us(args.device),
+        "points": []}
+    print(f"[{name}] copy bandwidth {data['copy_gbs']:.0f} GB/s, "
+          f"empty graph kernel {data['empty_graph_us']:.2f} us")
+    for wl in workloads:
+        for bs in batch_sizes:
+            L = (distinct_adapters or bs) if wl == "distinct" else num_adapters
+            idx = make_workload(wl, bs, L, args.no_lora_share, seed=args.seed + bs)
+            pt = bench_point(args.modes, idx, L, h_in, [h_out], rank, dtype, None,
+                             seed=args.seed + bs, device=args.device)
+            pt.update(workload=wl, batch=bs, L=L, gemm=base_gemm_us(bs, h_in, h_out, dtype,
+                                                                    args.device))
+            data["points"].append(pt)
+            line = "  ".join(f"{m}={r['median_us']:.1f}" for m, r in pt["modes"].items()
+                             if "median_us" in r)
+            print(f"  {wl:9s} bs={bs:4d} L={L:4d} gemm={pt['gemm'][0]:.1f}us  {line}")
+    return data
+
+
+def _series(points, modes, key="median_us"):
+    return {m: [((p["modes"][m][key], p["modes"][m].get("p20_us", p["modes"][m][key]),
+                  p["modes"][m].get("p80_us", p["modes"][m][key]))
+                 if m in p["modes"] and key in p["modes"][m] else None) for p in points]
+            for m in modes}
+
+
+def plot_decode(data: dict, path: str) -> None:
+    import bench_utils as bu
+    plt = bu.pyplot()
+    cfg = data["config"]
+    wls = cfg["workloads"]
+    fig, axes = plt.subplots(1, len(wls), figsize=(4.2 * len(wls), 4), sharey=True, squeeze=False)
+    for ax, wl in zip(axes[0], wls):
+        pts = [p for p in data["points"] if p["workload"] == wl]
+        xs = [p["batch"] for p in pts]
+        bu.plot_mode_lines(ax, xs, _series(pts, cfg["modes"]))
+        ax.plot(xs, [p["gemm"][0] for p in pts], "k--", lw=1, label="base GEMM x@W")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"{wl}" + (f" (L={pts[0]['L']})" if wl != "distinct" else " (L=batch)"))
+        ax.set_xlabel("batch size (tokens)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("time per layer call (µs)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"How long does one multi-LoRA decode layer take? {data['env']['gpu']}, "
+                 f"{cfg['dtype']}, h {cfg['h_in']}->{cfg['h_out']}, r={cfg['rank']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_bandwidth(data: dict, path: str) -> None:
+    import bench_utils as bu
+    plt = bu.pyplot()
+    cfg = data["config"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pts = data["points"]
+    xs = [p["batch"] for p in pts]
+    for m in cfg["modes"]:
+        if m == "none":
+            continue
+        ys = [p["modes"][m]["gbs"] / data["copy_gbs"] if "gbs" in p["modes"].get(m, {}) else None
+              for p in pts]
+        colour, marker = bu.MODE_STYLE.get(m, ("k", "."))
+        keep = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if keep:
+            ax.plot(*zip(*keep), color=colour, marker=marker, label=m)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label=f"copy {data['copy_gbs']:.0f} GB/s")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("batch size (tokens)")
+    ax.set_ylabel("achieved / measured copy bandwidth")
+    ax.set_title(f"How close to the memory limit? {data['env']['gpu']}, {cfg['dtype']},\n"
+                 f"h {cfg['h_in']}->{cfg['h_out']}, r={cfg['rank']}, "
+                 f"L={cfg['num_adapters']} ({cfg['workloads'][0]})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_floor(data: dict, path: str) -> None:
+    """Punica's grid: best mode vs its floor max(bytes / copy bandwidth, empty graph kernel)."""
+    import bench_utils as bu
+    plt = bu.pyplot()
+    cfg = data["config"]
+    wls = cfg["workloads"]
+    fig, axes = plt.subplots(1, len(wls), figsize=(4 * len(wls), 3.8), sharey=True, squeeze=False)
+    for ax, wl in zip(axes[0], wls):
+        pts = [p for p in data["points"] if p["workload"] == wl]
+        xs = [p["batch"] for p in pts]
+        floor = [max(p["bytes"] / (data["copy_gbs"] * 1e3), data["empty_graph_us"]) for p in pts]
+        best = [min((r["median_us"], m) for m, r in p["modes"].items()
+                    if "median_us" in r and m != "none") for p in pts]
+        ax.plot(xs, [b[0] for b in best], "o-", color="#1f77b4", label="best mode")
+        ax.plot(xs, floor, "k--", label="floor")
+        ax.plot(xs, [2 * f for f in floor], ":", color="grey", label="2 x floor")
+        for x, b in zip(xs, best):
+            ax.annotate(b[1], (x, b[0]), fontsize=6, rotation=45)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(wl)
+        ax.set_xlabel("batch size (tokens)")
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("time per layer call (µs)")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"Is the best mode near its floor? {data['env']['gpu']}, {cfg['dtype']}, "
+                 f"h {cfg['h_in']}->{cfg['h_out']}, r={cfg['rank']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def plot_mixed_rank(data: dict, path: str) -> None:
+    import bench_utils as bu
+    plt = bu.pyplot()
+    cfg = data["config"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    mixed, padded = data["mixed"]["modes"], data["padded"]["modes"]
+    modes = [m for m in cfg["modes"] if m != "none" and "median_us" in mixed.get(m, {})
+             and "median_us" in padded.get(m, {})]
+    xs = range(len(modes))
+    ax.bar([x - 0.2 for x in xs], [padded[m]["median_us"] for m in modes], 0.4,
+           label="all padded to rank 64", color="#bbbbbb")
+    ax.bar([x + 0.2 for x in xs], [mixed[m]["median_us"] for m in modes], 0.4,
+           label="mixed ranks {8,16,32,64}", color="#1f77b4")
+    for x, m in zip(xs, modes):
+        ax.text(x + 0.2, mixed[m]["median_us"], f"{mixed[m]['median_us'] / padded[m]['median_us']:.2f}x",
+                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), modes, rotation=20, fontsize=8)
+    ax.set_ylabel("time per layer call (µs)")
+    ax.set_yscale("log")
+    ax.set_title(f"Do mixed ranks cost only their own work? {data['env']['gpu']}, {cfg['dtype']},\n"
+                 f"h {cfg['h_in']}, {cfg['num_adapters']} adapters, batch {cfg['batch']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+FIGURES = ("decode", "bandwidth", "mixed_rank", "punica")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(
+        description="Decode microbenchmark (one token per request): validate every mode "
+                    "against the float64 reference, then time it on the GPU and plot. "
+                    "Defaults reproduce the standard figures in plots/.")
+    p.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
+                   help="which figures: decode (latency vs batch, one panel per workload), "
+                        "bandwidth (batch up to 256, 128 distinct adapters, r=64), mixed_rank "
+                        "(ranks {8,16,32,64} over 32 adapters vs all padded to 64, batch 64), "
+                        "punica (h 4096->11008, r=16, batch 1..64, best mode vs its floor)")
+    p.add_argument("--modes", nargs="+", default=DECODE_MODES, help="modes to run (registry names)")
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="x, y, A, B dtype")
+    p.add_argument("--h-in", type=int, default=4096, help="input hidden size of the layer")
+    p.add_argument("--h-out", type=int, default=4096, help="output hidden size of the layer")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    p.add_argument("--num-adapters", type=int, default=7,
+                   help="adapters for uniform/skewed/identical (distinct uses one per request)")
+    p.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS,
+                   help="request-to-adapter popularity shapes (Punica)")
+    p.add_argument("--batch-sizes", nargs="+", type=int,
+                   default=[1, 2, 4, 8, 16, 32, 64, 128, 256], help="decode batch sizes")
+    p.add_argument("--no-lora-share", type=float, default=0.0,
+                   help="share of requests with no adapter (idx = -1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of inputs and workloads")
+    p.add_argument("--out-dir", default="plots", help="where PNG and JSON go")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cuda (CUDA-graph timing) or cpu (wall-clock timing, for tests only)")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the PNGs from the JSON files in --out-dir (no GPU needed)")
+    args = p.parse_args(argv)
+    os.makedirs(args.out_dir, exist_ok=True)
+    import bench_utils as bu
+    names = {"decode": DECODE_FIG, "bandwidth": "decode_bandwidth_r64_distinct128",
+             "mixed_rank": "decode_mixed_rank", "punica": "decode_punica_grid_vs_floor"}
+    plotters = {"decode": plot_decode, "bandwidth": plot_bandwidth,
+                "mixed_rank": plot_mixed_rank, "punica": plot_floor}
+    for fig in args.figures:
+        path = os.path.join(args.out_dir, names[fig])
+        if not args.plot_only:
+            if fig == "decode":
+                data = run_decode_sweep(args, args.workloads, args.batch_sizes, args.h_in,
+                                        args.h_out, args.rank, args.num_adapters, name=fig)
+            elif fig == "bandwidth":
+                data = run_decode_sweep(args, ["distinct"], [b for b in args.batch_sizes if b >= 16],
+                                        args.h_in, args.h_out, 64, 128, 128, name=fig)
+            elif fig == "punica":
+                data = run_decode_sweep(args, args.workloads, [b for b in args.batch_sizes if b <= 64],
+                                        args.h_in, 11008, 16, args.num_adapters, name=fig)
+            else:
+                dtype = DTYPES[args.dtype]
+                L, bs = 32, 64
+                ranks = [(8, 16, 32, 64)[i % 4] for i in range(L)]
+                idx = make_workload("uniform", bs, L, args.no_lora_share, seed=args.seed)
+                data = {"env": bu.env_info(), "config": {
+                    "kind": "mixed_rank", "dtype": args.dtype, "h_in": args.h_in,
+                    "h_out": args.h_out, "num_adapters": L, "batch": bs, "ranks": ranks,
+                    "modes": list(args.modes), "command": " ".join(sys.argv)}}
+                data["mixed"] = bench_point(args.modes, idx, L, args.h_in, [args.h_out], 64,
+                                            dtype, ranks, seed=args.seed, device=args.device)
+                data["padded"] = bench_point(args.modes, idx, L, args.h_in, [args.h_out], 64,
+                                             dtype, None, seed=args.seed, device=args.device)
+            bu.write_json(path + ".json", data)
+        plotters[fig](bu.read_json(path + ".json"), path + ".png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Drive the decode and prefill microbenchmarks end to end at tiny sizes on the CPU (torch
+modes, Triton modes under the interpreter) and check the JSON and PNG they write."""
+import json
+import os
+
+import pytest
+
+import multilora_impl
+import multilora_impl_prefill
+
+CPU_MODES = ["loop", "cheat_bmm", "gbmm", "bgmv_triton", "sgmv_triton", "none"]
+
+
+def _check_point(pt, modes, tol):
+    for m in modes:
+        rec = pt["modes"][m]
+        assert "skipped" not in rec, (m, rec)
+        assert rec["error"] <= tol, (m, rec["error"])
+        assert rec["p20_us"] <= rec["median_us"] <= rec["p80_us"]
+        assert rec["median_us"] > 0
+    assert pt["bytes"] > 0
+
+
+def test_decode_script_cpu(tmp_path):
+    out = str(tmp_path)
+    multilora_impl.main(["--device", "cpu", "--modes", *CPU_MODES, "--dtype", "fp32",
+                         "--h-in", "40", "--h-out", "24", "--rank", "4", "--num-adapters", "3",
+                         "--batch-sizes", "1", "5", "--workloads", "distinct", "skewed",
+                         "--no-lora-share", "0.2", "--figures", "decode", "mixed_rank",
+                         "--out-dir", out])
+    data = json.load(open(os.path.join(out, multilora_impl.DECODE_FIG + ".json")))
+    assert data["config"]["h_in"] == 40 and data["env"]["torch"]
+    assert [(p["workload"], p["batch"]) for p in data["points"]] == [
+        ("distinct", 1), ("distinct", 5), ("skewed", 1), ("skewed", 5)]
+    for p in data["points"]:
+        _check_point(p, CPU_MODES, 1e-5)
+        assert len(p["gemm"]) == 3
+    mixed = json.load(open(os.path.join(out, "decode_mixed_rank.json")))
+    _check_point(mixed["mixed"], CPU_MODES, 1e-5)
+    _check_point(mixed["padded"], CPU_MODES, 1e-5)
+    for stem in (multilora_impl.DECODE_FIG, "decode_mixed_rank"):
+        assert os.path.getsize(os.path.join(out, stem + ".png")) > 10_000
+    # --plot-only redraws from the JSON alone
+    os.remove(os.path.join(out, "decode_mixed_rank.png"))
+    multilora_impl.main(["--plot-only", "--figures", "mixed_rank", "--out-dir", out])
+    assert os.path.exists(os.path.join(out, "decode_mixed_rank.png"))
+
+
+def test_prefill_script_cpu_ragged(tmp_path):
+    out = str(tmp_path)
+    multilora_impl_prefill.main([
+        "--device", "cpu", "--modes", *CPU_MODES, "--dtype", "fp32", "--h-in", "40",
+        "--h-out", "24", "--rank", "4", "--tokens-per-request", "3", "9",
+        "--fixed-requests", "2", "--num-requests", "1", "3", "--fixed-tokens", "5",
+        "--ragged", "--no-lora-share", "0.3", "--out-dir", out])
+    stem = multilora_impl_prefill.PREFILL_FIG + "_ragged"
+    data = json.load(open(os.path.join(out, stem + ".json")))
+    assert data["config"]["ragged"] is True
+    for p in data["sweep_tokens"] + data["sweep_requests"]:
+        _check_point(p, CPU_MODES, 1e-5)
+        assert sum(p["lengths"]) == p["T"]
+    assert [p["num_requests"] for p in data["sweep_requests"]] == [1, 3]
+    assert os.path.getsize(os.path.join(out, stem + ".png")) > 10_000
+
+
+def test_validation_failure_is_not_timed(monkeypatch):
+    """A mode that computes a wrong answer is recorded with its error and never timed."""
+    import torch
+    wrong = multilora_impl.LoraMode("wrong", lambda y, x, A, B, idx, scale, r=None, m=None:
+                                    y.add_(0.01 * torch.randn_like(y)))
+    monkeypatch.setitem(multilora_impl.MODES, "wrong", wrong)
+    idx = multilora_impl.make_workload("uniform", 4, 2, seed=0)
+    pt = multilora_impl.bench_point(["wrong", "loop"], idx, 2, 16, [8], 4, torch.float32,
+                                    device="cpu")
+    assert "validation failed" in pt["modes"]["wrong"]["skipped"]
+    assert "median_us" not in pt["modes"]["wrong"]
+    assert "median_us" in pt["modes"]["loop"]
