@@ -725,6 +725,69 @@ def plot_mixed_rank(data: dict, path: str) -> None:
 
 
 FIGURES = ("decode", "bandwidth", "mixed_rank", "punica")
+KERNEL_MODES = ("bgmv_triton", "bgmv_cuda", "sgmv_triton")
+
+
+def _best(modes: dict, among=None) -> tuple[float, str]:
+    return min((r["median_us"], m) for m, r in modes.items()
+               if "median_us" in r and m != "none" and (among is None or m in among))
+
+
+def report_targets(out_dir: str) -> None:
+    """Print the issue's performance figures from the JSON files in out_dir (no GPU)."""
+    import bench_utils as bu
+
+    def load(stem):
+        path = os.path.join(out_dir, stem + ".json")
+        return bu.read_json(path) if os.path.exists(path) else None
+    dec = load(DECODE_FIG)
+    if dec:
+        pt = next((p for p in dec["points"] if p["workload"] == "uniform" and p["batch"] == 64), None)
+        if pt:
+            m = pt["modes"]
+            loop = m.get("loop", {}).get("median_us")
+            for k in KERNEL_MODES:
+                if "median_us" in m.get(k, {}) and loop:
+                    print(f"[1] decode bs=64 uniform L={pt['L']}: loop / {k} = "
+                          f"{loop / m[k]['median_us']:.1f}x (target >= 20x)")
+            t, k = _best(m)
+            print(f"[1] best mode {k} {t:.2f} us / base GEMM {pt['gemm'][0]:.2f} us = "
+                  f"{t / pt['gemm'][0]:.3f} (target <= 0.4)")
+    bw = load("decode_bandwidth_r64_distinct128")
+    if bw and bw["points"]:
+        pt = max(bw["points"], key=lambda p: p["batch"])
+        t, k = _best(pt["modes"])
+        print(f"[2] decode bs={pt['batch']} L={pt['L']} r=64 distinct: {k} "
+              f"{pt['modes'][k]['gbs']:.0f} GB/s = {pt['modes'][k]['gbs'] / bw['copy_gbs']:.2f} "
+              f"of copy {bw['copy_gbs']:.0f} GB/s (target >= 0.75)")
+    pre = load("prefill_lora_loop_vs_cheat_bmm_vs_gbmm_vs_bgmv_cuda_triton_vs_sgmv_triton")
+    if pre:
+        pt = next((p for p in pre["sweep_tokens"] if p["tokens_per_request"] == 512
+                   and p["num_requests"] == 8), None)
+        if pt and "median_us" in pt["modes"].get("sgmv_triton", {}):
+            t = pt["modes"]["sgmv_triton"]["median_us"]
+            print(f"[3] prefill 8x512 distinct: sgmv_triton {t:.1f} us / GEMM "
+                  f"{pt['gemm'][0]:.1f} us = {t / pt['gemm'][0]:.3f} (target <= 0.2)")
+    mr = load("decode_mixed_rank")
+    if mr:
+        for k in KERNEL_MODES:
+            a, b = mr["mixed"]["modes"].get(k, {}), mr["padded"]["modes"].get(k, {})
+            if "median_us" in a and "median_us" in b:
+                print(f"[4] mixed ranks {k}: {a['median_us']:.2f} / {b['median_us']:.2f} us = "
+                      f"{a['median_us'] / b['median_us']:.2f} (target <= 0.65)")
+    pg = load("decode_punica_grid_vs_floor")
+    if pg:
+        worst = 0.0
+        for p in pg["points"]:
+            floor = max(p["bytes"] / (pg["copy_gbs"] * 1e3), pg["empty_graph_us"])
+            t, k = _best(p["modes"])
+            worst = max(worst, t / floor)
+            print(f"[5] {p['workload']:9s} bs={p['batch']:3d}: best {k} {t:.2f} us, floor "
+                  f"{floor:.2f} us, ratio {t / floor:.2f}")
+        print(f"[5] worst best/floor over the grid: {worst:.2f} (target <= 2)")
+
+
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -756,7 +819,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="cuda (CUDA-graph timing) or cpu (wall-clock timing, for tests only)")
     p.add_argument("--plot-only", action="store_true",
                    help="redraw the PNGs from the JSON files in --out-dir (no GPU needed)")
+    p.add_argument("--report", action="store_true",
+                   help="print the performance targets from the JSON in --out-dir and exit")
     args = p.parse_args(argv)
+    if args.report:
+        return report_targets(args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     import bench_utils as bu
     names = {"decode": DECODE_FIG, "bandwidth": "decode_bandwidth_r64_distinct128",
