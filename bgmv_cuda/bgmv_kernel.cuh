@@ -1,0 +1,454 @@
+// bgmv_kernel.cuh -- multi-LoRA BGMV (Punica-style) shrink and expand kernels.
+//
+// Plain CUDA C++ (no torch include): copy this one header into any project.
+// For every token t with adapter i = idx[t] (nothing at all when idx[t] == -1):
+//
+//   v[t, s, :r]            = x[t] @ A[s, i, :r, :].T              # shrink, fp32, r = ranks[i]
+//   y[t, off_s : off_s+h_s] += scale[i] * v[t, s, :r] @ B_s[i, :, :r].T   # expand, in place
+//
+// Shapes and layouts (those of torch.nn.Linear / PEFT; strides in elements):
+//   x   [T, h_in]               half / __nv_bfloat16 / float, unit stride along h_in
+//   A   [S, L, r_max, h_in]     same dtype; S output slices share one shrink (q/k/v)
+//   v   [T, S, r_max]           float, the shrink result kept in fp32 until the expand
+//   B_s [L, h_out_s, r_max]     same dtype as x, one tensor (pointer) per slice, S <= 3
+//   y   [T, sum_s h_out_s]      same dtype; slice s owns columns [off_s, off_s + h_out_s)
+//   idx [T]                     int32 or int64, -1 = row untouched (both kernels exit)
+//   scale [L]                   float, per adapter
+//   ranks [L] or nullptr        int32 or int64; adapter i uses its first ranks[i] rows of
+//                               A and columns of B.  Padded rows / columns are never read
+//                               (they may hold NaN); nullptr means every adapter has r_max.
+// Stacked A / B are indexed by adapter x stride (no pointer tables).
+//
+// Supported: h_in a multiple of 8 elements (the shrink reads x and A with 16-byte vector
+// loads, 8 halves / 4 floats, with 16-byte aligned base pointers and row strides), any
+// h_out >= 1 (the expand vectorises along the rank, not along h_out), 1 <= r_max <= 128,
+// 1 <= S <= 3.  The launchers below reject anything else with a message.
+// idx outside [-1, L) or ranks[i] outside [0, r_max] cannot be checked on the host
+// without a sync, so the kernels check them: nothing out of bounds is read and the
+// expand writes NaN into that token's output row (loud, and the CUDA context survives).
+//
+// Arithmetic: every load is upcast to fp32 right away, products accumulate in fp32,
+// y is converted back once, at its store.  Deterministic: no atomics, fixed reduction
+// order.  Bytes that must move (for GB/s): x (T h_in) + y read and written (2 T h_out)
+// in the storage dtype, plus each distinct adapter's A rows (S r h_in) and B columns
+// (h_out r), plus v (fp32, 2 T S r) between the two launches.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+// ---------------------------------------------------------------------------------------
+// Launch configuration, from ptxas (-Xptxas -v, CUDA 13.0, the flags of bgmv_cuda.py;
+// `python bgmv_cuda/compile_check.py` prints the table): with __launch_bounds__(128, 8)
+// the 9 kernels use, on sm_80 / sm_90, shrink 56-64 registers + 64 bytes of shared
+// memory, expand 46-48 (16-byte loads) and 55-64 (1-element loads), 0 bytes of stack or
+// spill.  Unbounded, the shrink would take 72 (half, bf16) and 114 (fp32) registers on
+// sm_90; capped at 64 it still issues all 10 loads of a K step before its first FMA
+// (checked in the SASS) and 8 blocks = 1024 threads (50% occupancy) fit per SM on both
+// architectures, about 160 KB of loads in flight per SM, enough to cover HBM latency.
+// Both kernels are memory bound: each token's adapter weights are read once, x and v are
+// reused from registers, so the goal is bytes in flight, not arithmetic.
+// ---------------------------------------------------------------------------------------
+// Shrink: one block of 128 threads (4 warps) per (token t, slice s, tile of 4 rank rows).
+//   Each thread owns 16-byte chunks of h_in, strided by the block: it loads the x chunk
+//   once and reuses it for the 4 rows (x is read 4x less than A); 2 chunks are unrolled,
+//   so 2 x + 8 A = 10 16-byte loads are in flight per thread.  Per-row partial sums are
+//   reduced with warp shuffles, then across the 4 warps through 64 bytes of shared
+//   memory.  4 rows per block keeps T = 1 decode spread over r_max / 4 blocks per slice.
+//   Grid: x = T (up to 2^31 - 1), y = S * ceil(r_max / 4).
+constexpr int kBgmvShrinkThreads = 128;
+constexpr int kBgmvShrinkRows = 4;     // rank rows per block
+constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per step
+// Expand: one block of 128 threads (4 warps) per (token t, tile of output columns).
+//   A group of G lanes (G = a power of two, G * W >= r_max, W = elements per load)
+//   reads one row B_s[i, j, :rank] (contiguous, r_max long) for output column j; the
+//   32 / G groups of a warp take consecutive j, so a warp reads 32 / G adjacent rows of
+//   B_s (one contiguous block when G * W == r_max) and stores adjacent y elements.  Each lane handles 4 outputs
+//   (4 B loads in flight), keeps its slice of v[t, s] in registers for all of them, and
+//   the G partial sums are reduced with xor shuffles.  Tile = 4 warps * (32 / G) * 4
+//   outputs: 32 (r_max = 128 in half) to 512 (r_max <= 8): few bytes per block, many
+//   blocks, so T = 1 decode still fills the GPU.
+//   Grid: x = T, y = sum_s ceil(h_out_s / tile).
+constexpr int kBgmvExpandThreads = 128;
+constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
+constexpr int kBgmvMaxRank = 128;
+constexpr int kBgmvMaxSlices = 3;
+constexpr int kBgmvMinBlocksPerSM = 8;
+
+// Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
+enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+// ---------------------------------------------------------------------------------------
+// Host-side parameter blocks (passed by value to the kernels).  Strides are in elements.
+// ---------------------------------------------------------------------------------------
+struct BgmvShrinkParams {
+  const void* x;          // [T, h_in]
+  const void* A;          // [S, L, r_max, h_in]
+  const void* idx;        // [T] int32 / int64
+  const void* ranks;      // [L] int32 / int64, or nullptr
+  float* v;               // [T, S, r_max] fp32 (only rows < ranks[idx[t]] are written)
+  int64_t x_stride_t;
+  int64_t a_stride_s, a_stride_l, a_stride_r;
+  int64_t v_stride_t, v_stride_s;
+  int T, h_in, r_max, L, S;
+  int idx_is_64, ranks_is_64;
+};
+
+struct BgmvExpandParams {
+  void* y;                                  // [T, sum h_out_s]
+  const float* v;                           // [T, S, r_max] fp32
+  const void* B[kBgmvMaxSlices];            // B_s [L, h_out_s, r_max]
+  const void* idx;                          // [T] int32 / int64
+  const void* ranks;                        // [L] int32 / int64, or nullptr
+  const float* scale;                       // [L] fp32
+  int64_t y_stride_t;
+  int64_t v_stride_t, v_stride_s;
+  int64_t b_stride_l[kBgmvMaxSlices], b_stride_o[kBgmvMaxSlices];
+  int h_out[kBgmvMaxSlices];
+  int col_off[kBgmvMaxSlices];              // first column of slice s in y
+  int T, r_max, L, S;
+  int idx_is_64, ranks_is_64;
+  // Filled by bgmv_expand_launch: lanes per B row, and each slice's first tile.
+  int log2_group;
+  int tile_begin[kBgmvMaxSlices + 1];
+};
+
+// ---------------------------------------------------------------------------------------
+// Element types: fp32 conversion and unpacking of one 16-byte vector.
+// ---------------------------------------------------------------------------------------
+template <typename T> struct BgmvType;
+
+template <> struct BgmvType<float> {
+  static constexpr int kVec = 4;   // elements per 16-byte load
+  __device__ __forceinline__ static float to_float(float v) { return v; }
+  __device__ __forceinline__ static float from_float(float v) { return v; }
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    f[0] = __uint_as_float(u.x); f[1] = __uint_as_float(u.y);
+    f[2] = __uint_as_float(u.z); f[3] = __uint_as_float(u.w);
+  }
+};
+
+template <> struct BgmvType<__half> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static float to_float(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_float(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      f[2 * q] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] & 0xffffu)));
+      f[2 * q + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[q] >> 16)));
+    }
+  }
+};
+
+template <> struct BgmvType<__nv_bfloat16> {
+  static constexpr int kVec = 8;
+  __device__ __forceinline__ static float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_float(float v) {
+    return __float2bfloat16_rn(v);
+  }
+  // bf16 is the top half of an fp32: widening is a shift, exact.
+  __device__ __forceinline__ static void unpack(const uint4& u, float* f) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      f[2 * q] = __uint_as_float(w[q] << 16);
+      f[2 * q + 1] = __uint_as_float(w[q] & 0xffff0000u);
+    }
+  }
+};
+
+__device__ __forceinline__ int64_t bgmv_load_int(const void* p, int is_64, int64_t i) {
+  return is_64 ? static_cast<int64_t>(__ldg(static_cast<const long long*>(p) + i))
+               : static_cast<int64_t>(__ldg(static_cast<const int*>(p) + i));
+}
+
+// Rank of adapter i, or -1 when it is out of [0, r_max] (the caller then skips / NaNs).
+__device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i, int r_max) {
+  if (ranks == nullptr) return r_max;
+  const int64_t r = bgmv_load_int(ranks, is_64, i);
+  return (r < 0 || r > r_max) ? -1 : static_cast<int>(r);
+}
+
+// ---------------------------------------------------------------------------------------
+// Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
+// ---------------------------------------------------------------------------------------
+template <typename T>
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMinBlocksPerSM)
+_bgmv_shrink_kernel(const BgmvShrinkParams p) {
+  using Ty = BgmvType<T>;
+  constexpr int VEC = Ty::kVec;
+  constexpr int ROWS = kBgmvShrinkRows;
+  constexpr int U = kBgmvShrinkUnroll;
+  constexpr int NT = kBgmvShrinkThreads;
+  constexpr int NWARPS = NT / 32;
+
+  // Program-id mapping: x = token, y = (slice, tile of ROWS rank rows).
+  const int64_t t = blockIdx.x;
+  const int row_tiles = (p.r_max + ROWS - 1) / ROWS;
+  const int s = blockIdx.y / row_tiles;
+  const int r0 = (blockIdx.y % row_tiles) * ROWS;
+
+  // Early exits, uniform over the block (so no __syncthreads is skipped by half of it):
+  // no LoRA, an index or rank the expand will flag with NaN, or a tile past this rank.
+  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (i < 0 || i >= p.L) return;
+  const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if (r0 >= rank) return;                 // also rank == -1 (invalid) and rank == 0
+  const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
+
+  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
+  const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
+                    static_cast<int64_t>(r0) * p.a_stride_r;
+  const uint4* av[ROWS];
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q)  // rows past nrows point at row 0 but are never loaded
+    av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * p.a_stride_r);
+
+  float acc[ROWS];
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q) acc[q] = 0.f;
+
+  // K loop over 16-byte chunks (h_in % VEC == 0, so no element tail): U chunks per step,
+  // every load of a step issued before the first FMA.
+  const int nvec = p.h_in / VEC;
+  int kv = threadIdx.x;
+  for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
+    uint4 xr[U], ar[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      xr[u] = __ldg(xv + kv + u * NT);
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q)
+        ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float xf[VEC];
+      Ty::unpack(xr[u], xf);
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q) {
+        float af[VEC];
+        Ty::unpack(ar[u][q], af);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+      }
+    }
+  }
+  for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
+    float xf[VEC];
+    Ty::unpack(__ldg(xv + kv), xf);
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) {
+      if (q < nrows) {
+        float af[VEC];
+        Ty::unpack(__ldg(av[q] + kv), af);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+      }
+    }
+  }
+
+  // Reduce: xor shuffles within each warp, then the NWARPS partial sums via shared memory.
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+  __shared__ float partial[NWARPS][ROWS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) partial[warp][q] = acc[q];
+  }
+  __syncthreads();
+  if (threadIdx.x < nrows) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) sum += partial[w][threadIdx.x];
+    p.v[t * p.v_stride_t + s * p.v_stride_s + r0 + threadIdx.x] = sum;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Expand: y[t, off_s + j] += scale[i] * sum_{r < rank} v[t, s, r] * B_s[i, j, r].
+// W = elements per B load (16 bytes, or 1 when B's rows are not 16-byte aligned, e.g.
+// r_max not a multiple of 8 in half); NCHUNK = W-wide chunks per lane per B row
+// (1 for 16-byte loads, since G * W >= r_max; up to 4 for W = 1, G = 32, r_max = 128).
+// ---------------------------------------------------------------------------------------
+template <typename T, int W, int NCHUNK>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
+_bgmv_expand_kernel(const BgmvExpandParams p) {
+  using Ty = BgmvType<T>;
+  static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
+  constexpr int J = kBgmvExpandOuts;
+  constexpr int NWARPS = kBgmvExpandThreads / 32;
+
+  // Program-id mapping: x = token, y = output tile; find its slice (S <= 3, uniform).
+  const int64_t t = blockIdx.x;
+  int s = 0;
+#pragma unroll
+  for (int q = 1; q < kBgmvMaxSlices; ++q)
+    if (q < p.S && static_cast<int>(blockIdx.y) >= p.tile_begin[q]) s = q;
+  const int G = 1 << p.log2_group;                     // lanes per B row
+  const int groups = 32 >> p.log2_group;               // B rows per warp per step
+  const int tile = NWARPS * groups * J;                // output columns per block
+  const int j_tile = (blockIdx.y - p.tile_begin[s]) * tile;
+  const int h_out = p.h_out[s];
+  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+
+  // Early exits: no LoRA; invalid index / rank -> NaN over this tile (loud, no OOB read).
+  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (i == -1) return;
+  const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if (rank < 0) {
+    for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
+      yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+    return;
+  }
+  if (rank == 0) return;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lig = lane & (G - 1);                     // lane within its group
+  const int grp = lane >> p.log2_group;
+
+  // This lane's rank positions r = (c * G + lig) * W + e, and v there (0 past the rank;
+  // v is never read past the rank: those entries were not written by the shrink).
+  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
+  float vr[NCHUNK][W];
+  bool live[NCHUNK];                                   // chunk starts below the rank
+#pragma unroll
+  for (int c = 0; c < NCHUNK; ++c) {
+    const int rb = (c * G + lig) * W;
+    live[c] = rb < rank;
+#pragma unroll
+    for (int e = 0; e < W; ++e) vr[c][e] = (rb + e < rank) ? vrow[rb + e] : 0.f;
+  }
+  const float sc = p.scale[i];
+  const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
+  const int64_t b_stride_o = p.b_stride_o[s];
+
+  // Output columns of this lane: consecutive groups take consecutive columns.
+  const int j_lane = j_tile + warp * groups * J + grp;
+
+  // Issue every B load of the lane first (J * NCHUNK in flight), then the FMAs.
+  using Raw = typename std::conditional<W == 1, T, uint4>::type;
+  Raw raw[J][NCHUNK];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    const int j = j_lane + u * groups;
+    const T* brow = b_rows + static_cast<int64_t>(j < h_out ? j : 0) * b_stride_o;
+#pragma unroll
+    for (int c = 0; c < NCHUNK; ++c) {
+      const int rb = (c * G + lig) * W;
+      if constexpr (W == 1) {
+        raw[u][c] = (j < h_out && live[c]) ? brow[rb] : Ty::from_float(0.f);
+      } else {
+        raw[u][c] = (j < h_out && live[c]) ? __ldg(reinterpret_cast<const uint4*>(brow + rb))
+                                           : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+  }
+  float acc[J];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    acc[u] = 0.f;
+#pragma unroll
+    for (int c = 0; c < NCHUNK; ++c) {
+      float bf[W];
+      if constexpr (W == 1) {
+        bf[0] = Ty::to_float(raw[u][c]);
+      } else {
+        Ty::unpack(raw[u][c], bf);
+      }
+      const int rb = (c * G + lig) * W;
+#pragma unroll
+      for (int e = 0; e < W; ++e)  // select, not multiply: padded B may hold NaN
+        acc[u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[c][e], acc[u]);
+    }
+  }
+  // Reduce over the G lanes of a group (xor stays inside aligned groups of G).
+#pragma unroll
+  for (int u = 0; u < J; ++u)
+    for (int o = G >> 1; o > 0; o >>= 1) acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+
+  // Store: lane 0 of each group; fp32 add, one conversion.
+  if (lig == 0) {
+#pragma unroll
+    for (int u = 0; u < J; ++u) {
+      const int j = j_lane + u * groups;
+      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], Ty::to_float(yrow[j])));
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Host launchers: validate what the kernels rely on, launch, report launch errors.
+// Return nullptr on success, else a message saying what is supported.
+// ---------------------------------------------------------------------------------------
+inline bool bgmv_aligned16(const void* ptr) {
+  return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
+}
+
+template <typename T>
+const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  constexpr int64_t es = sizeof(T);
+  if (p.T < 0 || p.L < 1 || p.S < 1)
+    return "bgmv_shrink: need T >= 0, L >= 1, S >= 1";
+  if (p.h_in < 8 || p.h_in % 8 != 0)
+    return "bgmv_shrink: h_in must be a positive multiple of 8 (16-byte vector loads)";
+  if (p.r_max < 1 || p.r_max > kBgmvMaxRank)
+    return "bgmv_shrink: r_max must be in [1, 128]";
+  if (!bgmv_aligned16(p.x) || !bgmv_aligned16(p.A) || (p.x_stride_t * es) % 16 ||
+      (p.a_stride_s * es) % 16 || (p.a_stride_l * es) % 16 || (p.a_stride_r * es) % 16)
+    return "bgmv_shrink: x and A need 16-byte aligned pointers and row strides";
+  static_assert(8 % VEC == 0, "h_in % 8 == 0 implies h_in % VEC == 0");
+  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  if (static_cast<int64_t>(p.S) * row_tiles > 65535)
+    return "bgmv_shrink: S * ceil(r_max / 4) must be <= 65535";
+  if (p.T == 0) return nullptr;
+  const dim3 grid(p.T, p.S * row_tiles);
+  _bgmv_shrink_kernel<T><<<grid, kBgmvShrinkThreads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T>
+const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  constexpr int64_t es = sizeof(T);
+  if (p.T < 0 || p.L < 1) return "bgmv_expand: need T >= 0, L >= 1";
+  if (p.S < 1 || p.S > kBgmvMaxSlices) return "bgmv_expand: S (output slices) must be 1, 2 or 3";
+  if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
+  // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
+  bool vec = true;
+  for (int s = 0; s < p.S; ++s) {
+    if (p.h_out[s] < 1) return "bgmv_expand: every h_out_s must be >= 1";
+    vec = vec && bgmv_aligned16(p.B[s]) && (p.b_stride_l[s] * es) % 16 == 0 &&
+          (p.b_stride_o[s] * es) % 16 == 0 && p.r_max % VEC == 0;
+  }
+  const int w = vec ? VEC : 1;
+  const int lanes = (p.r_max + w - 1) / w;             // W-chunks per B row
+  int log2g = 0;
+  while ((1 << log2g) < lanes && log2g < 5) ++log2g;   // G = next power of two, <= 32
+  p.log2_group = log2g;
+  const int tile = (kBgmvExpandThreads / 32) * (32 >> log2g) * kBgmvExpandOuts;
+  p.tile_begin[0] = 0;
+  for (int s = 0; s < p.S; ++s) p.tile_begin[s + 1] = p.tile_begin[s] + (p.h_out[s] + tile - 1) / tile;
+  for (int s = p.S; s < kBgmvMaxSlices; ++s) p.tile_begin[s + 1] = p.tile_begin[s];
+  if (p.tile_begin[p.S] > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
+  if (p.T == 0) return nullptr;
+  const dim3 grid(p.T, p.tile_begin[p.S]);
+  if (vec) {
+    _bgmv_expand_kernel<T, VEC, 1><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
+  } else {
+    _bgmv_expand_kernel<T, 1, kBgmvMaxRank / 32><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
