@@ -1,0 +1,551 @@
+"""BGMV in Triton: batched gather matrix-vector LoRA kernels, one adapter per token (Punica).
+
+Semantics (float64 reference: multilora_impl.lora_reference). For every token t with
+adapter i = idx[t] >= 0, r = ranks[i] (r_max when ranks is None), every slice s:
+
+    v[t, s, :r]                   = x[t] @ A[s, i, :r].T                     # shrink, fp32
+    y[t, off_s:off_s + h_out_s]  += scale[i] * v[t, s, :r] @ B_s[i, :, :r].T  # expand
+
+Rows with idx[t] == -1 are never written in y (their v row is set to 0).
+
+Shapes and dtypes (layouts of torch.nn.Linear / PEFT):
+    x      [T, h_in]               fp16 / bf16 / fp32
+    A      [L, r_max, h_in]  or [S, L, r_max, h_in] (S output slices share x: q/k/v)
+    B      [L, h_out, r_max] or a tuple of S <= 3 tensors B_s [L, h_out_s, r_max]
+    y      [T, sum_s h_out_s]      same dtype as x, updated in place; slice s owns columns
+                                   [off_s, off_s + h_out_s), off_s = h_out_0 + ... + h_out_{s-1}
+    idx    [T]                     int32 / int64; -1 = no LoRA for that token
+    scale  [L]                     fp32, applied in the expand
+    ranks  [L] int32/int64 or None adapter i uses rows [:r] of A and columns [:r] of B;
+                                   the padded rows / columns are never loaded
+    v      [T, S, r_max]           fp32, the shrink result, kept in fp32 until the expand
+    r_max <= 128 (MAX_RANK); any h_in, h_out (masks everywhere); arbitrary strides.
+
+Bytes that must move (what GB/s is computed from), with D the distinct adapters in idx,
+e = element size, r their rank:
+    shrink:  D * S * r * h_in * e (A)  +  T * h_in * e (x)  +  T * S * r_max * 4 (v written)
+    expand:  D * sum_s h_out_s * r * e (B)  +  2 * T * sum_s h_out_s * e (y read + written)
+             +  T * S * r_max * 4 (v read)
+
+Kernels
+    _bgmv_shrink_kernel  one program per (token, slice, K-chunk). The K-chunk is the whole
+                         h_in (plain) or 1/SPLIT_K of it (split-K: partial sums into a
+                         [SPLIT_K, T, S, r_max] fp32 workspace summed by torch afterwards,
+                         deterministic; or, with atomic=True, fp32 atomic adds into a zeroed
+                         v, whose last bits then vary run to run).
+    _bgmv_expand_kernel  one program per (token, output tile); the tiles of all S slices
+                         are numbered one after the other, and each tile lies in one slice.
+
+Both are torch custom ops (multilora::bgmv_shrink, multilora::bgmv_expand; opaque to
+torch.compile, safe in CUDA graphs: no host sync, no data-dependent host control flow,
+block sizes and split factor depend on shapes only). On a CPU they run in the Triton
+interpreter (TRITON_INTERPRET=1 set before triton is imported).
+
+Index range: idx is not read on the host (that would sync); a token whose idx is outside
+[-1, L) is treated like -1 by the kernels (no out-of-bounds access). ranks[i] is clamped
+to [0, r_max] likewise. Use multilora_impl.check_lora_args(..., check_idx_range=True) to
+validate those values when debugging.
+
+Checked by tests/test_bgmv_triton.py (interpreter at awkward sizes with NaN rank pads;
+GPU tier at Llama-3-8B shapes, torch.compile, CUDA-graph replay); validated and timed at
+real sizes by bgmv_triton/run_bgmv.py (plain vs split-K shrink, expand, whole call).
+"""
+import functools
+import os
+import sys
+from typing import Optional, Sequence, Union
+
+import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # before any @triton.jit below
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from multilora_impl import MAX_RANK, TOLERANCE, check_lora_args  # noqa: E402
+
+# ---------------------------------------------------------------------------------------
+# Constants (tuned for the H200: decode is memory-bound, so every choice aims at many
+# programs each streaming 16-byte vectors of A / B; to be confirmed with run_bgmv.py)
+# ---------------------------------------------------------------------------------------
+MAX_SLICES = 3           # q/k/v: the expand kernel takes up to 3 explicit B pointers
+DEFAULT_NUM_SMS = 132    # H200; used on the CPU (interpreter) where there is no device
+# Elements of A (shrink) or B (expand) loaded per program per iteration: 4096 over
+# 4 warps = 32 per thread = four 16-byte fp16 vectors in flight, with a modest register
+# footprint (the fp32 accumulator tile has the same size).
+TILE_ELEMS = 4096
+NUM_WARPS = 4
+# Shrink K block: TILE_ELEMS // BLOCK_R, kept in [32, 512] so a row segment of A is at
+# least 64 bytes (two 32-byte sectors) and the loop is not needlessly long for tiny ranks.
+MIN_BLOCK_K, MAX_BLOCK_K = 32, 512
+# Split-K: only when the plain grid T * S leaves SMs idle and h_in is long enough to be
+# worth cutting; aim at ~2 programs per SM, each streaming at least SPLIT_MIN_K columns.
+SPLIT_MIN_H_IN = 1024
+SPLIT_PROGRAMS_PER_SM = 2
+SPLIT_MIN_K = 128
+# Expand N block: TILE_ELEMS // BLOCK_R kept in [32, 256], then halved (not below 32) while
+# the grid T * tiles has fewer than ~2 programs per SM (decode with small T).
+MIN_BLOCK_N, MAX_BLOCK_N = 32, 256
+EXPAND_PROGRAMS_PER_SM = 2
+
+
+# ---------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------
+@triton.jit
+def _bgmv_shrink_kernel(
+    # pointers: inputs x [T, h_in], A [S, L, r_max, h_in], idx [T], ranks [L] (or a dummy
+    # when HAS_RANKS is False); output out [SPLIT_K, T, S, r_max] fp32 (v itself when
+    # SPLIT_K == 1 or ATOMIC)
+    x_ptr, A_ptr, idx_ptr, ranks_ptr, out_ptr,
+    # sizes: adapters, inner dim, padded rank, columns per K-chunk (a multiple of BLOCK_K)
+    L, h_in, r_max, K_PER_SPLIT,
+    # strides, in elements
+    stride_xt, stride_xk,
+    stride_as, stride_al, stride_ar, stride_ak,
+    stride_idx, stride_rank,
+    stride_oc, stride_ot, stride_os, stride_or,
+    # constexprs: BLOCK_R >= r_max (power of two), BLOCK_K columns per iteration
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_RANKS: tl.constexpr, ATOMIC: tl.constexpr,
+):
+    # Program id -> (token, slice, K-chunk). T is on axis 0, whose limit is 2**31 - 1.
+    pid_t = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    pid_c = tl.program_id(2)
+    offs_r = tl.arange(0, BLOCK_R)
+    out_ptrs = out_ptr + pid_c * stride_oc + pid_t * stride_ot + pid_s * stride_os \
+        + offs_r * stride_or
+
+    # Adapter and its rank. idx outside [0, L) (-1 included) behaves as rank 0; ranks[i]
+    # is only read for a valid i (masked scalar load) and clamped to r_max.
+    i = tl.load(idx_ptr + pid_t * stride_idx).to(tl.int64)
+    valid = (i >= 0) & (i < L)
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + i * stride_rank, mask=valid, other=0).to(tl.int32)
+        rank = tl.minimum(rank, r_max)
+    else:
+        rank = tl.where(valid, r_max, 0)
+
+    # Early exit for -1 rows and rank-0 adapters: v is defined (0) but nothing is streamed.
+    # With ATOMIC, v was zeroed by the host, so there is nothing to write.
+    if rank <= 0:
+        if not ATOMIC:
+            tl.store(out_ptrs, tl.zeros([BLOCK_R], dtype=tl.float32), mask=offs_r < r_max)
+        return
+
+    # K loop over this program's chunk [k_start, k_end). Rows r >= rank of A are masked
+    # out, so the padded rank rows are never loaded (they may hold anything, even NaN).
+    # The accumulator is a full [BLOCK_R, BLOCK_K] fp32 tile reduced once after the loop
+    # (no cross-thread reduction inside the loop).
+    r_mask = offs_r < rank
+    k_start = pid_c * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, h_in)
+    a_row_ptrs = A_ptr + pid_s * stride_as + i * stride_al + offs_r[:, None] * stride_ar
+    x_row_ptr = x_ptr + pid_t * stride_xt
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
+        # Upcast right after the load: all arithmetic in fp32.
+        xk = tl.load(x_row_ptr + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+        a = tl.load(a_row_ptrs + offs_k[None, :] * stride_ak,
+                    mask=r_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        acc += a * xk[None, :]
+    v = tl.sum(acc, axis=1)                                    # [BLOCK_R], 0 for r >= rank
+
+    # Store: the whole padded row (zeros past rank) so v is fully defined; atomics only
+    # need the used part (the rest stays at the host's zero).
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, v, mask=r_mask)
+    else:
+        tl.store(out_ptrs, v, mask=offs_r < r_max)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    # pointers: y [T, h_out] (in place), v [T, S, r_max] fp32, idx [T], scale [L] fp32,
+    # ranks [L] (dummy when HAS_RANKS is False), B_s [L, h_out_s, r_max] for s < NUM_SLICES
+    # (unused ones are dummies)
+    y_ptr, v_ptr, idx_ptr, scale_ptr, ranks_ptr, B0_ptr, B1_ptr, B2_ptr,
+    # sizes: adapters, padded rank, output columns of each slice (0 for unused slices)
+    L, r_max, H0, H1, H2,
+    # strides, in elements
+    stride_yt, stride_yn,
+    stride_vt, stride_vs, stride_vr,
+    stride_idx, stride_scale, stride_rank,
+    stride_b0l, stride_b0n, stride_b0r,
+    stride_b1l, stride_b1n, stride_b1r,
+    stride_b2l, stride_b2n, stride_b2r,
+    # constexprs: BLOCK_N output columns per program, BLOCK_R >= r_max (power of two)
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    NUM_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr,
+):
+    # Program id -> (token, tile). Tiles are numbered slice after slice, so no tile
+    # straddles two slices and each slice's last tile is masked on its own h_out_s.
+    pid_t = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+
+    # Adapter and rank; -1 rows (and out-of-range idx, and rank 0) exit before any store:
+    # y rows without LoRA are never written.
+    i = tl.load(idx_ptr + pid_t * stride_idx).to(tl.int64)
+    valid = (i >= 0) & (i < L)
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + i * stride_rank, mask=valid, other=0).to(tl.int32)
+        rank = tl.minimum(rank, r_max)
+    else:
+        rank = tl.where(valid, r_max, 0)
+    if rank <= 0:
+        return
+
+    # Which slice owns this tile: s, its first tile, its column offset in y, its B. Scalar
+    # selects (no pointer table in memory: runs in the interpreter, no stale pointers).
+    s = tile * 0
+    tile0 = tile * 0
+    col0 = tile * 0
+    h_out = H0 + tile * 0
+    b_ptr = B0_ptr
+    stride_bl, stride_bn, stride_br = stride_b0l, stride_b0n, stride_b0r
+    if NUM_SLICES > 1:
+        end0 = tl.cdiv(H0, BLOCK_N)
+        in1 = tile >= end0
+        s = tl.where(in1, 1, s)
+        tile0 = tl.where(in1, end0, tile0)
+        col0 = tl.where(in1, H0, col0)
+        h_out = tl.where(in1, H1, h_out)
+        b_ptr = tl.where(in1, B1_ptr, b_ptr)
+        stride_bl = tl.where(in1, stride_b1l, stride_bl)
+        stride_bn = tl.where(in1, stride_b1n, stride_bn)
+        stride_br = tl.where(in1, stride_b1r, stride_br)
+        if NUM_SLICES > 2:
+            end1 = end0 + tl.cdiv(H1, BLOCK_N)
+            in2 = tile >= end1
+            s = tl.where(in2, 2, s)
+            tile0 = tl.where(in2, end1, tile0)
+            col0 = tl.where(in2, H0 + H1, col0)
+            h_out = tl.where(in2, H2, h_out)
+            b_ptr = tl.where(in2, B2_ptr, b_ptr)
+            stride_bl = tl.where(in2, stride_b2l, stride_bl)
+            stride_bn = tl.where(in2, stride_b2n, stride_bn)
+            stride_br = tl.where(in2, stride_b2r, stride_br)
+
+    # One [BLOCK_N, BLOCK_R] tile of B_s[i] (rank fits one block: no R loop). Columns
+    # r >= rank are masked: padded rank columns are never loaded; v is fp32 already.
+    offs_n = (tile - tile0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask = offs_n < h_out
+    r_mask = offs_r < rank
+    vv = tl.load(v_ptr + pid_t * stride_vt + s * stride_vs + offs_r * stride_vr,
+                 mask=r_mask, other=0.0)
+    b_ptrs = b_ptr + i * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
+    if HAS_RANKS:
+        # r is the contiguous dim of B, and a mask with a loaded bound r < rank would
+        # make every load a 2-byte scalar one. Load [0, rank8) (rank8 = rank rounded down
+        # to 8, provably, so 16-byte vectors) and the tail [rank8, rank) apart; the tail
+        # load is fully masked off (no memory traffic) for the usual ranks 8, 16, 32, ...
+        rank8 = tl.multiple_of((rank // 8) * 8, 8)
+        main = offs_r < rank8
+        tail = (offs_r >= rank8) & r_mask
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & main[None, :], other=0.0).to(tl.float32) \
+            + tl.load(b_ptrs, mask=n_mask[:, None] & tail[None, :], other=0.0).to(tl.float32)
+    else:
+        b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + i * stride_scale)
+    delta = tl.sum(b * vv[None, :], axis=1) * scale           # [BLOCK_N] fp32
+
+    # Read-modify-write of y in fp32, converted once at the store (masked on h_out_s).
+    y_ptrs = y_ptr + pid_t * stride_yt + (col0 + offs_n) * stride_yn
+    yv = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (yv + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launch parameters (shapes only: the same for every call at a given shape, so a CUDA
+# graph or a compiled graph captures the right choice)
+# ---------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_NUM_SMS
+
+
+def _block_r(r_max: int) -> int:
+    return triton.next_power_of_2(r_max)
+
+
+def _block_k(r_max: int, h_in: int) -> int:
+    bk = max(MIN_BLOCK_K, min(MAX_BLOCK_K, TILE_ELEMS // _block_r(r_max)))
+    return min(bk, max(16, triton.next_power_of_2(h_in)))   # no wider than h_in needs
+
+
+def pick_split_k(T: int, S: int, h_in: int, r_max: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
+    """Split factor of the shrink's K loop chosen from the shapes alone.
+
+    Rule (a heuristic for a memory-bound decode step, to be confirmed by the run_bgmv.py
+    timings on the H200): keep the plain kernel (1) when the T * S programs already cover
+    the SMs or h_in < SPLIT_MIN_H_IN; otherwise split so that there are about
+    SPLIT_PROGRAMS_PER_SM programs per SM, each chunk at least SPLIT_MIN_K columns."""
+    programs = T * S
+    if programs >= num_sms or h_in < SPLIT_MIN_H_IN:
+        return 1
+    want = triton.cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, programs)
+    most = triton.cdiv(h_in, max(SPLIT_MIN_K, _block_k(r_max, h_in)))
+    return max(1, min(want, most))
+
+
+def _split_layout(h_in: int, split_k: int, block_k: int) -> tuple[int, int]:
+    """(columns per chunk rounded up to BLOCK_K, number of non-empty chunks)."""
+    k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(h_in, k_per_split)
+
+
+def _pick_block_n(T: int, h_outs: Sequence[int], r_max: int, num_sms: int) -> int:
+    bn = max(MIN_BLOCK_N, min(MAX_BLOCK_N, TILE_ELEMS // _block_r(r_max)))
+    while bn > MIN_BLOCK_N and \
+            T * sum(triton.cdiv(h, bn) for h in h_outs) < EXPAND_PROGRAMS_PER_SM * num_sms:
+        bn //= 2
+    return bn
+
+
+# ---------------------------------------------------------------------------------------
+# Kernel-specific input checks (ValueError naming the argument)
+# ---------------------------------------------------------------------------------------
+def _fail(arg: str, expected: str, got: object) -> None:
+    raise ValueError(f"{arg}: expected {expected}, got {got}")
+
+
+def _check_idx_ranks(idx: Tensor, ranks: Optional[Tensor], T: int, L: int,
+                     device: torch.device) -> None:
+    if not isinstance(idx, Tensor) or idx.dtype not in (torch.int32, torch.int64) \
+            or idx.shape != (T,):
+        _fail("idx", f"int32/int64 tensor of shape [T={T}]",
+              f"{getattr(idx, 'dtype', type(idx))} {tuple(getattr(idx, 'shape', ()))}")
+    if idx.device != device:
+        _fail("idx", f"device {device} (same as x)", idx.device)
+    if ranks is not None:
+        if not isinstance(ranks, Tensor) or ranks.dtype not in (torch.int32, torch.int64) \
+                or ranks.shape != (L,):
+            _fail("ranks", f"int32/int64 tensor of shape [L={L}] or None",
+                  f"{getattr(ranks, 'dtype', type(ranks))} {tuple(getattr(ranks, 'shape', ()))}")
+        if ranks.device != device:
+            _fail("ranks", f"device {device} (same as x)", ranks.device)
+
+
+def _check_v(v: Tensor, T: int, S: int, r_max: int, device: torch.device) -> None:
+    if not isinstance(v, Tensor) or v.dtype != torch.float32 or v.shape != (T, S, r_max):
+        _fail("v", f"float32 tensor of shape [T={T}, S={S}, r_max={r_max}]",
+              f"{getattr(v, 'dtype', type(v))} {tuple(getattr(v, 'shape', ()))}")
+    if v.device != device:
+        _fail("v", f"device {device}", v.device)
+
+
+def _check_shrink_args(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor],
+                       v: Optional[Tensor]) -> Tensor:
+    """Validate the shrink's inputs; returns A as [S, L, r_max, h_in]."""
+    if not isinstance(x, Tensor) or x.dtype not in TOLERANCE or x.dim() != 2 or x.shape[0] == 0:
+        _fail("x", "a 2-D [T >= 1, h_in] float16/bfloat16/float32 tensor",
+              f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+    if not isinstance(A, Tensor) or A.dim() not in (3, 4):
+        _fail("A", "[L, r_max, h_in] or [S, L, r_max, h_in]", tuple(getattr(A, "shape", ())))
+    A4 = A if A.dim() == 4 else A.unsqueeze(0)
+    T, h_in = x.shape
+    S, L, r_max, a_h_in = A4.shape
+    if A4.dtype != x.dtype:
+        _fail("A", f"dtype {x.dtype} (same as x)", A4.dtype)
+    if A4.device != x.device:
+        _fail("A", f"device {x.device} (same as x)", A4.device)
+    if a_h_in != h_in or L == 0 or r_max == 0:
+        _fail("A", f"[S, L >= 1, 1 <= r_max, h_in={h_in}]", tuple(A.shape))
+    if r_max > MAX_RANK:
+        _fail("A", f"r_max <= {MAX_RANK}", r_max)
+    if S > MAX_SLICES:
+        _fail("A", f"at most {MAX_SLICES} slices", S)
+    _check_idx_ranks(idx, ranks, T, L, x.device)
+    if v is not None:
+        _check_v(v, T, S, r_max, x.device)
+    return A4
+
+
+def _check_expand_args(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+                       scale: Tensor, ranks: Optional[Tensor]) -> list[Tensor]:
+    """Validate the expand's inputs; returns B as a list of S tensors [L, h_out_s, r_max]."""
+    if not isinstance(y, Tensor) or y.dtype not in TOLERANCE or y.dim() != 2 or y.shape[0] == 0:
+        _fail("y", "a 2-D [T >= 1, h_out] float16/bfloat16/float32 tensor",
+              f"{getattr(y, 'dtype', type(y))} {tuple(getattr(y, 'shape', ()))}")
+    Bs = [B] if isinstance(B, Tensor) else list(B)
+    if not 1 <= len(Bs) <= MAX_SLICES or not all(isinstance(b, Tensor) for b in Bs):
+        _fail("B", f"a Tensor or 1..{MAX_SLICES} Tensors", [type(b).__name__ for b in Bs])
+    T = y.shape[0]
+    if not isinstance(v, Tensor) or v.dim() != 3:
+        _fail("v", "a 3-D float32 tensor [T, S, r_max]", tuple(getattr(v, "shape", ())))
+    S, r_max = v.shape[1], v.shape[2]
+    if len(Bs) != S:
+        _fail("B", f"{S} slice(s) to match v", len(Bs))
+    _check_v(v, T, S, r_max, y.device)
+    L = Bs[0].shape[0] if Bs[0].dim() == 3 else -1
+    for s, b in enumerate(Bs):
+        name = "B" if isinstance(B, Tensor) else f"B[{s}]"
+        if b.dim() != 3 or b.shape[0] != L or b.shape[2] != r_max or L < 1:
+            _fail(name, f"[L, h_out_s, r_max={r_max}] with the same L for every slice",
+                  tuple(b.shape))
+        if b.dtype != y.dtype:
+            _fail(name, f"dtype {y.dtype} (same as y)", b.dtype)
+        if b.device != y.device:
+            _fail(name, f"device {y.device} (same as y)", b.device)
+    h_out = sum(b.shape[1] for b in Bs)
+    if y.shape[1] != h_out:
+        _fail("y", f"[T={T}, h_out={h_out}] (sum of the B slices)", tuple(y.shape))
+    if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (L,):
+        _fail("scale", f"float32 tensor of shape [L={L}]",
+              f"{getattr(scale, 'dtype', type(scale))} {tuple(getattr(scale, 'shape', ()))}")
+    if scale.device != y.device:
+        _fail("scale", f"device {y.device} (same as y)", scale.device)
+    _check_idx_ranks(idx, ranks, T, L, y.device)
+    return Bs
+
+
+# ---------------------------------------------------------------------------------------
+# Custom ops: the launches. Shapes in, nothing read from device memory on the host.
+# ---------------------------------------------------------------------------------------
+@torch.library.custom_op("multilora::bgmv_shrink", mutates_args=("v",))
+def _bgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor],
+                    split_k: int, atomic: bool) -> None:
+    """v [T, S, r_max] fp32 <- shrink of x [T, h_in] by A [S, L, r_max, h_in].
+    split_k: 0 = pick from shapes (pick_split_k), 1 = plain, > 1 = split the K loop."""
+    T, h_in = x.shape
+    S, L, r_max, _ = A.shape
+    block_r, block_k = _block_r(r_max), _block_k(r_max, h_in)
+    if split_k <= 0:
+        split_k = pick_split_k(T, S, h_in, r_max, _num_sms(x.device))
+    k_per_split, n_split = _split_layout(h_in, split_k, block_k)
+    ranks_arg = ranks if ranks is not None else idx          # dummy pointer, never read
+    stride_rank = ranks.stride(0) if ranks is not None else 0
+    if n_split == 1:
+        out, atomic = v, False
+    elif atomic:
+        v.zero_()                                            # atomics accumulate into 0
+        out = v
+    else:
+        out = torch.empty((n_split, T, S, r_max), dtype=torch.float32, device=x.device)
+    o4 = out if out.dim() == 4 else out.unsqueeze(0)         # [n_split or 1, T, S, r_max]
+    _bgmv_shrink_kernel[(T, S, n_split)](
+        x, A, idx, ranks_arg, o4,
+        L, h_in, r_max, k_per_split,
+        x.stride(0), x.stride(1),
+        A.stride(0), A.stride(1), A.stride(2), A.stride(3),
+        idx.stride(0), stride_rank,
+        0 if out is v else o4.stride(0), o4.stride(1), o4.stride(2), o4.stride(3),
+        BLOCK_R=block_r, BLOCK_K=block_k, HAS_RANKS=ranks is not None, ATOMIC=atomic,
+        num_warps=NUM_WARPS,
+    )
+    if out is not v:
+        torch.sum(out, dim=0, out=v)                         # fixed order: deterministic
+
+
+@_bgmv_shrink_op.register_fake
+def _(v, x, A, idx, ranks, split_k, atomic) -> None:
+    return None
+
+
+@torch.library.custom_op("multilora::bgmv_expand", mutates_args=("y",))
+def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
+                    ranks: Optional[Tensor]) -> None:
+    """y[:, off_s:off_s+h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T for each slice s."""
+    T = y.shape[0]
+    S, r_max = v.shape[1], v.shape[2]
+    L = B[0].shape[0]
+    h_outs = [b.shape[1] for b in B]
+    block_r = _block_r(r_max)
+    block_n = _pick_block_n(T, h_outs, r_max, _num_sms(y.device))
+    n_tiles = sum(triton.cdiv(h, block_n) for h in h_outs)
+    Bp = list(B) + [B[0]] * (MAX_SLICES - S)                  # dummies for unused slices
+    Hp = h_outs + [0] * (MAX_SLICES - S)
+    Sp = [b.stride() for b in B] + [(0, 0, 0)] * (MAX_SLICES - S)
+    ranks_arg = ranks if ranks is not None else idx
+    stride_rank = ranks.stride(0) if ranks is not None else 0
+    if n_tiles == 0:
+        return
+    _bgmv_expand_kernel[(T, n_tiles)](
+        y, v, idx, scale, ranks_arg, Bp[0], Bp[1], Bp[2],
+        L, r_max, Hp[0], Hp[1], Hp[2],
+        y.stride(0), y.stride(1),
+        v.stride(0), v.stride(1), v.stride(2),
+        idx.stride(0), scale.stride(0), stride_rank,
+        *Sp[0], *Sp[1], *Sp[2],
+        BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=S, HAS_RANKS=ranks is not None,
+        num_warps=NUM_WARPS,
+    )
+
+
+@_bgmv_expand_op.register_fake
+def _(y, v, B, idx, scale, ranks) -> None:
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Host wrappers
+# ---------------------------------------------------------------------------------------
+def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
+                v: Optional[Tensor] = None, *, split_k: Optional[int] = None,
+                atomic: bool = False) -> Tensor:
+    """v[t, s, :r] = x[t] @ A[s, idx[t], :r].T in fp32; returns v [T, S, r_max] fp32.
+
+    A is [L, r_max, h_in] (S = 1) or [S, L, r_max, h_in]. v (given or allocated) is
+    fully written: 0 for rows with idx = -1 and for rank columns past ranks[i].
+    split_k: None picks by shape (pick_split_k); 1 forces the plain kernel; k > 1 splits
+    h_in into about k chunks. atomic=True accumulates the chunks with fp32 atomics into a
+    zeroed v (last bits vary run to run) instead of the deterministic two-pass sum."""
+    A4 = _check_shrink_args(x, A, idx, ranks, v)
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        _fail("split_k", "None or an int >= 1", split_k)
+    if v is None:
+        v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
+                        device=x.device)                    # [T, S, r_max]
+    torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, split_k or 0, bool(atomic))
+    return v
+
+
+def bgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+                scale: Tensor, ranks: Optional[Tensor] = None) -> None:
+    """y[t, off_s:off_s+h_out_s] += scale[i] * v[t, s, :r] @ B_s[i, :, :r].T, in place.
+
+    v [T, S, r_max] fp32 from bgmv_shrink; B a tensor [L, h_out, r_max] (S = 1) or S <= 3
+    tensors B_s [L, h_out_s, r_max]; rows with idx = -1 are not written."""
+    Bs = _check_expand_args(y, v, B, idx, scale, ranks)
+    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks)
+
+
+def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+              scale: Tensor, ranks: Optional[Tensor] = None, meta: object = None) -> None:
+    """The `bgmv_triton` mode: y += scale[idx] * (x @ A[idx].T) @ B[idx].T per token,
+    shrink once for all slices then expand; meta is unused (BGMV needs no segments)."""
+    A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    if len(Bs) > MAX_SLICES:
+        _fail("B", f"at most {MAX_SLICES} slices", len(Bs))
+    v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
+                    device=x.device)                        # [T, S, r_max]
+    torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, 0, False)
+    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks)
+
+
+if __name__ == "__main__":
+    # One small shape against the float64 reference (CPU: the Triton interpreter).
+    # (Not through MODES: that would import this file a second time as another module.)
+    from multilora_impl import lora_reference, make_lora_inputs, make_workload, relative_error
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inp = make_lora_inputs(5, 72, [24, 56], L=3, r_max=16, dtype=torch.float16,
+                           device=dev, ranks=[16, 3, 8])
+    idx = make_workload("uniform", 5, 3, no_lora_share=0.3, seed=1).to(dev)
+    args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    y = inp["y"].clone()
+    bgmv_lora(y, *args)
+    err = relative_error(y, lora_reference(inp["y"], *args))
+    print(f"bgmv_triton T=5 h_in=72 h_out=[24, 56] fp16 ranks [16, 3, 8]: rel err {err:.2e} "
+          f"(tolerance {TOLERANCE[torch.float16]:.0e})")
