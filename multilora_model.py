@@ -117,7 +117,7 @@ def load_model(model: Optional[str], device: Union[str, torch.device] = "cpu",
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(model, **kw)
     m = AutoModelForCausalLM.from_pretrained(model, dtype=dtype, **kw)
-    m = m.to(device=device, dtype=dtype).eval()
+    m = m.to(device=device).eval()     # from_pretrained(dtype=) set the weights' dtype
     m.name_or_path_label = model if not gguf_file else os.path.join(model, gguf_file)
     return m, tok
 
@@ -144,7 +144,7 @@ def build_random_model(name: str, device: Union[str, torch.device] = "cpu",
             m = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(old)
-    m = m.to(dtype=dtype).eval()
+    m = m.eval()      # not .to(dtype): that would also round RoPE's fp32 inv_freq buffer
     m.name_or_path_label = f"{name} ({cfg['num_hidden_layers']} layers, random weights)"
     return m
 
@@ -303,17 +303,18 @@ def make_random_adapters(model: nn.Module, n: int, rank: int, alpha: Optional[fl
     linears = {k: v for k, v in lora_linears(model).items() if k.rsplit(".", 1)[-1] in targets}
     if not linears:
         raise ValueError(f"targets: {list(targets)} match no Linear layer of this model")
-    g = torch.Generator().manual_seed(seed)
+    w_std = {k: float(lin.weight.detach().float().std()) for k, lin in linears.items()}
+    device = next(iter(linears.values())).weight.device
+    g = torch.Generator(device=device).manual_seed(seed)    # made where used: fast on a GPU
     out = []
     for i in range(n):
         weights, scales = {}, {}
         for module, lin in linears.items():
-            w_std = float(lin.weight.detach().float().std())
-            A = torch.randn(rank, lin.in_features, generator=g) / math.sqrt(lin.in_features)
-            B = torch.randn(lin.out_features, rank, generator=g) \
-                * (init_scale * w_std * math.sqrt(lin.in_features / rank))
-            weights[module] = (A.to(lin.weight.device, lin.weight.dtype),
-                               B.to(lin.weight.device, lin.weight.dtype))
+            A = torch.randn(rank, lin.in_features, generator=g, device=device) \
+                / math.sqrt(lin.in_features)                                   # [r, h_in]
+            B = torch.randn(lin.out_features, rank, generator=g, device=device) \
+                * (init_scale * w_std[module] * math.sqrt(lin.in_features / rank))  # [h_out, r]
+            weights[module] = (A.to(lin.weight.dtype), B.to(lin.weight.dtype))
             scales[module] = _lora_scale(alpha, rank, False)
         cfg = dict(peft_type="LORA", r=rank, lora_alpha=alpha, target_modules=sorted(set(
             k.rsplit(".", 1)[-1] for k in linears)), use_rslora=False, bias="none",
