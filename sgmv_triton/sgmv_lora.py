@@ -1,0 +1,101 @@
+"""The `sgmv_triton` mode: Punica's SGMV for prefill, shrink then expand, in Triton.
+
+    v = sgmv_shrink(x, A, seg_starts, seg_adapter, ranks)       # [T, S, r_max] fp32
+    sgmv_expand(y, v, B, seg_starts, seg_adapter, scale, ranks)  # y += scale * v B^T
+
+Segments (one per run of tokens with the same adapter, -1 runs skipped) come from
+meta = multilora_impl.make_meta(idx), built on the host where the request-to-adapter
+assignment is known. The kernels and their custom ops (multilora::sgmv_shrink,
+multilora::sgmv_expand) live in sgmv_shrink_triton.py and sgmv_expand_triton.py.
+
+CUDA graphs: make_static_meta(T, device) allocates segment buffers at their maximum size
+(T segments); fill_static_meta(meta, idx) writes a new assignment into the same buffers
+(padding: empty segments with adapter -1) before each replay.
+"""
+import os
+import sys
+from typing import Optional, Sequence, Union
+
+if __name__ == "__main__":   # run as a script: the repo root holds multilora_impl; on a
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import torch               # CPU the kernels run in the interpreter (set before @triton.jit)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch
+from torch import Tensor
+
+from multilora_impl import LoraMeta, build_segments, check_lora_args, make_meta
+from sgmv_triton.sgmv_expand_triton import sgmv_expand
+from sgmv_triton.sgmv_shrink_triton import _fail, check_segments, sgmv_shrink
+
+__all__ = ["sgmv_lora", "sgmv_shrink", "sgmv_expand", "make_static_meta", "fill_static_meta"]
+
+
+def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+              scale: Tensor, ranks: Optional[Tensor] = None, meta: Optional[LoraMeta] = None,
+              *, check: bool = False) -> None:
+    """y += LoRA(x) in place, registry signature. Without meta, builds it from idx and
+    checks the index values (a host sync: fine for tests, not inside a CUDA graph). With
+    meta nothing is read from the device unless check=True."""
+    if meta is None:
+        A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks, check_idx_range=True)
+        meta = make_meta(idx)
+    else:
+        A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks, check_idx_range=check)
+        if not isinstance(meta, LoraMeta):
+            _fail("meta", "a multilora_impl.LoraMeta or None", type(meta).__name__)
+        if check:   # segment values first (ValueError naming them), then against idx
+            check_segments(meta.seg_starts, meta.seg_adapter, x.shape[0], A4.shape[1], x.device,
+                           meta.max_seg_len, check=True)
+            st = meta.seg_starts.to("cpu", torch.int64)
+            ad = meta.seg_adapter.to("cpu", torch.int64)
+            seg_idx = torch.repeat_interleave(ad, st[1:] - st[:-1])
+            if seg_idx.shape != idx.shape or not torch.equal(seg_idx, idx.to("cpu", torch.int64)):
+                _fail("meta", "segments that rebuild idx", "a different assignment")
+    v = sgmv_shrink(x, A4, meta.seg_starts, meta.seg_adapter, ranks,
+                    max_seg_len=meta.max_seg_len, check=check)          # [T, S, r_max] fp32
+    sgmv_expand(y, v, Bs, meta.seg_starts, meta.seg_adapter, scale, ranks,
+                max_seg_len=meta.max_seg_len, check=check)
+
+
+def make_static_meta(T: int, device: Union[str, torch.device],
+                     max_seg_len: Optional[int] = None) -> LoraMeta:
+    """Segment buffers at maximum size for a CUDA graph over T tokens: T segments (every
+    token its own, at worst), max_seg_len = T unless a smaller bound is known. The grid
+    depends only on these host ints, so one capture serves every assignment."""
+    idx = torch.full((T,), -1, dtype=torch.int32, device=device)             # [T]
+    seg_starts = torch.full((T + 1,), T, dtype=torch.int32, device=device)   # [T + 1]
+    seg_starts[0] = 0
+    seg_adapter = torch.full((T,), -1, dtype=torch.int32, device=device)     # [T]
+    return LoraMeta(idx=idx, seg_starts=seg_starts, seg_adapter=seg_adapter, num_segments=T,
+                    max_seg_len=T if max_seg_len is None else max_seg_len)
+
+
+def fill_static_meta(meta: LoraMeta, idx: Tensor) -> None:
+    """Write the segments of a new assignment idx [T] into meta's buffers in place (host
+    work plus three copies; call it before replay, outside the captured region)."""
+    T = meta.idx.shape[0]
+    if idx.shape != (T,):
+        _fail("idx", f"shape [T={T}] (the static buffers' size)", tuple(idx.shape))
+    st, ad = build_segments(idx.to("cpu"))
+    longest = int((st[1:] - st[:-1]).max())
+    if longest > meta.max_seg_len:
+        _fail("idx", f"segments no longer than max_seg_len={meta.max_seg_len}", longest)
+    n = ad.numel()
+    st_full = torch.full((T + 1,), T, dtype=torch.int32)     # padding: empty segments at T
+    st_full[:n + 1] = st
+    ad_full = torch.full((T,), -1, dtype=torch.int32)        # ... with no adapter
+    ad_full[:n] = ad
+    meta.seg_starts.copy_(st_full)
+    meta.seg_adapter.copy_(ad_full)
+    meta.idx.copy_(idx.to(torch.int32))
+
+
+if __name__ == "__main__":   # the registry's check on one small mixed batch
+    from multilora_impl import check_mode, make_lora_inputs
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    inp = make_lora_inputs(45, 64, [48, 16, 16], L=4, r_max=16, dtype=torch.bfloat16,
+                           device=dev, ranks=[16, 4, 9, 1])
+    idx = torch.tensor([3] * 9 + [-1] * 7 + [0] * 20 + [2] * 9, dtype=torch.int32)
+    print(f"sgmv_triton rel err {check_mode('sgmv_triton', inp, idx):.2e}")
