@@ -7,9 +7,10 @@ seed) and the same decoding parameters; every request generates exactly max_new_
 run). Each mode's last-token prefill logits are first checked against PEFT's mixed-batch
 forward (multilora_impl.TOLERANCE); a failing mode is not timed. Untimed warm-up first.
 
-    python benchmark_inference_multilora.py --modes none gbmm bgmv_triton bgmv_cuda sgmv_triton peft \\
-        --model-config llama3-8b --max_new_tokens 512 --batch-size 64 --temperature 0.7 --top-p 0.9
-    python benchmark_inference_multilora.py --model ./Llama-3.2-1B-Instruct --num-adapters 32 --rank 16
+    python benchmark_inference_multilora.py --modes none gbmm bgmv_triton bgmv_cuda \\
+        sgmv_triton peft --model-config llama3-8b --max_new_tokens 512 --batch-size 64 \\
+        --temperature 0.7 --top-p 0.9
+    python benchmark_inference_multilora.py --model ./Llama-3.2-1B-Instruct --num-adapters 32
     python benchmark_inference_multilora.py --quick --device cpu          # seconds, tiny model
     python benchmark_inference_multilora.py --plot-only plots/e2e_llama3-8b_b64_L16_r16_n512.json
 
@@ -43,7 +44,7 @@ MODE_COLORS = {"none": "#7f7f7f", "loop": "#8c564b", "cheat_bmm": "#e377c2", "gb
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[1].splitlines()))
+        epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[2].splitlines()))
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=ALL_MODES,
                    help=f"modes to time (default: {' '.join(DEFAULT_MODES)})")
     g = p.add_mutually_exclusive_group()
@@ -127,7 +128,8 @@ def print_table(data: dict) -> None:
     slowest = max((r["time_s"] for r in rows), default=None)
     none = next((r for r in rows if r["mode"] == "none"), None)
     head = (f"{'Mode':<12} {'Throughput tok/s':>16} {'Time s':>8} {'Total Tokens':>12} "
-            f"{'ms/step':>8} {'prefill ms':>10} {'vs slowest':>10} {'vs none':>8} {'logits err':>10}")
+            f"{'ms/step':>8} {'prefill ms':>10} {'vs slowest':>10} {'vs none':>8} "
+            f"{'logits err':>10}")
     print(head)
     print("-" * len(head))
     for r in data["results"]:
@@ -252,7 +254,8 @@ def run(args) -> dict:
     dtype = mm.resolve_dtype(args.dtype, device)
     if "bgmv_cuda" in args.modes and device.type != "cuda":
         raise SystemExit("bgmv_cuda needs a CUDA GPU (drop it from --modes on the CPU)")
-    if args.model is None and device.type == "cpu" and args.model_config in ("llama3-8b", "llama2-7b"):
+    big = args.model_config in ("llama3-8b", "llama2-7b")
+    if args.model is None and device.type == "cpu" and big:
         raise SystemExit(f"--model-config {args.model_config} on the CPU would take hours: use a "
                          f"GPU, or --quick / --model-config tiny")
 
@@ -272,7 +275,8 @@ def run(args) -> dict:
                                 args.no_lora_share, args.seed).tolist()
     input_ids = make_prompts(args, tok, model, args.seed)
     names = [adapters[i].name if i >= 0 else "__base__" for i in adapter_idx]
-    config = dict(model=model.name_or_path_label, label=label, dtype=str(dtype).replace("torch.", ""),
+    config = dict(model=model.name_or_path_label, label=label,
+                  dtype=str(dtype).replace("torch.", ""),
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                   prompt_tokens=[len(x) for x in input_ids], num_adapters=args.num_adapters,
                   rank=args.rank, workload=args.workload, no_lora_share=args.no_lora_share,
@@ -297,30 +301,30 @@ def run(args) -> dict:
         if "peft" in args.modes:
             print("timing peft ...", flush=True)
             results["peft"] = time_peft(pm, ids, mask, names, args, pad_id, device)
-            results["peft"]["logits_error"] = 0.0
+            results["peft"]["logits_error"] = None          # it is the reference
             if device.type == "cuda":
                 results["peft"]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
         model = pm.unload()
         del pm
     ctx = mm.inject_multilora(model, adapters, "none")
     for mode in [m for m in args.modes if m != "peft"]:
-        ctx.set_mode(mode)
         r: dict = {}
-        if ref is not None and mode != "none":
-            out, _ = mm.forward_logits(model, ctx, input_ids, adapter_idx, pad_id, last_only=True)
-            r["logits_error"] = relative_error(out, ref)
-            if not r["logits_error"] <= TOLERANCE[dtype]:
-                r["status"] = f"logits error {r['logits_error']:.2e} > {TOLERANCE[dtype]:.1e}"
-                print(f"{mode}: {r['status']}, not timed")
-                results[mode] = r
-                continue
-        print(f"timing {mode} ...", flush=True)
-        try:
+        results[mode] = r
+        try:                                         # one broken mode must not hide the rest
+            ctx.set_mode(mode)
+            if ref is not None and mode != "none":
+                out, _ = mm.forward_logits(model, ctx, input_ids, adapter_idx, pad_id,
+                                           last_only=True)
+                r["logits_error"] = relative_error(out, ref)
+                if not r["logits_error"] <= TOLERANCE[dtype]:
+                    r["status"] = f"logits error {r['logits_error']:.2e} > {TOLERANCE[dtype]:.1e}"
+                    print(f"{mode}: {r['status']}, not timed")
+                    continue
+            print(f"timing {mode} ...", flush=True)
             r.update(time_engine(model, ctx, mode, input_ids, adapter_idx, args, pad_id, device))
-        except Exception as e:                       # one broken mode must not hide the rest
-            r["status"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+        except Exception as e:
+            r["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             print(f"{mode}: {r['status']}")
-            results[mode] = r
             continue
         if device.type == "cuda":
             r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -328,6 +332,7 @@ def run(args) -> dict:
     rows = []
     for mode in args.modes:
         r = dict(mode=mode, **results[mode])
+        r.setdefault("logits_error", None)
         if "time_s" in r:
             r["tokens_per_s"] = r["total_tokens"] / r["time_s"]
             r["ms_per_step"] = r["decode_s"] / max(r["steps"], 1) * 1e3

@@ -11,7 +11,8 @@ Injection (the simple form of DESIGN.md "End to end"): every targeted nn.Linear 
 the decoder layers becomes a MultiLoraLinear that computes the base output y, then calls
 the selected registry mode once on the whole batch,
 
-    mode(y [T, h_out], x [T, h_in], A [L, r_max, h_in], B [L, h_out, r_max], idx [T], scale [L], ranks [L], meta)
+    mode(y [T, h_out], x [T, h_in], A [L, r_max, h_in], B [L, h_out, r_max],
+         idx [T], scale [L], ranks [L], meta)
 
 with T = batch * seq tokens. idx and meta (LoraMeta, segments and groups) are built on the
 host once per forward by the generation loop, where the request-to-adapter assignment is
@@ -91,7 +92,8 @@ def default_gguf() -> tuple[str, str]:
     for d in spec.submodule_search_locations:
         if os.path.isfile(os.path.join(d, DEFAULT_GGUF_FILE)):
             return d, DEFAULT_GGUF_FILE
-    raise FileNotFoundError(f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
+    raise FileNotFoundError(
+        f"{DEFAULT_GGUF_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -256,7 +258,8 @@ def load_peft_adapter(path: str, model: nn.Module, name: Optional[str] = None,
     parts: dict[str, dict[str, Tensor]] = {}
     with safe_open(w_path, framework="pt") as f:
         for key in f.keys():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight",
+                             key)
             if m is None:
                 raise ValueError(f"{w_path}: unsupported tensor {key!r} (only lora_A / lora_B "
                                  f"weights of Linear layers)")
@@ -455,26 +458,36 @@ def stack_adapters(module: str, lin: nn.Linear, adapters: Sequence[LoraAdapter],
     return A, B, scale.to(device), ranks
 
 
-def inject_multilora(model: nn.Module, adapters: Sequence[LoraAdapter], mode: str = "gbmm"
-                     ) -> LoraContext:
-    """Replace every Linear targeted by at least one adapter by a MultiLoraLinear sharing one
-    LoraContext; returns it. Adapter i is index i in every module (ctx.adapter_names)."""
+def stack_all(model: nn.Module, adapters: Sequence[LoraAdapter]
+              ) -> dict[str, tuple[Tensor, Tensor, Tensor, Optional[Tensor]]]:
+    """module name -> stack_adapters(...) for every module targeted by at least one adapter,
+    on the model's device and dtype (what inject_multilora wraps, and what a compact
+    engine over the same weights takes). Adapter i is index i everywhere."""
     if not adapters:
-        raise ValueError("adapters: need at least one adapter to inject")
+        raise ValueError("adapters: need at least one adapter")
     names = [ad.name for ad in adapters]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
         raise ValueError(f"adapters: duplicate names {sorted(dup)} (name them NAME=DIR)")
     p = next(model.parameters())
-    ctx = LoraContext(adapter_names=names, device=p.device)
-    ctx.set_mode(mode)
     linears = lora_linears(model)
-    targeted = sorted(set().union(*(ad.weights.keys() for ad in adapters)))
-    for module in targeted:
+    out = {}
+    for module in sorted(set().union(*(ad.weights.keys() for ad in adapters))):
         if module not in linears:
             raise ValueError(f"adapter targets {module!r}, not a supported Linear of this model")
-        lin = linears[module]
-        A, B, scale, ranks = stack_adapters(module, lin, adapters, p.device, p.dtype)
+        out[module] = stack_adapters(module, linears[module], adapters, p.device, p.dtype)
+    return out
+
+
+def inject_multilora(model: nn.Module, adapters: Sequence[LoraAdapter], mode: str = "gbmm"
+                     ) -> LoraContext:
+    """Replace every Linear targeted by at least one adapter by a MultiLoraLinear sharing one
+    LoraContext; returns it. Adapter i is index i in every module (ctx.adapter_names)."""
+    stacks = stack_all(model, adapters)
+    ctx = LoraContext(adapter_names=[ad.name for ad in adapters],
+                      device=next(model.parameters()).device)
+    ctx.set_mode(mode)
+    for module, (A, B, scale, ranks) in stacks.items():
         parent_name, child = module.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         old = getattr(parent, child)
@@ -513,7 +526,8 @@ def resolve_adapters(requested: Sequence[Optional[str]], adapter_names: Sequence
     return out
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True
+                   ) -> list[list[int]]:
     """Token ids per prompt, through the tokenizer's chat template when it has one."""
     ids = []
     for p in prompts:

@@ -104,7 +104,8 @@ def read_requests(args, adapter_names: list[str]) -> tuple[list[str], list]:
                     raise ValueError(f"{args.prompts_file}:{n}: not valid JSON ({e})") from None
                 if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
                     raise ValueError(f"{args.prompts_file}:{n}: expected "
-                                     f'{{"prompt": "...", "adapter": ...}}, got {line.strip()[:80]}')
+                                     f'{{"prompt": "...", "adapter": ...}}, '
+                                     f"got {line.strip()[:80]}")
                 prompts.append(req["prompt"])
                 names.append(req.get("adapter"))
         if not prompts:
@@ -149,7 +150,8 @@ def main(args: argparse.Namespace) -> list[dict]:
     if device.type == "cpu" and mode in ("bgmv_triton", "sgmv_triton"):
         # Must be set before triton is imported (transformers imports it).
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        print(f"note: {mode} on the CPU runs in the Triton interpreter (TRITON_INTERPRET=1), slowly")
+        print(f"note: {mode} on the CPU runs in the Triton interpreter (TRITON_INTERPRET=1), "
+              f"slowly")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible")
     if args.random_adapters < 0:
@@ -167,8 +169,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     dtype = mm.resolve_dtype(args.dtype, device)
     t0 = time.perf_counter()
     model, tok = mm.load_model(args.model, device, dtype, args.gguf_file)
-    print(f"model: {model.name_or_path_label} | {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
-          f"params | {device} {str(dtype).replace('torch.', '')} | loaded in {time.perf_counter() - t0:.1f} s")
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {model.name_or_path_label} | {n_params / 1e6:.0f}M params | {device} "
+          f"{str(dtype).replace('torch.', '')} | loaded in {time.perf_counter() - t0:.1f} s")
 
     adapters = [mm.load_peft_adapter(path, model, name=name) for name, path in dirs]
     if args.random_adapters:
@@ -184,8 +187,8 @@ def main(args: argparse.Namespace) -> list[dict]:
         print(f"saved random adapters to {args.save_adapters}/")
     for ad in adapters:
         rk = sorted(set(ad.ranks.values()))
-        print(f"adapter {ad.name}: {len(ad.weights)} modules, rank {rk[0] if len(rk) == 1 else rk}, "
-              f"from {ad.source}")
+        print(f"adapter {ad.name}: {len(ad.weights)} modules, "
+              f"rank {rk[0] if len(rk) == 1 else rk}, from {ad.source}")
     adapter_idx = mm.resolve_adapters(requested, [a.name for a in adapters], labels)
 
     ctx = mm.inject_multilora(model, adapters, mode) if adapters else None
@@ -193,8 +196,9 @@ def main(args: argparse.Namespace) -> list[dict]:
         print("note: no adapters given, running the base model")
     input_ids = mm.encode_prompts(tok, prompts, chat_template=not args.no_chat_template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    print(f"{len(prompts)} requests, mode {mode}, max {args.max_new_tokens} new tokens, "
-          f"{'greedy' if args.temperature <= 0 else f'temperature {args.temperature} top-p {args.top_p}'}")
+    dec = "greedy" if args.temperature <= 0 else \
+        f"temperature {args.temperature} top-p {args.top_p} seed {args.seed}"
+    print(f"{len(prompts)} requests, mode {mode}, max {args.max_new_tokens} new tokens, {dec}")
 
     out = mm.generate(model, ctx, input_ids, adapter_idx, args.max_new_tokens, pad_id=pad_id,
                       eos_ids=mm.eos_token_ids(model, tok), ignore_eos=args.ignore_eos,

@@ -27,7 +27,7 @@ def check_json(path, modes, B, n, tol):
         assert r["status"] == "ok", r
         assert r["total_tokens"] == B * n                 # exactly max_new_tokens each
         assert r["tokens_per_s"] > 0 and r["prefill_s"] > 0 and r["ms_per_step"] > 0
-        if r["mode"] != "none":
+        if r["mode"] not in ("none", "peft"):             # peft is the reference
             assert r["logits_error"] <= tol, r
     return data
 

@@ -222,7 +222,8 @@ def test_bad_adapter_unknown_target(tiny, tmp_path):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     (d / "adapter_model.safetensors").write_bytes(
         open(os.path.join(src, "adapter_model.safetensors"), "rb").read())
-    with pytest.raises(ValueError, match=r"ad_qv/adapter_config\.json: unknown target module 'foo_proj'"):
+    with pytest.raises(ValueError,
+                       match=r"ad_qv/adapter_config\.json: unknown target module 'foo_proj'"):
         mm.load_peft_adapter(str(d), tiny["base"])
     cfg["target_modules"] = ["lm_head"]
     (d / "adapter_config.json").write_text(json.dumps(cfg))
@@ -268,8 +269,7 @@ def run_main(argv, monkeypatch, model=None, tok=None, generate_ok=True):
 @pytest.fixture(scope="module")
 def tiny_chat(smol):
     """A tiny random Llama over SmolLM2's vocabulary, with the real tokenizer."""
-    model = mm.build_random_model("tiny", vocab_size=smol[1].vocab_size if len(smol[1]) <=
-                                  smol[1].vocab_size else len(smol[1]))
+    model = mm.build_random_model("tiny", vocab_size=len(smol[1]))
     model.name_or_path_label = "tiny (random weights)"
     return model, smol[1]
 
