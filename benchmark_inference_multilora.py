@@ -2,10 +2,13 @@
 
 Every mode generates from the same prompts, the same random per-request adapters (fixed
 seed) and the same decoding parameters; every request generates exactly max_new_tokens
-(EOS ignored). Beside the kernels: `none` (this engine without LoRA: its floor) and `peft`
+(EOS ignored). Beside the kernels: `none` (the engine without LoRA: its floor) and `peft`
 (Hugging Face PEFT's mixed-batch generate with adapter_names=, what users would otherwise
-run). Each mode's last-token prefill logits are first checked against PEFT's mixed-batch
-forward (multilora_impl.TOLERANCE); a failing mode is not timed. Untimed warm-up first.
+run). Engines (--engine): `fast` (multilora_engine.py: compact forward, static KV cache,
+CUDA-graph decode) and/or `hf` (multilora_model.py: the transformers model with wrapped
+Linear layers). Each mode's last-token prefill logits are first checked against PEFT's
+mixed-batch forward (multilora_impl.TOLERANCE); a failing mode is not timed. Untimed
+warm-up first (graph capture is also outside the timed region, reported as capture_s).
 
     python benchmark_inference_multilora.py --modes none gbmm bgmv_triton bgmv_cuda \\
         sgmv_triton peft --model-config llama3-8b --max_new_tokens 512 --batch-size 64 \\
@@ -36,6 +39,7 @@ ALL_MODES = ENGINE_MODES + ("peft",)
 DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "peft")
 TRITON_MODES = ("bgmv_triton", "sgmv_triton")
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
+ENGINES = ("fast", "hf")
 MODE_COLORS = {"none": "#7f7f7f", "loop": "#8c564b", "cheat_bmm": "#e377c2", "gbmm": "#1f77b4",
                "bgmv_triton": "#ff7f0e", "bgmv_cuda": "#2ca02c", "sgmv_triton": "#d62728",
                "peft": "#9467bd"}
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[2].splitlines()))
     p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=ALL_MODES,
                    help=f"modes to time (default: {' '.join(DEFAULT_MODES)})")
+    p.add_argument("--engine", nargs="+", default=["fast"], choices=ENGINES,
+                   help="fast: multilora_engine.py (compact forward, fused q/k/v and gate/up, "
+                        "static KV cache, CUDA-graph decode on a GPU); hf: the transformers "
+                        "model with wrapped Linear layers and a plain KV-cache loop "
+                        "(multilora_model.py); both: one row per (mode, engine) "
+                        "(default: fast)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--model", default=None,
                    help="a real checkpoint (local dir, hub id or .gguf); 'default' = the "
@@ -126,19 +136,22 @@ def print_table(data: dict) -> None:
           f"{dec} | "
           f"{data['env'].get('gpu') or data['env']['device']}")
     slowest = max((r["time_s"] for r in rows), default=None)
-    none = next((r for r in rows if r["mode"] == "none"), None)
-    head = (f"{'Mode':<12} {'Throughput tok/s':>16} {'Time s':>8} {'Total Tokens':>12} "
+    nones = {r.get("engine"): r for r in rows if r["mode"] == "none"}
+    w = max([12] + [len(r.get("label", r["mode"])) for r in data["results"]])
+    head = (f"{'Mode':<{w}} {'Throughput tok/s':>16} {'Time s':>8} {'Total Tokens':>12} "
             f"{'ms/step':>8} {'prefill ms':>10} {'vs slowest':>10} {'vs none':>8} "
             f"{'logits err':>10}")
     print(head)
     print("-" * len(head))
     for r in data["results"]:
+        label = r.get("label", r["mode"])
         if not r.get("tokens_per_s"):
-            print(f"{r['mode']:<12} {'not timed: ' + r.get('status', ''):>60}")
+            print(f"{label:<{w}} not timed: {r.get('status', '')}")
             continue
+        none = nones.get(r.get("engine")) or next(iter(nones.values()), None)
         over = f"{(r['time_s'] / none['time_s'] - 1) * 100:+.0f}%" if none else "-"
         err = f"{r['logits_error']:.1e}" if r.get("logits_error") is not None else "-"
-        print(f"{r['mode']:<12} {r['tokens_per_s']:>16.1f} {r['time_s']:>8.2f} "
+        print(f"{label:<{w}} {r['tokens_per_s']:>16.1f} {r['time_s']:>8.2f} "
               f"{r['total_tokens']:>12d} {r['ms_per_step']:>8.2f} {r['prefill_s'] * 1e3:>10.1f} "
               f"{slowest / r['time_s']:>9.2f}x {over:>8} {err:>10}")
 
@@ -151,15 +164,20 @@ def plot(data: dict, png: str) -> None:
     rows = [r for r in data["results"] if r.get("tokens_per_s")]
     c = data["config"]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(rows) + 2), 4.2))
-    names = [r["mode"] for r in rows]
+    names = [r.get("label", r["mode"]).replace(" (", "\n(") for r in rows]
     vals = [r["tokens_per_s"] for r in rows]
-    bars = ax.bar(names, vals, color=[MODE_COLORS.get(n, "#333333") for n in names])
-    for b, v in zip(bars, vals):
+    bars = ax.bar(names, vals, color=[MODE_COLORS.get(r["mode"], "#333333") for r in rows],
+                  hatch=None)
+    for b, r, v in zip(bars, rows, vals):
+        if r.get("engine") == "hf" and len(c.get("engines", [])) > 1:
+            b.set_hatch("//")
         ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    none = next((r for r in rows if r["mode"] == "none"), None)
-    if none:
-        ax.axhline(none["tokens_per_s"], color=MODE_COLORS["none"], ls="--", lw=1,
-                   label="none (no LoRA floor)")
+    for r in rows:
+        if r["mode"] == "none":
+            ax.axhline(r["tokens_per_s"], color=MODE_COLORS["none"],
+                       ls="--" if r.get("engine") != "hf" else ":", lw=1,
+                       label=f"{r.get('label', 'none')}: no-LoRA floor")
+    if any(r["mode"] == "none" for r in rows):
         ax.legend(loc="upper right", fontsize=8)
     ax.set_ylabel("throughput (tokens/s)")
     ax.set_title(f"Multi-LoRA generation throughput per mode\n{data['env'].get('gpu') or 'CPU'}, "
@@ -223,7 +241,23 @@ def time_peft(pm, ids, mask, names: list[str], args, pad_id: int, device) -> dic
                 total_tokens=int(out.shape[0] * new), steps=new - 1)
 
 
-def time_engine(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:
+def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict:
+    """multilora_engine: warm-up generation (graphs for the warm-up lengths), then the
+    timed one; graphs it still needs are captured before its timed region (capture_s)."""
+    kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=True,
+              pad_token_id=pad_id)
+    eng.generate(input_ids, adapter_idx, min(args.warmup_tokens, args.max_new_tokens), **kw)
+    _, st = eng.generate(input_ids, adapter_idx, args.max_new_tokens,
+                         progress=not args.no_progress, **kw)
+    if st["total_tokens"] != len(input_ids) * args.max_new_tokens:
+        raise RuntimeError(f"{mode}: generated {st['total_tokens']} tokens, expected "
+                           f"{len(input_ids) * args.max_new_tokens}")
+    keep = ("time_s", "prefill_s", "decode_s", "total_tokens", "steps", "capture_s", "graph",
+            "peak_memory_gb")
+    return {k: st[k] for k in keep if k in st}
+
+
+def time_hf(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:
     import torch
     import multilora_model as mm
 
@@ -240,8 +274,11 @@ def time_engine(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int
     if n != len(input_ids) * args.max_new_tokens:
         raise RuntimeError(f"{mode}: generated {n} tokens, expected "
                            f"{len(input_ids) * args.max_new_tokens}")
-    return dict(time_s=out.prefill_s + out.decode_s, prefill_s=out.prefill_s,
-                decode_s=out.decode_s, total_tokens=n, steps=out.steps)
+    r = dict(time_s=out.prefill_s + out.decode_s, prefill_s=out.prefill_s,
+             decode_s=out.decode_s, total_tokens=n, steps=out.steps)
+    if device.type == "cuda":
+        r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return r
 
 
 def run(args) -> dict:
@@ -282,6 +319,7 @@ def run(args) -> dict:
                   rank=args.rank, workload=args.workload, no_lora_share=args.no_lora_share,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   warmup_tokens=args.warmup_tokens, modes=list(args.modes),
+                  engines=list(args.engine),
                   adapter_of_request=adapter_idx,
                   num_layers=model.config.num_hidden_layers,
                   hidden_size=model.config.hidden_size)
@@ -290,7 +328,7 @@ def run(args) -> dict:
           f"{max(config['prompt_tokens'])} tokens | L={args.num_adapters} r={args.rank} "
           f"{args.workload} | T={args.temperature} top-p={args.top_p} seed={args.seed}")
 
-    results: dict[str, dict] = {}
+    results: dict[tuple, dict] = {}
     ref = None
     # PEFT first: its in-memory model gives the reference logits, then is unloaded.
     if "peft" in args.modes or not args.no_validate:
@@ -300,38 +338,65 @@ def run(args) -> dict:
                                    adapter_names=names)
         if "peft" in args.modes:
             print("timing peft ...", flush=True)
-            results["peft"] = time_peft(pm, ids, mask, names, args, pad_id, device)
-            results["peft"]["logits_error"] = None          # it is the reference
+            r = time_peft(pm, ids, mask, names, args, pad_id, device)
+            r["logits_error"] = None                         # it is the reference
             if device.type == "cuda":
-                results["peft"]["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            results[("peft", "peft")] = r
         model = pm.unload()
         del pm
-    ctx = mm.inject_multilora(model, adapters, "none")
-    for mode in [m for m in args.modes if m != "peft"]:
+
+    def measure(mode: str, engine: str, logits_fn, time_fn) -> None:
+        """Check the mode's last-token prefill logits against PEFT's, then time it; a
+        failing or broken mode gets a status instead of numbers (the others still run)."""
         r: dict = {}
-        results[mode] = r
-        try:                                         # one broken mode must not hide the rest
-            ctx.set_mode(mode)
+        results[(mode, engine)] = r
+        try:
             if ref is not None and mode != "none":
-                out, _ = mm.forward_logits(model, ctx, input_ids, adapter_idx, pad_id,
-                                           last_only=True)
-                r["logits_error"] = relative_error(out, ref)
+                r["logits_error"] = relative_error(logits_fn(), ref[:, -1])
                 if not r["logits_error"] <= TOLERANCE[dtype]:
                     r["status"] = f"logits error {r['logits_error']:.2e} > {TOLERANCE[dtype]:.1e}"
-                    print(f"{mode}: {r['status']}, not timed")
-                    continue
-            print(f"timing {mode} ...", flush=True)
-            r.update(time_engine(model, ctx, mode, input_ids, adapter_idx, args, pad_id, device))
+                    print(f"{mode} ({engine}): {r['status']}, not timed")
+                    return
+            print(f"timing {mode} ({engine}) ...", flush=True)
+            r.update(time_fn())
         except Exception as e:
             r["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            print(f"{mode}: {r['status']}")
-            continue
+            print(f"{mode} ({engine}): {r['status']}")
+
+    modes = [m for m in args.modes if m != "peft"]
+    if "fast" in args.engine and modes:
+        from multilora_engine import MultiLoraEngine
+        eng = MultiLoraEngine(model, mm.stack_all(model, adapters), "none",
+                              max_batch=args.batch_size,
+                              max_seq=max(config["prompt_tokens"]) + args.max_new_tokens)
+        kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                  ignore_eos=True, pad_token_id=pad_id)
+        for mode in modes:
+            eng.set_mode(mode)
+            measure(mode, "fast",
+                    lambda: eng.generate(input_ids, adapter_idx, 1, keep_logits=True,
+                                         **kw)[1]["last_logits"],
+                    lambda: time_fast(eng, mode, input_ids, adapter_idx, args, pad_id))
+        del eng
         if device.type == "cuda":
-            r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        results[mode] = r
+            torch.cuda.empty_cache()
+    if "hf" in args.engine and modes:
+        ctx = mm.inject_multilora(model, adapters, "none")
+        for mode in modes:
+            ctx.set_mode(mode)
+            measure(mode, "hf",
+                    lambda: mm.forward_logits(model, ctx, input_ids, adapter_idx, pad_id,
+                                              last_only=True)[0][:, -1],
+                    lambda: time_hf(model, ctx, mode, input_ids, adapter_idx, args, pad_id,
+                                    device))
+        mm.remove_multilora(model)
     rows = []
-    for mode in args.modes:
-        r = dict(mode=mode, **results[mode])
+    order = lambda k: (k[0] == "peft", args.engine.index(k[1]) if k[1] in args.engine else 0,
+                       args.modes.index(k[0]))                               # noqa: E731
+    for (mode, engine), res in sorted(results.items(), key=lambda kv: order(kv[0])):
+        label = mode if len(args.engine) == 1 or mode == "peft" else f"{mode} ({engine})"
+        r = dict(mode=mode, engine=engine, label=label, **res)
         r.setdefault("logits_error", None)
         if "time_s" in r:
             r["tokens_per_s"] = r["total_tokens"] / r["time_s"]
@@ -362,7 +427,8 @@ def main(args: argparse.Namespace) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     c = data["config"]
     stem = args.name or (f"e2e_{c['label']}_b{c['batch_size']}_L{c['num_adapters']}_r{c['rank']}"
-                         f"_n{c['max_new_tokens']}")
+                         f"_n{c['max_new_tokens']}"
+                         + ("" if args.engine == ["fast"] else "_" + "-".join(args.engine)))
     path = os.path.join(args.out_dir, stem + ".json")
     with open(path, "w") as f:
         json.dump(data, f, indent=1)

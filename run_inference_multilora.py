@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-inference-mode", default="gbmm", choices=MODE_CHOICES,
                    help="multi-LoRA implementation (default: gbmm; Triton modes run in the "
                         "Triton interpreter on the CPU, slowly)")
+    g.add_argument("--engine", default="hf", choices=("hf", "fast"),
+                   help="hf: the transformers model with its Linear layers wrapped "
+                        "(multilora_model.py); fast: multilora_engine.py, a compact forward "
+                        "with fused q/k/v and gate/up, static KV cache and CUDA-graph decode "
+                        "on a GPU (default: hf)")
     g = p.add_argument_group("requests")
     g.add_argument("--prompts", nargs="+", default=None, metavar="TEXT",
                    help="prompts (default: a few built-in ones)")
@@ -191,19 +196,33 @@ def main(args: argparse.Namespace) -> list[dict]:
               f"rank {rk[0] if len(rk) == 1 else rk}, from {ad.source}")
     adapter_idx = mm.resolve_adapters(requested, [a.name for a in adapters], labels)
 
-    ctx = mm.inject_multilora(model, adapters, mode) if adapters else None
-    if ctx is None and mode != "none":
+    if not adapters and mode != "none":
         print("note: no adapters given, running the base model")
     input_ids = mm.encode_prompts(tok, prompts, chat_template=not args.no_chat_template)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos_ids = mm.eos_token_ids(model, tok)
     dec = "greedy" if args.temperature <= 0 else \
         f"temperature {args.temperature} top-p {args.top_p} seed {args.seed}"
-    print(f"{len(prompts)} requests, mode {mode}, max {args.max_new_tokens} new tokens, {dec}")
+    print(f"{len(prompts)} requests, mode {mode}, {args.engine} engine, max "
+          f"{args.max_new_tokens} new tokens, {dec}")
 
-    out = mm.generate(model, ctx, input_ids, adapter_idx, args.max_new_tokens, pad_id=pad_id,
-                      eos_ids=mm.eos_token_ids(model, tok), ignore_eos=args.ignore_eos,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      progress=not args.no_progress)
+    if args.engine == "fast":
+        from multilora_engine import MultiLoraEngine
+        engine = MultiLoraEngine(model, mm.stack_all(model, adapters) if adapters else None, mode,
+                                 max_batch=len(input_ids),
+                                 max_seq=max(map(len, input_ids)) + args.max_new_tokens)
+        tokens, st = engine.generate(
+            input_ids, adapter_idx, args.max_new_tokens, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, ignore_eos=args.ignore_eos,
+            eos_token_id=sorted(eos_ids), pad_token_id=pad_id, progress=not args.no_progress)
+        out = mm.GenerationOutput(tokens=tokens, prefill_s=st["prefill_s"],
+                                  decode_s=st["decode_s"], steps=st["steps"])
+    else:
+        ctx = mm.inject_multilora(model, adapters, mode) if adapters else None
+        out = mm.generate(model, ctx, input_ids, adapter_idx, args.max_new_tokens, pad_id=pad_id,
+                          eos_ids=eos_ids, ignore_eos=args.ignore_eos,
+                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                          progress=not args.no_progress)
 
     results = []
     for b, (prompt, toks) in enumerate(zip(prompts, out.tokens)):

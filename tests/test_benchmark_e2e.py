@@ -16,13 +16,13 @@ def run(argv):
     return bim.main(bim.build_parser().parse_args(argv))
 
 
-def check_json(path, modes, B, n, tol):
+def check_json(path, rows, B, n, tol):
     data = json.load(open(path))
     assert data["env"]["torch"] and data["env"]["transformers"] and "git_commit" in data["env"]
     c = data["config"]
     assert (c["batch_size"], c["max_new_tokens"]) == (B, n)
     assert len(c["adapter_of_request"]) == B
-    assert [r["mode"] for r in data["results"]] == modes
+    assert [(r["mode"], r["engine"]) for r in data["results"]] == rows
     for r in data["results"]:
         assert r["status"] == "ok", r
         assert r["total_tokens"] == B * n                 # exactly max_new_tokens each
@@ -33,16 +33,18 @@ def check_json(path, modes, B, n, tol):
 
 
 def test_benchmark_quick_cpu(tmp_path, capsys):
-    modes = ["none", "loop", "cheat_bmm", "gbmm", "peft"]
+    modes = ["none", "cheat_bmm", "gbmm", "peft"]
     data = run(["--quick", "--device", "cpu", "--modes", *modes, "--out-dir", str(tmp_path),
-                "--no-progress"])
+                "--no-progress", "--engine", "fast", "hf"])
     path = data["json_path"]
-    assert os.path.basename(path) == "e2e_tiny_b8_L4_r4_n8.json"   # --quick sets n = 8
-    check_json(path, modes, 8, 8, TOLERANCE[torch.float32])
+    assert os.path.basename(path) == "e2e_tiny_b8_L4_r4_n8_fast-hf.json"   # --quick: n = 8
+    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1]] + [("peft", "peft")]
+    check_json(path, rows, 8, 8, TOLERANCE[torch.float32])
     png = path[:-5] + ".png"
     assert os.path.getsize(png) > 10_000
     table = capsys.readouterr().out
-    for word in ("Throughput tok/s", "Time s", "Total Tokens", "vs slowest", "vs none", "peft"):
+    for word in ("Throughput tok/s", "Time s", "Total Tokens", "vs slowest", "vs none", "peft",
+                 "gbmm (fast)", "gbmm (hf)"):
         assert word in table
     os.remove(png)
     run(["--plot-only", path])
@@ -61,7 +63,8 @@ def test_benchmark_short_gpu(tmp_path):
     modes = ["none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "peft"]
     data = run(["--model-config", "llama3-8b", "--num-layers", "2", "--batch-size", "16",
                 "--max-new-tokens", "16", "--num-adapters", "8", "--rank", "16", "--modes", *modes,
-                "--out-dir", str(tmp_path), "--no-progress"])
-    d = check_json(data["json_path"], modes, 16, 16, TOLERANCE[torch.bfloat16])
+                "--out-dir", str(tmp_path), "--no-progress", "--engine", "fast", "hf"])
+    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1]] + [("peft", "peft")]
+    d = check_json(data["json_path"], rows, 16, 16, TOLERANCE[torch.bfloat16])
     assert d["env"]["gpu"] and d["env"]["triton"]
     assert all(r["peak_memory_gb"] > 0 for r in d["results"])
