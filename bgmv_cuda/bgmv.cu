@@ -3,13 +3,14 @@
 // Torch-free on purpose: this is the one translation unit that instantiates every kernel
 // (3 dtypes x {shrink, expand with 16-byte / 1-element B loads} = 9 kernels), so the CI
 // compile check (bgmv_cuda/compile_check.py) builds exactly this file with exactly the
-// loader's flags, on a machine without a CUDA build of torch.  bgmv_ext.cu checks the
-// tensors and calls the two functions below.  Each returns "" on success, else a message
-// that lists what is supported and the sizes it got.
+// loader's flags, on a machine without a CUDA build of torch.  bgmv_ext.cpp (the torch
+// binding, compiled by the host compiler) checks the tensors and calls the two functions
+// below, declared in bgmv_params.h.  Each returns "" on success, else a message that lists
+// what is supported and the sizes it got: errors are returned, never thrown, from here.
 #include <cstdio>
 #include <string>
 
-#include "bgmv_kernel.cuh"
+#include "bgmv_kernel.cuh"  // includes bgmv_params.h (declarations of the functions below)
 
 namespace {
 

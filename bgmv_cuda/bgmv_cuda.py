@@ -14,12 +14,18 @@ fp32.  Supported: h_in a multiple of 8 (16-byte loads of x and A, 16-byte aligne
 any h_out, r_max <= 128.  Bytes moved (for GB/s): x + 2 y + each distinct adapter's
 S r h_in + sum_s h_out_s r elements, plus the fp32 v written and read back.
 
-The kernels are in bgmv_kernel.cuh (plain CUDA, the file to copy), the dtype dispatch in
-bgmv.cu, the tensor checks and TORCH_LIBRARY registration in bgmv_ext.cu.  This module owns
-the source list and nvcc flags and builds with torch.utils.cpp_extension.load on first use
-only (importing it, `--help` and the CPU tests never run nvcc); bgmv_cuda/compile_check.py
-compiles bgmv.cu with the same NVCC_FLAGS for CI.  Fake impls registered below make the
-ops usable under torch.compile; no host sync in the call path, so CUDA graphs capture it.
+The kernels are in bgmv_kernel.cuh (plain CUDA, the file to copy, with its parameter blocks
+in bgmv_params.h), the dtype dispatch in bgmv.cu (nvcc), the tensor checks, stream and
+TORCH_LIBRARY registration in bgmv_ext.cpp (host compiler: every torch header and C++
+exception stays out of nvcc-compiled code).  The wrappers below run every check of
+bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args / check_expand_args, ValueError
+naming the argument), so a bad input never reaches C++ through them (one exception: while
+torch.compile traces, tensors have no address, and a misaligned data_ptr is left to the C++
+check); the C++ checks guard direct op calls.  This module owns the source list and nvcc flags and builds with
+torch.utils.cpp_extension.load on first use only (importing it, `--help` and the CPU tests
+never run nvcc); bgmv_cuda/compile_check.py compiles bgmv.cu with the same NVCC_FLAGS for
+CI.  Fake impls registered below make the ops usable under torch.compile; no host sync in
+the call path, so CUDA graphs capture it.
 
     python bgmv_cuda/bgmv_cuda.py --check            # build, then validate a few shapes
     BGMV_CUDA_VERBOSE=1 python bgmv_cuda/bgmv_cuda.py --check   # also print ptxas -v
@@ -29,7 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -45,8 +51,10 @@ from multilora_impl import BList, check_lora_args  # noqa: E402
 # ---------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_HEADER = os.path.join(HERE, "bgmv_kernel.cuh")
-KERNEL_SOURCE = os.path.join(HERE, "bgmv.cu")         # instantiates every kernel, torch-free
-SOURCES = [KERNEL_SOURCE, os.path.join(HERE, "bgmv_ext.cu")]
+PARAMS_HEADER = os.path.join(HERE, "bgmv_params.h")   # torch-free, included by both sources
+KERNEL_SOURCE = os.path.join(HERE, "bgmv.cu")         # nvcc: every kernel, torch-free
+BINDING_SOURCE = os.path.join(HERE, "bgmv_ext.cpp")   # host compiler: checks + registration
+SOURCES = [KERNEL_SOURCE, BINDING_SOURCE]
 EXT_NAME = "multilora_bgmv_cuda"
 # torch.utils.cpp_extension adds the four -D__CUDA_NO_* and --expt-relaxed-constexpr
 # itself; they are listed here too so that the compile check sees exactly the same macros.
@@ -59,8 +67,14 @@ NVCC_FLAGS = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
     "--expt-relaxed-constexpr",
 ]
-MAX_SLICES = 3          # kBgmvMaxSlices in bgmv_kernel.cuh
+# Limits of the C++ side, mirrored by check_shrink_args / check_expand_args.
+MAX_SLICES = 3          # kBgmvMaxSlices in bgmv_params.h
+MAX_RANK = 128          # kBgmvMaxRank in bgmv_params.h
 H_IN_MULTIPLE = 8       # 16-byte vector loads of x and A (8 halves; 4 floats divide it too)
+INT_MAX = 2**31 - 1     # T, h_in, h_out, L are C ints in the params; T is also grid.x
+GRID_Y_MAX = 65535      # gridDim.y limit, for the expand's output tiles
+EXPAND_TILE_LANES = 4 * 4   # kBgmvExpandThreads / 32 warps x kBgmvExpandOuts columns a lane
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 
@@ -151,11 +165,203 @@ def ensure_loaded() -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Host wrappers
+# Input checks: every check of bgmv_ext.cpp (and of the launchers in bgmv.cu), in Python
+# ---------------------------------------------------------------------------------------
+def _fail(arg: str, expected: str, got: object) -> NoReturn:
+    raise ValueError(f"{arg}: expected {expected}, got {got}")
+
+
+def _byte_address(t: Tensor) -> int:
+    """t.data_ptr(), or 0 while torch.compile traces: fake tensors have no address (and
+    Dynamo does not trace storage_offset), so there the op's own C++ check, which runs on
+    the real tensors in the compiled graph, is the one that sees the pointer."""
+    if torch.compiler.is_compiling():
+        return 0
+    return t.data_ptr()
+
+
+def _misaligned16(t: Tensor) -> bool:
+    """True unless data_ptr and every row stride (dims with more than one entry, all but
+    the last) are multiples of 16 bytes: the condition for 16-byte vector loads."""
+    es = t.element_size()
+    if _byte_address(t) % 16:
+        return True
+    for d in range(t.dim() - 1):
+        if t.shape[d] != 1 and (t.stride(d) * es) % 16:
+            return True
+    return False
+
+
+def _check_aligned16(name: str, t: Tensor) -> None:
+    if _misaligned16(t):
+        _fail(name, "a 16-byte aligned data_ptr and row strides that are multiples of 16 bytes "
+              "(16-byte vector loads; pass a .contiguous() tensor that starts at its storage)",
+              f"data_ptr % 16 = {_byte_address(t) % 16}, strides {tuple(t.stride())} "
+              f"(elements of {t.element_size()} bytes), sizes {tuple(t.shape)}")
+
+
+def _check_tensor(name: str, t: object, device: torch.device) -> None:
+    if not isinstance(t, Tensor):
+        _fail(name, "a torch.Tensor", type(t).__name__)
+    if t.device != device:
+        _fail(name, f"device {device} (same as the first tensor)", t.device)
+
+
+def _check_index(name: str, t: object, n: int, device: torch.device) -> None:
+    """idx [T] / ranks [L]: int32 or int64, contiguous, on `device`."""
+    _check_tensor(name, t, device)
+    if t.dtype not in (torch.int32, torch.int64):
+        _fail(name, "dtype int32 or int64", t.dtype)
+    if t.dim() != 1 or t.shape[0] != n:
+        _fail(name, f"shape [{n}]", tuple(t.shape))
+    if n > 1 and t.stride(0) != 1:
+        _fail(name, "a contiguous tensor", f"strides {tuple(t.stride())}")
+
+
+def _check_first(name: str, t: object, device_type: str) -> None:
+    """x (shrink) / y (expand): the tensor that sets dtype and device for the others."""
+    if not isinstance(t, Tensor):
+        _fail(name, "a torch.Tensor", type(t).__name__)
+    if t.device.type != device_type:
+        _fail(name, f"a {device_type.upper()} tensor", f"device {t.device}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        _fail(name, "dtype float16, bfloat16 or float32", t.dtype)
+
+
+def expand_tiles(Bs: Sequence[Tensor], r_max: int) -> tuple[int, int]:
+    """(output columns per expand block, number of blocks along grid.y), as
+    bgmv_expand_launch computes them: 16-byte B loads along the rank when every B_s row
+    is 16-byte aligned, else one element; G lanes per B row, 32 / G rows per warp."""
+    vec = 16 // Bs[0].element_size()
+    w = vec if r_max % vec == 0 and not any(_misaligned16(b) for b in Bs) else 1
+    lanes, group = -(-r_max // w), 1
+    while group < lanes and group < 32:
+        group *= 2
+    tile = EXPAND_TILE_LANES * (32 // group)
+    return tile, sum(-(-b.shape[1] // tile) for b in Bs)
+
+
+def check_shrink_args(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
+                      v: Optional[Tensor] = None, *, device_type: str = "cuda") -> Tensor:
+    """Every check multilora::bgmv_cuda_shrink makes (bgmv_ext.cpp, bgmv_shrink_launch),
+    raising ValueError naming the argument. v=None skips v (the wrapper allocates it).
+    device_type is "cuda" except in the CPU tests of these checks. Returns A as
+    A4 [S, L, r_max, h_in]."""
+    _check_first("x", x, device_type)
+    dev = x.device
+    if x.dim() != 2:
+        _fail("x", "[T, h_in]", tuple(x.shape))
+    T, h_in = x.shape
+    if T > INT_MAX:
+        _fail("x", f"at most {INT_MAX} tokens", T)
+    if h_in < H_IN_MULTIPLE or h_in % H_IN_MULTIPLE or h_in > INT_MAX:
+        _fail("x", f"h_in a positive multiple of {H_IN_MULTIPLE} (16-byte vector loads of x and "
+              "A)", f"h_in = {h_in}")
+    if x.stride(1) != 1:
+        _fail("x", "unit stride along h_in", f"strides {tuple(x.stride())}")
+    _check_aligned16("x", x)
+
+    _check_tensor("A", A, dev)
+    if A.dtype != x.dtype:
+        _fail("A", f"dtype {x.dtype} (same as x)", A.dtype)
+    if A.dim() not in (3, 4):
+        _fail("A", "[L, r_max, h_in] or [S, L, r_max, h_in]", tuple(A.shape))
+    A4 = A.unsqueeze(0) if A.dim() == 3 else A                     # [S, L, r_max, h_in]
+    S, L, r_max, a_h_in = A4.shape
+    if a_h_in != h_in:
+        _fail("A", f"last dim h_in = {h_in} (as x)", tuple(A.shape))
+    if not (1 <= S <= MAX_SLICES and 1 <= L <= INT_MAX):
+        _fail("A", f"1 <= S <= {MAX_SLICES} slices and L >= 1 adapters", tuple(A.shape))
+    if not 1 <= r_max <= MAX_RANK:
+        _fail("A", f"r_max in [1, {MAX_RANK}]", tuple(A.shape))
+    if A4.stride(3) != 1:
+        _fail("A", "unit stride along h_in", f"strides {tuple(A.stride())}")
+    _check_aligned16("A", A4)
+
+    _check_index("idx", idx, T, dev)
+    if ranks is not None:
+        _check_index("ranks", ranks, L, dev)
+    if v is not None:
+        _check_tensor("v", v, dev)
+        if v.dtype != torch.float32:
+            _fail("v", "dtype float32", v.dtype)
+        if tuple(v.shape) != (T, S, r_max):
+            _fail("v", f"[T={T}, S={S}, r_max={r_max}]", tuple(v.shape))
+        if v.stride(2) != 1:
+            _fail("v", "unit stride along r_max", f"strides {tuple(v.stride())}")
+    return A4
+
+
+def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
+                      ranks: Optional[Tensor] = None, *, device_type: str = "cuda"
+                      ) -> list[Tensor]:
+    """Every check multilora::bgmv_cuda_expand makes (bgmv_ext.cpp, bgmv_expand_launch),
+    raising ValueError naming the argument. B is a tensor [L, h_out, r_max] or a sequence
+    of S <= 3 of them. Returns B as a list."""
+    _check_first("y", y, device_type)
+    dev = y.device
+    if y.dim() != 2:
+        _fail("y", "[T, sum h_out_s]", tuple(y.shape))
+    T = y.shape[0]
+    if y.stride(1) != 1 and y.shape[1] != 1:
+        _fail("y", "unit stride along h_out", f"strides {tuple(y.stride())}")
+    if T > INT_MAX:
+        _fail("y", f"at most {INT_MAX} tokens", T)
+
+    Bs = [B] if isinstance(B, Tensor) else list(B)
+    S = len(Bs)
+    if not 1 <= S <= MAX_SLICES:
+        _fail("B", f"1 to {MAX_SLICES} output slices", S)
+    _check_tensor("v", v, dev)
+    if v.dtype != torch.float32:
+        _fail("v", "dtype float32", v.dtype)
+    if v.dim() != 3 or v.shape[0] != T or v.shape[1] != S:
+        _fail("v", f"[T={T}, S={S}, r_max]", tuple(v.shape))
+    if v.stride(2) != 1:
+        _fail("v", "unit stride along r_max", f"strides {tuple(v.stride())}")
+    r_max = v.shape[2]
+    if not 1 <= r_max <= MAX_RANK:
+        _fail("v", f"r_max in [1, {MAX_RANK}]", tuple(v.shape))
+
+    names = ["B"] if isinstance(B, Tensor) else [f"B[{s}]" for s in range(S)]
+    for name, b in zip(names, Bs):
+        _check_tensor(name, b, dev)
+    L = Bs[0].shape[0] if Bs[0].dim() == 3 else 0
+    h_out_total = 0
+    for name, b in zip(names, Bs):
+        if b.dtype != y.dtype:
+            _fail(name, f"dtype {y.dtype} (same as y)", b.dtype)
+        if b.dim() != 3 or b.shape[0] != L or L < 1 or b.shape[2] != r_max \
+                or not 1 <= b.shape[1] <= INT_MAX:
+            _fail(name, f"[L={L}, h_out >= 1, r_max={r_max}]", tuple(b.shape))
+        if b.stride(2) != 1 and r_max != 1:
+            _fail(name, "unit stride along r_max", f"strides {tuple(b.stride())}")
+        h_out_total += b.shape[1]
+    if L > INT_MAX:
+        _fail("B", f"at most {INT_MAX} adapters", L)
+    if y.shape[1] != h_out_total or h_out_total > INT_MAX:
+        _fail("y", f"[T={T}, sum h_out_s={h_out_total}]", tuple(y.shape))
+    _check_index("idx", idx, T, dev)
+    if ranks is not None:
+        _check_index("ranks", ranks, L, dev)
+    _check_tensor("scale", scale, dev)
+    if scale.dtype != torch.float32 or scale.dim() != 1 or scale.shape[0] != L \
+            or (L > 1 and scale.stride(0) != 1):
+        _fail("scale", f"a contiguous float32 [L={L}]",
+              f"{scale.dtype} sizes {tuple(scale.shape)} strides {tuple(scale.stride())}")
+    tile, tiles = expand_tiles(Bs, r_max)
+    if tiles > GRID_Y_MAX:
+        _fail("B", f"at most {GRID_Y_MAX} output tiles of {tile} columns (sum_s ceil(h_out_s / "
+              f"{tile}))", tiles)
+    return Bs
+
+
+# ---------------------------------------------------------------------------------------
+# Host wrappers: check in Python, then call the op (a bad input never reaches C++)
 # ---------------------------------------------------------------------------------------
 def _check_cuda_args(x: Tensor, A4: Tensor, Bs: Sequence[Tensor]) -> None:
-    """What this extension adds to the contract (check_lora_args checks the rest);
-    data_ptr / stride alignment is checked in bgmv_ext.cu, on the real tensors."""
+    """The device-independent limits first, so that a call with CPU tensors and a bad
+    shape names the shape (check_lora_args has checked the contract)."""
     h_in = x.shape[1]
     if h_in % H_IN_MULTIPLE != 0:
         raise ValueError(f"x: bgmv_cuda needs h_in a multiple of {H_IN_MULTIPLE} (16-byte vector "
@@ -169,9 +375,10 @@ def _check_cuda_args(x: Tensor, A4: Tensor, Bs: Sequence[Tensor]) -> None:
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 v: Optional[Tensor] = None) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
-    idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in]."""
+    idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
+    Raises ValueError (check_shrink_args) before building or calling anything."""
+    A4 = check_shrink_args(x, A, idx, ranks, v)
     ensure_loaded()
-    A4 = A.unsqueeze(0) if A.dim() == 3 else A
     if v is None:
         v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
                         device=x.device)                          # [T, S, r_max]
@@ -182,9 +389,10 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
 def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
                 ranks: Optional[Tensor] = None) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
-    S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them)."""
+    S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
+    Raises ValueError (check_expand_args) before building or calling anything."""
+    Bs = check_expand_args(y, v, B, idx, scale, ranks)
     ensure_loaded()
-    Bs = [B] if isinstance(B, Tensor) else list(B)
     torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks)
 
 

@@ -1,6 +1,7 @@
 // bgmv_kernel.cuh -- multi-LoRA BGMV (Punica-style) shrink and expand kernels.
 //
-// Plain CUDA C++ (no torch include): copy this one header into any project.
+// Plain CUDA C++ (no torch include): copy this header and bgmv_params.h (its parameter
+// blocks, included below) into any project.
 // For every token t with adapter i = idx[t] (nothing at all when idx[t] == -1):
 //
 //   v[t, s, :r]            = x[t] @ A[s, i, :r, :].T              # shrink, fp32, r = ranks[i]
@@ -41,6 +42,8 @@
 
 #include <type_traits>
 
+#include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
+
 // ---------------------------------------------------------------------------------------
 // Launch configuration, from ptxas (-Xptxas -v, CUDA 13.0, the flags of bgmv_cuda.py;
 // `python bgmv_cuda/compile_check.py` prints the table): with __launch_bounds__(128, 8)
@@ -75,47 +78,8 @@ constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per 
 //   Grid: x = T, y = sum_s ceil(h_out_s / tile).
 constexpr int kBgmvExpandThreads = 128;
 constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
-constexpr int kBgmvMaxRank = 128;
-constexpr int kBgmvMaxSlices = 3;
 constexpr int kBgmvMinBlocksPerSM = 8;
-
-// Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
-enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
-
-// ---------------------------------------------------------------------------------------
-// Host-side parameter blocks (passed by value to the kernels).  Strides are in elements.
-// ---------------------------------------------------------------------------------------
-struct BgmvShrinkParams {
-  const void* x;          // [T, h_in]
-  const void* A;          // [S, L, r_max, h_in]
-  const void* idx;        // [T] int32 / int64
-  const void* ranks;      // [L] int32 / int64, or nullptr
-  float* v;               // [T, S, r_max] fp32 (only rows < ranks[idx[t]] are written)
-  int64_t x_stride_t;
-  int64_t a_stride_s, a_stride_l, a_stride_r;
-  int64_t v_stride_t, v_stride_s;
-  int T, h_in, r_max, L, S;
-  int idx_is_64, ranks_is_64;
-};
-
-struct BgmvExpandParams {
-  void* y;                                  // [T, sum h_out_s]
-  const float* v;                           // [T, S, r_max] fp32
-  const void* B[kBgmvMaxSlices];            // B_s [L, h_out_s, r_max]
-  const void* idx;                          // [T] int32 / int64
-  const void* ranks;                        // [L] int32 / int64, or nullptr
-  const float* scale;                       // [L] fp32
-  int64_t y_stride_t;
-  int64_t v_stride_t, v_stride_s;
-  int64_t b_stride_l[kBgmvMaxSlices], b_stride_o[kBgmvMaxSlices];
-  int h_out[kBgmvMaxSlices];
-  int col_off[kBgmvMaxSlices];              // first column of slice s in y
-  int T, r_max, L, S;
-  int idx_is_64, ranks_is_64;
-  // Filled by bgmv_expand_launch: lanes per B row, and each slice's first tile.
-  int log2_group;
-  int tile_begin[kBgmvMaxSlices + 1];
-};
+// kBgmvMaxRank (128) and kBgmvMaxSlices (3) are in bgmv_params.h, with the parameter blocks.
 
 // ---------------------------------------------------------------------------------------
 // Element types: fp32 conversion and unpacking of one 16-byte vector.

@@ -1,11 +1,12 @@
 """Compile-only check of the BGMV CUDA kernels, for CI (nvcc, no GPU, CPU-only torch).
 
 Compiles bgmv_cuda/bgmv.cu -- the torch-free translation unit that includes only
-bgmv_kernel.cuh and instantiates every kernel -- with the loader's own NVCC_FLAGS
-(bgmv_cuda.py), for sm_80 and sm_90 in one `nvcc -c` call with `-Xptxas -v`, and fails on
-any compiler error or any register spill.  Prints registers / spills / stack / shared
-memory per kernel and architecture (the numbers bgmv_kernel.cuh's launch configuration
-comment quotes).  Takes a few seconds.
+bgmv_kernel.cuh (and its bgmv_params.h) and instantiates every kernel -- with the loader's
+own NVCC_FLAGS (bgmv_cuda.py), for sm_80 and sm_90 in one `nvcc -c` call with `-Xptxas -v`,
+and fails on any compiler error or any register spill.  The torch binding, bgmv_ext.cpp, is
+host-compiler code that needs a CUDA build of torch: the extension build covers it.
+Prints registers / spills / stack / shared memory per kernel and architecture (the numbers
+bgmv_kernel.cuh's launch configuration comment quotes).  Takes a few seconds.
 
     python bgmv_cuda/compile_check.py                 # sm_80 and sm_90
     python bgmv_cuda/compile_check.py --arch 80 90 100

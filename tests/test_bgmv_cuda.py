@@ -1,14 +1,19 @@
 """Tests of the CUDA C++ BGMV extension (bgmv_cuda/).
 
 CPU tier: the compile-only check (nvcc, sm_80 + sm_90, no spills; skipped only without
-nvcc), the ptxas parser, and the Python-side input checks, proving that none of them
-builds the extension.  GPU tier (`pytest -m gpu`): correctness against the float64
-reference at real sizes (the checks every mode passes), bad inputs, out-of-range
-idx / ranks, torch.library.opcheck, torch.compile(fullgraph=True), CUDA-graph replay with
-new inputs in the same buffers, no host sync, and a broken source surfacing the
-compiler's message.
+nvcc), the ptxas parser, and the Python mirror of every C++ input check (one table of bad
+inputs, each raising ValueError that names the argument; limits equal to the C++
+constants; the checks trace under torch.compile), none of which builds the extension.
+GPU tier (`pytest -m gpu`): correctness against the float64 reference at real sizes (the
+checks every mode passes), the same bad-input table through the public wrappers with the
+C++ ops replaced by a refusal (no bad input may reach C++), out-of-range idx / ranks,
+torch.library.opcheck, torch.compile(fullgraph=True), CUDA-graph replay with new inputs in
+the same buffers, no host sync, a broken source surfacing the compiler's message and,
+last and in a child process (a crash there cannot end the test run), the C++ ops' own
+checks raising ValueError from bgmv_ext.cpp.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -101,6 +106,200 @@ def test_registry_resolves_without_building(no_build):
     assert get_mode("bgmv_cuda").needs_cuda
 
 
+# ---------------------------------------------------------------------------------------
+# The Python mirror of the C++ checks: one table of bad inputs, run by the checkers on CPU
+# tensors here (device_type="cpu") and through the public wrappers on the GPU below
+# ---------------------------------------------------------------------------------------
+def _op_inputs(device):
+    """Valid inputs of both ops: T=5, h_in=64, L=3, r_max=8, fp16, S=2 slices (48, 16)."""
+    g = torch.Generator().manual_seed(0)
+    d = dict(x=torch.randn(5, 64, generator=g).half(),                # [T, h_in]
+             A=torch.randn(2, 3, 8, 64, generator=g).half(),          # [S, L, r_max, h_in]
+             idx=torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32),
+             ranks=torch.tensor([8, 3, 1], dtype=torch.int32),
+             v=torch.randn(5, 2, 8, generator=g),                     # [T, S, r_max] fp32
+             y=torch.randn(5, 64, generator=g).half(),                # [T, 48 + 16]
+             B=[torch.randn(3, h, 8, generator=g).half() for h in (48, 16)],
+             scale=torch.rand(3, generator=g))
+    return {k: [b.to(device) for b in t] if k == "B" else t.to(device) for k, t in d.items()}
+
+
+def _offset(t, n):
+    """Same values, data_ptr n elements past a fresh (aligned) allocation."""
+    buf = torch.empty(t.numel() + n, dtype=t.dtype, device=t.device)
+    buf[n:] = t.flatten()
+    return buf[n:].view(t.shape)
+
+
+def _padded(t, n):
+    """Same values, rows padded by n elements: every stride but the last grows."""
+    big = torch.empty(*t.shape[:-1], t.shape[-1] + n, dtype=t.dtype, device=t.device)
+    big[..., :t.shape[-1]] = t
+    return big[..., :t.shape[-1]]
+
+
+def _strided(t):
+    """Same values, stride 2 along the last dim."""
+    big = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    big[..., ::2] = t
+    return big[..., ::2]
+
+
+def _meta(t):
+    return t.to("meta")
+
+
+def _too_many_tiles(d):
+    """fp32, r_max=128: 16 output columns per expand block, 65536 + 1 blocks (a broadcast B)."""
+    dev = d["y"].device
+    n = 16 * 65536 + 16
+    return dict(y=torch.randn(1, n, device=dev), v=torch.randn(1, 1, 128, device=dev),
+                B=[torch.randn(1, 1, 128, device=dev).expand(1, n, 128)],
+                idx=torch.zeros(1, dtype=torch.int32, device=dev),
+                scale=torch.ones(1, device=dev), ranks=None)
+
+
+# (id, op, argument the error must name, replacements for _op_inputs)
+_B = lambda d, s, b: {"B": [b if k == s else d["B"][k] for k in range(2)]}  # noqa: E731
+BAD_CASES = [
+    ("x_not_tensor", "shrink", "x", lambda d: {"x": d["x"].tolist()}),
+    ("x_device", "shrink", "x", lambda d: {"x": _meta(d["x"])}),
+    ("x_dtype", "shrink", "x", lambda d: {"x": d["x"].double()}),
+    ("x_3d", "shrink", "x", lambda d: {"x": d["x"][None]}),
+    ("x_h_in_60", "shrink", "x", lambda d: {"x": d["x"][:, :60], "A": d["A"][..., :60]}),
+    ("x_strided", "shrink", "x", lambda d: {"x": _strided(d["x"])}),
+    ("x_misaligned_ptr", "shrink", "x", lambda d: {"x": _offset(d["x"], 1)}),
+    ("x_misaligned_rows", "shrink", "x", lambda d: {"x": _padded(d["x"], 1)}),
+    ("A_not_tensor", "shrink", "A", lambda d: {"A": None}),
+    ("A_device", "shrink", "A", lambda d: {"A": _meta(d["A"])}),
+    ("A_dtype", "shrink", "A", lambda d: {"A": d["A"].float()}),
+    ("A_2d", "shrink", "A", lambda d: {"A": d["A"][0, 0]}),
+    ("A_h_in", "shrink", "A", lambda d: {"A": d["A"][..., :56]}),
+    ("A_4_slices", "shrink", "A", lambda d: {"A": d["A"].repeat(2, 1, 1, 1)}),
+    ("A_rank_129", "shrink", "A", lambda d: {"A": d["A"][:, :, :1].repeat(1, 1, 129, 1)}),
+    ("A_strided", "shrink", "A", lambda d: {"A": _strided(d["A"])}),
+    ("A_misaligned_ptr", "shrink", "A", lambda d: {"A": _offset(d["A"], 4)}),
+    ("A_misaligned_rows", "shrink", "A", lambda d: {"A": _padded(d["A"], 4)}),
+    ("idx_device", "shrink", "idx", lambda d: {"idx": _meta(d["idx"])}),
+    ("idx_dtype", "shrink", "idx", lambda d: {"idx": d["idx"].float()}),
+    ("idx_shape", "shrink", "idx", lambda d: {"idx": d["idx"][:4]}),
+    ("idx_strided", "shrink", "idx", lambda d: {"idx": _strided(d["idx"])}),
+    ("ranks_dtype", "shrink", "ranks", lambda d: {"ranks": d["ranks"].float()}),
+    ("ranks_shape", "shrink", "ranks", lambda d: {"ranks": d["ranks"][:2]}),
+    ("ranks_device", "shrink", "ranks", lambda d: {"ranks": _meta(d["ranks"])}),
+    ("v_device", "shrink", "v", lambda d: {"v": _meta(d["v"])}),
+    ("v_dtype", "shrink", "v", lambda d: {"v": d["v"].half()}),
+    ("v_shape", "shrink", "v", lambda d: {"v": d["v"][:, :, :4]}),
+    ("v_strided", "shrink", "v", lambda d: {"v": _strided(d["v"])}),
+    ("y_not_tensor", "expand", "y", lambda d: {"y": 1.0}),
+    ("y_device", "expand", "y", lambda d: {"y": _meta(d["y"])}),
+    ("y_dtype", "expand", "y", lambda d: {"y": d["y"].double()}),
+    ("y_1d", "expand", "y", lambda d: {"y": d["y"][0]}),
+    ("y_strided", "expand", "y", lambda d: {"y": _strided(d["y"])}),
+    ("y_width", "expand", "y", lambda d: {"y": d["y"][:, :60]}),
+    ("B_empty", "expand", "B", lambda d: {"B": []}),
+    ("B_4_slices", "expand", "B", lambda d: {"B": d["B"] * 2}),
+    ("B_not_tensor", "expand", "B[1]", lambda d: _B(d, 1, "B")),
+    ("B_device", "expand", "B[1]", lambda d: _B(d, 1, _meta(d["B"][1]))),
+    ("B_dtype", "expand", "B[1]", lambda d: _B(d, 1, d["B"][1].float())),
+    ("B_L", "expand", "B[1]", lambda d: _B(d, 1, d["B"][1][:2])),
+    ("B_rank", "expand", "B[0]", lambda d: _B(d, 0, d["B"][0][..., :4])),
+    ("B_h_out_0", "expand", "B[1]", lambda d: _B(d, 1, d["B"][1][:, :0])),
+    ("B_strided", "expand", "B[1]", lambda d: _B(d, 1, _strided(d["B"][1]))),
+    ("B_too_many_tiles", "expand", "B", _too_many_tiles),
+    ("v_e_device", "expand", "v", lambda d: {"v": _meta(d["v"])}),
+    ("v_e_dtype", "expand", "v", lambda d: {"v": d["v"].double()}),
+    ("v_e_slices", "expand", "v", lambda d: {"v": d["v"][:, :1]}),
+    ("v_e_strided", "expand", "v", lambda d: {"v": _strided(d["v"])}),
+    ("v_e_rank_129", "expand", "v", lambda d: {"v": d["v"][..., :1].repeat(1, 1, 129)}),
+    ("idx_e_dtype", "expand", "idx", lambda d: {"idx": d["idx"].double()}),
+    ("idx_e_shape", "expand", "idx", lambda d: {"idx": d["idx"][:3]}),
+    ("ranks_e_shape", "expand", "ranks", lambda d: {"ranks": d["ranks"][:1]}),
+    ("scale_device", "expand", "scale", lambda d: {"scale": _meta(d["scale"])}),
+    ("scale_dtype", "expand", "scale", lambda d: {"scale": d["scale"].double()}),
+    ("scale_shape", "expand", "scale", lambda d: {"scale": d["scale"][:2]}),
+    ("scale_strided", "expand", "scale", lambda d: {"scale": _strided(d["scale"])}),
+]
+
+
+def _bad_inputs(case, device):
+    d = _op_inputs(device)
+    return {**d, **case[3](d)}
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_python_checks_mirror_cpp_checks(no_build, case):
+    """Each check of bgmv_ext.cpp / the launchers has a Python twin that names the argument."""
+    _, op, arg, _ = case
+    d = _bad_inputs(case, "cpu")
+    with pytest.raises(ValueError) as e:
+        if op == "shrink":
+            bc.check_shrink_args(d["x"], d["A"], d["idx"], d["ranks"], d["v"], device_type="cpu")
+        else:
+            bc.check_expand_args(d["y"], d["v"], d["B"], d["idx"], d["scale"], d["ranks"],
+                                 device_type="cpu")
+    assert str(e.value).startswith(f"{arg}: expected "), str(e.value)
+
+
+def test_python_checks_accept_what_the_kernels_support(no_build):
+    d = _op_inputs("cpu")
+    assert bc.check_shrink_args(d["x"], d["A"], d["idx"], d["ranks"], d["v"],
+                                device_type="cpu").shape == (2, 3, 8, 64)
+    assert bc.check_expand_args(d["y"], d["v"], d["B"], d["idx"], d["scale"], d["ranks"],
+                                device_type="cpu") == d["B"]
+    # 3-D A and one B tensor, v left to the wrapper; T = 0; B rows not 16-byte aligned
+    # (1-element loads); any stride along a rank of 1; int64 metadata
+    A3, B1 = d["A"][0], d["B"][0]
+    assert bc.check_shrink_args(d["x"], A3, d["idx"].long(), None, device_type="cpu").shape \
+        == (1, 3, 8, 64)
+    bc.check_expand_args(d["y"][:, :48], d["v"][:, :1], B1, d["idx"], d["scale"],
+                         d["ranks"].long(), device_type="cpu")
+    bc.check_shrink_args(d["x"][:0], A3, d["idx"][:0], None, d["v"][:0, :1], device_type="cpu")
+    bc.check_expand_args(d["y"][:, :48], d["v"][:, :1], _padded(B1, 1), d["idx"], d["scale"],
+                         device_type="cpu")
+    bc.check_expand_args(d["y"][:, :48], d["v"][:, :1, :1], _strided(B1[..., :1]), d["idx"],
+                         d["scale"], device_type="cpu")
+
+
+def test_python_limits_match_cpp_constants():
+    text = open(bc.PARAMS_HEADER).read() + open(bc.KERNEL_HEADER).read()
+    c = {k: int(v) for k, v in re.findall(r"constexpr int (kBgmv\w+) = (\d+);", text)}
+    assert (c["kBgmvMaxRank"], c["kBgmvMaxSlices"]) == (bc.MAX_RANK, bc.MAX_SLICES)
+    assert c["kBgmvExpandThreads"] // 32 * c["kBgmvExpandOuts"] == bc.EXPAND_TILE_LANES
+    # output columns per expand block, as bgmv_kernel.cuh's comment states them
+    B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
+    assert bc.expand_tiles(B(128), 128) == (32, 4)                  # 16-byte loads, G = 16
+    assert bc.expand_tiles(B(128, torch.float32), 128)[0] == 16     # G = 32
+    assert bc.expand_tiles(B(8), 8)[0] == 512                       # G = 1
+    assert bc.expand_tiles(B(12), 12)[0] == 32                      # 1-element loads, G = 16
+    assert bc.expand_tiles([_padded(B(8)[0], 8)], 8)[0] == 512      # padded, still aligned rows
+    assert bc.expand_tiles([_padded(B(8)[0], 1)], 8)[0] == 64       # unaligned: 1-element, G = 8
+
+
+def test_python_checks_trace_under_torch_compile(no_build):
+    """The wrappers run the checks inside torch.compile(fullgraph=True): no graph break."""
+    torch._dynamo.reset()
+
+    def step(y, v, x, A, B, idx, scale, ranks):
+        bc.check_shrink_args(x, A, idx, ranks, v, device_type="cpu")
+        bc.check_expand_args(y, v, B, idx, scale, ranks, device_type="cpu")
+        return y + 1
+
+    d = _op_inputs("cpu")
+    args = [d[k] for k in ("y", "v", "x", "A", "B", "idx", "scale", "ranks")]
+    out = torch.compile(step, fullgraph=True, backend="eager")(*args)
+    assert torch.equal(out, d["y"] + 1)
+    torch._dynamo.reset()
+
+
+def test_wrappers_check_before_building(no_build):
+    d = _op_inputs("cpu")
+    with pytest.raises(ValueError, match="^x: expected a CUDA tensor"):
+        bc.bgmv_shrink(d["x"], d["A"], d["idx"], d["ranks"])
+    with pytest.raises(ValueError, match="^y: expected a CUDA tensor"):
+        bc.bgmv_expand(d["y"], d["v"], d["B"], d["idx"], d["scale"], d["ranks"])
+
+
 @pytest.mark.parametrize("script", ["bgmv_cuda/bgmv_cuda.py", "bgmv_cuda/compile_check.py"])
 def test_help_runs_without_building(script):
     out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"],
@@ -188,16 +387,41 @@ def test_out_of_range_idx_and_rank_give_nan_rows():
     assert relative_error(y[ok], ref) < TOLERANCE[torch.float32]
 
 
+@pytest.fixture
+def ops_refused(monkeypatch):
+    """Load the extension, then replace both C++ ops by a refusal: a bad input that got
+    past the Python checks fails the test instead of reaching C++."""
+    bc.ensure_loaded()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bad input got past the Python checks to the C++ op")
+    monkeypatch.setattr(torch.ops.multilora, "bgmv_cuda_shrink", refuse)
+    monkeypatch.setattr(torch.ops.multilora, "bgmv_cuda_expand", refuse)
+
+
 @pytest.mark.gpu
-def test_bad_inputs_on_gpu_raise_value_error():
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_inputs_on_gpu_stop_in_python(ops_refused, case):
+    _, op, arg, _ = case
+    d = _bad_inputs(case, "cuda")
+    with pytest.raises(ValueError) as e:
+        if op == "shrink":
+            bc.bgmv_shrink(d["x"], d["A"], d["idx"], d["ranks"], d["v"])
+        else:
+            bc.bgmv_expand(d["y"], d["v"], d["B"], d["idx"], d["scale"], d["ranks"])
+    assert str(e.value).startswith(f"{arg}: expected "), str(e.value)
+
+
+@pytest.mark.gpu
+def test_bad_inputs_to_bgmv_lora_on_gpu_stop_in_python(ops_refused):
     inp, idx = _small_inputs(h_in=64, device="cuda")
     args = lambda **kw: {**dict(y=inp["y"].clone(), x=inp["x"], A=inp["A"], B=inp["B"], idx=idx,  # noqa: E731
                                 scale=inp["scale"], ranks=None), **kw}
-    buf = torch.randn(5 * 64 + 1, dtype=torch.float16, device="cuda")
-    x_misaligned = buf[1:].view(5, 64)                   # data_ptr % 16 == 2
-    with pytest.raises(ValueError, match="x: 16-byte"):
-        bc.bgmv_lora(**args(x=x_misaligned))
-    with pytest.raises(ValueError, match="idx"):
+    with pytest.raises(ValueError, match="^x: expected a 16-byte aligned"):
+        bc.bgmv_lora(**args(x=_offset(inp["x"], 1)))                # data_ptr % 16 == 2
+    with pytest.raises(ValueError, match="^A: expected a 16-byte aligned"):
+        bc.bgmv_lora(**args(A=_padded(inp["A"], 4)))                # rows of 136 bytes
+    with pytest.raises(ValueError, match="^idx:"):
         bc.bgmv_lora(**args(idx=idx.float()))
     with pytest.raises(ValueError, match="^y:"):
         bc.bgmv_lora(**args(y=inp["y"].cpu()))
@@ -206,10 +430,6 @@ def test_bad_inputs_on_gpu_raise_value_error():
     bad = make_lora_inputs(5, 60, 48, 3, 8, torch.float16, "cuda", seed=1)
     with pytest.raises(ValueError, match="multiple of 8"):
         bc.bgmv_lora(bad["y"], bad["x"], bad["A"], bad["B"], idx, bad["scale"])
-    # the ops check on their own too (they can be called without the wrapper)
-    v = torch.empty(5, 1, 8, device="cuda")
-    with pytest.raises(ValueError, match="v: expected"):
-        torch.ops.multilora.bgmv_cuda_shrink(inp["x"], inp["A"], idx, None, v[:, :, :4])
 
 
 # ---------------------------------------------------------------------------------------
@@ -304,15 +524,75 @@ def test_call_path_has_no_host_sync():
 @pytest.mark.gpu
 def test_broken_source_raises_with_compiler_message(tmp_path):
     marker = "bgmv_deliberately_undeclared_identifier"
-    for f in ("bgmv_kernel.cuh", "bgmv.cu", "bgmv_ext.cu"):
+    for f in ("bgmv_params.h", "bgmv_kernel.cuh", "bgmv.cu", "bgmv_ext.cpp"):
         shutil.copy(os.path.join(bc.HERE, f), tmp_path / f)
     header = tmp_path / "bgmv_kernel.cuh"
     header.write_text(header.read_text() + f"\nstatic const int bgmv_broken = {marker};\n")
     with pytest.raises(RuntimeError) as e:
-        bc.load_extension(sources=[str(tmp_path / "bgmv.cu"), str(tmp_path / "bgmv_ext.cu")],
+        bc.load_extension(sources=[str(tmp_path / "bgmv.cu"), str(tmp_path / "bgmv_ext.cpp")],
                           name="multilora_bgmv_cuda_broken", build_dir=str(tmp_path / "build"),
                           verbose=False)
     msg = str(e.value)
     assert marker in msg and "error" in msg.lower(), msg
     assert "Compiler output" in msg
     assert e.value.__suppress_context__                  # no loader stack trace chained
+
+
+# ---------------------------------------------------------------------------------------
+# GPU tier, last: the C++ ops' own checks (for direct op calls), in a subprocess
+# ---------------------------------------------------------------------------------------
+_RAW_OP_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from bgmv_cuda import bgmv_cuda as bc
+bc.ensure_loaded()
+ops = torch.ops.multilora
+dev, f16 = "cuda", torch.float16
+x = torch.randn(5, 64, device=dev, dtype=f16)                     # [T, h_in]
+A = torch.randn(1, 3, 8, 64, device=dev, dtype=f16)               # [S, L, r_max, h_in]
+idx = torch.tensor([0, 2, -1, 1, 0], dtype=torch.int32, device=dev)
+v = torch.zeros(5, 1, 8, device=dev)                              # [T, S, r_max]
+y = torch.randn(5, 48, device=dev, dtype=f16)
+B = [torch.randn(3, 48, 8, device=dev, dtype=f16)]
+scale = torch.rand(3, device=dev)
+buf = torch.randn(5 * 64 + 1, device=dev, dtype=f16)
+calls = {
+    "shrink_v_shape": lambda: ops.bgmv_cuda_shrink(x, A, idx, None, v[:, :, :4]),
+    "shrink_misaligned_x": lambda: ops.bgmv_cuda_shrink(buf[1:].view(5, 64), A, idx, None, v),
+    "expand_scale_dtype": lambda: ops.bgmv_cuda_expand(y, v, B, idx, scale.double(), None),
+}
+for name, call in calls.items():
+    print("CALL", name, flush=True)
+    try:
+        call()
+        print("NO_ERROR", name, flush=True)
+    except ValueError as e:
+        print("VALUE_ERROR", name, str(e).splitlines()[0], flush=True)
+    except Exception as e:
+        print("OTHER_ERROR", name, type(e).__name__, str(e).splitlines()[0], flush=True)
+# the process and the CUDA context are still fine afterwards
+ops.bgmv_cuda_shrink(x, A, idx, None, v)
+ref = torch.einsum("th,trh->tr", x.float(), A[0, idx.clamp(min=0).long()].float())
+ok = idx >= 0
+print("AFTER_OK", bool(torch.allclose(v[ok, 0], ref[ok], rtol=1e-2, atol=1e-2)), flush=True)
+"""
+
+
+@pytest.mark.gpu
+def test_raw_ops_raise_value_error_from_cpp():
+    """Direct op calls with bad inputs: TORCH_CHECK_VALUE in bgmv_ext.cpp (host-compiled)
+    must surface as ValueError. Last in this file and in a child process, so a crash here
+    is reported (with faulthandler's traceback) instead of ending the test run."""
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _RAW_OP_SCRIPT, ROOT],
+                         capture_output=True, text=True, timeout=900)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, f"child exited with {out.returncode}:\n{text[-6000:]}"
+    for name, msg in [("shrink_v_shape", "multilora::bgmv_cuda_shrink: v: expected"),
+                      ("shrink_misaligned_x", "multilora::bgmv_cuda_shrink: x: 16-byte"),
+                      ("expand_scale_dtype", "multilora::bgmv_cuda_expand: scale: expected")]:
+        line = next((ln for ln in out.stdout.splitlines() if ln.split()[1:2] == [name]
+                     and not ln.startswith("CALL")), "")
+        assert line.startswith(f"VALUE_ERROR {name} ") and msg in line, \
+            f"{name}: {line!r}\n{text[-6000:]}"
+    assert "AFTER_OK True" in out.stdout, text[-6000:]

@@ -1,4 +1,4 @@
-// bgmv_ext.cu -- torch binding of the BGMV kernels: input checks and op registration.
+// bgmv_ext.cpp -- torch binding of the BGMV kernels: input checks and op registration.
 //
 // Ops (namespace multilora, CUDA only; Python fake impls live in bgmv_cuda.py):
 //   bgmv_cuda_shrink(Tensor x, Tensor A, Tensor idx, Tensor? ranks, Tensor(a!) v) -> ()
@@ -7,10 +7,14 @@
 //   bgmv_cuda_expand(Tensor(a!) y, Tensor v, Tensor[] B, Tensor idx, Tensor scale,
 //                    Tensor? ranks) -> ()
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
+// A host-compiler (g++) translation unit on purpose: every torch header and every C++
+// exception lives here, none in nvcc-compiled code.  It sees the kernels only through the
+// torch-free bgmv_params.h (parameter blocks + the dispatch functions of bgmv.cu).
 // Every check names the tensor and prints what it got; a bad argument raises ValueError
-// (TORCH_CHECK_VALUE).  Kernels run on the current torch stream of the inputs' device;
-// a launch error raises RuntimeError.  No host synchronisation: idx / ranks values are
-// checked in the kernels (see bgmv_kernel.cuh).
+// (TORCH_CHECK_VALUE).  bgmv_cuda.py runs the same checks in Python before calling the ops,
+// so these are the defence for direct op calls.  Kernels run on the current torch stream of
+// the inputs' device; a launch error raises RuntimeError.  No host synchronisation: idx /
+// ranks values are checked in the kernels (see bgmv_kernel.cuh).
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -21,11 +25,7 @@
 #include <optional>
 #include <string>
 
-#include "bgmv_kernel.cuh"
-
-// Defined in bgmv.cu (torch-free, so the CI compile check builds it without torch).
-std::string bgmv_shrink_dispatch(BgmvDtype dt, const BgmvShrinkParams& p, cudaStream_t stream);
-std::string bgmv_expand_dispatch(BgmvDtype dt, const BgmvExpandParams& p, cudaStream_t stream);
+#include "bgmv_params.h"
 
 namespace {
 

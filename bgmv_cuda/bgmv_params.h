@@ -1,0 +1,65 @@
+// bgmv_params.h -- host interface of the BGMV kernels: limits, parameter blocks, dispatch.
+//
+// Plain C++ with no torch and no device code (only <cuda_runtime_api.h>, for cudaStream_t),
+// so both compilers include it: nvcc through bgmv_kernel.cuh in bgmv.cu, which defines the
+// two dispatch functions below, and the host compiler in bgmv_ext.cpp, the torch binding
+// that checks the tensors, fills these structs and calls them.  Keeping the binding out of
+// nvcc keeps every torch header and every C++ exception (TORCH_CHECK) in host-compiled
+// code, the usual layout of torch CUDA extensions.
+// Shapes, layouts and what is supported: see bgmv_kernel.cuh.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <string>
+
+constexpr int kBgmvMaxRank = 128;     // r_max limit (MAX_RANK in bgmv_cuda.py)
+constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cuda.py)
+
+// Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
+enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
+
+// ---------------------------------------------------------------------------------------
+// Parameter blocks (passed by value to the kernels).  Strides are in elements; a dimension
+// of size 1 may carry stride 0 (its stride is never used).
+// ---------------------------------------------------------------------------------------
+struct BgmvShrinkParams {
+  const void* x;          // [T, h_in]
+  const void* A;          // [S, L, r_max, h_in]
+  const void* idx;        // [T] int32 / int64
+  const void* ranks;      // [L] int32 / int64, or nullptr
+  float* v;               // [T, S, r_max] fp32 (only rows < ranks[idx[t]] are written)
+  int64_t x_stride_t;
+  int64_t a_stride_s, a_stride_l, a_stride_r;
+  int64_t v_stride_t, v_stride_s;
+  int T, h_in, r_max, L, S;
+  int idx_is_64, ranks_is_64;
+};
+
+struct BgmvExpandParams {
+  void* y;                                  // [T, sum h_out_s]
+  const float* v;                           // [T, S, r_max] fp32
+  const void* B[kBgmvMaxSlices];            // B_s [L, h_out_s, r_max]
+  const void* idx;                          // [T] int32 / int64
+  const void* ranks;                        // [L] int32 / int64, or nullptr
+  const float* scale;                       // [L] fp32
+  int64_t y_stride_t;
+  int64_t v_stride_t, v_stride_s;
+  int64_t b_stride_l[kBgmvMaxSlices], b_stride_o[kBgmvMaxSlices];
+  int h_out[kBgmvMaxSlices];
+  int col_off[kBgmvMaxSlices];              // first column of slice s in y
+  int T, r_max, L, S;
+  int idx_is_64, ranks_is_64;
+  // Filled by bgmv_expand_launch: lanes per B row, and each slice's first tile.
+  int log2_group;
+  int tile_begin[kBgmvMaxSlices + 1];
+};
+
+// ---------------------------------------------------------------------------------------
+// Defined in bgmv.cu: launch on `stream` for dtype dt.  Return "" on success, else a
+// message listing what is supported and the sizes received (nothing is launched then);
+// no exception crosses this boundary.
+// ---------------------------------------------------------------------------------------
+std::string bgmv_shrink_dispatch(BgmvDtype dt, const BgmvShrinkParams& p, cudaStream_t stream);
+std::string bgmv_expand_dispatch(BgmvDtype dt, const BgmvExpandParams& p, cudaStream_t stream);
