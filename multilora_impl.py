@@ -876,4 +876,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run through the importable module, so that its classes (LoraMeta, ...) are the ones
+    # the kernel modules import, not copies living in __main__.
+    import multilora_impl
+    multilora_impl.main()
