@@ -48,12 +48,15 @@ def make_peft_adapters(model, specs: dict, out_dir: str, seed: int = 0, b_std: f
         else:
             pm.add_adapter(name, cfg)
     g = torch.Generator().manual_seed(seed)
+    # PEFT keeps adapters of a bf16 model in fp32; values representable in the model's dtype
+    # make PEFT's adapters and the ones we load (cast to that dtype) the same numbers.
+    dt = next(model.parameters()).dtype
     with torch.no_grad():
         for pname, p in pm.named_parameters():
             if ".lora_A." in pname:       # [r, h_in]
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+                p.copy_((torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5).to(dt))
             elif ".lora_B." in pname:     # [h_out, r]
-                p.copy_(torch.randn(p.shape, generator=g) * b_std / p.shape[1] ** 0.5)
+                p.copy_((torch.randn(p.shape, generator=g) * b_std / p.shape[1] ** 0.5).to(dt))
     pm.eval()
     pm.save_pretrained(out_dir)
     return pm
@@ -388,30 +391,54 @@ GPU_ADAPTERS = {
 
 @pytest.fixture(scope="module")
 def gpu_setup(tmp_path_factory):
+    """Llama-3-8B shapes, 2 layers, on the GPU: PEFT-made adapters (ranks 1 to MAX_RANK),
+    PEFT's logits in bf16 and in fp32 (the same model and adapters upcast), and our
+    injection into a bf16 and an fp32 copy of the model."""
     out = str(tmp_path_factory.mktemp("peft_gpu"))
     model = mm.build_random_model("llama3-8b", "cuda", torch.bfloat16, num_layers=2)
     pm = make_peft_adapters(model, GPU_ADAPTERS, out, b_std=0.1)
     lengths = [37, 5, 128, 64, 1, 90, 128, 17]
     req = ["g_attn", None, "g_mlp", "g_all", "g_small", "g_all", "g_all", None]
     prompts = random_prompts(lengths, model.config.vocab_size)
-    ref, mask = mm.forward_logits(pm, None, prompts, [0] * 8, adapter_names=peft_names(req))
+    ref, mask = {}, None
+    ref[torch.bfloat16], mask = mm.forward_logits(pm, None, prompts, [0] * 8,
+                                                  adapter_names=peft_names(req))
+    base, _ = mm.forward_logits(pm, None, prompts, [0] * 8, adapter_names=["__base__"] * 8)
+    pm32 = copy.deepcopy(pm).float()
+    ref[torch.float32], _ = mm.forward_logits(pm32, None, prompts, [0] * 8,
+                                              adapter_names=peft_names(req))
+    del pm32
     model = pm.unload()
-    adapters = [mm.load_peft_adapter(os.path.join(out, n), model) for n in GPU_ADAPTERS]
-    ctx = mm.inject_multilora(model, adapters, "gbmm")
-    return dict(model=model, ctx=ctx, prompts=prompts, req=req, ref=ref, mask=mask)
+    models = {torch.bfloat16: model, torch.float32: copy.deepcopy(model).float()}
+    ctxs = {}
+    for dt, m in models.items():
+        ctxs[dt] = mm.inject_multilora(
+            m, [mm.load_peft_adapter(os.path.join(out, n), m) for n in GPU_ADAPTERS], "gbmm")
+    # bf16 logits of a correct implementation sit about as far from PEFT's bf16 logits as
+    # PEFT's own bf16 logits sit from its fp32 ones (~1e-2 at this depth, measured on the
+    # CPU): the bf16 bound is max(TOLERANCE, 2 x that noise); fp32 keeps TOLERANCE.
+    noise = relative_error(valid(ref[torch.bfloat16], mask), valid(ref[torch.float32], mask))
+    bound = {torch.float32: TOLERANCE[torch.float32],
+             torch.bfloat16: max(TOLERANCE[torch.bfloat16], 2 * noise)}
+    effect = relative_error(valid(ref[torch.bfloat16], mask), valid(base, mask))
+    assert effect > 4 * bound[torch.bfloat16], (effect, noise)    # a wrong kernel shows
+    return dict(models=models, ctxs=ctxs, prompts=prompts, req=req, ref=ref, mask=mask,
+                bound=bound)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", GPU_MODES)
-def test_logits_match_peft_gpu(gpu_setup, mode):
+def test_logits_match_peft_gpu(gpu_setup, mode, dtype):
     s = gpu_setup
-    s["ctx"].set_mode(mode)
-    idx = mm.resolve_adapters(s["req"], s["ctx"].adapter_names)
-    out, mask = mm.forward_logits(s["model"], s["ctx"], s["prompts"], idx)
-    err = relative_error(valid(out, mask), valid(s["ref"], mask))
-    assert err < TOLERANCE[torch.bfloat16], (mode, err)
-    # and the decode path: greedy steps run and stay finite
-    res = mm.generate(s["model"], s["ctx"], s["prompts"], idx, 4, ignore_eos=True)
+    model, ctx = s["models"][dtype], s["ctxs"][dtype]
+    ctx.set_mode(mode)
+    idx = mm.resolve_adapters(s["req"], ctx.adapter_names)
+    out, mask = mm.forward_logits(model, ctx, s["prompts"], idx)
+    err = relative_error(valid(out, mask), valid(s["ref"][dtype], mask))
+    assert err < s["bound"][dtype], (mode, dtype, err, s["bound"][dtype])
+    # and the decode path runs: greedy steps with per-request idx
+    res = mm.generate(model, ctx, s["prompts"], idx, 4, ignore_eos=True)
     assert [len(t) for t in res.tokens] == [4] * 8
 
 
