@@ -10,8 +10,10 @@
 // A host-compiler (g++) translation unit on purpose: every torch header and every C++
 // exception lives here, none in nvcc-compiled code.  It sees the kernels only through the
 // torch-free bgmv_params.h (parameter blocks + the dispatch functions of bgmv.cu).
-// Every check names the tensor and prints what it got; a bad argument raises ValueError
-// (TORCH_CHECK_VALUE).  bgmv_cuda.py runs the same checks in Python before calling the ops,
+// Every check names the tensor and prints what it got; a bad argument raises RuntimeError
+// (TORCH_CHECK). Not TORCH_CHECK_VALUE: on torch 2.11 + g++ 13.3 (the H200 image) a
+// c10::ValueError thrown from an extension op crashed the process (SIGSEGV), while c10::Error
+// propagated. The public wrappers raise ValueError in Python first.  bgmv_cuda.py runs the same checks in Python before calling the ops,
 // so these are the defence for direct op calls.  Kernels run on the current torch stream of
 // the inputs' device; a launch error raises RuntimeError.  No host synchronisation: idx /
 // ranks values are checked in the kernels (see bgmv_kernel.cuh).
@@ -36,15 +38,15 @@ BgmvDtype to_bgmv_dtype(const char* op, const char* name, const at::Tensor& t) {
     case at::kFloat: return BgmvDtype::kFloat32;
     default: break;
   }
-  TORCH_CHECK_VALUE(false, op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
+  TORCH_CHECK(false, op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
                     t.scalar_type());
   return BgmvDtype::kFloat32;
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ",
+  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ",
                     t.device());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, ": expected device ",
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, ": expected device ",
                     ref.device(), " (same as the first tensor), got ", t.device());
 }
 
@@ -57,7 +59,7 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
   const int64_t es = t.element_size();
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (used_stride(t, d) * es) % 16 == 0;
-  TORCH_CHECK_VALUE(ok, op, ": ", name, ": 16-byte vector loads need a 16-byte aligned data_ptr "
+  TORCH_CHECK(ok, op, ": ", name, ": 16-byte vector loads need a 16-byte aligned data_ptr "
                     "and row strides that are multiples of 16 bytes; got data_ptr % 16 = ",
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, ", strides ", t.strides(),
                     " (elements of ", es, " bytes), sizes ", t.sizes(),
@@ -67,11 +69,11 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
 void check_index(const char* op, const char* name, const at::Tensor& t, int64_t n,
                  const at::Tensor& ref) {
   check_device(op, name, t, ref);
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
                     ": expected dtype int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
                     "], got ", t.sizes());
-  TORCH_CHECK_VALUE(n <= 1 || t.stride(0) == 1, op, ": ", name,
+  TORCH_CHECK(n <= 1 || t.stride(0) == 1, op, ": ", name,
                     ": expected a contiguous tensor, got strides ", t.strides());
 }
 
@@ -82,34 +84,34 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                       const std::optional<at::Tensor>& ranks, at::Tensor& v) {
   const char* op = "multilora::bgmv_cuda_shrink";
-  TORCH_CHECK_VALUE(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "x", x);
-  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", x.sizes());
   const int64_t T = x.size(0), h_in = x.size(1);
-  TORCH_CHECK_VALUE(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
-  TORCH_CHECK_VALUE(h_in >= 8 && h_in % 8 == 0 && h_in <= kIntMax, op,
+  TORCH_CHECK(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
+  TORCH_CHECK(h_in >= 8 && h_in % 8 == 0 && h_in <= kIntMax, op,
                     ": x: h_in must be a positive multiple of 8 (16-byte vector loads), got ",
                     "sizes ", x.sizes());
-  TORCH_CHECK_VALUE(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
+  TORCH_CHECK(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
                     x.strides());
   check_aligned16(op, "x", x);
 
   check_device(op, "A", A, x);
-  TORCH_CHECK_VALUE(A.scalar_type() == x.scalar_type(), op, ": A: expected dtype ",
+  TORCH_CHECK(A.scalar_type() == x.scalar_type(), op, ": A: expected dtype ",
                     x.scalar_type(), " (same as x), got ", A.scalar_type());
-  TORCH_CHECK_VALUE(A.dim() == 3 || A.dim() == 4, op,
+  TORCH_CHECK(A.dim() == 3 || A.dim() == 4, op,
                     ": A: expected [L, r_max, h_in] or [S, L, r_max, h_in], got sizes ",
                     A.sizes());
   const at::Tensor A4 = A.dim() == 3 ? A.unsqueeze(0) : A;
   const int64_t S = A4.size(0), L = A4.size(1), r_max = A4.size(2);
-  TORCH_CHECK_VALUE(A4.size(3) == h_in, op, ": A: expected last dim h_in = ", h_in,
+  TORCH_CHECK(A4.size(3) == h_in, op, ": A: expected last dim h_in = ", h_in,
                     " (as x), got sizes ", A.sizes());
-  TORCH_CHECK_VALUE(S >= 1 && S <= kBgmvMaxSlices && L >= 1 && L <= kIntMax, op,
+  TORCH_CHECK(S >= 1 && S <= kBgmvMaxSlices && L >= 1 && L <= kIntMax, op,
                     ": A: expected 1 <= S <= ", kBgmvMaxSlices, " slices and L >= 1 adapters, got "
                     "sizes ", A.sizes());
-  TORCH_CHECK_VALUE(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": A: r_max must be in [1, ",
+  TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": A: r_max must be in [1, ",
                     kBgmvMaxRank, "], got sizes ", A.sizes());
-  TORCH_CHECK_VALUE(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
+  TORCH_CHECK(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
                     A.strides());
   check_aligned16(op, "A", A4);
 
@@ -117,12 +119,12 @@ void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor
   if (ranks.has_value()) check_index(op, "ranks", *ranks, L, x);
 
   check_device(op, "v", v, x);
-  TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
-  TORCH_CHECK_VALUE(v.dim() == 3 && v.size(0) == T && v.size(1) == S && v.size(2) == r_max, op,
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == T && v.size(1) == S && v.size(2) == r_max, op,
                     ": v: expected [T=", T, ", S=", S, ", r_max=", r_max, "], got sizes ",
                     v.sizes());
-  TORCH_CHECK_VALUE(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  TORCH_CHECK(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     v.strides());
   if (T == 0) return;
 
@@ -154,26 +156,26 @@ void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor
 void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, const at::Tensor& idx,
                       const at::Tensor& scale, const std::optional<at::Tensor>& ranks) {
   const char* op = "multilora::bgmv_cuda_expand";
-  TORCH_CHECK_VALUE(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
+  TORCH_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "y", y);
-  TORCH_CHECK_VALUE(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", y.sizes());
-  TORCH_CHECK_VALUE(y.stride(1) == 1 || y.size(1) == 1, op,
+  TORCH_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", y.sizes());
+  TORCH_CHECK(y.stride(1) == 1 || y.size(1) == 1, op,
                     ": y: expected unit stride along h_out, got strides ", y.strides());
   const int64_t T = y.size(0);
-  TORCH_CHECK_VALUE(T <= kIntMax, op, ": y: T = ", T, " tokens, at most ", kIntMax);
+  TORCH_CHECK(T <= kIntMax, op, ": y: T = ", T, " tokens, at most ", kIntMax);
 
   const int64_t S = static_cast<int64_t>(B.size());
-  TORCH_CHECK_VALUE(S >= 1 && S <= kBgmvMaxSlices, op, ": B: expected 1 to ", kBgmvMaxSlices,
+  TORCH_CHECK(S >= 1 && S <= kBgmvMaxSlices, op, ": B: expected 1 to ", kBgmvMaxSlices,
                     " output slices, got ", S);
   check_device(op, "v", v, y);
-  TORCH_CHECK_VALUE(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
+  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
-  TORCH_CHECK_VALUE(v.dim() == 3 && v.size(0) == T && v.size(1) == S, op, ": v: expected [T=", T,
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == T && v.size(1) == S, op, ": v: expected [T=", T,
                     ", S=", S, ", r_max], got sizes ", v.sizes());
-  TORCH_CHECK_VALUE(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  TORCH_CHECK(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     v.strides());
   const int64_t r_max = v.size(2);
-  TORCH_CHECK_VALUE(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
+  TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
                     kBgmvMaxRank, "], got sizes ", v.sizes());
 
   BgmvExpandParams p{};
@@ -183,13 +185,13 @@ void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, cons
     const at::Tensor& b = B[s];
     const std::string name = "B[" + std::to_string(s) + "]";
     check_device(op, name.c_str(), b, y);
-    TORCH_CHECK_VALUE(b.scalar_type() == y.scalar_type(), op, ": ", name, ": expected dtype ",
+    TORCH_CHECK(b.scalar_type() == y.scalar_type(), op, ": ", name, ": expected dtype ",
                       y.scalar_type(), " (same as y), got ", b.scalar_type());
-    TORCH_CHECK_VALUE(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
+    TORCH_CHECK(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
                       b.size(1) >= 1 && b.size(1) <= kIntMax, op, ": ", name,
                       ": expected [L=", L, ", h_out >= 1, r_max=", r_max, "], got sizes ",
                       b.sizes());
-    TORCH_CHECK_VALUE(b.stride(2) == 1 || r_max == 1, op, ": ", name,
+    TORCH_CHECK(b.stride(2) == 1 || r_max == 1, op, ": ", name,
                       ": expected unit stride along r_max, got strides ", b.strides());
     p.B[s] = b.data_ptr();
     p.b_stride_l[s] = used_stride(b, 0);
@@ -198,13 +200,13 @@ void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, cons
     p.col_off[s] = static_cast<int>(col);
     col += b.size(1);
   }
-  TORCH_CHECK_VALUE(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
-  TORCH_CHECK_VALUE(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
+  TORCH_CHECK(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
+  TORCH_CHECK(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
                     ", sum h_out_s=", col, "], got sizes ", y.sizes());
   check_index(op, "idx", idx, T, y);
   if (ranks.has_value()) check_index(op, "ranks", *ranks, L, y);
   check_device(op, "scale", scale, y);
-  TORCH_CHECK_VALUE(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
                     (L == 1 || scale.stride(0) == 1), op,
                     ": scale: expected a contiguous float32 [L=", L, "], got ",
                     scale.scalar_type(), " sizes ", scale.sizes(), " strides ", scale.strides());

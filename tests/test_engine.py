@@ -351,6 +351,9 @@ def gpu_setup():
     finally:
         torch.set_default_dtype(old)
     pm, lora = make_peft(copy.deepcopy(base), b_std=0.05)
+    # The oracle runs in fp32 (same bf16-valued weights, upcast): a bf16 PEFT oracle
+    # carries its own rounding, and bf16-vs-bf16 would count both sides' errors.
+    pm = pm.float()
     lens = [60, 17, 33, 58, 5, 41, 60, 12, 26, 49, 3]          # crosses the 64-slot bucket
     prompts = make_prompts(lens, cfg.vocab_size, seed=8)
     adapter_idx = [list(ADAPTERS).index(n) if n in ADAPTERS else -1 for n in GPU_REQ]
@@ -440,8 +443,8 @@ def test_gpu_sampler_triton_equals_torch_and_is_fast():
         assert (out != ref).sum().item() == 0, (temperature, top_p)
     params = _params(0.7, 0.9).cuda()
     us = 1e3 * triton.testing.do_bench(lambda: me.sample_top_p_triton(logits, params, seed, step),
-                                       quantiles=[0.5])[0]
+                                       quantiles=[0.5, 0.2, 0.8])[0]
     sort_us = 1e3 * triton.testing.do_bench(lambda: logits.float().softmax(-1).sort(-1, descending=True),
-                                            quantiles=[0.5])[0]
+                                            quantiles=[0.5, 0.2, 0.8])[0]
     print(f"top-p sampler, 64 x 128256 bf16: Triton {us:.0f} us; softmax + sort alone {sort_us:.0f} us")
     assert us < 500

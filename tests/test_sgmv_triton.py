@@ -320,7 +320,8 @@ def test_gpu_short_segments_split_k(split_k):
     idx = ragged_idx(64, 12, 32, seed=7, device="cuda")
     inp = make_lora_inputs(len(idx), 4096, [4096, 1024, 1024], 32, 16, torch.bfloat16,
                            device="cuda", seed=8)
-    err = check_direct(inp, idx, max_seg_len=12, split_k=split_k)
+    # adjacent requests with one adapter merge, so the longest segment can exceed 12
+    err = check_direct(inp, idx, max_seg_len=make_meta(idx).max_seg_len, split_k=split_k)
     assert err < TOLERANCE[torch.bfloat16]
 
 
