@@ -147,6 +147,10 @@ def lora_bytes(idx: torch.Tensor, h_in: int, h_outs: Sequence[int], r_max: int,
 # Environment and JSON
 # ---------------------------------------------------------------------------------------
 def git_commit() -> str:
+    """HEAD (with -dirty), or $MULTILORA_COMMIT where the tree has no .git (a copied tree
+    on a GPU machine: tests/gpu_run.sh is given the commit by whoever sends the tree)."""
+    if os.environ.get("MULTILORA_COMMIT"):
+        return os.environ["MULTILORA_COMMIT"]
     try:
         root = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
