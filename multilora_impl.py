@@ -749,6 +749,22 @@ def _best(modes: dict, among=None) -> tuple[float, str]:
                and (among is None or m in among))
 
 
+def markdown_table(out_dir: str, workload: str = "uniform") -> str:
+    """README table (µs per layer call) from the decode figure's JSON, one row per batch."""
+    import bench_utils as bu
+    data = bu.read_json(os.path.join(out_dir, DECODE_FIG + ".json"))
+    modes = [m for m in data["config"]["modes"] if m != "none"]
+    rows = ["| batch | base GEMM | " + " | ".join(modes) + " |",
+            "|---:|---:|" + "---:|" * len(modes)]
+    for p in data["points"]:
+        if p["workload"] != workload:
+            continue
+        cells = [f"{p['modes'][m]['median_us']:.1f}" if "median_us" in p["modes"].get(m, {})
+                 else "-" for m in modes]
+        rows.append(f"| {p['batch']} | {p['gemm'][0]:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def report_targets(out_dir: str) -> None:
     """Print the issue's performance figures from the JSON files in out_dir (no GPU)."""
     import bench_utils as bu
@@ -839,7 +855,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="print the performance targets from the JSON in --out-dir and exit")
     args = p.parse_args(argv)
     if args.report:
-        return report_targets(args.out_dir)
+        report_targets(args.out_dir)
+        for wl in ("uniform", "distinct"):
+            print(f"\n{wl}:\n" + markdown_table(args.out_dir, wl))
+        return
     os.makedirs(args.out_dir, exist_ok=True)
     import bench_utils as bu
     names = {"decode": DECODE_FIG, "bandwidth": "decode_bandwidth_r64_distinct128",
