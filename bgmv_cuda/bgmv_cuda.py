@@ -70,6 +70,15 @@ NVCC_FLAGS = [
 # Limits of the C++ side, mirrored by check_shrink_args / check_expand_args.
 MAX_SLICES = 3          # kBgmvMaxSlices in bgmv_params.h
 MAX_RANK = 128          # kBgmvMaxRank in bgmv_params.h
+MAX_SPLIT = 64          # kBgmvMaxSplit in bgmv_params.h (split-K chunks of h_in)
+SHRINK_ROWS = 4         # kBgmvShrinkRows: rank rows per shrink block
+SHRINK_THREADS = 128    # kBgmvShrinkThreads
+# Variants of bgmv_lora (the registry's `bgmv_cuda` mode is "default"; see VARIANTS_DOC):
+VARIANTS = ("default", "split", "fused")
+# Split-K rule: aim at SPLIT_BLOCKS_PER_SM shrink blocks per SM, each chunk at least one
+# 16-byte vector per thread (128 x 16 bytes of h_in), so no thread idles.
+SPLIT_BLOCKS_PER_SM = 4
+DEFAULT_NUM_SMS = 132   # H200, for the rule when no device is given
 H_IN_MULTIPLE = 8       # 16-byte vector loads of x and A (8 halves; 4 floats divide it too)
 INT_MAX = 2**31 - 1     # T, h_in, h_out, L are C ints in the params; T is also grid.x
 GRID_Y_MAX = 65535      # gridDim.y limit, for the expand's output tiles
@@ -140,6 +149,11 @@ def _shrink_fake(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: 
     return None          # in place: v is the only output
 
 
+def _fused_fake(y: Tensor, x: Tensor, A: Tensor, B: Sequence[Tensor], idx: Tensor, scale: Tensor,
+                ranks: Optional[Tensor], v: Tensor, counters: Tensor) -> None:
+    return None          # in place: y, v (workspace), counters (left zero)
+
+
 def _expand_fake(y: Tensor, v: Tensor, B: Sequence[Tensor], idx: Tensor, scale: Tensor,
                  ranks: Optional[Tensor]) -> None:
     return None          # in place: y is the only output
@@ -152,6 +166,7 @@ def load_and_register(verbose: Optional[bool] = None) -> str:
         _STATE["library"] = load_extension(verbose=verbose)
         torch.library.register_fake("multilora::bgmv_cuda_shrink", _shrink_fake)
         torch.library.register_fake("multilora::bgmv_cuda_expand", _expand_fake)
+        torch.library.register_fake("multilora::bgmv_cuda_fused", _fused_fake)
         _STATE["loaded"] = True
     return _STATE["library"]
 
@@ -285,9 +300,12 @@ def check_shrink_args(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor]
         _check_tensor("v", v, dev)
         if v.dtype != torch.float32:
             _fail("v", "dtype float32", v.dtype)
-        if tuple(v.shape) != (T, S, r_max):
-            _fail("v", f"[T={T}, S={S}, r_max={r_max}]", tuple(v.shape))
-        if v.stride(2) != 1:
+        if tuple(v.shape) != (T, S, r_max) and not (
+                v.dim() == 4 and tuple(v.shape[1:]) == (T, S, r_max)
+                and 1 <= v.shape[0] <= min(MAX_SPLIT, h_in // (16 // x.element_size()))):
+            _fail("v", f"[T={T}, S={S}, r_max={r_max}] or [n_split <= {MAX_SPLIT}, T, S, r_max]",
+                  tuple(v.shape))
+        if v.stride(-1) != 1:
             _fail("v", "unit stride along r_max", f"strides {tuple(v.stride())}")
     return A4
 
@@ -315,11 +333,14 @@ def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor
     _check_tensor("v", v, dev)
     if v.dtype != torch.float32:
         _fail("v", "dtype float32", v.dtype)
-    if v.dim() != 3 or v.shape[0] != T or v.shape[1] != S:
-        _fail("v", f"[T={T}, S={S}, r_max]", tuple(v.shape))
-    if v.stride(2) != 1:
+    v4 = v.unsqueeze(0) if v.dim() == 3 else v       # [n_split, T, S, r_max] (split-K partials)
+    if v4.dim() != 4 or not 1 <= v4.shape[0] <= MAX_SPLIT or v4.shape[1] != T \
+            or v4.shape[2] != S:
+        _fail("v", f"[T={T}, S={S}, r_max] or [n_split <= {MAX_SPLIT}, T, S, r_max]",
+              tuple(v.shape))
+    if v4.stride(3) != 1:
         _fail("v", "unit stride along r_max", f"strides {tuple(v.stride())}")
-    r_max = v.shape[2]
+    r_max = v4.shape[3]
     if not 1 <= r_max <= MAX_RANK:
         _fail("v", f"r_max in [1, {MAX_RANK}]", tuple(v.shape))
 
@@ -372,16 +393,47 @@ def _check_cuda_args(x: Tensor, A4: Tensor, Bs: Sequence[Tensor]) -> None:
         raise ValueError(f"x: bgmv_cuda runs on CUDA tensors only, got device {x.device}")
 
 
+def pick_split_k(T: int, S: int, h_in: int, r_max: int, elem_size: int = 2,
+                 num_sms: int = DEFAULT_NUM_SMS) -> int:
+    """Split-K factor of the CUDA shrink from the shapes alone (a CUDA graph captures it):
+    enough K chunks for about SPLIT_BLOCKS_PER_SM blocks per SM over the T * S *
+    ceil(r_max / 4) blocks of the plain grid, each chunk at least one 16-byte vector per
+    thread; 1 when the plain grid already fills the GPU. r_max sizes the grid because the
+    adapters' ranks are device data (tiles past a token's rank exit at once)."""
+    blocks = T * S * -(-r_max // SHRINK_ROWS)
+    most = max(1, min(MAX_SPLIT, h_in // (SHRINK_THREADS * (16 // elem_size))))
+    want = -(-SPLIT_BLOCKS_PER_SM * num_sms // max(1, blocks))
+    return max(1, min(most, want))
+
+
+def _resolve_split(split_k: Optional[int], x: Tensor, A4: Tensor) -> int:
+    if split_k is not None and (not isinstance(split_k, int) or isinstance(split_k, bool)
+                                or not 0 <= split_k <= MAX_SPLIT):
+        _fail("split_k", f"None, 0 (pick by shape) or an int in [1, {MAX_SPLIT}]", split_k)
+    h_vecs = x.shape[1] // (16 // x.element_size())
+    if split_k:
+        return min(split_k, h_vecs)
+    num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
+               if x.device.type == "cuda" else DEFAULT_NUM_SMS)
+    return pick_split_k(x.shape[0], A4.shape[0], x.shape[1], A4.shape[2], x.element_size(),
+                        num_sms)
+
+
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
-                v: Optional[Tensor] = None) -> Tensor:
+                v: Optional[Tensor] = None, *, split_k: Optional[int] = 1) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
+    split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
+    h_in, returning the partial sums v [n_split, T, S, r_max] that bgmv_expand adds in a
+    fixed order (deterministic). A given v fixes n_split by its shape instead.
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
+    n_split = _resolve_split(split_k, x, A4)
     ensure_loaded()
     if v is None:
-        v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
-                        device=x.device)                          # [T, S, r_max]
+        shape = (x.shape[0], A4.shape[0], A4.shape[2])                # [T, S, r_max]
+        v = torch.empty(((n_split,) + shape) if n_split > 1 else shape, dtype=torch.float32,
+                        device=x.device)                              # [n_split, T, S, r_max]
     torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v)
     return v
 
@@ -396,14 +448,60 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks)
 
 
+_COUNTERS: dict = {}
+
+
+def _fused_counters(device: torch.device, T: int) -> Tensor:
+    """The fused kernel's int32 counters [>= 2 T], zeroed once per device and left zero by
+    every call (its last expand block of each token resets them). Grown (a new zeroed
+    buffer) only when T exceeds its size: a shape-only host decision, taken before a CUDA
+    graph captures the call when the first call runs eagerly. Calls sharing it must be
+    stream-ordered (not concurrent on two streams)."""
+    key = (device.type, device.index)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < 2 * T:
+        buf = torch.zeros(max(2 * T, 2 * 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
-              ranks: Optional[Tensor] = None, meta=None) -> None:
-    """Registry entry `bgmv_cuda`: y += LoRA(x), one shrink and one expand launch for all
-    slices. meta is not needed (BGMV reads idx directly) and is ignored."""
+              ranks: Optional[Tensor] = None, meta=None, *, variant: str = "default",
+              split_k: Optional[int] = None) -> None:
+    """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
+    reads idx directly) and is ignored.
+
+    variant (the registry uses "default"; the choice between them is to be made from
+    bgmv_cuda/run_bgmv_cuda.py --variants on the GPU):
+      "default"  plain shrink launch + expand launch (split_k ignored).
+      "split"    split-K shrink (split_k: None/0 = pick_split_k by shape, or k) writing
+                 n_split partial sums, + expand adding them in a fixed order: more blocks
+                 for small T (T = 1: 4 -> ~16-64 shrink blocks at r 16), deterministic.
+      "fused"    ONE launch: the split-K shrink blocks then the expand blocks of one grid;
+                 each expand block issues its B loads, waits on a per-token counter for
+                 the token's shrink blocks, then adds the partials. Saves one launch and
+                 overlaps the B reads with the shrink. Deterministic. Uses a per-device
+                 zeroed counter buffer (_fused_counters): calls must be stream-ordered."""
+    if variant not in VARIANTS:
+        _fail("variant", f"one of {VARIANTS}", repr(variant))
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
-    v = bgmv_shrink(x, A4, idx, ranks)                             # [T, S, r_max] fp32
-    bgmv_expand(y, v, Bs, idx, scale, ranks)
+    if variant == "default":
+        v = bgmv_shrink(x, A4, idx, ranks)                         # [T, S, r_max] fp32
+        bgmv_expand(y, v, Bs, idx, scale, ranks)
+        return
+    n_split = _resolve_split(split_k, x, A4)
+    if variant == "split":
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split)        # [n_split, T, S, r_max]
+        bgmv_expand(y, v, Bs, idx, scale, ranks)
+        return
+    check_shrink_args(x, A4, idx, ranks)
+    v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
+                    device=x.device)                               # [n_split, T, S, r_max]
+    Bs = check_expand_args(y, v, Bs, idx, scale, ranks)
+    ensure_loaded()
+    torch.ops.multilora.bgmv_cuda_fused(y, x, A4, Bs, idx, scale, ranks, v,
+                                        _fused_counters(x.device, x.shape[0]))
 
 
 # ---------------------------------------------------------------------------------------

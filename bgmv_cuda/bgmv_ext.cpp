@@ -7,6 +7,10 @@
 //   bgmv_cuda_expand(Tensor(a!) y, Tensor v, Tensor[] B, Tensor idx, Tensor scale,
 //                    Tensor? ranks) -> ()
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
+//   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
+//   bgmv_cuda_fused(Tensor(a!) y, Tensor x, Tensor A, Tensor[] B, Tensor idx, Tensor scale,
+//                   Tensor? ranks, Tensor(b!) v, Tensor(c!) counters) -> ()
+//       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
 // A host-compiler (g++) translation unit on purpose: every torch header and every C++
 // exception lives here, none in nvcc-compiled code.  It sees the kernels only through the
 // torch-free bgmv_params.h (parameter blocks + the dispatch functions of bgmv.cu).
@@ -81,9 +85,10 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
 }  // namespace
 
-void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
-                      const std::optional<at::Tensor>& ranks, at::Tensor& v) {
-  const char* op = "multilora::bgmv_cuda_shrink";
+// Checks the shrink's tensors and fills *out; launches unless out_only.
+static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
+                        const std::optional<at::Tensor>& ranks, at::Tensor& v,
+                        BgmvShrinkParams* out, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "x", x);
   TORCH_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", x.sizes());
@@ -121,10 +126,13 @@ void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor
   check_device(op, "v", v, x);
   TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == T && v.size(1) == S && v.size(2) == r_max, op,
-                    ": v: expected [T=", T, ", S=", S, ", r_max=", r_max, "], got sizes ",
-                    v.sizes());
-  TORCH_CHECK(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  // v [T, S, r_max], or [n_split, T, S, r_max]: split-K partial sums (the expand adds them)
+  const at::Tensor v4 = v.dim() == 3 ? v.unsqueeze(0) : v;
+  TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
+                    v4.size(1) == T && v4.size(2) == S && v4.size(3) == r_max, op,
+                    ": v: expected [T=", T, ", S=", S, ", r_max=", r_max, "] or [n_split <= ",
+                    kBgmvMaxSplit, ", T, S, r_max], got sizes ", v.sizes());
+  TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     v.strides());
   if (T == 0) return;
 
@@ -133,13 +141,15 @@ void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor
   p.A = A4.data_ptr();
   p.idx = idx.data_ptr();
   p.ranks = ranks.has_value() ? ranks->data_ptr() : nullptr;
-  p.v = v.data_ptr<float>();
+  p.v = v4.data_ptr<float>();
   p.x_stride_t = used_stride(x, 0);
   p.a_stride_s = used_stride(A4, 0);
   p.a_stride_l = used_stride(A4, 1);
   p.a_stride_r = used_stride(A4, 2);
-  p.v_stride_t = v.stride(0);
-  p.v_stride_s = v.stride(1);
+  p.v_stride_t = v4.stride(1);
+  p.v_stride_s = v4.stride(2);
+  p.n_split = static_cast<int>(v4.size(0));
+  p.v_stride_split = v4.stride(0);
   p.T = static_cast<int>(T);
   p.h_in = static_cast<int>(h_in);
   p.r_max = static_cast<int>(r_max);
@@ -148,14 +158,21 @@ void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor
   p.idx_is_64 = idx.scalar_type() == at::kLong;
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
+  if (out != nullptr) { *out = p; return; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err.empty(), op, ": ", err);
 }
 
-void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, const at::Tensor& idx,
-                      const at::Tensor& scale, const std::optional<at::Tensor>& ranks) {
-  const char* op = "multilora::bgmv_cuda_expand";
+void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
+                      const std::optional<at::Tensor>& ranks, at::Tensor& v) {
+  shrink_impl(x, A, idx, ranks, v, nullptr, "multilora::bgmv_cuda_shrink");
+}
+
+static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
+                        const at::Tensor& idx, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& ranks, BgmvExpandParams* out,
+                        const char* op) {
   TORCH_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "y", y);
   TORCH_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", y.sizes());
@@ -170,11 +187,14 @@ void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, cons
   check_device(op, "v", v, y);
   TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == T && v.size(1) == S, op, ": v: expected [T=", T,
-                    ", S=", S, ", r_max], got sizes ", v.sizes());
-  TORCH_CHECK(v.stride(2) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  const at::Tensor v4 = v.dim() == 3 ? v.unsqueeze(0) : v;      // [n_split, T, S, r_max]
+  TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
+                    v4.size(1) == T && v4.size(2) == S, op, ": v: expected [T=", T,
+                    ", S=", S, ", r_max] or [n_split <= ", kBgmvMaxSplit,
+                    ", T, S, r_max], got sizes ", v.sizes());
+  TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     v.strides());
-  const int64_t r_max = v.size(2);
+  const int64_t r_max = v4.size(3);
   TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
                     kBgmvMaxRank, "], got sizes ", v.sizes());
 
@@ -213,13 +233,15 @@ void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, cons
   if (T == 0) return;
 
   p.y = y.data_ptr();
-  p.v = v.data_ptr<float>();
+  p.v = v4.data_ptr<float>();
   p.idx = idx.data_ptr();
   p.ranks = ranks.has_value() ? ranks->data_ptr() : nullptr;
   p.scale = scale.data_ptr<float>();
   p.y_stride_t = y.stride(0);
-  p.v_stride_t = v.stride(0);
-  p.v_stride_s = v.stride(1);
+  p.v_stride_t = v4.stride(1);
+  p.v_stride_s = v4.stride(2);
+  p.n_split = static_cast<int>(v4.size(0));
+  p.v_stride_split = v4.stride(0);
   p.T = static_cast<int>(T);
   p.r_max = static_cast<int>(r_max);
   p.L = static_cast<int>(L);
@@ -227,8 +249,38 @@ void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, cons
   p.idx_is_64 = idx.scalar_type() == at::kLong;
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
+  if (out != nullptr) { *out = p; return; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err.empty(), op, ": ", err);
+}
+
+void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, const at::Tensor& idx,
+                      const at::Tensor& scale, const std::optional<at::Tensor>& ranks) {
+  expand_impl(y, v, B, idx, scale, ranks, nullptr, "multilora::bgmv_cuda_expand");
+}
+
+// One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid
+// (see _bgmv_fused_kernel).  counters: int32 [>= 2 T], zero before, zero after.
+void bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at::TensorList B,
+                     const at::Tensor& idx, const at::Tensor& scale,
+                     const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
+  const char* op = "multilora::bgmv_cuda_fused";
+  BgmvFusedParams p{};
+  shrink_impl(x, A, idx, ranks, v, &p.s, op);
+  expand_impl(y, v, B, idx, scale, ranks, &p.e, op);
+  check_device(op, "counters", counters, x);
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+                    counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
+                    ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
+                    "] (zeroed once), got ", counters.scalar_type(), " sizes ", counters.sizes());
+  TORCH_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
+                    y.sizes());
+  if (x.size(0) == 0) return;
+  p.counters = counters.data_ptr<int>();
+  const c10::cuda::CUDAGuard guard(x.device());
+  const std::string err = bgmv_fused_dispatch(to_bgmv_dtype(op, "x", x), p,
+                                              c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err.empty(), op, ": ", err);
 }
 
@@ -236,9 +288,12 @@ TORCH_LIBRARY_FRAGMENT(multilora, m) {
   m.def("bgmv_cuda_shrink(Tensor x, Tensor A, Tensor idx, Tensor? ranks, Tensor(a!) v) -> ()");
   m.def("bgmv_cuda_expand(Tensor(a!) y, Tensor v, Tensor[] B, Tensor idx, Tensor scale, "
         "Tensor? ranks) -> ()");
+  m.def("bgmv_cuda_fused(Tensor(a!) y, Tensor x, Tensor A, Tensor[] B, Tensor idx, "
+        "Tensor scale, Tensor? ranks, Tensor(b!) v, Tensor(c!) counters) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(multilora, CUDA, m) {
   m.impl("bgmv_cuda_shrink", &bgmv_cuda_shrink);
   m.impl("bgmv_cuda_expand", &bgmv_cuda_expand);
+  m.impl("bgmv_cuda_fused", &bgmv_cuda_fused);
 }

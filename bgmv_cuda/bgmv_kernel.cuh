@@ -79,7 +79,11 @@ constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per 
 constexpr int kBgmvExpandThreads = 128;
 constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
 constexpr int kBgmvMinBlocksPerSM = 8;
-// kBgmvMaxRank (128) and kBgmvMaxSlices (3) are in bgmv_params.h, with the parameter blocks.
+// Fused kernel: shrink and expand code paths in one kernel; at 8 or 6 blocks / SM (64 / 80
+// registers) the fp32 instances spilled, so 4 blocks / SM (ptxas: 72-86 registers in
+// half / bf16, 110 in fp32, no spills).  It serves small T, where the grid is small anyway.
+constexpr int kBgmvFusedMinBlocksPerSM = 4;
+// kBgmvMaxRank (128), kBgmvMaxSlices (3), kBgmvMaxSplit (64) are in bgmv_params.h.
 
 // ---------------------------------------------------------------------------------------
 // Element types: fp32 conversion and unpacking of one 16-byte vector.
@@ -142,9 +146,13 @@ __device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i
 // ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
+// One block's work: token t, slice s, rank rows [r0, r0 + ROWS), K chunk c of n_split.
+// Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
+// signals its expand blocks only then -- whether or not this tile had rows to compute.
+// Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
 template <typename T>
-__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMinBlocksPerSM)
-_bgmv_shrink_kernel(const BgmvShrinkParams p) {
+__device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
+                                                  const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
   constexpr int VEC = Ty::kVec;
   constexpr int ROWS = kBgmvShrinkRows;
@@ -152,18 +160,13 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   constexpr int NT = kBgmvShrinkThreads;
   constexpr int NWARPS = NT / 32;
 
-  // Program-id mapping: x = token, y = (slice, tile of ROWS rank rows).
-  const int64_t t = blockIdx.x;
-  const int row_tiles = (p.r_max + ROWS - 1) / ROWS;
-  const int s = blockIdx.y / row_tiles;
-  const int r0 = (blockIdx.y % row_tiles) * ROWS;
-
-  // Early exits, uniform over the block (so no __syncthreads is skipped by half of it):
-  // no LoRA, an index or rank the expand will flag with NaN, or a tile past this rank.
+  // Early exits: no LoRA, an index or rank the expand will flag with NaN, or a tile past
+  // this adapter's rank (the grid is sized by r_max; such tiles cost one idx/rank load).
   const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i < 0 || i >= p.L) return;
+  if (i < 0 || i >= p.L) return false;
   const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
-  if (r0 >= rank) return;                 // also rank == -1 (invalid) and rank == 0
+  if (rank <= 0) return false;
+  if (r0 >= rank) return true;
   const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
 
   const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
@@ -178,10 +181,13 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
 #pragma unroll
   for (int q = 0; q < ROWS; ++q) acc[q] = 0.f;
 
-  // K loop over 16-byte chunks (h_in % VEC == 0, so no element tail): U chunks per step,
-  // every load of a step issued before the first FMA.
-  const int nvec = p.h_in / VEC;
-  int kv = threadIdx.x;
+  // K loop over the 16-byte chunks [k_begin, nvec) of this split (h_in % VEC == 0, so no
+  // element tail): U chunks per step, every load of a step issued before the first FMA.
+  const int nvec_all = p.h_in / VEC;
+  const int per_split = (nvec_all + p.n_split - 1) / p.n_split;
+  const int k_begin = c * per_split;
+  const int nvec = min(nvec_all, k_begin + per_split);
+  int kv = k_begin + threadIdx.x;
   for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
     uint4 xr[U], ar[U][ROWS];
 #pragma unroll
@@ -234,8 +240,18 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) sum += partial[w][threadIdx.x];
-    p.v[t * p.v_stride_t + s * p.v_stride_s + r0 + threadIdx.x] = sum;
+    p.v[c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0 + threadIdx.x] = sum;
   }
+  return true;
+}
+
+// Grid: x = token, y = (slice, tile of ROWS rank rows), z = K chunk (split-K).
+template <typename T>
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMinBlocksPerSM)
+_bgmv_shrink_kernel(const BgmvShrinkParams p) {
+  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  bgmv_shrink_block<T>(p, blockIdx.x, blockIdx.y / row_tiles,
+                       (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -244,24 +260,30 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
 // r_max not a multiple of 8 in half); NCHUNK = W-wide chunks per lane per B row
 // (1 for 16-byte loads, since G * W >= r_max; up to 4 for W = 1, G = 32, r_max = 128).
 // ---------------------------------------------------------------------------------------
-template <typename T, int W, int NCHUNK>
-__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
-_bgmv_expand_kernel(const BgmvExpandParams p) {
+// FUSED: the block belongs to the single-launch kernel; it issues its B loads, then waits
+// (thread 0 spinning on counters[t]) until the `need` shrink blocks of token t have
+// published their partial sums, reads them from L2 (__ldcg: never a stale L1 line), and
+// finally counts itself in counters[T + t]; the last expand block of the token resets
+// both counters to 0 for the next call.
+constexpr int kBgmvSpinLimit = 1 << 22;   // ~0.1-0.3 s: then NaN, never a hang
+
+template <typename T, int W, int NCHUNK, bool FUSED>
+__device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, const int64_t t,
+                                                  const int by, int* counters, const int need) {
   using Ty = BgmvType<T>;
   static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
   constexpr int J = kBgmvExpandOuts;
   constexpr int NWARPS = kBgmvExpandThreads / 32;
 
-  // Program-id mapping: x = token, y = output tile; find its slice (S <= 3, uniform).
-  const int64_t t = blockIdx.x;
+  // Program-id mapping: token t, output tile `by`; find its slice (S <= 3, uniform).
   int s = 0;
 #pragma unroll
   for (int q = 1; q < kBgmvMaxSlices; ++q)
-    if (q < p.S && static_cast<int>(blockIdx.y) >= p.tile_begin[q]) s = q;
+    if (q < p.S && by >= p.tile_begin[q]) s = q;
   const int G = 1 << p.log2_group;                     // lanes per B row
   const int groups = 32 >> p.log2_group;               // B rows per warp per step
   const int tile = NWARPS * groups * J;                // output columns per block
-  const int j_tile = (blockIdx.y - p.tile_begin[s]) * tile;
+  const int j_tile = (by - p.tile_begin[s]) * tile;
   const int h_out = p.h_out[s];
   T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
 
@@ -280,18 +302,10 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
   const int lig = lane & (G - 1);                     // lane within its group
   const int grp = lane >> p.log2_group;
 
-  // This lane's rank positions r = (c * G + lig) * W + e, and v there (0 past the rank;
-  // v is never read past the rank: those entries were not written by the shrink).
-  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
-  float vr[NCHUNK][W];
+  // This lane's rank positions r = (c * G + lig) * W + e.
   bool live[NCHUNK];                                   // chunk starts below the rank
 #pragma unroll
-  for (int c = 0; c < NCHUNK; ++c) {
-    const int rb = (c * G + lig) * W;
-    live[c] = rb < rank;
-#pragma unroll
-    for (int e = 0; e < W; ++e) vr[c][e] = (rb + e < rank) ? vrow[rb + e] : 0.f;
-  }
+  for (int c = 0; c < NCHUNK; ++c) live[c] = (c * G + lig) * W < rank;
   const float sc = p.scale[i];
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
@@ -299,7 +313,7 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
   // Output columns of this lane: consecutive groups take consecutive columns.
   const int j_lane = j_tile + warp * groups * J + grp;
 
-  // Issue every B load of the lane first (J * NCHUNK in flight), then the FMAs.
+  // Issue every B load of the lane first (J * NCHUNK in flight), then v, then the FMAs.
   using Raw = typename std::conditional<W == 1, T, uint4>::type;
   Raw raw[J][NCHUNK];
 #pragma unroll
@@ -317,6 +331,50 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
       }
     }
   }
+
+  if constexpr (FUSED) {  // wait for this token's shrink blocks (the B loads are in flight)
+    __shared__ int ready;
+    if (threadIdx.x == 0) {
+      const volatile int* cnt = counters + t;
+      int n = 0;
+      while (*cnt < need && ++n < kBgmvSpinLimit) __nanosleep(32);
+      __threadfence();                                 // acquire: v after the counter
+      ready = n < kBgmvSpinLimit;
+    }
+    __syncthreads();
+    if (!ready) {                                      // never expected: loud, not a hang
+      for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
+        yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+      return;
+    }
+  }
+
+  // v at this lane's rank positions (0 past the rank: those entries were never written),
+  // the n_split partial sums added in a fixed order (deterministic).
+  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
+  float vr[NCHUNK][W];
+#pragma unroll
+  for (int c = 0; c < NCHUNK; ++c) {
+    const int rb = (c * G + lig) * W;
+#pragma unroll
+    for (int e = 0; e < W; ++e) {
+      float a = 0.f;
+      if (rb + e < rank) {
+        const float* pv = vrow + rb + e;
+        a = FUSED ? __ldcg(pv) : *pv;
+        for (int z = 1; z < p.n_split; ++z)
+          a += FUSED ? __ldcg(pv + z * p.v_stride_split) : pv[z * p.v_stride_split];
+      }
+      vr[c][e] = a;
+    }
+  }
+  if constexpr (FUSED) {  // the last expand block of token t resets its counters
+    if (threadIdx.x == 0 && atomicAdd(counters + p.T + t, 1) == p.tile_begin[p.S] - 1) {
+      counters[t] = 0;
+      counters[p.T + t] = 0;
+    }
+  }
+
   float acc[J];
 #pragma unroll
   for (int u = 0; u < J; ++u) {
@@ -350,6 +408,51 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
   }
 }
 
+// Grid: x = token, y = output tile.
+template <typename T, int W, int NCHUNK>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
+_bgmv_expand_kernel(const BgmvExpandParams p) {
+  bgmv_expand_block<T, W, NCHUNK, false>(p, blockIdx.x, blockIdx.y, nullptr, 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Fused single launch (decode, small T): one 1-D grid of 128-thread blocks,
+//   [0, T * P)            split-K shrink blocks, P = S * ceil(r_max / 4) * n_split per token
+//                         (token-major), each publishing its partial v then counters[t] += 1
+//   [T * P, T * (P + E))  expand blocks, E = output tiles per token: B loads first, then
+//                         wait for counters[t] == P, then v (sum of partials) and y.
+// Blocks are dispatched in increasing index order, so every shrink block is resident or
+// done before an expand block can spin (the order decoupled look-back scans rely on);
+// should it ever not hold, the bounded spin turns the tile into NaN instead of hanging.
+// Latency model: launches 2 -> 1 (~1.3 us of graph launch and drain saved), and the
+// expand's B loads overlap the shrink, so a call costs ~ launch + max(shrink, B) + one
+// L2 round trip for the counter; bytes as the two-launch path plus the n_split partials.
+// ---------------------------------------------------------------------------------------
+template <typename T, int W, int NCHUNK>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvFusedMinBlocksPerSM)
+_bgmv_fused_kernel(const BgmvFusedParams p) {
+  static_assert(kBgmvShrinkThreads == kBgmvExpandThreads, "one block shape for both phases");
+  const int row_tiles = (p.s.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  const int per_token = p.s.S * row_tiles * p.s.n_split;
+  const int64_t shrink_blocks = static_cast<int64_t>(p.s.T) * per_token;
+  int64_t b = blockIdx.x;
+  if (b < shrink_blocks) {
+    const int64_t t = b / per_token;
+    const int rem = static_cast<int>(b % per_token);
+    const int c = rem % p.s.n_split, st = rem / p.s.n_split;
+    if (bgmv_shrink_block<T>(p.s, t, st / row_tiles, (st % row_tiles) * kBgmvShrinkRows, c)) {
+      __threadfence();                                 // release: v before the counter
+      __syncthreads();
+      if (threadIdx.x == 0) atomicAdd(p.counters + t, 1);
+    }
+    return;
+  }
+  b -= shrink_blocks;
+  const int tiles = p.e.tile_begin[p.e.S];
+  bgmv_expand_block<T, W, NCHUNK, true>(p.e, b / tiles, static_cast<int>(b % tiles),
+                                        p.counters, per_token);
+}
+
 // ---------------------------------------------------------------------------------------
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
@@ -358,8 +461,9 @@ inline bool bgmv_aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
+// Shared by the shrink and fused launchers: what the shrink blocks rely on.
 template <typename T>
-const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
+const char* bgmv_shrink_check(const BgmvShrinkParams& p) {
   constexpr int VEC = BgmvType<T>::kVec;
   constexpr int64_t es = sizeof(T);
   if (p.T < 0 || p.L < 1 || p.S < 1)
@@ -372,23 +476,36 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
       (p.a_stride_s * es) % 16 || (p.a_stride_l * es) % 16 || (p.a_stride_r * es) % 16)
     return "bgmv_shrink: x and A need 16-byte aligned pointers and row strides";
   static_assert(8 % VEC == 0, "h_in % 8 == 0 implies h_in % VEC == 0");
+  if (p.n_split < 1 || p.n_split > kBgmvMaxSplit || p.n_split > p.h_in / VEC)
+    return "bgmv_shrink: n_split (split-K) must be in [1, min(64, h_in / 16 bytes)]";
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   if (static_cast<int64_t>(p.S) * row_tiles > 65535)
     return "bgmv_shrink: S * ceil(r_max / 4) must be <= 65535";
+  return nullptr;
+}
+
+template <typename T>
+const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
+  if (const char* err = bgmv_shrink_check<T>(p)) return err;
   if (p.T == 0) return nullptr;
-  const dim3 grid(p.T, p.S * row_tiles);
+  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  const dim3 grid(p.T, p.S * row_tiles, p.n_split);
   _bgmv_shrink_kernel<T><<<grid, kBgmvShrinkThreads, 0, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+// Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin;
+// *vec tells whether B rows take 16-byte loads.
 template <typename T>
-const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
+const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   constexpr int VEC = BgmvType<T>::kVec;
   constexpr int64_t es = sizeof(T);
   if (p.T < 0 || p.L < 1) return "bgmv_expand: need T >= 0, L >= 1";
   if (p.S < 1 || p.S > kBgmvMaxSlices) return "bgmv_expand: S (output slices) must be 1, 2 or 3";
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
+  if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
+    return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -406,12 +523,45 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   for (int s = 0; s < p.S; ++s) p.tile_begin[s + 1] = p.tile_begin[s] + (p.h_out[s] + tile - 1) / tile;
   for (int s = p.S; s < kBgmvMaxSlices; ++s) p.tile_begin[s + 1] = p.tile_begin[s];
   if (p.tile_begin[p.S] > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
+  *vec_out = vec;
+  return nullptr;
+}
+
+template <typename T>
+const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  bool vec = false;
+  if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
   const dim3 grid(p.T, p.tile_begin[p.S]);
   if (vec) {
     _bgmv_expand_kernel<T, VEC, 1><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
   } else {
     _bgmv_expand_kernel<T, 1, kBgmvMaxRank / 32><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T>
+const char* bgmv_fused_launch(BgmvFusedParams p, cudaStream_t stream) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  if (const char* err = bgmv_shrink_check<T>(p.s)) return err;
+  bool vec = false;
+  if (const char* err = bgmv_expand_prepare<T>(p.e, &vec)) return err;
+  if (p.s.T != p.e.T || p.s.S != p.e.S || p.s.r_max != p.e.r_max || p.s.n_split != p.e.n_split ||
+      p.s.v != p.e.v || p.counters == nullptr)
+    return "bgmv_fused: shrink and expand halves disagree (T, S, r_max, n_split, v) or no counters";
+  if (p.s.T == 0) return nullptr;
+  const int row_tiles = (p.s.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  const int64_t blocks = static_cast<int64_t>(p.s.T) *
+                         (static_cast<int64_t>(p.s.S) * row_tiles * p.s.n_split + p.e.tile_begin[p.e.S]);
+  if (blocks > 2147483647LL) return "bgmv_fused: too many blocks (use the two-launch path)";
+  if (vec) {
+    _bgmv_fused_kernel<T, VEC, 1><<<static_cast<unsigned>(blocks), kBgmvExpandThreads, 0, stream>>>(p);
+  } else {
+    _bgmv_fused_kernel<T, 1, kBgmvMaxRank / 32><<<static_cast<unsigned>(blocks), kBgmvExpandThreads, 0,
+                                                  stream>>>(p);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -16,6 +16,7 @@
 
 constexpr int kBgmvMaxRank = 128;     // r_max limit (MAX_RANK in bgmv_cuda.py)
 constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cuda.py)
+constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bgmv_cuda.py)
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
@@ -29,12 +30,17 @@ struct BgmvShrinkParams {
   const void* A;          // [S, L, r_max, h_in]
   const void* idx;        // [T] int32 / int64
   const void* ranks;      // [L] int32 / int64, or nullptr
-  float* v;               // [T, S, r_max] fp32 (only rows < ranks[idx[t]] are written)
+  float* v;               // [n_split, T, S, r_max] fp32 (only rows < ranks[idx[t]] written)
   int64_t x_stride_t;
   int64_t a_stride_s, a_stride_l, a_stride_r;
   int64_t v_stride_t, v_stride_s;
   int T, h_in, r_max, L, S;
   int idx_is_64, ranks_is_64;
+  // Split-K over h_in: n_split partial sums, one per chunk of h_in, stored at
+  // v + c * v_stride_split (c < n_split); the expand adds them in a fixed order
+  // (deterministic).  n_split = 1: v itself, the plain shrink.
+  int n_split = 1;
+  int64_t v_stride_split = 0;
 };
 
 struct BgmvExpandParams {
@@ -51,9 +57,21 @@ struct BgmvExpandParams {
   int col_off[kBgmvMaxSlices];              // first column of slice s in y
   int T, r_max, L, S;
   int idx_is_64, ranks_is_64;
+  int n_split = 1;                          // partial sums of v to add (see BgmvShrinkParams)
+  int64_t v_stride_split = 0;
   // Filled by bgmv_expand_launch: lanes per B row, and each slice's first tile.
   int log2_group;
   int tile_begin[kBgmvMaxSlices + 1];
+};
+
+// Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.
+// counters [2 T] int32 must be zero before the launch and are left zero after it (the last
+// expand block of each token resets them), so one zeroed buffer serves every call made
+// in stream order (not two concurrent calls).
+struct BgmvFusedParams {
+  BgmvShrinkParams s;     // s.v == e.v, s.n_split == e.n_split
+  BgmvExpandParams e;
+  int* counters;          // [0, T): shrink blocks done per token; [T, 2T): expand blocks done
 };
 
 // ---------------------------------------------------------------------------------------
@@ -63,3 +81,4 @@ struct BgmvExpandParams {
 // ---------------------------------------------------------------------------------------
 std::string bgmv_shrink_dispatch(BgmvDtype dt, const BgmvShrinkParams& p, cudaStream_t stream);
 std::string bgmv_expand_dispatch(BgmvDtype dt, const BgmvExpandParams& p, cudaStream_t stream);
+std::string bgmv_fused_dispatch(BgmvDtype dt, const BgmvFusedParams& p, cudaStream_t stream);

@@ -125,7 +125,7 @@ def run_compile_check(archs: Sequence[str] = DEFAULT_ARCHS, nvcc: Optional[str] 
 
 def demangle_short(name: str) -> str:
     """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>."""
-    m = re.match(r"_Z\d+_bgmv_(shrink|expand)_kernelI(.*)Ev", name)
+    m = re.match(r"_Z\d+_bgmv_(shrink|expand|fused)_kernelI(.*)Ev", name)
     if not m:
         return name
     args = m.group(2)

@@ -37,16 +37,18 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
-    # 3 dtypes x (shrink, expand 16-byte, expand 1-element) x 2 archs, each reported once
-    assert len(kernels) == 18 and len(names) == 18, sorted(names)
+    # 3 dtypes x (shrink, expand 16-byte / 1-element, fused 16-byte / 1-element) x 2 archs
+    assert len(kernels) == 30 and len(names) == 30, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt in ("__half", "__nv_bfloat16", "float"):
             assert (f"shrink<{dt}>", arch) in names
             assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 2
+            assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
-        # __launch_bounds__(128, 8): 65536 registers / (8 blocks * 128 threads)
-        assert 0 < k.registers <= 64, k
+        # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128
+        limit = 128 if "fused" in k.kernel else 64
+        assert 0 < k.registers <= limit, k
     assert cc.spill_lines(text) == []
 
 
@@ -599,3 +601,134 @@ def test_raw_ops_raise_value_error_from_cpp():
         assert line.startswith(f"OTHER_ERROR {name} RuntimeError") and msg in line, \
             f"{name}: {line!r}\n{text[-6000:]}"
     assert "AFTER_OK True" in out.stdout, text[-6000:]
+
+
+# ---------------------------------------------------------------------------------------
+# Small-batch variants (bgmv_lora(variant="split" | "fused")): correctness vs the float64
+# reference, -1 rows bit-identical, NaN rank pads, repeated calls and graph replays (the
+# fused kernel's counters must be left zero by every call)
+# ---------------------------------------------------------------------------------------
+def _variant_check(inp, idx, **kw) -> float:
+    skip = idx < 0
+    y0 = inp["y"].clone()
+    y0[skip] = -0.0                                     # bitwise check: no store on -1 rows
+    args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    ref = lora_reference(y0, *args)
+    y = y0.clone()
+    bc.bgmv_lora(y, *args, **kw)
+    bits = {2: torch.int16, 4: torch.int32}[y.element_size()]
+    assert torch.equal(y[skip].view(bits), y0[skip].view(bits)), "rows with idx = -1 written"
+    return relative_error(y, ref)
+
+
+VARIANT_CASES = [  # (T, h_in, h_out, L, r_max, ranks, workload, -1 share)
+    (1, 4096, 4096, 7, 16, None, "uniform", 0.0),
+    (4, 4096, 11008, 7, 16, None, "uniform", 0.0),
+    (16, 4096, [4096, 1024, 1024], 8, 64, [64, 8, 16, 1, 64, 32, 48, 64], "uniform", 0.2),
+    (64, 4096, 4096, 32, 64, [8, 16, 32, 64] * 8, "uniform", 0.1),
+    (256, 4096, 4096, 128, 64, None, "uniform", 0.0),
+    (33, 14336, 4096, 4, 128, [128, 9, 0, 100], "skewed", 0.2),
+    (7, 72, [584, 64, 64], 3, 12, [12, 5, 1], "uniform", 0.0),   # 1-element B loads
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split_k", [None, 1, 3, 64])
+@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"T{c[0]}_h{c[1]}_r{c[4]}" for c in VARIANT_CASES])
+def test_variants_match_reference(case, variant, split_k):
+    T, h_in, h_out, L, r_max, ranks, workload, share = case
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, "cuda", ranks=ranks, seed=T)
+        idx = make_workload(workload, T, L, no_lora_share=share, seed=T)
+        if T > 2:
+            idx[T // 2] = -1
+        err = _variant_check(inp, idx.cuda(), variant=variant, split_k=split_k)
+        assert err < TOLERANCE[dtype], f"{variant} split_k={split_k} {dtype}: rel err {err:.2e}"
+    if variant == "fused":
+        torch.cuda.synchronize()
+        assert all(int(c.abs().sum()) == 0 for c in bc._COUNTERS.values()), "counters not reset"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["split", "fused"])
+def test_variants_deterministic_and_out_of_range(variant):
+    T, L, r = 8, 3, 16
+    inp = make_lora_inputs(T, 1024, 512, L, r, torch.float32, "cuda", ranks=[16, 8, 4], seed=4)
+    idx = torch.tensor([0, 1, 2, -1, 0, 1, 2, 0], dtype=torch.int32, device="cuda")
+    outs = []
+    for _ in range(3):
+        y = inp["y"].clone()
+        bc.bgmv_lora(y, inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"],
+                     variant=variant, split_k=4)
+        outs.append(y)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    bad = idx.clone()
+    bad[1] = L                                            # out of range -> NaN row, no OOB
+    y = inp["y"].clone()
+    bc.bgmv_lora(y, inp["x"], inp["A"], inp["B"], bad, inp["scale"], inp["ranks"],
+                 variant=variant, split_k=4)
+    assert torch.isnan(y[1]).all() and torch.equal(y[3], inp["y"][3])
+    assert torch.equal(y[[0, 2, 4, 5, 6, 7]], outs[0][[0, 2, 4, 5, 6, 7]])
+    torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in bc._COUNTERS.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("T", [1, 64])
+def test_variants_cuda_graph_replay(variant, T):
+    h_in, h_out, L, r = 4096, [4096, 1024, 1024], 8, 64
+    ranks = [64, 8, 16, 1, 64, 32, 48, 64]
+    base = make_lora_inputs(T, h_in, h_out, L, r, torch.bfloat16, "cuda", ranks=ranks, seed=1)
+    A, B, scale, ranks_t = base["A"], base["B"], base["scale"], base["ranks"]
+    x, y = base["x"].clone(), base["y"].clone()
+    idx = make_workload("uniform", T, L, no_lora_share=0.2, seed=1).cuda()
+    call = lambda: bc.bgmv_lora(y, x, A, B, idx, scale, ranks_t, variant=variant)  # noqa: E731
+    call()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    for seed in (5, 6, 7):
+        new = make_lora_inputs(T, h_in, h_out, L, r, torch.bfloat16, "cuda", ranks=ranks,
+                               seed=seed)
+        new_idx = make_workload("skewed", T, L, no_lora_share=0.3, seed=seed).cuda()
+        x.copy_(new["x"])
+        y.copy_(new["y"])
+        idx.copy_(new_idx)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = lora_reference(new["y"], new["x"], A, B, new_idx, scale, ranks_t)
+        assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
+        assert torch.equal(y[new_idx < 0], new["y"][new_idx < 0])
+
+
+@pytest.mark.gpu
+def test_fused_opcheck():
+    bc.ensure_loaded()
+    inp = make_lora_inputs(9, 256, [128, 64], 4, 16, torch.bfloat16, "cuda", seed=6)
+    idx = make_workload("uniform", 9, 4, seed=6).cuda()
+    v = torch.zeros(2, 9, 2, 16, device="cuda")
+    counters = torch.zeros(18, dtype=torch.int32, device="cuda")
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.multilora.bgmv_cuda_fused.default,
+                          (inp["y"].clone(), inp["x"], inp["A"], list(inp["B"]), idx,
+                           inp["scale"], None, v, counters), test_utils=utils)
+
+
+def test_variant_and_split_arguments_checked(no_build):
+    inp, idx = _small_inputs()
+    with pytest.raises(ValueError, match="^variant:"):
+        bc.bgmv_lora(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"], variant="x")
+    assert bc.pick_split_k(1, 1, 4096, 16) > 1 and bc.pick_split_k(256, 1, 4096, 16) == 1
+    assert bc.pick_split_k(1, 1, 64, 16) == 1                      # h_in too short to cut
