@@ -732,3 +732,21 @@ def test_variant_and_split_arguments_checked(no_build):
         bc.bgmv_lora(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"], variant="x")
     assert bc.pick_split_k(1, 1, 4096, 16) > 1 and bc.pick_split_k(256, 1, 4096, 16) == 1
     assert bc.pick_split_k(1, 1, 64, 16) == 1                      # h_in too short to cut
+
+
+def test_variant_sweep_script_help_and_points():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bgmv_cuda", "run_bgmv_cuda.py"),
+                          "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--variants" in out.stdout
+    from bgmv_cuda.run_bgmv_cuda import points
+    names = [p[0] for p in points()]
+    assert len(names) == 11 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+
+
+@pytest.mark.gpu
+def test_variant_sweep_script_runs():
+    """The sweep end to end, restricted to two fast variants and short timing."""
+    from bgmv_cuda.run_bgmv_cuda import build_parser, main
+    rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_fused",
+                                           "--rep-ms", "5"]))
+    assert all(r["err"][v] < TOLERANCE[torch.bfloat16] for r in rows for v in r["err"])

@@ -1,0 +1,143 @@
+"""Settle the small-batch BGMV variants on the GPU in one short run (--variants).
+
+For each point, every variant (bgmv_cuda default / split / fused, bgmv_triton default) is
+validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
+rows checked bit-exactly; a failing variant is not timed), then timed with
+bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of input sets
+(bench_utils.pool_size: several times the L2, so the adapters come from HBM), us per call.
+Points (bf16): h 4096 -> 4096, r 16, uniform over 7 adapters, bs 1, 4, 16, 64, 256;
+bs 256 distinct, 128 adapters used twice each, r 64; bs 64 mixed ranks {8, 16, 32, 64}
+over 32 adapters vs the same adapters all at rank 64 (ratio); 4096 -> 11008, r 16, uniform
+over 7 adapters, bs 1, 16, 64. Prints the ceilings first, the table last; writes JSON.
+
+    python bgmv_cuda/run_bgmv_cuda.py --variants --json plots/bgmv_variants_h200.json
+"""
+import argparse
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
+
+VARIANT_NAMES = ["cuda", "cuda_split", "cuda_fused", "triton"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", action="store_true",
+                   help="run the variant sweep (the only mode of this script for now)")
+    p.add_argument("--only", nargs="+", choices=VARIANT_NAMES, default=VARIANT_NAMES,
+                   help="variants to run")
+    p.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per point (ms)")
+    p.add_argument("--json", default=None, help="write config and per-point results here")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights and workloads")
+    return p
+
+
+def points() -> list:
+    """(name, T, h_in, h_out, L, r_max, ranks or None, idx kind)."""
+    pts = [(f"u7 bs{T}", T, 4096, 4096, 7, 16, None, "uniform") for T in (1, 4, 16, 64, 256)]
+    pts.append(("distinct128 r64 bs256", 256, 4096, 4096, 128, 64, None, "twice"))
+    pts.append(("mixed{8..64} bs64", 64, 4096, 4096, 32, 64, [8, 16, 32, 64] * 8, "uniform"))
+    pts.append(("padded64 bs64", 64, 4096, 4096, 32, 64, None, "uniform"))
+    pts += [(f"punica 11008 bs{T}", T, 4096, 11008, 7, 16, None, "uniform") for T in (1, 16, 64)]
+    return pts
+
+
+def main(args: argparse.Namespace) -> list:
+    import time
+    import torch
+    import bench_utils as bu
+    from multilora_impl import (TOLERANCE, lora_reference, make_lora_inputs, make_workload,
+                                relative_error)
+    from bgmv_cuda import bgmv_cuda as bc
+    from bgmv_triton import bgmv_triton as bt
+
+    t_start = time.time()
+    dev, dtype = "cuda", torch.bfloat16
+    bc.ensure_loaded()                                     # build first (cached afterwards)
+    fns = {"cuda": lambda *a: bc.bgmv_lora(*a),
+           "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
+           "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
+           "triton": lambda *a: bt.bgmv_lora(*a)}
+    fns = {k: fns[k] for k in args.only}
+    copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
+    empty = bu.empty_graph_us(dev)
+    gemm_call, n = bu.gemm_call(64, 4096, 4096, dtype, dev)
+    gemm = bu.time_graph(gemm_call, n, rep_ms=args.rep_ms)[0]
+    print(f"{torch.cuda.get_device_name()} bf16: copy {copy:.0f} GB/s, empty kernel in graph "
+          f"{empty:.2f} us, base GEMM 64x4096x4096 {gemm:.1f} us (build {time.time() - t_start:.0f} s)")
+
+    results = []
+    for name, T, h_in, h_out, L, r_max, ranks, kind in points():
+        if kind == "twice":                                 # each adapter used by 2 tokens
+            g = torch.Generator().manual_seed(args.seed)
+            idx_h = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)][:T].int()
+        else:
+            idx_h = make_workload(kind, T, L, seed=args.seed + T)
+        idx = idx_h.to(dev)
+        set0 = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks, seed=args.seed)
+        nbytes = bu.lora_bytes(idx, h_in, [h_out], r_max, dtype, set0["ranks"])
+        n_sets = bu.pool_size(nbytes, max_sets=32)
+        # pool: each set its own weights (cold cache), x, y; set 0 is the validated one
+        sets = [set0] + [make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks,
+                                          seed=args.seed + k) for k in range(1, n_sets)]
+        ref = lora_reference(set0["y"], set0["x"], set0["A"], set0["B"], idx, set0["scale"],
+                             set0["ranks"])
+        row = dict(point=name, T=T, h_in=h_in, h_out=h_out, L=L, r_max=r_max, ranks=ranks,
+                   bytes=nbytes, floor_us=max(nbytes / copy / 1e3, empty), n_sets=n_sets,
+                   us={}, err={})
+        for vname, fn in fns.items():
+            y = set0["y"].clone()
+            try:
+                fn(y, set0["x"], set0["A"], set0["B"], idx, set0["scale"], set0["ranks"])
+                torch.cuda.synchronize()
+                err = relative_error(y, ref)
+            except Exception as e:                          # report, do not time
+                print(f"  {name} {vname}: {type(e).__name__}: {str(e)[:200]}")
+                err = float("inf")
+            row["err"][vname] = err
+            if not err < TOLERANCE[dtype]:
+                continue
+            ys = [s["y"].clone() for s in sets]
+
+            def call(k, fn=fn):
+                s = sets[k]
+                fn(ys[k], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"])
+            row["us"][vname] = bu.time_graph(call, n_sets, rep_ms=args.rep_ms)
+        results.append(row)
+        del sets
+        torch.cuda.empty_cache()
+
+    by = {r["point"]: r for r in results}
+    w = 11
+    print(f"\nus per call (median; CUDA graph over a cold pool), bf16; floor = max(bytes / copy, "
+          f"empty kernel); total run {time.time() - t_start:.0f} s")
+    print(f"{'point':24} {'floor':>6} " + " ".join(f"{v:>{w}}" for v in fns) + "   best")
+    for r in results:
+        cells = [f"{r['us'][v][0]:>{w}.2f}" if v in r["us"] else f"{'FAIL':>{w}}" for v in fns]
+        best = min(r["us"], key=lambda v: r["us"][v][0]) if r["us"] else "-"
+        extra = ""
+        if r["point"].startswith("distinct") and r["us"]:
+            extra = f"  ({r['bytes'] / r['us'][best][0] / 1e3 / copy:.2f} of copy)"
+        if r["point"].startswith("punica") and r["us"]:
+            extra = f"  ({r['us'][best][0] / r['floor_us']:.1f}x floor)"
+        print(f"{r['point']:24} {r['floor_us']:>6.2f} " + " ".join(cells) + f"   {best}{extra}")
+    mixed, padded = by.get("mixed{8..64} bs64"), by.get("padded64 bs64")
+    if mixed and padded:
+        ratio = " ".join(f"{v}={mixed['us'][v][0] / padded['us'][v][0]:.2f}"
+                         for v in fns if v in mixed["us"] and v in padded["us"])
+        print(f"mixed / padded (target <= 0.65): {ratio}")
+    print(f"bs64 u7 target <= 0.4 x GEMM = {0.4 * gemm:.1f} us; distinct target >= 0.75 of copy; "
+          f"punica target <= 2x floor")
+    if args.json:
+        bu.write_json(args.json, dict(meta=dict(**bu.env_info(), copy_gbs=copy, empty_us=empty,
+                                                gemm_us=gemm, config=vars(args)),
+                                      points=results))
+    return results
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
