@@ -199,7 +199,7 @@ def main(args: argparse.Namespace) -> list[dict]:
     if not adapters and mode != "none":
         print("note: no adapters given, running the base model")
     input_ids = mm.encode_prompts(tok, prompts, chat_template=not args.no_chat_template)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)
     eos_ids = mm.eos_token_ids(model, tok)
     dec = "greedy" if args.temperature <= 0 else \
         f"temperature {args.temperature} top-p {args.top_p} seed {args.seed}"
