@@ -35,6 +35,15 @@
 
 namespace {
 
+// Sizes / strides as "[a, b, c]", built with std::to_string: streaming an IntArrayRef into
+// an error message crashed the process on the H200 image (torch 2.11 + g++ 13.3), where
+// plain strings and numbers did not.
+std::string dims_str(c10::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
+  return s + "]";
+}
+
 BgmvDtype to_bgmv_dtype(const char* op, const char* name, const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kHalf: return BgmvDtype::kFloat16;
@@ -65,8 +74,8 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (used_stride(t, d) * es) % 16 == 0;
   TORCH_CHECK(ok, op, ": ", name, ": 16-byte vector loads need a 16-byte aligned data_ptr "
                     "and row strides that are multiples of 16 bytes; got data_ptr % 16 = ",
-                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, ", strides ", t.strides(),
-                    " (elements of ", es, " bytes), sizes ", t.sizes(),
+                    reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, ", strides ", dims_str(t.strides()),
+                    " (elements of ", es, " bytes), sizes ", dims_str(t.sizes()),
                     ": pass a .contiguous() tensor that starts at its storage");
 }
 
@@ -76,9 +85,9 @@ void check_index(const char* op, const char* name, const at::Tensor& t, int64_t 
   TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
                     ": expected dtype int32 or int64, got ", t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
-                    "], got ", t.sizes());
+                    "], got ", dims_str(t.sizes()));
   TORCH_CHECK(n <= 1 || t.stride(0) == 1, op, ": ", name,
-                    ": expected a contiguous tensor, got strides ", t.strides());
+                    ": expected a contiguous tensor, got strides ", dims_str(t.strides()));
 }
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
@@ -91,14 +100,14 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
                         BgmvShrinkParams* out, const char* op) {
   TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "x", x);
-  TORCH_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", dims_str(x.sizes()));
   const int64_t T = x.size(0), h_in = x.size(1);
   TORCH_CHECK(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
   TORCH_CHECK(h_in >= 8 && h_in % 8 == 0 && h_in <= kIntMax, op,
                     ": x: h_in must be a positive multiple of 8 (16-byte vector loads), got ",
-                    "sizes ", x.sizes());
+                    "sizes ", dims_str(x.sizes()));
   TORCH_CHECK(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
-                    x.strides());
+                    dims_str(x.strides()));
   check_aligned16(op, "x", x);
 
   check_device(op, "A", A, x);
@@ -106,18 +115,18 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
                     x.scalar_type(), " (same as x), got ", A.scalar_type());
   TORCH_CHECK(A.dim() == 3 || A.dim() == 4, op,
                     ": A: expected [L, r_max, h_in] or [S, L, r_max, h_in], got sizes ",
-                    A.sizes());
+                    dims_str(A.sizes()));
   const at::Tensor A4 = A.dim() == 3 ? A.unsqueeze(0) : A;
   const int64_t S = A4.size(0), L = A4.size(1), r_max = A4.size(2);
   TORCH_CHECK(A4.size(3) == h_in, op, ": A: expected last dim h_in = ", h_in,
-                    " (as x), got sizes ", A.sizes());
+                    " (as x), got sizes ", dims_str(A.sizes()));
   TORCH_CHECK(S >= 1 && S <= kBgmvMaxSlices && L >= 1 && L <= kIntMax, op,
                     ": A: expected 1 <= S <= ", kBgmvMaxSlices, " slices and L >= 1 adapters, got "
-                    "sizes ", A.sizes());
+                    "sizes ", dims_str(A.sizes()));
   TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": A: r_max must be in [1, ",
-                    kBgmvMaxRank, "], got sizes ", A.sizes());
+                    kBgmvMaxRank, "], got sizes ", dims_str(A.sizes()));
   TORCH_CHECK(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
-                    A.strides());
+                    dims_str(A.strides()));
   check_aligned16(op, "A", A4);
 
   check_index(op, "idx", idx, T, x);
@@ -131,9 +140,9 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
   TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
                     v4.size(1) == T && v4.size(2) == S && v4.size(3) == r_max, op,
                     ": v: expected [T=", T, ", S=", S, ", r_max=", r_max, "] or [n_split <= ",
-                    kBgmvMaxSplit, ", T, S, r_max], got sizes ", v.sizes());
+                    kBgmvMaxSplit, ", T, S, r_max], got sizes ", dims_str(v.sizes()));
   TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
-                    v.strides());
+                    dims_str(v.strides()));
   if (T == 0) return;
 
   BgmvShrinkParams p{};
@@ -175,9 +184,9 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const char* op) {
   TORCH_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "y", y);
-  TORCH_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", y.sizes());
+  TORCH_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
   TORCH_CHECK(y.stride(1) == 1 || y.size(1) == 1, op,
-                    ": y: expected unit stride along h_out, got strides ", y.strides());
+                    ": y: expected unit stride along h_out, got strides ", dims_str(y.strides()));
   const int64_t T = y.size(0);
   TORCH_CHECK(T <= kIntMax, op, ": y: T = ", T, " tokens, at most ", kIntMax);
 
@@ -191,12 +200,12 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
                     v4.size(1) == T && v4.size(2) == S, op, ": v: expected [T=", T,
                     ", S=", S, ", r_max] or [n_split <= ", kBgmvMaxSplit,
-                    ", T, S, r_max], got sizes ", v.sizes());
+                    ", T, S, r_max], got sizes ", dims_str(v.sizes()));
   TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
-                    v.strides());
+                    dims_str(v.strides()));
   const int64_t r_max = v4.size(3);
   TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
-                    kBgmvMaxRank, "], got sizes ", v.sizes());
+                    kBgmvMaxRank, "], got sizes ", dims_str(v.sizes()));
 
   BgmvExpandParams p{};
   const int64_t L = B[0].dim() == 3 ? B[0].size(0) : 0;
@@ -210,9 +219,9 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
     TORCH_CHECK(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
                       b.size(1) >= 1 && b.size(1) <= kIntMax, op, ": ", name,
                       ": expected [L=", L, ", h_out >= 1, r_max=", r_max, "], got sizes ",
-                      b.sizes());
+                      dims_str(b.sizes()));
     TORCH_CHECK(b.stride(2) == 1 || r_max == 1, op, ": ", name,
-                      ": expected unit stride along r_max, got strides ", b.strides());
+                      ": expected unit stride along r_max, got strides ", dims_str(b.strides()));
     p.B[s] = b.data_ptr();
     p.b_stride_l[s] = used_stride(b, 0);
     p.b_stride_o[s] = used_stride(b, 1);
@@ -222,14 +231,14 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   }
   TORCH_CHECK(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
   TORCH_CHECK(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
-                    ", sum h_out_s=", col, "], got sizes ", y.sizes());
+                    ", sum h_out_s=", col, "], got sizes ", dims_str(y.sizes()));
   check_index(op, "idx", idx, T, y);
   if (ranks.has_value()) check_index(op, "ranks", *ranks, L, y);
   check_device(op, "scale", scale, y);
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
                     (L == 1 || scale.stride(0) == 1), op,
                     ": scale: expected a contiguous float32 [L=", L, "], got ",
-                    scale.scalar_type(), " sizes ", scale.sizes(), " strides ", scale.strides());
+                    scale.scalar_type(), " sizes ", dims_str(scale.sizes()), " strides ", dims_str(scale.strides()));
   if (T == 0) return;
 
   p.y = y.data_ptr();
@@ -273,9 +282,9 @@ void bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at
   TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
                     ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
-                    "] (zeroed once), got ", counters.scalar_type(), " sizes ", counters.sizes());
+                    "] (zeroed once), got ", counters.scalar_type(), " sizes ", dims_str(counters.sizes()));
   TORCH_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
-                    y.sizes());
+                    dims_str(y.sizes()));
   if (x.size(0) == 0) return;
   p.counters = counters.data_ptr<int>();
   const c10::cuda::CUDAGuard guard(x.device());

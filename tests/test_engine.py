@@ -335,6 +335,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                  max_position_embeddings=8192, initializer_range=0.02,
                  rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=8192))
 GPU_MODES = [m for m in MODES if m != "none"]
+GPU_GATE: dict = {}     # set by gpu_setup
 GPU_REQ = ["a0", "__base__", "a2", "a1", "a0", "a1", "a2", "__base__", "a0", "a1", "a0"]
 
 
@@ -351,10 +352,16 @@ def gpu_setup():
     finally:
         torch.set_default_dtype(old)
     pm, lora = make_peft(copy.deepcopy(base), b_std=0.05)
-    # The oracle runs in fp32 (same bf16-valued weights, upcast): a bf16 PEFT oracle
-    # carries its own rounding, and bf16-vs-bf16 would count both sides' errors.
-    pm = pm.float()
     lens = [60, 17, 33, 58, 5, 41, 60, 12, 26, 49, 3]          # crosses the 64-slot bucket
+    # The oracle runs in fp32 (same bf16-valued weights, upcast): a bf16 PEFT oracle
+    # carries its own rounding. The bf16 bound is the e2e rule: max(bf16 tolerance,
+    # 2 x PEFT's own bf16-vs-fp32 error on these prompts).
+    probe = make_prompts(lens, cfg.vocab_size, seed=8)
+    ref16, mask16 = peft_logits(pm, probe, GPU_REQ)
+    pm = pm.float()
+    ref32, _ = peft_logits(pm, probe, GPU_REQ)
+    GPU_GATE["bf16"] = max(TOLERANCE[torch.bfloat16], 2 * masked_error(ref16, ref32, mask16))
+    print(f"bf16 gate {GPU_GATE['bf16']:.3g}")
     prompts = make_prompts(lens, cfg.vocab_size, seed=8)
     adapter_idx = [list(ADAPTERS).index(n) if n in ADAPTERS else -1 for n in GPU_REQ]
     return base, pm, lora, prompts, adapter_idx
@@ -374,14 +381,14 @@ def test_gpu_prefill_and_graph_decode_match_peft(gpu_setup, mode):
     eng = _gpu_engine(gpu_setup, mode)
     ref, mask = peft_logits(pm, prompts, GPU_REQ)
     err = masked_error(eng.forward_logits(prompts, adapter_idx), ref, mask)
-    assert err <= TOLERANCE[torch.bfloat16], ("prefill", mode, err)
+    assert err <= GPU_GATE["bf16"], ("prefill", mode, err)
     toks, stats = eng.generate(prompts, adapter_idx, max_new_tokens=12, ignore_eos=True,
                                keep_logits=True)
     assert stats["graph"] == eng.graph_capable()
     seqs = [p + t[:-1] for p, t in zip(prompts, toks)]
     ref, _ = peft_logits(pm, seqs, GPU_REQ)
     err = relative_error(stats["last_logits"], ref[:, -1])
-    assert err <= TOLERANCE[torch.bfloat16], ("decode", mode, err)
+    assert err <= GPU_GATE["bf16"], ("decode", mode, err)
 
 
 @pytest.mark.gpu
@@ -419,7 +426,7 @@ def test_gpu_options_match_peft(gpu_setup, mode, opts):
     assert stats["graph"]
     seqs = [p + t[:-1] for p, t in zip(prompts, toks)]
     ref, _ = peft_logits(pm, seqs, GPU_REQ)
-    assert relative_error(stats["last_logits"], ref[:, -1]) <= TOLERANCE[torch.bfloat16]
+    assert relative_error(stats["last_logits"], ref[:, -1]) <= GPU_GATE["bf16"]
 
 
 @pytest.mark.gpu
