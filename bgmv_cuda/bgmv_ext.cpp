@@ -15,7 +15,7 @@
 // exception lives here, none in nvcc-compiled code.  It sees the kernels only through the
 // torch-free bgmv_params.h (parameter blocks + the dispatch functions of bgmv.cu).
 // Every check names the tensor and prints what it got; a bad argument raises RuntimeError
-// (TORCH_CHECK). Not TORCH_CHECK_VALUE: on torch 2.11 + g++ 13.3 (the H200 image) a
+// (BGMV_CHECK, below). Not TORCH_CHECK_VALUE: on torch 2.11 + g++ 13.3 (the H200 image) a
 // c10::ValueError thrown from an extension op crashed the process (SIGSEGV), while c10::Error
 // propagated. The public wrappers raise ValueError in Python first.  bgmv_cuda.py runs the same checks in Python before calling the ops,
 // so these are the defence for direct op calls.  Kernels run on the current torch stream of
@@ -27,11 +27,25 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <optional>
 #include <string>
 
 #include "bgmv_params.h"
+
+// Fail with a RuntimeError whose message is built here (c10::str, all inline) and handed
+// to c10 as one const char*. On the H200 image (torch 2.11 + g++ 13.3) a message handed
+// over as std::string (TORCH_CHECK with several arguments) crashed the process with
+// SIGSEGV, while TORCH_CHECK(cond, "literal") raised normally (load_inline probe).
+#define BGMV_CHECK(cond, ...)                                                          \
+  do {                                                                                 \
+    if (C10_UNLIKELY(!(cond))) {                                                       \
+      static thread_local char bgmv_msg[1024];                                         \
+      std::snprintf(bgmv_msg, sizeof(bgmv_msg), "%s", ::c10::str(__VA_ARGS__).c_str()); \
+      TORCH_CHECK(false, static_cast<const char*>(bgmv_msg));                          \
+    }                                                                                  \
+  } while (0)
 
 namespace {
 
@@ -51,15 +65,15 @@ BgmvDtype to_bgmv_dtype(const char* op, const char* name, const at::Tensor& t) {
     case at::kFloat: return BgmvDtype::kFloat32;
     default: break;
   }
-  TORCH_CHECK(false, op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
+  BGMV_CHECK(false, op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
                     t.scalar_type());
   return BgmvDtype::kFloat32;
 }
 
 void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ",
+  BGMV_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ",
                     t.device());
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, ": expected device ",
+  BGMV_CHECK(t.device() == ref.device(), op, ": ", name, ": expected device ",
                     ref.device(), " (same as the first tensor), got ", t.device());
 }
 
@@ -72,7 +86,7 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
   const int64_t es = t.element_size();
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (used_stride(t, d) * es) % 16 == 0;
-  TORCH_CHECK(ok, op, ": ", name, ": 16-byte vector loads need a 16-byte aligned data_ptr "
+  BGMV_CHECK(ok, op, ": ", name, ": 16-byte vector loads need a 16-byte aligned data_ptr "
                     "and row strides that are multiples of 16 bytes; got data_ptr % 16 = ",
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, ", strides ", dims_str(t.strides()),
                     " (elements of ", es, " bytes), sizes ", dims_str(t.sizes()),
@@ -82,11 +96,11 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
 void check_index(const char* op, const char* name, const at::Tensor& t, int64_t n,
                  const at::Tensor& ref) {
   check_device(op, name, t, ref);
-  TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+  BGMV_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
                     ": expected dtype int32 or int64, got ", t.scalar_type());
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
+  BGMV_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
                     "], got ", dims_str(t.sizes()));
-  TORCH_CHECK(n <= 1 || t.stride(0) == 1, op, ": ", name,
+  BGMV_CHECK(n <= 1 || t.stride(0) == 1, op, ": ", name,
                     ": expected a contiguous tensor, got strides ", dims_str(t.strides()));
 }
 
@@ -98,34 +112,34 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
                         BgmvShrinkParams* out, const char* op) {
-  TORCH_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
+  BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "x", x);
-  TORCH_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", dims_str(x.sizes()));
+  BGMV_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", dims_str(x.sizes()));
   const int64_t T = x.size(0), h_in = x.size(1);
-  TORCH_CHECK(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
-  TORCH_CHECK(h_in >= 8 && h_in % 8 == 0 && h_in <= kIntMax, op,
+  BGMV_CHECK(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
+  BGMV_CHECK(h_in >= 8 && h_in % 8 == 0 && h_in <= kIntMax, op,
                     ": x: h_in must be a positive multiple of 8 (16-byte vector loads), got ",
                     "sizes ", dims_str(x.sizes()));
-  TORCH_CHECK(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
+  BGMV_CHECK(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
                     dims_str(x.strides()));
   check_aligned16(op, "x", x);
 
   check_device(op, "A", A, x);
-  TORCH_CHECK(A.scalar_type() == x.scalar_type(), op, ": A: expected dtype ",
+  BGMV_CHECK(A.scalar_type() == x.scalar_type(), op, ": A: expected dtype ",
                     x.scalar_type(), " (same as x), got ", A.scalar_type());
-  TORCH_CHECK(A.dim() == 3 || A.dim() == 4, op,
+  BGMV_CHECK(A.dim() == 3 || A.dim() == 4, op,
                     ": A: expected [L, r_max, h_in] or [S, L, r_max, h_in], got sizes ",
                     dims_str(A.sizes()));
   const at::Tensor A4 = A.dim() == 3 ? A.unsqueeze(0) : A;
   const int64_t S = A4.size(0), L = A4.size(1), r_max = A4.size(2);
-  TORCH_CHECK(A4.size(3) == h_in, op, ": A: expected last dim h_in = ", h_in,
+  BGMV_CHECK(A4.size(3) == h_in, op, ": A: expected last dim h_in = ", h_in,
                     " (as x), got sizes ", dims_str(A.sizes()));
-  TORCH_CHECK(S >= 1 && S <= kBgmvMaxSlices && L >= 1 && L <= kIntMax, op,
+  BGMV_CHECK(S >= 1 && S <= kBgmvMaxSlices && L >= 1 && L <= kIntMax, op,
                     ": A: expected 1 <= S <= ", kBgmvMaxSlices, " slices and L >= 1 adapters, got "
                     "sizes ", dims_str(A.sizes()));
-  TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": A: r_max must be in [1, ",
+  BGMV_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": A: r_max must be in [1, ",
                     kBgmvMaxRank, "], got sizes ", dims_str(A.sizes()));
-  TORCH_CHECK(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
+  BGMV_CHECK(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
                     dims_str(A.strides()));
   check_aligned16(op, "A", A4);
 
@@ -133,15 +147,15 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
   if (ranks.has_value()) check_index(op, "ranks", *ranks, L, x);
 
   check_device(op, "v", v, x);
-  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
+  BGMV_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
   // v [T, S, r_max], or [n_split, T, S, r_max]: split-K partial sums (the expand adds them)
   const at::Tensor v4 = v.dim() == 3 ? v.unsqueeze(0) : v;
-  TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
+  BGMV_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
                     v4.size(1) == T && v4.size(2) == S && v4.size(3) == r_max, op,
                     ": v: expected [T=", T, ", S=", S, ", r_max=", r_max, "] or [n_split <= ",
                     kBgmvMaxSplit, ", T, S, r_max], got sizes ", dims_str(v.sizes()));
-  TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  BGMV_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     dims_str(v.strides()));
   if (T == 0) return;
 
@@ -170,7 +184,7 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
   if (out != nullptr) { *out = p; return; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err.empty(), op, ": ", err);
+  BGMV_CHECK(err.empty(), op, ": ", err);
 }
 
 void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
@@ -182,29 +196,29 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const at::Tensor& idx, const at::Tensor& scale,
                         const std::optional<at::Tensor>& ranks, BgmvExpandParams* out,
                         const char* op) {
-  TORCH_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
+  BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   const BgmvDtype dt = to_bgmv_dtype(op, "y", y);
-  TORCH_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
-  TORCH_CHECK(y.stride(1) == 1 || y.size(1) == 1, op,
+  BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
+  BGMV_CHECK(y.stride(1) == 1 || y.size(1) == 1, op,
                     ": y: expected unit stride along h_out, got strides ", dims_str(y.strides()));
   const int64_t T = y.size(0);
-  TORCH_CHECK(T <= kIntMax, op, ": y: T = ", T, " tokens, at most ", kIntMax);
+  BGMV_CHECK(T <= kIntMax, op, ": y: T = ", T, " tokens, at most ", kIntMax);
 
   const int64_t S = static_cast<int64_t>(B.size());
-  TORCH_CHECK(S >= 1 && S <= kBgmvMaxSlices, op, ": B: expected 1 to ", kBgmvMaxSlices,
+  BGMV_CHECK(S >= 1 && S <= kBgmvMaxSlices, op, ": B: expected 1 to ", kBgmvMaxSlices,
                     " output slices, got ", S);
   check_device(op, "v", v, y);
-  TORCH_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
+  BGMV_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
   const at::Tensor v4 = v.dim() == 3 ? v.unsqueeze(0) : v;      // [n_split, T, S, r_max]
-  TORCH_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
+  BGMV_CHECK(v4.dim() == 4 && v4.size(0) >= 1 && v4.size(0) <= kBgmvMaxSplit &&
                     v4.size(1) == T && v4.size(2) == S, op, ": v: expected [T=", T,
                     ", S=", S, ", r_max] or [n_split <= ", kBgmvMaxSplit,
                     ", T, S, r_max], got sizes ", dims_str(v.sizes()));
-  TORCH_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
+  BGMV_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     dims_str(v.strides()));
   const int64_t r_max = v4.size(3);
-  TORCH_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
+  BGMV_CHECK(r_max >= 1 && r_max <= kBgmvMaxRank, op, ": v: r_max must be in [1, ",
                     kBgmvMaxRank, "], got sizes ", dims_str(v.sizes()));
 
   BgmvExpandParams p{};
@@ -214,13 +228,13 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
     const at::Tensor& b = B[s];
     const std::string name = "B[" + std::to_string(s) + "]";
     check_device(op, name.c_str(), b, y);
-    TORCH_CHECK(b.scalar_type() == y.scalar_type(), op, ": ", name, ": expected dtype ",
+    BGMV_CHECK(b.scalar_type() == y.scalar_type(), op, ": ", name, ": expected dtype ",
                       y.scalar_type(), " (same as y), got ", b.scalar_type());
-    TORCH_CHECK(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
+    BGMV_CHECK(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
                       b.size(1) >= 1 && b.size(1) <= kIntMax, op, ": ", name,
                       ": expected [L=", L, ", h_out >= 1, r_max=", r_max, "], got sizes ",
                       dims_str(b.sizes()));
-    TORCH_CHECK(b.stride(2) == 1 || r_max == 1, op, ": ", name,
+    BGMV_CHECK(b.stride(2) == 1 || r_max == 1, op, ": ", name,
                       ": expected unit stride along r_max, got strides ", dims_str(b.strides()));
     p.B[s] = b.data_ptr();
     p.b_stride_l[s] = used_stride(b, 0);
@@ -229,13 +243,13 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
     p.col_off[s] = static_cast<int>(col);
     col += b.size(1);
   }
-  TORCH_CHECK(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
-  TORCH_CHECK(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
+  BGMV_CHECK(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
+  BGMV_CHECK(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
                     ", sum h_out_s=", col, "], got sizes ", dims_str(y.sizes()));
   check_index(op, "idx", idx, T, y);
   if (ranks.has_value()) check_index(op, "ranks", *ranks, L, y);
   check_device(op, "scale", scale, y);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
+  BGMV_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
                     (L == 1 || scale.stride(0) == 1), op,
                     ": scale: expected a contiguous float32 [L=", L, "], got ",
                     scale.scalar_type(), " sizes ", dims_str(scale.sizes()), " strides ", dims_str(scale.strides()));
@@ -261,7 +275,7 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   if (out != nullptr) { *out = p; return; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err.empty(), op, ": ", err);
+  BGMV_CHECK(err.empty(), op, ": ", err);
 }
 
 void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, const at::Tensor& idx,
@@ -279,18 +293,18 @@ void bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at
   shrink_impl(x, A, idx, ranks, v, &p.s, op);
   expand_impl(y, v, B, idx, scale, ranks, &p.e, op);
   check_device(op, "counters", counters, x);
-  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+  BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
                     ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
                     "] (zeroed once), got ", counters.scalar_type(), " sizes ", dims_str(counters.sizes()));
-  TORCH_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
+  BGMV_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
                     dims_str(y.sizes()));
   if (x.size(0) == 0) return;
   p.counters = counters.data_ptr<int>();
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_fused_dispatch(to_bgmv_dtype(op, "x", x), p,
                                               c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err.empty(), op, ": ", err);
+  BGMV_CHECK(err.empty(), op, ": ", err);
 }
 
 TORCH_LIBRARY_FRAGMENT(multilora, m) {
