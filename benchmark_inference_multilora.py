@@ -31,6 +31,8 @@ import subprocess
 import sys
 import time
 
+from bench_utils import MODE_STYLE
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -41,9 +43,8 @@ DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "pef
 TRITON_MODES = ("bgmv_triton", "sgmv_triton")
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
 ENGINES = ("fast", "hf")
-MODE_COLORS = {"none": "#7f7f7f", "loop": "#8c564b", "cheat_bmm": "#e377c2", "gbmm": "#1f77b4",
-               "bgmv_triton": "#ff7f0e", "bgmv_cuda": "#2ca02c", "sgmv_triton": "#d62728",
-               "peft": "#9467bd"}
+# one colour per mode, shared with every other figure (bench_utils.MODE_STYLE)
+MODE_COLORS = {m: style[0] for m, style in MODE_STYLE.items()}
 
 
 def build_parser() -> argparse.ArgumentParser:
