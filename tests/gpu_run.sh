@@ -5,6 +5,7 @@
 #   E2E=1 bash tests/gpu_run.sh           then the end-to-end benchmark
 #   SANITIZE=1 bash tests/gpu_run.sh      then compute-sanitizer memcheck over the kernel tests
 # Logs, JSON and PNGs go under $OUT (plots as one tarball: $OUT keeps few files).
+# A copied tree has no .git: pass MULTILORA_COMMIT=<short hash> so the JSON records it.
 set -uo pipefail
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT" plots_gpu
