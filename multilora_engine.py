@@ -666,9 +666,11 @@ class MultiLoraEngine:
 
     # ---------------------------------------------------------------- configuration
     def set_mode(self, mode: str) -> None:
-        """Select the registry mode (drops captured graphs; weights and cache stay)."""
+        """Select the registry mode (drops captured graphs; weights and cache stay). An
+        unknown name raises ValueError and leaves the current mode in place."""
+        new_mode = None if mode == "none" else get_mode(mode)
         self.mode_name = mode
-        self.mode = None if mode == "none" else get_mode(mode)
+        self.mode = new_mode
         self._fn = None if self.mode is None else self.mode.resolve()
         self._overlap = self._side_stream is not None and self.mode is not None \
             and self.mode.graph_safe

@@ -24,6 +24,29 @@ Every mode is called the same way:  fn(y, x, A, B, idx, scale, ranks=None, meta=
 `meta` (a LoraMeta from `make_meta`, built on the host where the request-to-adapter
 assignment is known) carries segments and groups; when None, a mode that needs it builds
 it from idx (one host sync, fine for tests, not inside a CUDA graph).
+
+Bad input raises ValueError naming the argument (shape, dtype, device, layout: free host
+checks). y must have unit stride along h_out and rows that do not overlap (a stride-0
+`expand` view is refused: in-place updates of shared memory would be silently wrong);
+other strides (a column slice of a wider y, non-contiguous x, A, B) give correct results.
+
+Index values live on the device, so the hot path does not read them (that would be a host
+sync, impossible inside a CUDA graph). Debug flag: with the environment variable
+MULTILORA_CHECK=1 (read at each call; ignored while torch.compile traces), every
+check_lora_args call, the shrink / expand wrappers of bgmv_triton and bgmv_cuda, and the
+SGMV wrappers also check the values: idx in [-1, L), ranks in [0, r_max], and SGMV segment
+metadata (seg_starts from 0 to T, non-decreasing, max_seg_len >= the longest segment,
+seg_adapter in [-1, L), segments that rebuild idx). With the flag off, an idx outside
+[-1, L) is never an out-of-bounds access, but its outcome differs by mode:
+    bgmv_triton, sgmv_triton   the token is treated as idx = -1 (row untouched); ranks[i]
+                               above r_max is clamped to r_max, below 0 acts as 0
+    bgmv_cuda                  the token's output row becomes NaN (loud); likewise a rank
+                               outside [0, r_max]
+    loop, gbmm, cheat_bmm      read idx on the host anyway: idx >= L raises ValueError,
+                               idx < -1 is treated as -1
+(sgmv_triton called without meta builds the segments on the host and always checks.)
+NaN / Inf in x, A, B or y are propagated, never hidden: into the rows (and the output
+slice) that use them, and nowhere else.
 """
 from __future__ import annotations
 
@@ -57,6 +80,28 @@ def _fail(arg: str, expected: str, got: object) -> None:
     raise ValueError(f"{arg}: expected {expected}, got {got}")
 
 
+def debug_checks() -> bool:
+    """True when MULTILORA_CHECK is set to a non-empty value other than 0 (the debug flag
+    of the module docstring). Always False while torch.compile traces (no host reads)."""
+    if torch.compiler.is_compiling():
+        return False
+    return os.environ.get("MULTILORA_CHECK", "0") not in ("", "0")
+
+
+def check_index_values(idx: Tensor, L: int, ranks: Optional[Tensor] = None,
+                       r_max: Optional[int] = None) -> None:
+    """idx in [-1, L) and ranks in [0, r_max]: reads both on the host (a sync), so only
+    under check_idx_range=True or the MULTILORA_CHECK flag. ValueError names the argument."""
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -1 or hi >= L:
+            _fail("idx", f"values in [-1, {L - 1}]", f"range [{lo}, {hi}]")
+    if ranks is not None and ranks.numel():
+        rlo, rhi = int(ranks.min()), int(ranks.max())
+        if rlo < 0 or (r_max is not None and rhi > r_max):
+            _fail("ranks", f"values in [0, r_max={r_max}]", f"range [{rlo}, {rhi}]")
+
+
 def as_slices(A: Tensor, B: BList) -> tuple[Tensor, list[Tensor]]:
     """Normalise to A4 [S, L, r_max, h_in] and a list of S tensors B_s [L, h_out_s, r_max]."""
     if not isinstance(A, Tensor):
@@ -80,8 +125,9 @@ def check_lora_args(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scal
                     check_idx_range: bool = False) -> tuple[Tensor, list[Tensor]]:
     """Validate the contract; raise ValueError naming the argument. Returns (A4, Bs).
 
-    Index range is only checked with check_idx_range=True (it reads idx on the host,
-    a sync; kernels skip it in the hot path and rely on callers or the debug flag).
+    Index values (idx in [-1, L), ranks in [0, r_max]) are only checked with
+    check_idx_range=True or under the MULTILORA_CHECK=1 debug flag (they are read on the
+    host, a sync; kernels skip it in the hot path). y must not have overlapping rows.
     """
     A4, Bs = as_slices(A, B)
     for name, t in (("y", y), ("x", x), ("idx", idx), ("scale", scale)):
@@ -132,14 +178,12 @@ def check_lora_args(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scal
             _fail("ranks", f"device {x.device} (same as x)", ranks.device)
     if y.stride(-1) != 1:
         _fail("y", "unit stride in the last dim", y.stride())
-    if check_idx_range:
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < -1 or hi >= L:
-            _fail("idx", f"values in [-1, {L - 1}]", f"range [{lo}, {hi}]")
-        if ranks is not None:
-            rlo, rhi = int(ranks.min()), int(ranks.max())
-            if rlo < 0 or rhi > r_max:
-                _fail("ranks", f"values in [0, r_max={r_max}]", f"range [{rlo}, {rhi}]")
+    if T > 1 and y.stride(0) < h_out_total:
+        # e.g. an expand() view (row stride 0): in-place updates would race / double-add
+        _fail("y", f"rows that do not overlap (row stride >= h_out={h_out_total})",
+              f"strides {tuple(y.stride())}")
+    if check_idx_range or debug_checks():
+        check_index_values(idx, L, ranks, r_max)
     return A4, Bs
 
 
@@ -259,6 +303,8 @@ def lora_loop(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
     for seg, i in enumerate(adapters):
         if i < 0:
             continue
+        if i >= A4.shape[1]:       # a host int already: checking is free
+            _fail("idx", f"values in [-1, {A4.shape[1] - 1}]", i)
         t0, t1 = starts[seg], starts[seg + 1]
         r = ranks_h[i] if ranks_h is not None else A4.shape[2]
         col = 0
@@ -270,8 +316,13 @@ def lora_loop(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
 
 
 def _gather_weights(A4: Tensor, Bs: list[Tensor], idx: Tensor, ranks: Optional[Tensor]):
-    """A4[:, idx], B_s[idx] for rows with an adapter, padded rank zeroed (pads may be junk)."""
-    rows = torch.nonzero(idx >= 0).flatten()
+    """A4[:, idx], B_s[idx] for rows with an adapter of rank >= 1, padded rank zeroed (pads
+    may be junk). Rank-0 rows are left out, as the kernels leave them: a NaN / Inf in such
+    a row of x must not reach y through a multiply by zero."""
+    use = idx >= 0
+    if ranks is not None:
+        use &= ranks.long()[idx.long().clamp(min=0)] > 0
+    rows = torch.nonzero(use).flatten()
     adapters = idx[rows].long()
     mask = _rank_mask(ranks, adapters, A4.shape[2])
     Ag = A4[:, adapters]                                   # [S, n, r_max, h_in]
@@ -286,6 +337,9 @@ def prepare_cheat_bmm(x, A, B, idx, scale, ranks=None) -> LoraMeta:
     """Gather A[idx], B[idx] once (what cheat_bmm leaves out of its timed region)."""
     meta = make_meta(idx)
     A4, Bs = as_slices(A, B)
+    if meta.groups and meta.groups[-1][0] >= A4.shape[1]:   # host ints: a device-side
+        _fail("idx", f"values in [-1, {A4.shape[1] - 1}]",  # gather would assert instead
+              meta.groups[-1][0])
     meta.gathered = _gather_weights(A4, Bs, idx, ranks)
     return meta
 
@@ -316,6 +370,8 @@ def lora_gbmm(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
         meta = make_meta(idx)
     ranks_h = ranks.tolist() if ranks is not None else None
     for a, pos in meta.groups:
+        if a >= A4.shape[1]:       # a host int already: checking is free
+            _fail("idx", f"values in [-1, {A4.shape[1] - 1}]", a)
         xg = x[pos]                                        # [n_a, h_in]
         r = ranks_h[a] if ranks_h is not None else A4.shape[2]
         col = 0

@@ -256,7 +256,11 @@ def load_peft_adapter(path: str, model: nn.Module, name: Optional[str] = None,
     alpha = cfg.get("lora_alpha", 8)
     use_rslora = bool(cfg.get("use_rslora", False))
     parts: dict[str, dict[str, Tensor]] = {}
-    with safe_open(w_path, framework="pt") as f:
+    try:
+        f = safe_open(w_path, framework="pt")
+    except Exception as e:   # SafetensorError (truncated, garbage header) names no file
+        raise ValueError(f"{w_path}: not a readable safetensors file ({e})") from None
+    with f:
         for key in f.keys():
             m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight",
                              key)
@@ -267,7 +271,10 @@ def load_peft_adapter(path: str, model: nn.Module, name: Optional[str] = None,
             if module not in linears:
                 raise ValueError(f"{w_path}: tensor {key!r} targets {module!r}, which is not a "
                                  f"supported Linear layer of this model")
-            parts.setdefault(module, {})[which] = f.get_tensor(key)
+            try:
+                parts.setdefault(module, {})[which] = f.get_tensor(key)
+            except Exception as e:   # data past the end of a truncated file
+                raise ValueError(f"{w_path}: tensor {key!r} cannot be read ({e})") from None
     if not parts:
         raise ValueError(f"{w_path}: no lora_A / lora_B weights")
 

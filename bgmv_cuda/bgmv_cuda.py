@@ -44,7 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from multilora_impl import BList, check_lora_args  # noqa: E402
+from multilora_impl import BList, check_index_values, check_lora_args, debug_checks  # noqa: E402
 
 # ---------------------------------------------------------------------------------------
 # Sources and flags (compile_check.py reuses NVCC_FLAGS and KERNEL_SOURCE)
@@ -428,6 +428,8 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     fixed order (deterministic). A given v fixes n_split by its shape instead.
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
+    if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
+        check_index_values(idx, A4.shape[1], ranks, A4.shape[2])
     n_split = _resolve_split(split_k, x, A4)
     ensure_loaded()
     if v is None:
@@ -444,6 +446,8 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
     Raises ValueError (check_expand_args) before building or calling anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
+    if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
+        check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
     ensure_loaded()
     torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks)
 

@@ -43,8 +43,8 @@ interpreter (TRITON_INTERPRET=1 set before triton is imported).
 
 Index range: idx is not read on the host (that would sync); a token whose idx is outside
 [-1, L) is treated like -1 by the kernels (no out-of-bounds access). ranks[i] is clamped
-to [0, r_max] likewise. Use multilora_impl.check_lora_args(..., check_idx_range=True) to
-validate those values when debugging.
+to [0, r_max] likewise. With MULTILORA_CHECK=1 (multilora_impl's debug flag) every
+wrapper below checks those values on the host and raises ValueError instead.
 
 Checked by tests/test_bgmv_triton.py (interpreter at awkward sizes with NaN rank pads;
 GPU tier at Llama-3-8B shapes, torch.compile, CUDA-graph replay); validated and timed at
@@ -68,7 +68,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from multilora_impl import MAX_RANK, TOLERANCE, check_lora_args  # noqa: E402
+from multilora_impl import (MAX_RANK, TOLERANCE, check_index_values, check_lora_args,  # noqa: E402
+                            debug_checks)
 
 # ---------------------------------------------------------------------------------------
 # Constants (tuned for the H200: decode is memory-bound, so every choice aims at many
@@ -503,6 +504,8 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     h_in into about k chunks. atomic=True accumulates the chunks with fp32 atomics into a
     zeroed v (last bits vary run to run) instead of the deterministic two-pass sum."""
     A4 = _check_shrink_args(x, A, idx, ranks, v)
+    if debug_checks():
+        check_index_values(idx, A4.shape[1], ranks, A4.shape[2])
     if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
         _fail("split_k", "None or an int >= 1", split_k)
     if v is None:
@@ -519,6 +522,8 @@ def bgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: T
     v [T, S, r_max] fp32 from bgmv_shrink; B a tensor [L, h_out, r_max] (S = 1) or S <= 3
     tensors B_s [L, h_out_s, r_max]; rows with idx = -1 are not written."""
     Bs = _check_expand_args(y, v, B, idx, scale, ranks)
+    if debug_checks():
+        check_index_values(idx, Bs[0].shape[0], ranks, v.shape[2])
     torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks)
 
 

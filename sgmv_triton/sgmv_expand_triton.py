@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from multilora_impl import MAX_RANK
+from multilora_impl import MAX_RANK, debug_checks
 from sgmv_triton.sgmv_shrink_triton import (_fail, check_block, check_ranks, check_segments,
                                             pick_block_m)
 
@@ -280,6 +280,7 @@ def sgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], seg_st
             or scale.device != y.device:
         _fail("scale", f"fp32 [L={L}] on {y.device}",
               f"{getattr(scale, 'dtype', None)} {tuple(getattr(scale, 'shape', ()))}")
+    check = check or debug_checks()          # MULTILORA_CHECK=1: values too
     check_segments(seg_starts, seg_adapter, T, L, y.device, max_seg_len, check)
     check_ranks(ranks, L, r_max, y.device, check)
     check_block("block_m", block_m)

@@ -25,7 +25,7 @@ if __name__ == "__main__":   # run as a script: the repo root holds multilora_im
 import torch
 from torch import Tensor
 
-from multilora_impl import LoraMeta, build_segments, check_lora_args, make_meta
+from multilora_impl import LoraMeta, build_segments, check_lora_args, debug_checks, make_meta
 from sgmv_triton.sgmv_expand_triton import sgmv_expand
 from sgmv_triton.sgmv_shrink_triton import _fail, check_segments, sgmv_shrink
 
@@ -37,7 +37,9 @@ def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
               *, check: bool = False) -> None:
     """y += LoRA(x) in place, registry signature. Without meta, builds it from idx and
     checks the index values (a host sync: fine for tests, not inside a CUDA graph). With
-    meta nothing is read from the device unless check=True."""
+    meta nothing is read from the device unless check=True or MULTILORA_CHECK=1 (then the
+    index values and the segments are checked against idx)."""
+    check = check or debug_checks()
     if meta is None:
         A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks, check_idx_range=True)
         meta = make_meta(idx)

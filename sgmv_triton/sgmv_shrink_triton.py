@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from multilora_impl import MAX_RANK
+from multilora_impl import MAX_RANK, debug_checks
 
 # ---------------------------------------------------------------------------------------
 # Block sizes (H200, sm_90)
@@ -314,6 +314,7 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
         _fail("A", f"[S, L >= 1, 1 <= r_max <= {MAX_RANK}, h_in={h_in}]", tuple(A.shape))
     if A.dtype != x.dtype or A.device != x.device:
         _fail("A", f"{x.dtype} on {x.device} (as x)", f"{A.dtype} on {A.device}")
+    check = check or debug_checks()          # MULTILORA_CHECK=1: values too
     check_segments(seg_starts, seg_adapter, T, L, x.device, max_seg_len, check)
     check_ranks(ranks, L, r_max, x.device, check)
     if not isinstance(split_k, int) or split_k < 1:
