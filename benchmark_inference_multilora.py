@@ -9,22 +9,34 @@ CUDA-graph decode) and/or `hf` (multilora_model.py: the transformers model with 
 Linear layers). Each mode's last-token prefill logits are first checked against PEFT's
 mixed-batch forward (multilora_impl.TOLERANCE); a failing mode is not timed. Untimed
 warm-up first (graph capture is also outside the timed region, reported as capture_s).
+One run times one point (--batch-size, --workload), or a grid of points: --batch-sizes
+(a sweep, line plot of tokens/s vs batch) x --workloads (grouped bars and the
+distinct/identical ratio per mode). The model, adapters and engine are built once (the
+engine for the largest batch) and every point uses the first B prompts of one prompt set.
 
     python benchmark_inference_multilora.py --modes none gbmm bgmv_triton bgmv_cuda \\
         sgmv_triton peft --model-config llama3-8b --max_new_tokens 512 --batch-size 64 \\
-        --temperature 0.7 --top-p 0.9
+        --temperature 0.7 --top-p 0.9 --targets
+    python benchmark_inference_multilora.py --batch-sizes 1 2 4 8 16 32 64 128 256 \\
+        --max-new-tokens 128 --prompt-len 32          # sweep: none and the kernel modes
+    python benchmark_inference_multilora.py --workloads distinct identical --num-adapters 64 \\
+        --modes none bgmv_triton bgmv_cuda sgmv_triton --max-new-tokens 128 --targets
     python benchmark_inference_multilora.py --model ./Llama-3.2-1B-Instruct --num-adapters 32
     python benchmark_inference_multilora.py --quick --device cpu          # seconds, tiny model
     python benchmark_inference_multilora.py --plot-only plots/e2e_llama3-8b_b64_L16_r16_n512.json
 
 Writes <out-dir>/e2e_<config>.json (GPU, versions, git commit, config, per mode tokens/s,
-time, ms/step, prefill time, peak memory, logits error) and the bar chart .png beside it.
+time, ms/step, prefill time, peak memory, logits error) and the bar chart .png beside it;
+a sweep writes e2e_sweep_<config>.json/.png, a workloads run e2e_workloads_<config>.json/.png
+(a sweep over several workloads both PNGs), with one entry per point under "points".
+--targets prints the issue's targets (TARGETS) with PASS/FAIL from the JSON.
 --model-config builds a named Llama shape with random weights on the device (labelled so).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import os
 import subprocess
@@ -40,19 +52,31 @@ if ROOT not in sys.path:
 ENGINE_MODES = ("none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton")
 ALL_MODES = ENGINE_MODES + ("peft",)
 DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "peft")
+# A sweep leaves out peft (~370 ms/step at batch 64) and gbmm (~180 ms/step): minutes per point.
+SWEEP_MODES = ("none", "bgmv_triton", "bgmv_cuda", "sgmv_triton")
 TRITON_MODES = ("bgmv_triton", "sgmv_triton")
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
 ENGINES = ("fast", "hf")
 # one colour per mode, shared with every other figure (bench_utils.MODE_STYLE)
 MODE_COLORS = {m: style[0] for m, style in MODE_STYLE.items()}
+WORKLOAD_HATCH = {"distinct": "", "uniform": "..", "skewed": "//", "identical": "xx"}
+WORKLOAD_LINE = {"distinct": "-", "uniform": "-.", "skewed": ":", "identical": "--"}
+# The end-to-end targets of the speed issue: (what, threshold); each must be >= threshold.
+TARGETS = {
+    "best_tokens_per_s": ("best LoRA mode tokens/s", 8000.0),
+    "best_vs_none": ("best LoRA mode / none (same engine)", 0.90),
+    "best_vs_peft": ("best LoRA mode / peft", 25.0),
+    "distinct_vs_identical": ("best mode's distinct / identical tokens/s", 0.85),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[2].splitlines()))
-    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=ALL_MODES,
-                   help=f"modes to time (default: {' '.join(DEFAULT_MODES)})")
+    p.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES,
+                   help=f"modes to time (default: {' '.join(DEFAULT_MODES)}; with --batch-sizes: "
+                        f"{' '.join(SWEEP_MODES)}, as peft and gbmm take minutes per point)")
     p.add_argument("--engine", nargs="+", default=["fast"], choices=ENGINES,
                    help="fast: multilora_engine.py (compact forward, fused q/k/v and gate/up, "
                         "static KV cache, CUDA-graph decode on a GPU); hf: the transformers "
@@ -70,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the number of decoder layers of --model-config")
     p.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64,
                    help="requests per batch (default: 64)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, metavar="B",
+                   help="sweep: time every mode at each batch size (requests) with one model "
+                        "and one engine built for the largest; writes e2e_sweep_<config> with "
+                        "a tokens/s vs batch line plot (replaces --batch-size; e.g. "
+                        "1 2 4 8 16 32 64 128 256)")
     p.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
                    default=512, help="tokens generated by every request (default: 512)")
     p.add_argument("--prompt-len", type=int, default=128,
@@ -83,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "wrong kernel; speed does not depend on it)")
     p.add_argument("--workload", default="uniform", choices=WORKLOADS,
                    help="request-to-adapter assignment (default: uniform)")
+    p.add_argument("--workloads", nargs="+", default=None, choices=WORKLOADS, metavar="W",
+                   help="time every mode under each workload (replaces --workload); prints "
+                        "tokens/s per (mode, workload) and each workload / identical per mode, "
+                        "and draws grouped bars (e.g. distinct identical)")
     p.add_argument("--no-lora-share", type=float, default=0.0,
                    help="share of requests without adapter (default: 0)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
@@ -96,13 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bf16 on a GPU, fp32 on the CPU")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the logits check against PEFT (and time every mode)")
+    p.add_argument("--targets", action="store_true",
+                   help="print the issue's targets with PASS/FAIL at the end (best LoRA mode "
+                        f"tokens/s >= {TARGETS['best_tokens_per_s'][1]:.0f}, / none >= "
+                        f"{TARGETS['best_vs_none'][1]}, / peft >= "
+                        f"{TARGETS['best_vs_peft'][1]:.0f}, "
+                        f"distinct / identical >= {TARGETS['distinct_vs_identical'][1]})")
     p.add_argument("--quick", action="store_true",
                    help="tiny model, batch 8, 8 tokens, 4 adapters of rank 4: seconds, CPU ok")
     p.add_argument("--out-dir", default=os.path.join(ROOT, "plots"), help="where JSON/PNG go")
     p.add_argument("--name", default=None, help="file stem (default: e2e_<config>)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--plot-only", default=None, metavar="JSON",
-                   help="redraw the plot and table from a JSON written earlier (no GPU)")
+                   help="redraw the plot(s), table and targets from a JSON written earlier "
+                        "(no GPU)")
     return p
 
 
@@ -133,8 +173,22 @@ def environment(device) -> dict:
     return env
 
 
+def views(data: dict) -> list[dict]:
+    """One single-point view per point, in the layout of a one-point run (config with
+    batch_size, workload, prompt_tokens, adapter_of_request; validation; results)."""
+    if "points" not in data:
+        return [data]
+    keys = ("batch_size", "workload", "prompt_tokens", "adapter_of_request")
+    return [dict(env=data["env"], config=dict(data["config"], **{k: p[k] for k in keys}),
+                 validation=p["validation"], results=p["results"]) for p in data["points"]]
+
+
+def timed(view: dict) -> list[dict]:
+    return [r for r in view["results"] if r.get("tokens_per_s")]
+
+
 def print_table(data: dict) -> None:
-    rows = [r for r in data["results"] if r.get("tokens_per_s")]
+    rows = timed(data)
     c = data["config"]
     dec = "greedy" if c["temperature"] <= 0 else f"T={c['temperature']} top-p={c['top_p']}"
     print(f"\n{c['model']} | {c['dtype']} | batch {c['batch_size']} | {c['max_new_tokens']} new "
@@ -166,6 +220,117 @@ def print_table(data: dict) -> None:
               f"under the gate {v['gate']:.1e} (tolerance {v['tolerance']:.1e}, PEFT's own "
               f"bf16-vs-fp32 noise {v.get('noise') or 0:.1e}; the LoRA moves them by "
               f"{v['lora_effect']:.1e})")
+
+
+def print_sweep(data: dict) -> None:
+    """tokens/s (and ms/step) per mode x batch size, one block per workload."""
+    c = data["config"]
+    for wl in c["workloads"]:
+        vs = [v for v in views(data) if v["config"]["workload"] == wl]
+        labels = list(dict.fromkeys(r["label"] for v in vs for r in v["results"]))
+        print(f"\ntokens/s (ms/step) vs batch | {c['model']} | {c['dtype']} | "
+              f"{c['max_new_tokens']} new tokens | L={c['num_adapters']} r={c['rank']} {wl} | "
+              f"{data['env'].get('gpu') or data['env']['device']}")
+        w = max([12] + [len(x) for x in labels])
+        print(f"{'batch':>5} " + "  ".join(f"{x:>{w + 8}}" for x in labels))
+        for v in vs:
+            by = {r["label"]: r for r in v["results"]}
+            cells = []
+            for x in labels:
+                r = by.get(x)
+                cells.append(f"{r['tokens_per_s']:>{w}.0f} ({r['ms_per_step']:5.1f})"
+                             if r and r.get("tokens_per_s") else f"{'-':>{w + 8}}")
+            print(f"{v['config']['batch_size']:>5} " + "  ".join(cells))
+
+
+def flatness(data: dict) -> list[dict]:
+    """Per (batch size, mode row): tokens/s under each workload and each / identical (or /
+    the first workload when identical was not run). Empty for a one-workload run."""
+    wls = data["config"].get("workloads") or [data["config"]["workload"]]
+    if len(wls) < 2:
+        return []
+    ref = "identical" if "identical" in wls else wls[0]
+    out = []
+    for b in sorted({v["config"]["batch_size"] for v in views(data)}):
+        by = {(v["config"]["workload"], r["label"]): r for v in views(data)
+              if v["config"]["batch_size"] == b for r in timed(v)}
+        for label in dict.fromkeys(lab for _, lab in by):
+            tps = {w: by[(w, label)]["tokens_per_s"] for w in wls if (w, label) in by}
+            row = next(by[(w, label)] for w in wls if (w, label) in by)
+            out.append(dict(batch_size=b, label=label, mode=row["mode"], engine=row["engine"],
+                            tokens_per_s=tps, reference=ref,
+                            ratio={w: tps[w] / tps[ref] for w in tps if ref in tps}))
+    return out
+
+
+def print_flatness(data: dict) -> None:
+    rows = data.get("flatness") or flatness(data)
+    if not rows:
+        return
+    wls = data["config"]["workloads"]
+    ref = rows[0]["reference"]
+    others = [w for w in wls if w != ref]
+    w = max([12] + [len(r["label"]) for r in rows])
+    print(f"\ntokens/s per workload (L={data['config']['num_adapters']}) and each / {ref}")
+    print(f"{'batch':>5} {'Mode':<{w}} " + " ".join(f"{x:>10}" for x in wls)
+          + " " + " ".join(f"{x[:4] + '/' + ref[:4]:>10}" for x in others))
+    for r in rows:
+        tps = " ".join(f"{r['tokens_per_s'][x]:>10.1f}" if x in r["tokens_per_s"] else f"{'-':>10}"
+                       for x in wls)
+        rat = " ".join(f"{r['ratio'][x]:>10.3f}" if x in r["ratio"] else f"{'-':>10}"
+                       for x in others)
+        print(f"{r['batch_size']:>5} {r['label']:<{w}} {tps} {rat}")
+
+
+def targets(data: dict) -> list[dict]:
+    """The issue's targets (TARGETS) from a JSON's data: 1-3 per point (the fastest timed
+    LoRA mode of any engine vs `none` of its engine and vs peft), and distinct / identical
+    of the mode fastest under `distinct` at each batch size. Missing inputs: value None."""
+    out = []
+    for v in views(data):
+        c, rows = v["config"], timed(v)
+        where = f"batch {c['batch_size']} {c['workload']}"
+        lora = [r for r in rows if r["mode"] not in ("none", "peft")]
+        best = max(lora, key=lambda r: r["tokens_per_s"], default=None)
+        none = next((r for r in rows if r["mode"] == "none"
+                     and best is not None and r["engine"] == best["engine"]), None)
+        peft = next((r for r in rows if r["mode"] == "peft"), None)
+        vals = {"best_tokens_per_s": best and best["tokens_per_s"],
+                "best_vs_none": best and none and best["tokens_per_s"] / none["tokens_per_s"],
+                "best_vs_peft": best and peft and best["tokens_per_s"] / peft["tokens_per_s"]}
+        for key, val in vals.items():
+            out.append(dict(target=key, where=where, mode=best and best["label"], value=val))
+    for b in sorted({r["batch_size"] for r in flatness(data)}):
+        rows = [r for r in flatness(data) if r["batch_size"] == b and r["mode"] not in
+                ("none", "peft") and "distinct" in r["ratio"]]
+        best = max(rows, key=lambda r: r["tokens_per_s"]["distinct"], default=None)
+        out.append(dict(target="distinct_vs_identical",
+                        where=f"batch {b}, L={data['config']['num_adapters']}",
+                        mode=best and best["label"], value=best and best["ratio"]["distinct"]))
+    for t in out:
+        t["threshold"] = TARGETS[t["target"]][1]
+        t["pass"] = t["value"] is not None and t["value"] >= t["threshold"]
+    return out
+
+
+def print_targets(data: dict) -> None:
+    print("\ntargets (each >= its threshold):")
+    for t in targets(data):
+        what = TARGETS[t["target"]][0]
+        val = "n/a (not timed)" if t["value"] is None else \
+            f"{t['value']:.0f}" if t["value"] >= 100 else f"{t['value']:.3g}"
+        verdict = "PASS" if t["pass"] else "FAIL"
+        print(f"  {verdict}  {what:<42} {t['where']:<24} {t['mode'] or '-':<14} "
+              f"{val:>16} >= {t['threshold']:g}")
+
+
+def _title_tail(data: dict) -> str:
+    c = data["config"]
+    prompt = c.get("prompt_tokens") or [n for pt in data.get("points", [])
+                                        for n in pt["prompt_tokens"]]
+    return (f"{data['env'].get('gpu') or 'CPU'}, {c['model']}, {c['dtype']}, "
+            f"prompt {max(prompt)} + {c['max_new_tokens']} new tok, L={c['num_adapters']}, "
+            f"r={c['rank']}")
 
 
 def plot(data: dict, png: str) -> None:
@@ -200,16 +365,121 @@ def plot(data: dict, png: str) -> None:
     plt.close(fig)
 
 
+def plot_sweep(data: dict, png: str) -> None:
+    """tokens/s vs batch size (log2 x, log y), one colour and marker per mode; `none` as a
+    dashed reference series; one line style per workload when there are several."""
+    from bench_utils import pyplot
+    plt = pyplot()
+    c = data["config"]
+    fig, ax = plt.subplots(figsize=(7.0, 4.8))
+    several = len(c["workloads"]) > 1
+    for wl in c["workloads"]:
+        vs = [v for v in views(data) if v["config"]["workload"] == wl]
+        labels = dict.fromkeys(r["label"] for v in vs for r in timed(v))
+        for label in labels:
+            pts = [(v["config"]["batch_size"], r) for v in vs for r in timed(v)
+                   if r["label"] == label]
+            mode = pts[0][1]["mode"]
+            colour, marker = MODE_STYLE.get(mode, ("black", "."))
+            ls = "--" if mode == "none" else (WORKLOAD_LINE[wl] if several else "-")
+            name = f"{label}: no-LoRA reference" if mode == "none" else label
+            ax.plot([b for b, _ in pts], [r["tokens_per_s"] for _, r in pts], color=colour,
+                    marker=marker, ls=ls, lw=1.1 if mode == "none" else 1.5, ms=5,
+                    label=f"{name} ({wl})" if several else name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    bs = c["batch_sizes"]
+    ax.set_xticks(bs, [str(b) for b in bs])
+    ax.set_xlabel("batch size (requests, log2)")
+    ax.set_ylabel("throughput (tokens/s, log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    wl = "" if several else f", {c['workloads'][0]}"
+    ax.set_title(f"How does generation throughput scale with batch size, per mode?\n"
+                 f"{_title_tail(data)}{wl}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def plot_workloads(data: dict, png: str) -> None:
+    """Grouped bars: tokens/s per mode row (colour) and workload (hatch), at the largest
+    batch; each bar other than the reference workload's is labelled with its ratio to it."""
+    from bench_utils import pyplot
+    plt = pyplot()
+    c = data["config"]
+    rows = data.get("flatness") or flatness(data)
+    b = max(r["batch_size"] for r in rows)
+    rows = [r for r in rows if r["batch_size"] == b]
+    wls = c["workloads"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) * len(wls) / 2 + 2), 4.2))
+    width = 0.8 / len(wls)
+    for i, r in enumerate(rows):
+        colour = MODE_COLORS.get(r["mode"], "#333333")
+        for j, wl in enumerate(wls):
+            v = r["tokens_per_s"].get(wl)
+            if v is None:
+                continue
+            x = i + (j - (len(wls) - 1) / 2) * width
+            ax.bar(x, v, width, color=colour, hatch=WORKLOAD_HATCH[wl], edgecolor="white",
+                   label=wl if i == 0 else None)
+            txt = f"{v:.0f}" if wl == r["reference"] or wl not in r["ratio"] \
+                else f"{v:.0f}\n{r['ratio'][wl]:.2f}x"
+            ax.text(x, v, txt, ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(rows)), [r["label"].replace(" (", "\n(") for r in rows])
+    ax.set_ylabel("throughput (tokens/s)")
+    ax.set_ylim(0, 1.18 * max(v for r in rows for v in r["tokens_per_s"].values()))
+    leg = ax.legend(fontsize=8, title=f"workload (ratio to {rows[0]['reference']})",
+                    title_fontsize=8, loc="upper right")
+    for h in leg.legend_handles:                    # the hatch alone names the workload
+        h.set_facecolor("white")
+        h.set_edgecolor("#444444")
+    ax.set_title(f"Does throughput stay flat when every request has its own adapter?\n"
+                 f"{_title_tail(data)}, batch {b}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+
+def draw(data: dict, stem: str) -> list[str]:
+    """Every figure of a run, from its JSON data; returns the PNG paths."""
+    kind = data.get("kind", "single")
+    pngs = []
+    if kind == "single":
+        plot(data, stem + ".png")
+        return [stem + ".png"]
+    if kind == "sweep":
+        plot_sweep(data, stem + ".png")
+        pngs.append(stem + ".png")
+    if flatness(data):
+        png = stem + ("_workloads" if kind == "sweep" else "") + ".png"
+        plot_workloads(data, png)
+        pngs.append(png)
+    return pngs
+
+
+def report(data: dict, show_targets: bool) -> None:
+    kind = data.get("kind", "single")
+    if kind == "sweep":
+        print_sweep(data)
+    else:
+        for v in views(data):
+            print_table(v)
+    print_flatness(data)
+    if show_targets:
+        print_targets(data)
+
+
 # ---------------------------------------------------------------------------------------
 # The benchmark
 # ---------------------------------------------------------------------------------------
-def make_prompts(args, tok, model, g_seed: int) -> list[list[int]]:
-    """Token ids per request: the built-in prompts through the chat template for a real
-    model (unequal lengths), or random ids of --prompt-len for a random-weight model."""
+def make_prompts(args, tok, model, B: int, g_seed: int) -> list[list[int]]:
+    """Token ids of B requests: the built-in prompts through the chat template for a real
+    model (unequal lengths), or random ids of --prompt-len for a random-weight model. A
+    smaller batch of a sweep takes the first requests of the largest batch's set."""
     import torch
     import multilora_model as mm
 
-    B = args.batch_size
     if tok is not None:
         texts = [mm.DEFAULT_PROMPTS[i % len(mm.DEFAULT_PROMPTS)] for i in range(B)]
         return mm.encode_prompts(tok, texts)
@@ -249,14 +519,20 @@ def time_peft(pm, ids, mask, names: list[str], args, pad_id: int, device) -> dic
     new = out.shape[1] - ids.shape[1]
     if new != args.max_new_tokens:
         raise RuntimeError(f"peft generated {new} tokens, expected {args.max_new_tokens}")
-    return dict(time_s=total, prefill_s=prefill, decode_s=total - prefill,
-                total_tokens=int(out.shape[0] * new), steps=new - 1)
+    r = dict(time_s=total, prefill_s=prefill, decode_s=total - prefill,
+             total_tokens=int(out.shape[0] * new), steps=new - 1)
+    if device.type == "cuda":
+        r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return r
 
 
 def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict:
     """multilora_engine: warm-up generation (graphs for the warm-up lengths), then the
-    timed one; graphs it still needs are captured before its timed region (capture_s)."""
-    eng.set_mode(mode)
+    timed one; graphs it still needs are captured before its timed region (capture_s).
+    Graphs of the mode are kept across points (set_mode drops them), so a second workload
+    at the same batch reuses them with its assignment written into the static buffers."""
+    if eng.mode_name != mode:
+        eng.set_mode(mode)
     kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, ignore_eos=True,
               pad_token_id=pad_id)
     eng.generate(input_ids, adapter_idx, min(args.warmup_tokens, args.max_new_tokens), **kw)
@@ -266,7 +542,7 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
         raise RuntimeError(f"{mode}: generated {st['total_tokens']} tokens, expected "
                            f"{len(input_ids) * args.max_new_tokens}")
     keep = ("time_s", "prefill_s", "decode_s", "total_tokens", "steps", "capture_s", "graph",
-            "peak_memory_gb")
+            "peak_memory_gb", "batch_bucket")
     return {k: st[k] for k in keep if k in st}
 
 
@@ -309,6 +585,11 @@ def run(args) -> dict:
     if args.model is None and device.type == "cpu" and big:
         raise SystemExit(f"--model-config {args.model_config} on the CPU would take hours: use a "
                          f"GPU, or --quick / --model-config tiny")
+    batch_sizes = sorted(set(args.batch_sizes)) if args.batch_sizes else [args.batch_size]
+    workloads = list(dict.fromkeys(args.workloads)) if args.workloads else [args.workload]
+    if min(batch_sizes) < 1:
+        raise SystemExit(f"--batch-sizes: expected sizes >= 1, got {batch_sizes}")
+    kind = "sweep" if args.batch_sizes else "workloads" if args.workloads else "single"
 
     tok = None
     if args.model is not None:
@@ -322,148 +603,195 @@ def run(args) -> dict:
               else (tok.eos_token_id if tok is not None else 0))
     adapters = mm.make_random_adapters(model, args.num_adapters, args.rank, seed=args.seed,
                                        init_scale=args.lora_init_scale)
-    adapter_idx = make_workload(args.workload, args.batch_size, args.num_adapters,
-                                args.no_lora_share, args.seed).tolist()
-    input_ids = make_prompts(args, tok, model, args.seed)
-    names = [adapters[i].name if i >= 0 else "__base__" for i in adapter_idx]
+    all_ids = make_prompts(args, tok, model, max(batch_sizes), args.seed)
+    # One point per (workload, batch size): the first B prompts, the workload's assignment.
+    points = []
+    for wl, B in itertools.product(workloads, batch_sizes):
+        idx = make_workload(wl, B, args.num_adapters, args.no_lora_share, args.seed).tolist()
+        points.append(dict(batch_size=B, workload=wl, input_ids=all_ids[:B], adapter_of_request=idx,
+                           names=[adapters[i].name if i >= 0 else "__base__" for i in idx],
+                           results={}, validation={"tolerance": TOLERANCE[dtype]}, ref=None))
     config = dict(model=model.name_or_path_label, label=label,
                   dtype=str(dtype).replace("torch.", ""),
                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                  prompt_tokens=[len(x) for x in input_ids], num_adapters=args.num_adapters,
+                  prompt_tokens=[len(x) for x in points[0]["input_ids"]],
+                  num_adapters=args.num_adapters,
                   rank=args.rank, lora_init_scale=args.lora_init_scale,
                   workload=args.workload, no_lora_share=args.no_lora_share,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   warmup_tokens=args.warmup_tokens, modes=list(args.modes),
                   engines=list(args.engine),
-                  adapter_of_request=adapter_idx,
+                  adapter_of_request=points[0]["adapter_of_request"],
                   num_layers=model.config.num_hidden_layers,
                   hidden_size=model.config.hidden_size)
-    print(f"config: {config['model']} {config['dtype']} on {device} | batch {args.batch_size} x "
-          f"{args.max_new_tokens} new tokens | prompts {min(config['prompt_tokens'])}-"
-          f"{max(config['prompt_tokens'])} tokens | L={args.num_adapters} r={args.rank} "
-          f"{args.workload} | T={args.temperature} top-p={args.top_p} seed={args.seed}")
+    if kind != "single":            # per point instead
+        for k in ("batch_size", "workload", "prompt_tokens", "adapter_of_request"):
+            del config[k]
+        config.update(batch_sizes=batch_sizes, workloads=workloads)
+    plens = [len(x) for x in all_ids]
+    print(f"config: {config['model']} {config['dtype']} on {device} | batch "
+          f"{' '.join(map(str, batch_sizes))} x {args.max_new_tokens} new tokens | prompts "
+          f"{min(plens)}-{max(plens)} tokens | L={args.num_adapters} r={args.rank} "
+          f"{' '.join(workloads)} | T={args.temperature} top-p={args.top_p} seed={args.seed}")
 
-    results: dict[tuple, dict] = {}
     validate = not args.no_validate
     modes = [m for m in args.modes if m != "peft"]
-    # Validation gate. The reference is PEFT's mixed-batch forward on the same model and
-    # adapters; in fp32 the bound is TOLERANCE[dtype]. In bf16 a model turns last-bit
-    # differences into logits differences near that bound (~1e-2 after 2 random-weight
-    # layers, more deeper: measured), so the gate is max(TOLERANCE, 2 x noise), noise =
-    # the distance of PEFT's own bf16 logits from PEFT's fp32 logits (same weights, upcast):
-    # a correct bf16 implementation is within about twice that of PEFT's bf16 answer. A
-    # wrong kernel is off by the LoRA's whole effect (lora_effect), far above the gate.
-    val: dict = {"tolerance": TOLERANCE[dtype]}
-    ref = None
+    # Validation gate, per point. The reference is PEFT's mixed-batch forward on the same
+    # model and adapters; in fp32 the bound is TOLERANCE[dtype]. In bf16 a model turns
+    # last-bit differences into logits differences near that bound (~1e-2 after 2
+    # random-weight layers, more deeper: measured), so the gate is max(TOLERANCE, 2 x
+    # noise), noise = the distance of PEFT's own bf16 logits from PEFT's fp32 logits (same
+    # weights, upcast): a correct bf16 implementation is within about twice that of PEFT's
+    # bf16 answer. A wrong kernel is off by the LoRA's whole effect (lora_effect), far
+    # above the gate.
     # PEFT first: its in-memory model gives the reference logits, then is unloaded.
     if "peft" in args.modes or (validate and modes):
         pm = mm.to_peft_model(model, adapters)
-        ids, mask, _ = mm.left_pad(input_ids, pad_id, device)
         if validate and modes:
-            def last(m, names_):
-                return mm.forward_logits(m, None, input_ids, adapter_idx, pad_id, last_only=True,
-                                         adapter_names=names_)[0][:, -1]      # [B, V] fp32
-            ref = last(pm, names)
-            val["lora_effect"] = relative_error(ref, last(pm, ["__base__"] * len(names)))
-            val["noise"] = 0.0
+            def last(m, p, names_):
+                return mm.forward_logits(m, None, p["input_ids"], p["adapter_of_request"], pad_id,
+                                         last_only=True, adapter_names=names_)[0][:, -1]  # [B, V]
+            pm32 = None
             if dtype != torch.float32:
                 try:
                     pm32 = copy.deepcopy(pm).float()
-                    val["noise"] = relative_error(ref, last(pm32, names))
-                    del pm32
                 except torch.OutOfMemoryError:
-                    val["noise"] = None
                     print("validation: no memory for PEFT's fp32 copy; gate = tolerance")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            val["gate"] = max(val["tolerance"], 2 * (val["noise"] or 0.0))
-            print(f"validation: tolerance {val['tolerance']:.1e}, PEFT bf16-vs-fp32 noise "
-                  f"{val['noise'] if val['noise'] is None else format(val['noise'], '.1e')}, "
-                  f"gate {val['gate']:.1e}, LoRA effect {val['lora_effect']:.1e}")
-        if "peft" in args.modes:
-            print("timing peft ...", flush=True)
-            r = time_peft(pm, ids, mask, names, args, pad_id, device)
-            r["logits_error"] = None                         # it is the reference
+            for p in points:
+                val = p["validation"]
+                p["ref"] = last(pm, p, p["names"])
+                base = last(pm, p, ["__base__"] * len(p["names"]))
+                val["lora_effect"] = relative_error(p["ref"], base)
+                val["noise"] = 0.0 if dtype == torch.float32 else \
+                    None if pm32 is None else relative_error(p["ref"], last(pm32, p, p["names"]))
+                val["gate"] = max(val["tolerance"], 2 * (val["noise"] or 0.0))
+                print(f"validation b{p['batch_size']} {p['workload']}: tolerance "
+                      f"{val['tolerance']:.1e}, PEFT bf16-vs-fp32 noise "
+                      f"{val['noise'] if val['noise'] is None else format(val['noise'], '.1e')}, "
+                      f"gate {val['gate']:.1e}, LoRA effect {val['lora_effect']:.1e}")
+            del pm32
             if device.type == "cuda":
-                r["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            results[("peft", "peft")] = r
+                torch.cuda.empty_cache()
+        if "peft" in args.modes:
+            for p in points:
+                print(f"timing peft b{p['batch_size']} {p['workload']} ...", flush=True)
+                ids, mask, _ = mm.left_pad(p["input_ids"], pad_id, device)
+                r = time_peft(pm, ids, mask, p["names"], args, pad_id, device)
+                r["logits_error"] = None                         # it is the reference
+                p["results"][("peft", "peft")] = r
         model = pm.unload()
         del pm
 
-    def measure(mode: str, engine: str, logits_fn, time_fn) -> None:
+    def measure(p: dict, mode: str, engine: str, logits_fn, time_fn) -> None:
         """Check the mode's last-token prefill logits against PEFT's, then time it; a
         failing or broken mode gets a status instead of numbers (the others still run)."""
         r: dict = {}
-        results[(mode, engine)] = r
+        p["results"][(mode, engine)] = r
+        where = f"{mode} ({engine}) b{p['batch_size']} {p['workload']}"
         try:
-            if ref is not None and mode != "none":
-                r["logits_error"] = relative_error(logits_fn(mode), ref)
-                if not r["logits_error"] <= val["gate"]:
-                    r["status"] = f"logits error {r['logits_error']:.2e} > gate {val['gate']:.1e}"
-                    print(f"{mode} ({engine}): {r['status']}, not timed")
+            if p["ref"] is not None and mode != "none":
+                r["logits_error"] = relative_error(logits_fn(), p["ref"])
+                gate = p["validation"]["gate"]
+                if not r["logits_error"] <= gate:
+                    r["status"] = f"logits error {r['logits_error']:.2e} > gate {gate:.1e}"
+                    print(f"{where}: {r['status']}, not timed")
                     return
-            print(f"timing {mode} ({engine}) ...", flush=True)
+            print(f"timing {where} ...", flush=True)
             r.update(time_fn())
         except Exception as e:
             r["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-            print(f"{mode} ({engine}): {r['status']}")
+            print(f"{where}: {r['status']}")
 
     if "fast" in args.engine and modes:
         from multilora_engine import MultiLoraEngine
+        # Built once for the largest batch; every batch size gets its own graph bucket.
         eng = MultiLoraEngine(model, mm.stack_all(model, adapters), "none",
-                              max_batch=args.batch_size,
-                              max_seq=max(config["prompt_tokens"]) + args.max_new_tokens)
+                              max_batch=max(batch_sizes),
+                              max_seq=max(plens) + args.max_new_tokens)
         kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   ignore_eos=True, pad_token_id=pad_id)
 
-        def fast_logits(mode: str) -> Tensor:
-            eng.set_mode(mode)
-            _, st = eng.generate(input_ids, adapter_idx, 1, keep_logits=True, **kw)
+        def fast_logits(mode: str, p: dict) -> Tensor:
+            if eng.mode_name != mode:
+                eng.set_mode(mode)
+            _, st = eng.generate(p["input_ids"], p["adapter_of_request"], 1, keep_logits=True,
+                                 **kw)
             return st["last_logits"]                                          # [B, V]
 
-        for mode in modes:
-            measure(mode, "fast", fast_logits,
-                    lambda: time_fast(eng, mode, input_ids, adapter_idx, args, pad_id))
+        for mode in modes:                # mode outer: set_mode (graph drop) once per mode
+            for p in points:
+                measure(p, mode, "fast", lambda: fast_logits(mode, p),
+                        lambda: time_fast(eng, mode, p["input_ids"], p["adapter_of_request"],
+                                          args, pad_id))
         del eng
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if "hf" in args.engine and modes:
         ctx = mm.inject_multilora(model, adapters, "none")
 
-        def hf_logits(mode: str) -> Tensor:
+        def hf_logits(mode: str, p: dict) -> Tensor:
             ctx.set_mode(mode)
-            return mm.forward_logits(model, ctx, input_ids, adapter_idx, pad_id,
+            return mm.forward_logits(model, ctx, p["input_ids"], p["adapter_of_request"], pad_id,
                                      last_only=True)[0][:, -1]
 
         for mode in modes:
-            measure(mode, "hf", hf_logits,
-                    lambda: time_hf(model, ctx, mode, input_ids, adapter_idx, args, pad_id,
-                                    device))
+            for p in points:
+                measure(p, mode, "hf", lambda: hf_logits(mode, p),
+                        lambda: time_hf(model, ctx, mode, p["input_ids"], p["adapter_of_request"],
+                                        args, pad_id, device))
         mm.remove_multilora(model)
-    rows = []
+
     order = lambda k: (k[0] == "peft", args.engine.index(k[1]) if k[1] in args.engine else 0,
                        args.modes.index(k[0]))                               # noqa: E731
-    for (mode, engine), res in sorted(results.items(), key=lambda kv: order(kv[0])):
-        label = mode if len(args.engine) == 1 or mode == "peft" else f"{mode} ({engine})"
-        r = dict(mode=mode, engine=engine, label=label, **res)
-        r.setdefault("logits_error", None)
-        if "time_s" in r:
-            r["tokens_per_s"] = r["total_tokens"] / r["time_s"]
-            r["ms_per_step"] = r["decode_s"] / max(r["steps"], 1) * 1e3
-            r.setdefault("status", "ok")
-        rows.append(r)
-    return dict(env=environment(device), config=config, validation=val, results=rows)
+    for p in points:
+        rows = []
+        for (mode, engine), res in sorted(p["results"].items(), key=lambda kv: order(kv[0])):
+            label = mode if len(args.engine) == 1 or mode == "peft" else f"{mode} ({engine})"
+            r = dict(mode=mode, engine=engine, label=label, **res)
+            r.setdefault("logits_error", None)
+            if "time_s" in r:
+                r["tokens_per_s"] = r["total_tokens"] / r["time_s"]
+                r["ms_per_step"] = r["decode_s"] / max(r["steps"], 1) * 1e3
+                r["decode_tokens_per_s"] = (p["batch_size"] * r["steps"] / r["decode_s"]
+                                            if r["steps"] else None)
+                r.setdefault("status", "ok")
+            rows.append(r)
+        p["results"] = rows
+    env = environment(device)
+    if kind == "single":
+        return dict(env=env, config=config, validation=points[0]["validation"],
+                    results=points[0]["results"])
+    keep = ("batch_size", "workload", "validation", "results", "adapter_of_request")
+    pts = [dict({k: p[k] for k in keep}, prompt_tokens=[len(x) for x in p["input_ids"]])
+           for p in points]
+    data = dict(kind=kind, env=env, config=config, points=pts)
+    data["flatness"] = flatness(data)
+    return data
+
+
+def default_stem(data: dict, engines: list[str]) -> str:
+    c = data["config"]
+    tail = "" if engines == ["fast"] else "_" + "-".join(engines)
+    common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"
+    kind = data.get("kind", "single")
+    if kind == "sweep":
+        return f"e2e_sweep_{c['label']}_{common}_{'-'.join(c['workloads'])}{tail}"
+    if kind == "workloads":
+        b = data["points"][0]["batch_size"]
+        return f"e2e_workloads_{c['label']}_b{b}_{common}_{'-'.join(c['workloads'])}{tail}"
+    return f"e2e_{c['label']}_b{c['batch_size']}_{common}{tail}"
 
 
 def main(args: argparse.Namespace) -> dict:
     if args.plot_only:
         with open(args.plot_only) as f:
             data = json.load(f)
-        png = os.path.splitext(args.plot_only)[0] + ".png"
-        plot(data, png)
-        print_table(data)
-        print(f"wrote {png}")
+        pngs = draw(data, os.path.splitext(args.plot_only)[0])
+        report(data, args.targets)
+        print(f"wrote {' '.join(pngs)}")
         return data
+    if args.modes is None:
+        args.modes = list(SWEEP_MODES if args.batch_sizes else DEFAULT_MODES)
     if args.quick:
         args.model, args.model_config = None, "tiny"
         args.batch_size, args.max_new_tokens, args.prompt_len = 8, 8, 16
@@ -474,17 +802,15 @@ def main(args: argparse.Namespace) -> dict:
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before transformers imports triton
     data = run(args)
     os.makedirs(args.out_dir, exist_ok=True)
-    c = data["config"]
-    stem = args.name or (f"e2e_{c['label']}_b{c['batch_size']}_L{c['num_adapters']}_r{c['rank']}"
-                         f"_n{c['max_new_tokens']}"
-                         + ("" if args.engine == ["fast"] else "_" + "-".join(args.engine)))
+    stem = args.name or default_stem(data, args.engine)
     path = os.path.join(args.out_dir, stem + ".json")
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
-    plot(data, os.path.join(args.out_dir, stem + ".png"))
-    print_table(data)
-    print(f"wrote {path} and {stem}.png")
+    pngs = draw(data, os.path.join(args.out_dir, stem))      # from the data just written
+    report(data, args.targets)
+    print(f"wrote {path} and {' '.join(os.path.basename(x) for x in pngs)}")
     data["json_path"] = path
+    data["pngs"] = pngs
     return data
 
 

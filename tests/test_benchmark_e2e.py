@@ -54,11 +54,120 @@ def test_benchmark_quick_cpu(tmp_path, capsys):
     assert os.path.exists(png)
 
 
+TINY = ["--model-config", "tiny", "--device", "cpu", "--max-new-tokens", "4", "--prompt-len", "8",
+        "--num-adapters", "4", "--rank", "4", "--warmup-tokens", "2", "--no-progress"]
+
+
+def check_points(data, batches, workloads, modes, n):
+    """A multi-point JSON: the grid in order, every point validated and timed, exactly
+    B x n tokens per row, and total tokens rising with the batch for every mode."""
+    c = data["config"]
+    assert (c["batch_sizes"], c["workloads"], c["max_new_tokens"]) == (batches, workloads, n)
+    assert "batch_size" not in c and "adapter_of_request" not in c      # per point instead
+    assert [(p["workload"], p["batch_size"]) for p in data["points"]] == \
+        [(w, b) for w in workloads for b in batches]
+    for p in data["points"]:
+        B, v = p["batch_size"], p["validation"]
+        assert len(p["adapter_of_request"]) == len(p["prompt_tokens"]) == B
+        assert v["tolerance"] == TOLERANCE[torch.float32] == v["gate"]
+        assert v["lora_effect"] > 4 * v["gate"]                         # the check can fail
+        assert [r["mode"] for r in p["results"]] == modes
+        for r in p["results"]:
+            assert r["status"] == "ok", (B, r)
+            assert r["total_tokens"] == B * n and r["steps"] == n - 1
+            assert r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 and r["prefill_s"] > 0
+            assert r["decode_tokens_per_s"] > 0
+            if r["mode"] != "none":
+                assert r["logits_error"] <= v["gate"], (B, r)
+    for w in workloads:
+        for m in modes:
+            tot = [r["total_tokens"] for p in data["points"] if p["workload"] == w
+                   for r in p["results"] if r["mode"] == m]
+            assert len(tot) == len(batches) and tot == sorted(set(tot))   # strictly rising
+
+
+def test_benchmark_batch_sweep_cpu(tmp_path, capsys):
+    """--batch-sizes: one engine for the largest batch, every mode at every batch, one
+    JSON, the line plot, and --plot-only redraws it with the targets."""
+    modes = ["none", "cheat_bmm", "gbmm"]
+    data = run([*TINY, "--batch-sizes", "4", "1", "2", "--modes", *modes,
+                "--out-dir", str(tmp_path), "--targets"])
+    path = data["json_path"]
+    assert os.path.basename(path) == "e2e_sweep_tiny_L4_r4_n4_uniform.json"
+    d = json.load(open(path))
+    assert d["kind"] == "sweep" and d["flatness"] == []
+    check_points(d, [1, 2, 4], ["uniform"], modes, 4)
+    png = path[:-5] + ".png"
+    assert data["pngs"] == [png] and os.path.getsize(png) > 10_000
+    out = capsys.readouterr().out
+    assert "tokens/s (ms/step) vs batch" in out and "cheat_bmm" in out
+    assert out.count("best LoRA mode tokens/s") == 3 and "n/a (not timed)" in out  # no peft
+    os.remove(png)
+    run(["--plot-only", path, "--targets"])
+    assert os.path.getsize(png) > 10_000
+    assert "best LoRA mode / none" in capsys.readouterr().out
+
+
+def test_benchmark_workloads_cpu(tmp_path, capsys):
+    """--workloads: every mode under each workload at one batch; the ratio table, the
+    grouped bars and the flatness target, from the run and from --plot-only."""
+    modes = ["none", "gbmm"]
+    data = run([*TINY, "--batch-size", "4", "--workloads", "distinct", "identical",
+                "--modes", *modes, "--out-dir", str(tmp_path), "--targets"])
+    path = data["json_path"]
+    assert os.path.basename(path) == "e2e_workloads_tiny_b4_L4_r4_n4_distinct-identical.json"
+    d = json.load(open(path))
+    assert d["kind"] == "workloads"
+    check_points(d, [4], ["distinct", "identical"], modes, 4)
+    idx = {p["workload"]: p["adapter_of_request"] for p in d["points"]}
+    assert sorted(idx["distinct"]) == [0, 1, 2, 3] and idx["identical"] == [0] * 4
+    assert [(f["label"], f["reference"]) for f in d["flatness"]] == \
+        [(m, "identical") for m in modes]
+    for f in d["flatness"]:
+        tps = {p["workload"]: r["tokens_per_s"] for p in d["points"] for r in p["results"]
+               if r["label"] == f["label"]}
+        assert f["tokens_per_s"] == tps
+        assert f["ratio"]["distinct"] == pytest.approx(tps["distinct"] / tps["identical"])
+    png = path[:-5] + ".png"
+    assert data["pngs"] == [png] and os.path.getsize(png) > 10_000
+    out = capsys.readouterr().out
+    assert "dist/iden" in out and "distinct / identical" in out
+    ratio = d["flatness"][1]["ratio"]["distinct"]                     # gbmm: the only LoRA mode
+    verdict = "PASS" if ratio >= bim.TARGETS["distinct_vs_identical"][1] else "FAIL"
+    assert any(line.split()[:1] == [verdict] and "distinct / identical" in line
+               for line in out.splitlines())
+    os.remove(png)
+    run(["--plot-only", path, "--targets"])
+    assert os.path.getsize(png) > 10_000
+    assert "dist/iden" in capsys.readouterr().out
+
+
+def test_targets_from_json():
+    """The targets read the JSON: fastest LoRA row vs none of its engine and vs peft."""
+    rows = [dict(mode=m, engine=e, label=m, tokens_per_s=t) for m, e, t in
+            [("none", "fast", 9000.0), ("bgmv_cuda", "fast", 8500.0),
+             ("gbmm", "fast", 300.0), ("peft", "peft", 200.0)]]
+    data = dict(env={}, config=dict(batch_size=64, workload="uniform"), results=rows)
+    got = {t["target"]: t for t in bim.targets(data)}
+    assert set(got) == {"best_tokens_per_s", "best_vs_none", "best_vs_peft"}
+    assert got["best_tokens_per_s"]["mode"] == "bgmv_cuda" and got["best_tokens_per_s"]["pass"]
+    assert got["best_vs_none"]["value"] == pytest.approx(8500 / 9000)
+    assert got["best_vs_none"]["pass"]
+    assert got["best_vs_peft"]["value"] == pytest.approx(42.5) and got["best_vs_peft"]["pass"]
+    rows[1]["tokens_per_s"] = 7000.0
+    got = {t["target"]: t for t in bim.targets(data)}
+    assert not got["best_tokens_per_s"]["pass"] and not got["best_vs_none"]["pass"]
+
+
 def test_benchmark_rejects_bad_flags():
     with pytest.raises(SystemExit):
         bim.build_parser().parse_args(["--modes", "nonsense"])
     args = bim.build_parser().parse_args(["--max-new-tokens", "3", "--batch_size", "2"])
     assert (args.max_new_tokens, args.batch_size) == (3, 2)
+    with pytest.raises(SystemExit):
+        bim.build_parser().parse_args(["--workloads", "popular"])
+    with pytest.raises(SystemExit):
+        bim.build_parser().parse_args(["--batch-sizes", "two"])
 
 
 @pytest.mark.gpu
