@@ -93,7 +93,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multilora_impl import MAX_RANK, LoraMeta, build_segments, get_mode, make_meta
+from multilora_impl import (MAX_RANK, LoraMeta, fill_static_meta, get_mode, make_meta,
+                            make_static_meta)
 
 try:  # the GPU sampler; on a CPU the torch version runs (tests use the interpreter)
     import triton
@@ -305,32 +306,6 @@ def build_lora_sites(lora: Optional[dict], num_layers: int, shapes: dict[str, tu
 # ---------------------------------------------------------------------------------------
 # LoRA metadata: static device buffers (graphs) or host-built (eager)
 # ---------------------------------------------------------------------------------------
-def static_meta(idx: Tensor) -> LoraMeta:
-    """LoraMeta over a static idx buffer [T]: segment buffers at their maximum size (T
-    segments), max_seg_len = T, so the kernels' grids depend on T only."""
-    T = idx.shape[0]
-    seg_starts = torch.full((T + 1,), T, dtype=torch.int32, device=idx.device)   # [T + 1]
-    seg_starts[0] = 0
-    seg_adapter = torch.full((T,), -1, dtype=torch.int32, device=idx.device)     # [T]
-    return LoraMeta(idx=idx, seg_starts=seg_starts, seg_adapter=seg_adapter, num_segments=T,
-                    max_seg_len=T)
-
-
-def fill_static_meta(meta: LoraMeta, idx_host: Tensor) -> None:
-    """Write assignment idx_host [T] (CPU) into meta's buffers in place; unused segment
-    slots are empty segments at T with adapter -1."""
-    T = meta.idx.shape[0]
-    st, ad = build_segments(idx_host)
-    n = ad.numel()
-    st_full = torch.full((T + 1,), T, dtype=torch.int32)
-    st_full[:n + 1] = st
-    ad_full = torch.full((T,), -1, dtype=torch.int32)
-    ad_full[:n] = ad
-    meta.seg_starts.copy_(st_full)
-    meta.seg_adapter.copy_(ad_full)
-    meta.idx.copy_(idx_host.to(torch.int32))
-
-
 def host_meta(idx_host: Tensor, device) -> LoraMeta:
     """make_meta on the host copy of idx, moved to the device (no device read)."""
     m = make_meta(idx_host.to(torch.int32))
@@ -833,7 +808,7 @@ class MultiLoraEngine:
             meta = host_meta(idx_host, self.device)
             return _LoraCtx(meta.idx, meta)
         if Bb not in self._metas:
-            self._metas[Bb] = static_meta(self.state.idx[:Bb])
+            self._metas[Bb] = make_static_meta(Bb, self.device, idx=self.state.idx[:Bb])
         meta = self._metas[Bb]
         fill_static_meta(meta, idx_host)
         site_metas = None

@@ -8,9 +8,10 @@ meta = multilora_impl.make_meta(idx), built on the host where the request-to-ada
 assignment is known. The kernels and their custom ops (multilora::sgmv_shrink,
 multilora::sgmv_expand) live in sgmv_shrink_triton.py and sgmv_expand_triton.py.
 
-CUDA graphs: make_static_meta(T, device) allocates segment buffers at their maximum size
-(T segments); fill_static_meta(meta, idx) writes a new assignment into the same buffers
-(padding: empty segments with adapter -1) before each replay.
+CUDA graphs: multilora_impl.make_static_meta(T, device) allocates segment buffers at their
+maximum size (T segments); fill_static_meta(meta, idx) writes a new assignment into the
+same buffers (padding: empty segments with adapter -1) before each replay. Both are
+re-exported here.
 """
 import os
 import sys
@@ -25,7 +26,8 @@ if __name__ == "__main__":   # run as a script: the repo root holds multilora_im
 import torch
 from torch import Tensor
 
-from multilora_impl import LoraMeta, build_segments, check_lora_args, debug_checks, make_meta
+from multilora_impl import (LoraMeta, check_lora_args, debug_checks,
+                            fill_static_meta, make_meta, make_static_meta)
 from sgmv_triton.sgmv_expand_triton import sgmv_expand
 from sgmv_triton.sgmv_shrink_triton import _fail, check_segments, sgmv_shrink
 
@@ -59,39 +61,6 @@ def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
                     max_seg_len=meta.max_seg_len, check=check)          # [T, S, r_max] fp32
     sgmv_expand(y, v, Bs, meta.seg_starts, meta.seg_adapter, scale, ranks,
                 max_seg_len=meta.max_seg_len, check=check)
-
-
-def make_static_meta(T: int, device: Union[str, torch.device],
-                     max_seg_len: Optional[int] = None) -> LoraMeta:
-    """Segment buffers at maximum size for a CUDA graph over T tokens: T segments (every
-    token its own, at worst), max_seg_len = T unless a smaller bound is known. The grid
-    depends only on these host ints, so one capture serves every assignment."""
-    idx = torch.full((T,), -1, dtype=torch.int32, device=device)             # [T]
-    seg_starts = torch.full((T + 1,), T, dtype=torch.int32, device=device)   # [T + 1]
-    seg_starts[0] = 0
-    seg_adapter = torch.full((T,), -1, dtype=torch.int32, device=device)     # [T]
-    return LoraMeta(idx=idx, seg_starts=seg_starts, seg_adapter=seg_adapter, num_segments=T,
-                    max_seg_len=T if max_seg_len is None else max_seg_len)
-
-
-def fill_static_meta(meta: LoraMeta, idx: Tensor) -> None:
-    """Write the segments of a new assignment idx [T] into meta's buffers in place (host
-    work plus three copies; call it before replay, outside the captured region)."""
-    T = meta.idx.shape[0]
-    if idx.shape != (T,):
-        _fail("idx", f"shape [T={T}] (the static buffers' size)", tuple(idx.shape))
-    st, ad = build_segments(idx.to("cpu"))
-    longest = int((st[1:] - st[:-1]).max())
-    if longest > meta.max_seg_len:
-        _fail("idx", f"segments no longer than max_seg_len={meta.max_seg_len}", longest)
-    n = ad.numel()
-    st_full = torch.full((T + 1,), T, dtype=torch.int32)     # padding: empty segments at T
-    st_full[:n + 1] = st
-    ad_full = torch.full((T,), -1, dtype=torch.int32)        # ... with no adapter
-    ad_full[:n] = ad
-    meta.seg_starts.copy_(st_full)
-    meta.seg_adapter.copy_(ad_full)
-    meta.idx.copy_(idx.to(torch.int32))
 
 
 if __name__ == "__main__":   # the registry's check on one small mixed batch
