@@ -69,6 +69,13 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 MAX_RANK = 128  # the largest rank every kernel supports
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
+# Llama-3-8B linear layers: name -> (h_in, output slices); q/k/v and gate/up share one x.
+LLAMA3_8B_LAYERS = {
+    "qkv": (4096, [4096, 1024, 1024]),
+    "o": (4096, [4096]),
+    "gate_up": (4096, [14336, 14336]),
+    "down": (14336, [4096]),
+}
 
 BList = Union[Tensor, Sequence[Tensor]]
 

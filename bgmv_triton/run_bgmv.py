@@ -22,13 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-# Llama-3-8B projections: layer -> (h_in, output slices). q/k/v and gate/up are fused.
-LLAMA3_8B = {
-    "qkv": (4096, [4096, 1024, 1024]),
-    "o": (4096, [4096]),
-    "gate_up": (4096, [14336, 14336]),
-    "down": (14336, [4096]),
-}
+from multilora_impl import LLAMA3_8B_LAYERS  # noqa: E402  (q/k/v and gate/up fused)
+
 # Interpreter shapes (CPU): not multiples of any block, same slice structure.
 TINY = {
     "qkv": (72, [40, 24, 24]),
@@ -53,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "shapes, validation only")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="bf16",
                    help="dtype of x, y, A, B")
-    p.add_argument("--layers", nargs="+", choices=list(LLAMA3_8B), default=list(LLAMA3_8B),
+    p.add_argument("--layers", nargs="+", choices=list(LLAMA3_8B_LAYERS),
+                   default=list(LLAMA3_8B_LAYERS),
                    help="Llama-3-8B projections to run (qkv and gate_up are fused slices)")
     p.add_argument("--tokens", nargs="+", type=int, default=[1, 4, 16, 64, 256, 4096],
                    help="batch sizes T (tokens, one per request in decode)")
@@ -99,7 +95,7 @@ def main(args: argparse.Namespace) -> list:
                                          _num_sms)
 
     dtype = DTYPES[args.dtype]
-    shapes = LLAMA3_8B if device == "cuda" else TINY
+    shapes = LLAMA3_8B_LAYERS if device == "cuda" else TINY
     layers, tokens, rep = args.layers, args.tokens, args.rep_ms
     if args.quick:
         layers = [x for x in ("qkv", "down") if x in layers] or layers[:1]

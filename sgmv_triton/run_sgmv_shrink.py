@@ -28,14 +28,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Llama-3-8B linear layers: h_in, output slices (fused q/k/v and gate/up share one x).
-PROJECTIONS = {
-    "qkv": (4096, [4096, 1024, 1024]),
-    "o": (4096, [4096]),
-    "gate_up": (4096, [14336, 14336]),
-    "down": (14336, [4096]),
-    "tiny": (200, [72, 24, 24]),       # --quick / CPU: awkward sizes, runs in seconds
-}
+from multilora_impl import LLAMA3_8B_LAYERS  # noqa: E402
+
+# Llama-3-8B linear layers (q/k/v and gate/up fused), plus awkward tiny ones for --quick / CPU
+PROJECTIONS = {**LLAMA3_8B_LAYERS, "tiny": (200, [72, 24, 24])}
 
 EPILOG = """examples:
   python sgmv_triton/run_sgmv_shrink.py                          # Llama-3-8B, bf16, r=16, 8x512

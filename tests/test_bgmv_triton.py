@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from multilora_impl import (TOLERANCE, check_mode, lora_reference, make_lora_inputs,
-                            make_workload, relative_error)
+from multilora_impl import (LLAMA3_8B_LAYERS, TOLERANCE, check_mode, lora_reference,
+                            make_lora_inputs, make_workload, relative_error)
 from bgmv_triton.bgmv_triton import (DEFAULT_NUM_SMS, bgmv_expand, bgmv_lora, bgmv_shrink,
                                      pick_split_k)
 
@@ -279,20 +279,14 @@ def test_compile_fullgraph_cpu(device):
 # ---------------------------------------------------------------------------------------
 # GPU tier: real sizes (Llama-3-8B), all dtypes, compile, CUDA graphs, no hidden syncs
 # ---------------------------------------------------------------------------------------
-LLAMA3_8B = {  # layer: (h_in, h_out slices)
-    "qkv": (4096, [4096, 1024, 1024]),
-    "o": (4096, [4096]),
-    "gate_up": (4096, [14336, 14336]),
-    "down": (14336, [4096]),
-}
 MIXED_RANKS = [16, 8, 64, 128, 1, 32, 16, 100]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 7, 64, 256, 4096])
-@pytest.mark.parametrize("layer", list(LLAMA3_8B))
+@pytest.mark.parametrize("layer", list(LLAMA3_8B_LAYERS))
 def test_gpu_llama3_8b_shapes(layer, T):
-    h_in, h_out = LLAMA3_8B[layer]
+    h_in, h_out = LLAMA3_8B_LAYERS[layer]
     L = len(MIXED_RANKS)
     inp = make_lora_inputs(T, h_in, h_out, L, 128, BF16, "cuda", ranks=MIXED_RANKS, seed=T)
     idx = make_idx(T, L, 0.1, seed=T).cuda()
@@ -317,7 +311,7 @@ def test_gpu_dtypes(dtype, idx_dtype, ranks):
 @pytest.mark.parametrize("split_k,atomic", [(1, False), (None, False), (8, False), (8, True)])
 @pytest.mark.parametrize("layer,T", [("qkv", 1), ("down", 4), ("gate_up", 16)])
 def test_gpu_split_k(layer, T, split_k, atomic):
-    h_in, h_out = LLAMA3_8B[layer]
+    h_in, h_out = LLAMA3_8B_LAYERS[layer]
     L = len(MIXED_RANKS)
     inp = make_lora_inputs(T, h_in, h_out, L, 128, F16, "cuda", ranks=MIXED_RANKS, seed=2)
     idx = make_idx(T, L, 0.0, seed=3).cuda()
@@ -346,7 +340,7 @@ def test_gpu_cuda_graph_replay_new_inputs(T):
     """Capture once, then write new x, new idx (a new adapter assignment) and a fresh y
     into the same buffers and replay; each replay must match the reference. The eager call
     runs under sync debug mode "error": any hidden host sync raises."""
-    h_in, h_out = LLAMA3_8B["qkv"]
+    h_in, h_out = LLAMA3_8B_LAYERS["qkv"]
     L, dtype = len(MIXED_RANKS), BF16
     inp = make_lora_inputs(T, h_in, h_out, L, 128, dtype, "cuda", ranks=MIXED_RANKS, seed=0)
     x, y = inp["x"].clone(), inp["y"].clone()            # static buffers

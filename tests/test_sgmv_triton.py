@@ -11,8 +11,9 @@ GPU tier (`pytest -m gpu`): Llama-3-8B sizes in bf16, all dtypes, torch.compile
 import pytest
 import torch
 
-from multilora_impl import (TOLERANCE, LoraMode, build_segments, check_mode, idx_from_segments,
-                            lora_reference, make_lora_inputs, make_meta, relative_error)
+from multilora_impl import (LLAMA3_8B_LAYERS, TOLERANCE, LoraMode, build_segments, check_mode,
+                            idx_from_segments, lora_reference, make_lora_inputs, make_meta,
+                            relative_error)
 from sgmv_triton.sgmv_expand_triton import sgmv_expand
 from sgmv_triton.sgmv_lora import fill_static_meta, make_static_meta, sgmv_lora
 from sgmv_triton.sgmv_shrink_triton import sgmv_shrink
@@ -269,19 +270,13 @@ def test_compile_fullgraph_cpu():
 # ---------------------------------------------------------------------------------------
 # GPU tier: real sizes, compile, CUDA graphs
 # ---------------------------------------------------------------------------------------
-LLAMA3_8B = {  # h_in, output slices
-    "qkv": (4096, [4096, 1024, 1024]),
-    "o": (4096, [4096]),
-    "gate_up": (4096, [14336, 14336]),
-    "down": (14336, [4096]),
-}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("proj", list(LLAMA3_8B))
+@pytest.mark.parametrize("proj", list(LLAMA3_8B_LAYERS))
 @pytest.mark.parametrize("workload", ["8x512", "ragged"])
 def test_gpu_llama3_8b_bf16(proj, workload):
-    h_in, h_out = LLAMA3_8B[proj]
+    h_in, h_out = LLAMA3_8B_LAYERS[proj]
     L = 16
     idx = (idx_of([512] * 8, [0, 3, -1, 7, 7, 12, 1, 15], "cuda") if workload == "8x512"
            else ragged_idx(24, 400, L, seed=1, device="cuda"))
