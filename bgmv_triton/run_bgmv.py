@@ -3,17 +3,15 @@ time the plain and split-K shrink, the expand and the whole bgmv_lora on the GPU
 
 Every timed point is validated first on the very inputs that are timed (each shrink
 variant through a full shrink + expand); a failing point is reported and not timed.
-Timing: triton.testing.do_bench medians with a p20-p80 band, of a CUDA graph holding one
-call (so Python and custom-op dispatch do not hide microsecond kernels; do_bench still
-flushes L2 between runs, so the adapter weights come from HBM as in a decode step).
-GB/s = bytes that must move (distinct adapters' A and B at their rank, x, y read and
-written) / median. Without CUDA the kernels run in the Triton interpreter at tiny shapes
+Timing (bench_utils.time_graph, one call per graph): do_bench medians with a p20-p80
+band of a CUDA graph holding one call (so Python and custom-op dispatch do not hide
+microsecond kernels; do_bench flushes L2 between replays, so the adapter weights come from
+HBM as in a decode step). GB/s = bench_utils.lora_bytes (distinct adapters' A and B at
+their rank, x and y rows with an adapter, y read and written) / median. Without CUDA the kernels run in the Triton interpreter at tiny shapes
 and timing is skipped.
 """
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 # Run as a script, sys.path[0] is this folder, where bgmv_triton.py would shadow the
@@ -73,24 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def main(args: argparse.Namespace) -> list:
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else args.device
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernels are imported
-    import triton
-    import triton.testing
+    import bench_utils as bu
     from multilora_impl import (DTYPES, TOLERANCE, lora_reference, make_lora_inputs,
-                                make_workload, relative_error)
+                                make_workload, poison_skip_rows, relative_error,
+                                skip_rows_untouched)
     from bgmv_triton.bgmv_triton import (bgmv_expand, bgmv_lora, bgmv_shrink, pick_split_k,
                                          _num_sms)
 
@@ -108,16 +98,8 @@ def main(args: argparse.Namespace) -> list:
     gen = torch.Generator().manual_seed(args.seed)
     ranks_l = torch.randint(1, r_max + 1, (L,), generator=gen).tolist() \
         if args.mixed_ranks else None
-    e = torch.empty((), dtype=dtype).element_size()
 
-    copy_gbs = None
-    if timing:
-        src = torch.empty(1 << 28, dtype=torch.uint8, device=device)   # 256 MiB
-        dst = torch.empty_like(src)
-        ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=rep, quantiles=[0.5])
-        ms = ms[0] if isinstance(ms, (list, tuple)) else ms
-        copy_gbs = 2 * src.numel() / ms / 1e6
-        del src, dst
+    copy_gbs = bu.copy_bandwidth_gbs() if timing else None
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)"
     print(f"bgmv_triton on {name}: dtype {args.dtype}, L={L}, r_max={r_max}"
           f"{' mixed ranks' if ranks_l else ''}, workload {args.workload}, -1 share "
@@ -125,29 +107,23 @@ def main(args: argparse.Namespace) -> list:
           + (f", copy {copy_gbs:.0f} GB/s" if copy_gbs else ", no timing"))
 
     def bench(fn):
-        """(median, p20, p80) in µs of fn, through a CUDA graph of one call unless --no-graph."""
-        fn()                                              # JIT compile, workspace sizes
-        torch.cuda.synchronize()
-        call = fn
-        if not args.no_graph:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            call = graph.replay
-        q = triton.testing.do_bench(call, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return tuple(1e3 * t for t in q)
+        """(median, p20, p80) in µs of fn: a CUDA graph of one call replayed under do_bench
+        (which flushes L2 between replays), or the eager call with --no-graph."""
+        if args.no_graph:
+            return bu.time_fn(fn, rep_ms=rep)
+        return bu.time_graph(lambda k: fn(), n_sets=1, calls_per_graph=1, rep_ms=rep)
 
     results = []
     for layer in layers:
         h_in, h_outs = shapes[layer]
-        S, h_out = len(h_outs), sum(h_outs)
+        S = len(h_outs)
         for T in tokens:
             inp = make_lora_inputs(T, h_in, h_outs if S > 1 else h_outs[0], L, r_max, dtype,
                                    device, ranks=ranks_l, seed=args.seed + T)
             idx = make_workload(args.workload, T, L, args.no_lora_share,
                                 seed=args.seed + T).to(device)
             x, A, B, scale, ranks = (inp[k] for k in ("x", "A", "B", "scale", "ranks"))
-            y0 = inp["y"]
+            y0 = poison_skip_rows(inp["y"], idx)      # -1 rows as -0.0, compared bitwise
             auto = pick_split_k(T, S, h_in, r_max, num_sms)
             splits = sorted(set(args.split_k) | {1, auto})
             ref = lora_reference(y0, x, A, B, idx, scale, ranks)
@@ -157,16 +133,16 @@ def main(args: argparse.Namespace) -> list:
             if max(splits) > 1:
                 variants[f"atomic s={max(auto, max(splits))}"] = dict(
                     split_k=max(auto, max(splits)), atomic=True)
-            errs, skip = {}, idx < 0
+            errs = {}
             for key, kw in variants.items():
                 y = y0.clone()
                 v = bgmv_shrink(x, A, idx, ranks, split_k=kw["split_k"], atomic=kw["atomic"])
                 bgmv_expand(y, v, B, idx, scale, ranks)
-                ok_rows = torch.equal(y[skip], y0[skip])
+                ok_rows = skip_rows_untouched(y, y0, idx)
                 errs[key] = relative_error(y, ref) if ok_rows else float("inf")
             y = y0.clone()
             bgmv_lora(y, x, A, B, idx, scale, ranks)
-            errs["lora"] = relative_error(y, ref) if torch.equal(y[skip], y0[skip]) \
+            errs["lora"] = relative_error(y, ref) if skip_rows_untouched(y, y0, idx) \
                 else float("inf")
             err = max(errs.values())
             ok = err < TOLERANCE[dtype]
@@ -182,10 +158,7 @@ def main(args: argparse.Namespace) -> list:
                 y = y0.clone()
                 times["expand"] = bench(lambda: bgmv_expand(y, v, B, idx, scale, ranks))
                 times["lora"] = bench(lambda: bgmv_lora(y, x, A, B, idx, scale, ranks))
-                # Bytes that must move: distinct adapters' A and B at their rank, x, y r+w.
-                used = idx[idx >= 0].unique().tolist()
-                r_sum = sum(ranks_l[i] for i in used) if ranks_l else len(used) * r_max
-                nbytes = e * (r_sum * (S * h_in + h_out) + T * h_in + 2 * T * h_out)
+                nbytes = bu.lora_bytes(idx, h_in, h_outs, r_max, dtype, ranks)
                 point.update(times_us=times, bytes=nbytes,
                              lora_gbs=nbytes / times["lora"][0] / 1e3)
             results.append(point)
@@ -215,13 +188,9 @@ def main(args: argparse.Namespace) -> list:
           f"{TOLERANCE[dtype]:.1e}")
 
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        meta = dict(gpu=name, torch=torch.__version__, triton=triton.__version__,
-                    cuda=torch.version.cuda, commit=git_commit(), config=vars(args),
-                    copy_gbs=copy_gbs, num_sms=num_sms, ranks=ranks_l)
-        with open(args.json, "w") as f:
-            json.dump(dict(meta=meta, points=results), f, indent=1)
-        print(f"wrote {args.json}")
+        meta = dict(bu.env_info(), config=vars(args), copy_gbs=copy_gbs, num_sms=num_sms,
+                    ranks=ranks_l)
+        bu.write_json(args.json, dict(meta=meta, points=results))
     if failed:
         sys.exit(1)
     return results
