@@ -574,7 +574,7 @@ def run(args) -> dict:
     import torch
     from torch import Tensor
     import multilora_model as mm
-    from multilora_impl import TOLERANCE, make_workload, relative_error
+    from multilora_impl import TOLERANCE, logits_bound, make_workload, relative_error
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
@@ -636,14 +636,9 @@ def run(args) -> dict:
 
     validate = not args.no_validate
     modes = [m for m in args.modes if m != "peft"]
-    # Validation gate, per point. The reference is PEFT's mixed-batch forward on the same
-    # model and adapters; in fp32 the bound is TOLERANCE[dtype]. In bf16 a model turns
-    # last-bit differences into logits differences near that bound (~1e-2 after 2
-    # random-weight layers, more deeper: measured), so the gate is max(TOLERANCE, 2 x
-    # noise), noise = the distance of PEFT's own bf16 logits from PEFT's fp32 logits (same
-    # weights, upcast): a correct bf16 implementation is within about twice that of PEFT's
-    # bf16 answer. A wrong kernel is off by the LoRA's whole effect (lora_effect), far
-    # above the gate.
+    # Validation gate, per point: multilora_impl.logits_bound against PEFT's mixed-batch
+    # forward, noise = PEFT's own bf16 logits vs its fp32 logits (same weights, upcast).
+    # A wrong kernel is off by the LoRA's whole effect (lora_effect), far above the gate.
     # PEFT first: its in-memory model gives the reference logits, then is unloaded.
     if "peft" in args.modes or (validate and modes):
         pm = mm.to_peft_model(model, adapters)
@@ -664,7 +659,7 @@ def run(args) -> dict:
                 val["lora_effect"] = relative_error(p["ref"], base)
                 val["noise"] = 0.0 if dtype == torch.float32 else \
                     None if pm32 is None else relative_error(p["ref"], last(pm32, p, p["names"]))
-                val["gate"] = max(val["tolerance"], 2 * (val["noise"] or 0.0))
+                val["gate"] = logits_bound(dtype, val["noise"] or 0.0)
                 print(f"validation b{p['batch_size']} {p['workload']}: tolerance "
                       f"{val['tolerance']:.1e}, PEFT bf16-vs-fp32 noise "
                       f"{val['noise'] if val['noise'] is None else format(val['noise'], '.1e')}, "

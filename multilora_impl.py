@@ -222,6 +222,15 @@ def lora_reference(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale
     return out
 
 
+def logits_bound(dtype: torch.dtype, oracle_noise: float = 0.0) -> float:
+    """End-to-end logits bound against PEFT's forward: TOLERANCE[dtype], widened to 2 x
+    oracle_noise = ||PEFT in dtype - PEFT in fp32|| / ||.||. In bf16 a deep model turns
+    last-bit differences into logits differences near the kernel bound (7e-2 after 32
+    random layers, measured), so a correct implementation is within about twice the
+    oracle's own error; a wrong kernel is off by the LoRA's whole effect, far above it."""
+    return max(TOLERANCE[dtype], 2.0 * oracle_noise)
+
+
 def relative_error(out: Tensor, ref: Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (NaN anywhere gives NaN, which fails every bound)."""
     out64 = out.detach().to("cpu", torch.float64)
