@@ -475,8 +475,11 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
     reads idx directly) and is ignored.
 
-    variant (the registry uses "default"; the choice between them is to be made from
-    bgmv_cuda/run_bgmv_cuda.py --variants on the GPU):
+    variant (the registry uses "default"). Measured on the H200 (bf16, h 4096, r 16;
+    plots/bgmv_variants_h200.json, `python bgmv_cuda/run_bgmv_cuda.py --variants`),
+    "split" and "fused" were slower than "default" at every point (bs 1: 7.5 and 9.1 us
+    vs 6.8; bs 64: 12.1 and 18.5 vs 9.6): they stay opt-in, as the starting point of the
+    next optimisation round (notes/PERF_LOG.md), not as a recommendation:
       "default"  plain shrink launch + expand launch (split_k ignored).
       "split"    split-K shrink (split_k: None/0 = pick_split_k by shape, or k) writing
                  n_split partial sums, + expand adding them in a fixed order: more blocks
