@@ -55,8 +55,7 @@ def time_fn(fn: Callable[[], None], warmup_ms: int = 25, rep_ms: int = 100,
             t0 = time.perf_counter()
             fn()
             ts.append(1e6 * (time.perf_counter() - t0))
-        q = torch.tensor(ts).quantile(torch.tensor(QUANTILES, dtype=torch.float64).float())
-        return tuple(float(v) for v in q)
+        return tuple(float(v) for v in torch.tensor(ts).quantile(torch.tensor(QUANTILES)))
     import triton.testing
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=QUANTILES)
