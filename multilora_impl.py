@@ -199,27 +199,27 @@ def check_lora_args(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scal
 # ---------------------------------------------------------------------------------------
 def lora_reference(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
                    ranks: Optional[Tensor] = None) -> Tensor:
-    """Return y + LoRA in float64 (y is not modified). The operation stated plainly."""
+    """Return y + LoRA in float64 on the CPU (y is not modified). The operation stated
+    plainly, one adapter's tokens at a time (computed in float64 on the inputs' device)."""
     A4, Bs = as_slices(A, B)
-    out = y.detach().to("cpu", torch.float64).clone()
-    x64 = x.detach().to("cpu", torch.float64)
-    idx_l = idx.tolist()
+    dev = x.device
+    out = y.detach().to(torch.float64).clone()
+    x64 = x.detach().to(torch.float64)
+    idx_d = idx.detach().to(dev, torch.long)
     r_max = A4.shape[2]
     ranks_l = ranks.tolist() if ranks is not None else [r_max] * A4.shape[1]
     scale_l = scale.tolist()
+    used = sorted(i for i in set(idx_d.tolist()) if i >= 0)      # -1 (and below): no LoRA
     col = 0
-    for s, Bs_s in enumerate(Bs):
-        A_s = A4[s].detach().to("cpu", torch.float64)
-        B_s = Bs_s.detach().to("cpu", torch.float64)
+    for s, B_s in enumerate(Bs):
         h_out = B_s.shape[1]
-        for t, i in enumerate(idx_l):
-            if i < 0:
-                continue
+        for i in used:
+            rows = (idx_d == i).nonzero().squeeze(1)
             r = ranks_l[i]
-            v = x64[t] @ A_s[i, :r].T                       # [r]
-            out[t, col:col + h_out] += scale_l[i] * (B_s[i, :, :r] @ v)
+            v = x64[rows] @ A4[s, i, :r].to(torch.float64).T         # [n, r]
+            out[rows, col:col + h_out] += scale_l[i] * (v @ B_s[i, :, :r].to(torch.float64).T)
         col += h_out
-    return out
+    return out.cpu()
 
 
 def logits_bound(dtype: torch.dtype, oracle_noise: float = 0.0) -> float:
@@ -675,7 +675,7 @@ def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Se
             bu.sync(device)
             rec["skipped"] = f"{type(e).__name__}: {str(e)[:300]}"
             print(f"  {name}: {rec['skipped']}")
-    del pool
+    pool = None           # free the input sets before the next point
     if device == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -16,8 +16,14 @@ S r h_in + sum_s h_out_s r elements, plus the fp32 v written and read back.
 
 The kernels are in bgmv_kernel.cuh (plain CUDA, the file to copy, with its parameter blocks
 in bgmv_params.h), the dtype dispatch in bgmv.cu (nvcc), the tensor checks, stream and
-TORCH_LIBRARY registration in bgmv_ext.cpp (host compiler: every torch header and C++
-exception stays out of nvcc-compiled code).  The wrappers below run every check of
+launch functions in bgmv_ext.cpp (host compiler: every torch header stays out of
+nvcc-compiled code). The ops multilora::bgmv_cuda_{shrink,expand,fused} are torch custom
+ops defined below (torch.library.custom_op) around the extension's functions, which return
+an error message instead of throwing: a C++ exception thrown from an extension op crashed
+the process on the H200 image (torch 2.11 + g++ 13.3), so a bad direct op call raises
+ValueError here instead. On sm_90+ bgmv_lora launches both kernels with programmatic
+dependent launch (PDL: the expand starts and loads its B tile while the shrink runs; see
+bgmv_kernel.cuh); MULTILORA_PDL=0 turns it off.  The wrappers below run every check of
 bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args / check_expand_args, ValueError
 naming the argument), so a bad input never reaches C++ through them (one exception: while
 torch.compile traces, tensors have no address, and a misaligned data_ptr is left to the C++
@@ -46,6 +52,16 @@ if ROOT not in sys.path:
 
 from multilora_impl import BList, check_index_values, check_lora_args, debug_checks  # noqa: E402
 
+if __name__ == "__main__":
+    # Run the copy imported under its package name, the one the registry resolves, so the
+    # custom ops below are defined once per process. The script's own folder goes off
+    # sys.path first: its bgmv_cuda.py would shadow the bgmv_cuda/ namespace package
+    # (regular modules win over namespace packages).
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    from bgmv_cuda import bgmv_cuda as _module
+    sys.exit(_module.main(_module.build_parser().parse_args()))
+
 # ---------------------------------------------------------------------------------------
 # Sources and flags (compile_check.py reuses NVCC_FLAGS and KERNEL_SOURCE)
 # ---------------------------------------------------------------------------------------
@@ -53,7 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_HEADER = os.path.join(HERE, "bgmv_kernel.cuh")
 PARAMS_HEADER = os.path.join(HERE, "bgmv_params.h")   # torch-free, included by both sources
 KERNEL_SOURCE = os.path.join(HERE, "bgmv.cu")         # nvcc: every kernel, torch-free
-BINDING_SOURCE = os.path.join(HERE, "bgmv_ext.cpp")   # host compiler: checks + registration
+BINDING_SOURCE = os.path.join(HERE, "bgmv_ext.cpp")   # host compiler: checks + launch functions
 SOURCES = [KERNEL_SOURCE, BINDING_SOURCE]
 EXT_NAME = "multilora_bgmv_cuda"
 # torch.utils.cpp_extension adds the four -D__CUDA_NO_* and --expt-relaxed-constexpr
@@ -86,6 +102,7 @@ EXPAND_TILE_LANES = 4 * 4   # kBgmvExpandThreads / 32 warps x kBgmvExpandOuts co
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
+PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -103,13 +120,13 @@ def default_build_dir(capability: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------------------------
 # Loader: build on first use, show the compiler's output when the build fails
 # ---------------------------------------------------------------------------------------
-_STATE = {"loaded": False, "library": None}
+_STATE = {"loaded": False, "module": None}
 
 
 def load_extension(sources: Optional[Sequence[str]] = None, name: str = EXT_NAME,
-                   build_dir: Optional[str] = None, verbose: Optional[bool] = None) -> str:
-    """Build (once per source / flag change; cached in build_dir) and load the extension,
-    which registers the multilora::bgmv_cuda_* ops. Returns the shared library's path.
+                   build_dir: Optional[str] = None, verbose: Optional[bool] = None):
+    """Build (once per source / flag change; cached in build_dir) and import the extension
+    module (functions shrink / expand / fused, each returning "" or an error message).
     verbose (default: $BGMV_CUDA_VERBOSE) prints the build, including `ptxas -v`.
     A failed build raises RuntimeError with the compiler's output."""
     from torch.utils import cpp_extension  # heavy import, only when building
@@ -131,9 +148,9 @@ def load_extension(sources: Optional[Sequence[str]] = None, name: str = EXT_NAME
             os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
     try:
-        path = cpp_extension.load(name=name, sources=sources, extra_cflags=["-O3"],
-                                  extra_cuda_cflags=flags, build_directory=build_dir,
-                                  is_python_module=False, verbose=verbose)
+        module = cpp_extension.load(name=name, sources=sources, extra_cflags=["-O3"],
+                                    extra_cuda_cflags=flags, build_directory=build_dir,
+                                    is_python_module=True, verbose=verbose)
     except (RuntimeError, OSError, ImportError) as e:
         text = str(e)
         prefix = f"Error building extension '{name}'"
@@ -142,33 +159,70 @@ def load_extension(sources: Optional[Sequence[str]] = None, name: str = EXT_NAME
         raise RuntimeError(f"bgmv_cuda: building {name} failed (sources {sources}, nvcc flags "
                            f"{' '.join(flags)}, build dir {build_dir}).\n"
                            f"Compiler output:\n{text}") from None
-    return path
+    return module
 
 
-def _shrink_fake(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor) -> None:
-    return None          # in place: v is the only output
-
-
-def _fused_fake(y: Tensor, x: Tensor, A: Tensor, B: Sequence[Tensor], idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor], v: Tensor, counters: Tensor) -> None:
-    return None          # in place: y, v (workspace), counters (left zero)
-
-
-def _expand_fake(y: Tensor, v: Tensor, B: Sequence[Tensor], idx: Tensor, scale: Tensor,
-                 ranks: Optional[Tensor]) -> None:
-    return None          # in place: y is the only output
-
-
-def load_and_register(verbose: Optional[bool] = None) -> str:
-    """Load the extension once per process and register the fake impls (register_fake
-    needs the ops to exist, so it runs after the load). Returns the library's path."""
+def load_and_register(verbose: Optional[bool] = None):
+    """Build / import the extension once per process; returns the module."""
     if not _STATE["loaded"]:
-        _STATE["library"] = load_extension(verbose=verbose)
-        torch.library.register_fake("multilora::bgmv_cuda_shrink", _shrink_fake)
-        torch.library.register_fake("multilora::bgmv_cuda_expand", _expand_fake)
-        torch.library.register_fake("multilora::bgmv_cuda_fused", _fused_fake)
+        _STATE["module"] = load_extension(verbose=verbose)
         _STATE["loaded"] = True
-    return _STATE["library"]
+    return _STATE["module"]
+
+
+def _run(fn: str, *args) -> None:
+    """Call the extension's function fn; its non-empty return value is the error message."""
+    err = getattr(load_and_register(), fn)(*args)
+    if err:
+        raise ValueError(err)
+
+
+# The custom ops (run under torch.compile and in CUDA graphs; the fakes say: in place only).
+@torch.library.custom_op("multilora::bgmv_cuda_shrink", mutates_args=("v",))
+def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor,
+               pdl: bool = False) -> None:
+    _run("shrink", x, A, idx, ranks, v, pdl)
+
+
+@torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
+def _expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
+               ranks: Optional[Tensor], pdl: bool = False) -> None:
+    _run("expand", y, v, list(B), idx, scale, ranks, pdl)
+
+
+@torch.library.custom_op("multilora::bgmv_cuda_fused", mutates_args=("y", "v", "counters"))
+def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
+              ranks: Optional[Tensor], v: Tensor, counters: Tensor) -> None:
+    _run("fused", y, x, A, list(B), idx, scale, ranks, v, counters)
+
+
+@_shrink_op.register_fake
+def _(x, A, idx, ranks, v, pdl=False) -> None:
+    return None
+
+
+@_expand_op.register_fake
+def _(y, v, B, idx, scale, ranks, pdl=False) -> None:
+    return None
+
+
+@_fused_op.register_fake
+def _(y, x, A, B, idx, scale, ranks, v, counters) -> None:
+    return None
+
+
+_PDL: dict = {}
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch: on for CUDA devices of compute capability >= 9 unless
+    MULTILORA_PDL=0 (read at each call: a shape-free host decision, fixed in a CUDA graph)."""
+    if device.type != "cuda" or os.environ.get(PDL_ENV, "1") == "0":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _PDL:
+        _PDL[key] = torch.cuda.get_device_capability(key)[0] >= 9
+    return _PDL[key]
 
 
 @torch.compiler.assume_constant_result
@@ -420,12 +474,15 @@ def _resolve_split(split_k: Optional[int], x: Tensor, A4: Tensor) -> int:
 
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
-                v: Optional[Tensor] = None, *, split_k: Optional[int] = 1) -> Tensor:
+                v: Optional[Tensor] = None, *, split_k: Optional[int] = 1,
+                pdl: Optional[bool] = None) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
     split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
     h_in, returning the partial sums v [n_split, T, S, r_max] that bgmv_expand adds in a
     fixed order (deterministic). A given v fixes n_split by its shape instead.
+    pdl: None = pdl_enabled(device) (safe anywhere: the kernel waits for the previous
+    kernel before reading anything).
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
@@ -436,20 +493,23 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
         shape = (x.shape[0], A4.shape[0], A4.shape[2])                # [T, S, r_max]
         v = torch.empty(((n_split,) + shape) if n_split > 1 else shape, dtype=torch.float32,
                         device=x.device)                              # [n_split, T, S, r_max]
-    torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v)
+    torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v,
+                                         pdl_enabled(x.device) if pdl is None else pdl)
     return v
 
 
 def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor] = None) -> None:
+                ranks: Optional[Tensor] = None, *, pdl: bool = False) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
+    pdl=True only right after bgmv_shrink: the expand then reads idx, ranks, scale and B
+    before the previous kernel has finished (the shrink writes none of them).
     Raises ValueError (check_expand_args) before building or calling anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
     ensure_loaded()
-    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks)
+    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl)
 
 
 _COUNTERS: dict = {}
@@ -471,7 +531,7 @@ def _fused_counters(device: torch.device, T: int) -> Tensor:
 
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
               ranks: Optional[Tensor] = None, meta=None, *, variant: str = "default",
-              split_k: Optional[int] = None) -> None:
+              split_k: Optional[int] = None, pdl: Optional[bool] = None) -> None:
     """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
     reads idx directly) and is ignored.
 
@@ -493,14 +553,15 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
         _fail("variant", f"one of {VARIANTS}", repr(variant))
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
+    pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     if variant == "default":
-        v = bgmv_shrink(x, A4, idx, ranks)                         # [T, S, r_max] fp32
-        bgmv_expand(y, v, Bs, idx, scale, ranks)
+        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl)                # [T, S, r_max] fp32
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl)
         return
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
-        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split)        # [n_split, T, S, r_max]
-        bgmv_expand(y, v, Bs, idx, scale, ranks)
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)  # [n_split, T, S, r_max]
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl)
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
@@ -518,11 +579,11 @@ def main(args: argparse.Namespace) -> int:
     from multilora_impl import DTYPES, TOLERANCE, check_mode, make_lora_inputs, make_workload
 
     try:
-        path = load_and_register(verbose=args.verbose or None)
+        module = load_and_register(verbose=args.verbose or None)
     except RuntimeError as e:       # no GPU, or the build failed: the message says which
         print(e, file=sys.stderr)
         return 2
-    print(f"bgmv_cuda: loaded {path} on {torch.cuda.get_device_name()}")
+    print(f"bgmv_cuda: loaded {module.__file__} on {torch.cuda.get_device_name()}")
     if not args.check:
         return 0
     failed = 0
@@ -558,12 +619,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for --check")
     return p
 
-
-if __name__ == "__main__":
-    # Run the copy imported under its package name, the one the registry resolves, so the
-    # extension is loaded and its fake impls are registered once per process. The script's
-    # own folder goes off sys.path first: its bgmv_cuda.py would shadow the bgmv_cuda/
-    # namespace package (regular modules win over namespace packages).
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
-    from bgmv_cuda import bgmv_cuda as _module
-    sys.exit(_module.main(_module.build_parser().parse_args()))

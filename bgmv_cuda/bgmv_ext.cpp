@@ -1,30 +1,30 @@
-// bgmv_ext.cpp -- torch binding of the BGMV kernels: input checks and op registration.
+// bgmv_ext.cpp -- torch binding of the BGMV kernels: input checks and launch functions.
 //
-// Ops (namespace multilora, CUDA only; Python fake impls live in bgmv_cuda.py):
-//   bgmv_cuda_shrink(Tensor x, Tensor A, Tensor idx, Tensor? ranks, Tensor(a!) v) -> ()
+// Python functions of the module (bgmv_cuda.py wraps each in a torch custom op of the same
+// name, multilora::bgmv_cuda_*, with its fake impl; CUDA tensors only):
+//   shrink(x, A, idx, ranks, v, pdl) -> str
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
-//   bgmv_cuda_expand(Tensor(a!) y, Tensor v, Tensor[] B, Tensor idx, Tensor scale,
-//                    Tensor? ranks) -> ()
+//   expand(y, v, B, idx, scale, ranks, pdl) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
-//   bgmv_cuda_fused(Tensor(a!) y, Tensor x, Tensor A, Tensor[] B, Tensor idx, Tensor scale,
-//                   Tensor? ranks, Tensor(b!) v, Tensor(c!) counters) -> ()
+//   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
-// A host-compiler (g++) translation unit on purpose: every torch header and every C++
-// exception lives here, none in nvcc-compiled code.  It sees the kernels only through the
-// torch-free bgmv_params.h (parameter blocks + the dispatch functions of bgmv.cu).
-// Every check names the tensor and prints what it got; a bad argument raises RuntimeError
-// (BGMV_CHECK, below). Not TORCH_CHECK_VALUE: on torch 2.11 + g++ 13.3 (the H200 image) a
-// c10::ValueError thrown from an extension op crashed the process (SIGSEGV), while c10::Error
-// propagated. The public wrappers raise ValueError in Python first.  bgmv_cuda.py runs the same checks in Python before calling the ops,
-// so these are the defence for direct op calls.  Kernels run on the current torch stream of
-// the inputs' device; a launch error raises RuntimeError.  No host synchronisation: idx /
-// ranks values are checked in the kernels (see bgmv_kernel.cuh).
+//   pdl: launch with programmatic dependent launch (sm_90+; see bgmv_kernel.cuh).
+// Each returns "" after launching, or a message naming the tensor and what it got, and then
+// launches nothing; the Python op raises ValueError with it.  No C++ exception is thrown:
+// on the H200 image (torch 2.11 + g++ 13.3) an exception thrown from an extension op
+// (TORCH_CHECK with a built message, TORCH_CHECK_VALUE) ended the process with SIGSEGV,
+// so errors travel as return values instead, built without any std::ostream (bgmv_str).
+// A host-compiler (g++) translation unit: every torch header lives here, none in
+// nvcc-compiled code; it sees the kernels only through the torch-free bgmv_params.h.
+// bgmv_cuda.py runs the same checks in Python before calling the ops, so these are the
+// defence for direct op calls.  Kernels run on the current torch stream of the inputs'
+// device.  No host synchronisation: idx / ranks values are checked in the kernels.
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <torch/extension.h>
 
 #include <cstdint>
 #include <cstdio>
@@ -34,47 +34,64 @@
 
 #include "bgmv_params.h"
 
-// Fail with a RuntimeError whose message is built here (c10::str, all inline) and handed
-// to c10 as one const char*. On the H200 image (torch 2.11 + g++ 13.3) a message handed
-// over as std::string (TORCH_CHECK with several arguments) crashed the process with
-// SIGSEGV, while TORCH_CHECK(cond, "literal") raised normally (load_inline probe).
-#define BGMV_CHECK(cond, ...)                                                          \
-  do {                                                                                 \
-    if (C10_UNLIKELY(!(cond))) {                                                       \
-      static thread_local char bgmv_msg[1024];                                         \
-      std::snprintf(bgmv_msg, sizeof(bgmv_msg), "%s", ::c10::str(__VA_ARGS__).c_str()); \
-      TORCH_CHECK(false, static_cast<const char*>(bgmv_msg));                          \
-    }                                                                                  \
+// Error messages are concatenated std::strings (bgmv_str below), never streamed: on the
+// H200 image (torch 2.11 + g++ 13.3) any std::ostream formatting in this extension
+// (c10::str, which TORCH_CHECK uses to build its message) ended the process with SIGSEGV,
+// with or without an exception; a literal message or std::runtime_error("...") did not.
+namespace {
+inline std::string bgmv_piece(const char* s) { return s; }
+inline std::string bgmv_piece(const std::string& s) { return s; }
+inline std::string bgmv_piece(c10::ScalarType t) { return c10::toString(t); }
+inline std::string bgmv_piece(const c10::Device& d) { return d.str(); }
+template <typename T, typename = std::enable_if_t<std::is_arithmetic_v<T>>>
+std::string bgmv_piece(T v) { return std::to_string(v); }
+template <typename... Args>
+std::string bgmv_str(const Args&... args) {
+  std::string s;
+  ((s += bgmv_piece(args)), ...);
+  return s;
+}
+}  // namespace
+
+// Return the message from the enclosing function when cond is false.
+#define BGMV_CHECK(cond, ...)                                            \
+  do {                                                                   \
+    if (C10_UNLIKELY(!(cond))) return bgmv_str(__VA_ARGS__);             \
+  } while (0)
+
+// Return from the enclosing function with the message of a failed sub-check.
+#define BGMV_TRY(expr)                                                   \
+  do {                                                                   \
+    std::string bgmv_err = (expr);                                       \
+    if (!bgmv_err.empty()) return bgmv_err;                              \
   } while (0)
 
 namespace {
 
-// Sizes / strides as "[a, b, c]", built with std::to_string: streaming an IntArrayRef into
-// an error message crashed the process on the H200 image (torch 2.11 + g++ 13.3), where
-// plain strings and numbers did not.
+// Sizes / strides as "[a, b, c]", built with std::to_string (no stream; see bgmv_str).
 std::string dims_str(c10::IntArrayRef d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + std::to_string(d[i]);
   return s + "]";
 }
 
-BgmvDtype to_bgmv_dtype(const char* op, const char* name, const at::Tensor& t) {
+std::string to_bgmv_dtype(const char* op, const char* name, const at::Tensor& t, BgmvDtype* dt) {
   switch (t.scalar_type()) {
-    case at::kHalf: return BgmvDtype::kFloat16;
-    case at::kBFloat16: return BgmvDtype::kBFloat16;
-    case at::kFloat: return BgmvDtype::kFloat32;
+    case at::kHalf: *dt = BgmvDtype::kFloat16; return {};
+    case at::kBFloat16: *dt = BgmvDtype::kBFloat16; return {};
+    case at::kFloat: *dt = BgmvDtype::kFloat32; return {};
     default: break;
   }
-  BGMV_CHECK(false, op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
-                    t.scalar_type());
-  return BgmvDtype::kFloat32;
+  return bgmv_str(op, ": ", name, ": expected dtype float16, bfloat16 or float32, got ",
+                  t.scalar_type());
 }
 
-void check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
+std::string check_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& ref) {
   BGMV_CHECK(t.is_cuda(), op, ": ", name, ": expected a CUDA tensor, got device ",
                     t.device());
   BGMV_CHECK(t.device() == ref.device(), op, ": ", name, ": expected device ",
                     ref.device(), " (same as the first tensor), got ", t.device());
+  return {};
 }
 
 // Stride in elements, or 0 where the dimension has one entry (its stride is never used,
@@ -82,7 +99,7 @@ void check_device(const char* op, const char* name, const at::Tensor& t, const a
 int64_t used_stride(const at::Tensor& t, int64_t d) { return t.size(d) == 1 ? 0 : t.stride(d); }
 
 // 16-byte vector loads need a 16-byte aligned base and row strides.
-void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
+std::string check_aligned16(const char* op, const char* name, const at::Tensor& t) {
   const int64_t es = t.element_size();
   bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
   for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (used_stride(t, d) * es) % 16 == 0;
@@ -91,17 +108,19 @@ void check_aligned16(const char* op, const char* name, const at::Tensor& t) {
                     reinterpret_cast<uintptr_t>(t.data_ptr()) % 16, ", strides ", dims_str(t.strides()),
                     " (elements of ", es, " bytes), sizes ", dims_str(t.sizes()),
                     ": pass a .contiguous() tensor that starts at its storage");
+  return {};
 }
 
-void check_index(const char* op, const char* name, const at::Tensor& t, int64_t n,
+std::string check_index(const char* op, const char* name, const at::Tensor& t, int64_t n,
                  const at::Tensor& ref) {
-  check_device(op, name, t, ref);
+  BGMV_TRY(check_device(op, name, t, ref));
   BGMV_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
                     ": expected dtype int32 or int64, got ", t.scalar_type());
   BGMV_CHECK(t.dim() == 1 && t.size(0) == n, op, ": ", name, ": expected shape [", n,
                     "], got ", dims_str(t.sizes()));
   BGMV_CHECK(n <= 1 || t.stride(0) == 1, op, ": ", name,
                     ": expected a contiguous tensor, got strides ", dims_str(t.strides()));
+  return {};
 }
 
 constexpr int64_t kIntMax = std::numeric_limits<int>::max();
@@ -109,11 +128,12 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 }  // namespace
 
 // Checks the shrink's tensors and fills *out; launches unless out_only.
-static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
+static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
-                        BgmvShrinkParams* out, const char* op) {
+                        bool pdl, BgmvShrinkParams* out, const char* op) {
   BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
-  const BgmvDtype dt = to_bgmv_dtype(op, "x", x);
+  BgmvDtype dt;
+  BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
   BGMV_CHECK(x.dim() == 2, op, ": x: expected [T, h_in], got sizes ", dims_str(x.sizes()));
   const int64_t T = x.size(0), h_in = x.size(1);
   BGMV_CHECK(T <= kIntMax, op, ": x: T = ", T, " tokens, at most ", kIntMax);
@@ -122,9 +142,9 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
                     "sizes ", dims_str(x.sizes()));
   BGMV_CHECK(x.stride(1) == 1, op, ": x: expected unit stride along h_in, got strides ",
                     dims_str(x.strides()));
-  check_aligned16(op, "x", x);
+  BGMV_TRY(check_aligned16(op, "x", x));
 
-  check_device(op, "A", A, x);
+  BGMV_TRY(check_device(op, "A", A, x));
   BGMV_CHECK(A.scalar_type() == x.scalar_type(), op, ": A: expected dtype ",
                     x.scalar_type(), " (same as x), got ", A.scalar_type());
   BGMV_CHECK(A.dim() == 3 || A.dim() == 4, op,
@@ -141,12 +161,12 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
                     kBgmvMaxRank, "], got sizes ", dims_str(A.sizes()));
   BGMV_CHECK(A4.stride(3) == 1, op, ": A: expected unit stride along h_in, got strides ",
                     dims_str(A.strides()));
-  check_aligned16(op, "A", A4);
+  BGMV_TRY(check_aligned16(op, "A", A4));
 
-  check_index(op, "idx", idx, T, x);
-  if (ranks.has_value()) check_index(op, "ranks", *ranks, L, x);
+  BGMV_TRY(check_index(op, "idx", idx, T, x));
+  if (ranks.has_value()) BGMV_TRY(check_index(op, "ranks", *ranks, L, x));
 
-  check_device(op, "v", v, x);
+  BGMV_TRY(check_device(op, "v", v, x));
   BGMV_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
   // v [T, S, r_max], or [n_split, T, S, r_max]: split-K partial sums (the expand adds them)
@@ -157,7 +177,7 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
                     kBgmvMaxSplit, ", T, S, r_max], got sizes ", dims_str(v.sizes()));
   BGMV_CHECK(v4.stride(3) == 1, op, ": v: expected unit stride along r_max, got strides ",
                     dims_str(v.strides()));
-  if (T == 0) return;
+  if (T == 0) return {};
 
   BgmvShrinkParams p{};
   p.x = x.data_ptr();
@@ -181,23 +201,26 @@ static void shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tens
   p.idx_is_64 = idx.scalar_type() == at::kLong;
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
-  if (out != nullptr) { *out = p; return; }
+  p.pdl = pdl;
+  if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
   BGMV_CHECK(err.empty(), op, ": ", err);
+  return {};
 }
 
-void bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
-                      const std::optional<at::Tensor>& ranks, at::Tensor& v) {
-  shrink_impl(x, A, idx, ranks, v, nullptr, "multilora::bgmv_cuda_shrink");
+std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
+                             const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl) {
+  return shrink_impl(x, A, idx, ranks, v, pdl, nullptr, "multilora::bgmv_cuda_shrink");
 }
 
-static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
+static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const at::Tensor& idx, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& ranks, BgmvExpandParams* out,
-                        const char* op) {
+                        const std::optional<at::Tensor>& ranks, bool pdl,
+                        BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
-  const BgmvDtype dt = to_bgmv_dtype(op, "y", y);
+  BgmvDtype dt;
+  BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
   BGMV_CHECK(y.stride(1) == 1 || y.size(1) == 1, op,
                     ": y: expected unit stride along h_out, got strides ", dims_str(y.strides()));
@@ -207,7 +230,7 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   const int64_t S = static_cast<int64_t>(B.size());
   BGMV_CHECK(S >= 1 && S <= kBgmvMaxSlices, op, ": B: expected 1 to ", kBgmvMaxSlices,
                     " output slices, got ", S);
-  check_device(op, "v", v, y);
+  BGMV_TRY(check_device(op, "v", v, y));
   BGMV_CHECK(v.scalar_type() == at::kFloat, op, ": v: expected dtype float32, got ",
                     v.scalar_type());
   const at::Tensor v4 = v.dim() == 3 ? v.unsqueeze(0) : v;      // [n_split, T, S, r_max]
@@ -227,7 +250,7 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor& b = B[s];
     const std::string name = "B[" + std::to_string(s) + "]";
-    check_device(op, name.c_str(), b, y);
+    BGMV_TRY(check_device(op, name.c_str(), b, y));
     BGMV_CHECK(b.scalar_type() == y.scalar_type(), op, ": ", name, ": expected dtype ",
                       y.scalar_type(), " (same as y), got ", b.scalar_type());
     BGMV_CHECK(b.dim() == 3 && b.size(0) == L && L >= 1 && b.size(2) == r_max &&
@@ -246,14 +269,14 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   BGMV_CHECK(L <= kIntMax, op, ": B: L = ", L, " adapters, at most ", kIntMax);
   BGMV_CHECK(y.size(1) == col && col <= kIntMax, op, ": y: expected [T=", T,
                     ", sum h_out_s=", col, "], got sizes ", dims_str(y.sizes()));
-  check_index(op, "idx", idx, T, y);
-  if (ranks.has_value()) check_index(op, "ranks", *ranks, L, y);
-  check_device(op, "scale", scale, y);
+  BGMV_TRY(check_index(op, "idx", idx, T, y));
+  if (ranks.has_value()) BGMV_TRY(check_index(op, "ranks", *ranks, L, y));
+  BGMV_TRY(check_device(op, "scale", scale, y));
   BGMV_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == L &&
                     (L == 1 || scale.stride(0) == 1), op,
                     ": scale: expected a contiguous float32 [L=", L, "], got ",
                     scale.scalar_type(), " sizes ", dims_str(scale.sizes()), " strides ", dims_str(scale.strides()));
-  if (T == 0) return;
+  if (T == 0) return {};
 
   p.y = y.data_ptr();
   p.v = v4.data_ptr<float>();
@@ -272,51 +295,49 @@ static void expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
   p.idx_is_64 = idx.scalar_type() == at::kLong;
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
-  if (out != nullptr) { *out = p; return; }
+  p.pdl = pdl;
+  if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
   BGMV_CHECK(err.empty(), op, ": ", err);
+  return {};
 }
 
-void bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, at::TensorList B, const at::Tensor& idx,
-                      const at::Tensor& scale, const std::optional<at::Tensor>& ranks) {
-  expand_impl(y, v, B, idx, scale, ranks, nullptr, "multilora::bgmv_cuda_expand");
+std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vector<at::Tensor>& B,
+                             const at::Tensor& idx, const at::Tensor& scale,
+                             const std::optional<at::Tensor>& ranks, bool pdl) {
+  return expand_impl(y, v, B, idx, scale, ranks, pdl, nullptr, "multilora::bgmv_cuda_expand");
 }
 
 // One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid
 // (see _bgmv_fused_kernel).  counters: int32 [>= 2 T], zero before, zero after.
-void bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, at::TensorList B,
+std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
+                            const std::vector<at::Tensor>& B,
                      const at::Tensor& idx, const at::Tensor& scale,
                      const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  shrink_impl(x, A, idx, ranks, v, &p.s, op);
-  expand_impl(y, v, B, idx, scale, ranks, &p.e, op);
-  check_device(op, "counters", counters, x);
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, &p.s, op));
+  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, &p.e, op));
+  BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
                     ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
                     "] (zeroed once), got ", counters.scalar_type(), " sizes ", dims_str(counters.sizes()));
   BGMV_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
                     dims_str(y.sizes()));
-  if (x.size(0) == 0) return;
+  if (x.size(0) == 0) return {};
   p.counters = counters.data_ptr<int>();
   const c10::cuda::CUDAGuard guard(x.device());
-  const std::string err = bgmv_fused_dispatch(to_bgmv_dtype(op, "x", x), p,
-                                              c10::cuda::getCurrentCUDAStream().stream());
+  BgmvDtype dt;
+  BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
+  const std::string err = bgmv_fused_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
   BGMV_CHECK(err.empty(), op, ": ", err);
+  return {};
 }
 
-TORCH_LIBRARY_FRAGMENT(multilora, m) {
-  m.def("bgmv_cuda_shrink(Tensor x, Tensor A, Tensor idx, Tensor? ranks, Tensor(a!) v) -> ()");
-  m.def("bgmv_cuda_expand(Tensor(a!) y, Tensor v, Tensor[] B, Tensor idx, Tensor scale, "
-        "Tensor? ranks) -> ()");
-  m.def("bgmv_cuda_fused(Tensor(a!) y, Tensor x, Tensor A, Tensor[] B, Tensor idx, "
-        "Tensor scale, Tensor? ranks, Tensor(b!) v, Tensor(c!) counters) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(multilora, CUDA, m) {
-  m.impl("bgmv_cuda_shrink", &bgmv_cuda_shrink);
-  m.impl("bgmv_cuda_expand", &bgmv_cuda_expand);
-  m.impl("bgmv_cuda_fused", &bgmv_cuda_fused);
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("shrink", &bgmv_cuda_shrink, "BGMV shrink; returns '' or the error message");
+  m.def("expand", &bgmv_cuda_expand, "BGMV expand; returns '' or the error message");
+  m.def("fused", &bgmv_cuda_fused, "BGMV shrink + expand in one launch; '' or the error");
 }

@@ -47,9 +47,8 @@
 // ---------------------------------------------------------------------------------------
 // Launch configuration, from ptxas (-Xptxas -v, CUDA 13.0, the flags of bgmv_cuda.py;
 // `python bgmv_cuda/compile_check.py` prints the table): with __launch_bounds__(128, 8)
-// the 9 kernels use, on sm_80 / sm_90, shrink 56-64 registers + 64 bytes of shared
-// memory, expand 46-48 (16-byte loads) and 55-64 (1-element loads), 0 bytes of stack or
-// spill.  Unbounded, the shrink would take 72 (half, bf16) and 114 (fp32) registers on
+// the shrink and expand kernels use, on sm_80 / sm_90, shrink 56-64 registers + 64 bytes
+// of shared memory, expand 40-64, 0 bytes of stack or spill.  Unbounded, the shrink would take 72 (half, bf16) and 114 (fp32) registers on
 // sm_90; capped at 64 it still issues all 10 loads of a K step before its first FMA
 // (checked in the SASS) and 8 blocks = 1024 threads (50% occupancy) fit per SM on both
 // architectures, about 160 KB of loads in flight per SM, enough to cover HBM latency.
@@ -70,14 +69,19 @@ constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per 
 //   A group of G lanes (G = a power of two, G * W >= r_max, W = elements per load)
 //   reads one row B_s[i, j, :rank] (contiguous, r_max long) for output column j; the
 //   32 / G groups of a warp take consecutive j, so a warp reads 32 / G adjacent rows of
-//   B_s (one contiguous block when G * W == r_max) and stores adjacent y elements.  Each lane handles 4 outputs
-//   (4 B loads in flight), keeps its slice of v[t, s] in registers for all of them, and
-//   the G partial sums are reduced with xor shuffles.  Tile = 4 warps * (32 / G) * 4
-//   outputs: 32 (r_max = 128 in half) to 512 (r_max <= 8): few bytes per block, many
-//   blocks, so T = 1 decode still fills the GPU.
+//   B_s (one contiguous block when G * W == r_max) and stores adjacent y elements.  Each
+//   lane handles J outputs (J B loads in flight), keeps its slice of v[t, s] in registers
+//   for all of them, and the G partial sums are reduced with xor shuffles.  The y values
+//   are loaded with B, before the wait for the shrink, so the store needs no third round
+//   trip.  Tile = 4 warps * (32 / G) * J outputs; J = 4: 32 (r_max = 128 in half) to 512
+//   (r_max <= 8) columns.  Small grids (T * tiles < kBgmvExpandSmallGrid blocks, e.g.
+//   T = 1..16 at h_out 4096, r 16) take J = 1: 4x the blocks, so more SMs fetch B at
+//   once (ncu, H200, T = 1, h 4096, r 16: 16 blocks of J = 4 took 4.6 us, the Triton
+//   expand's 128 programs 2.8 us).
 //   Grid: x = T, y = sum_s ceil(h_out_s / tile).
 constexpr int kBgmvExpandThreads = 128;
 constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
+constexpr int kBgmvExpandSmallGrid = 512;  // below this many J = 4 blocks, J = 1
 constexpr int kBgmvMinBlocksPerSM = 8;
 // Fused kernel: shrink and expand code paths in one kernel; at 8 or 6 blocks / SM (64 / 80
 // registers) the fp32 instances spilled, so 4 blocks / SM (ptxas: 72-86 registers in
@@ -141,6 +145,29 @@ __device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i
   if (ranks == nullptr) return r_max;
   const int64_t r = bgmv_load_int(ranks, is_64, i);
   return (r < 0 || r > r_max) ? -1 : static_cast<int>(r);
+}
+
+// ---------------------------------------------------------------------------------------
+// Programmatic dependent launch (PDL, sm_90+).  A kernel launched with the programmatic
+// stream-serialization attribute may start while the kernel before it in the stream is
+// still running; griddepcontrol.wait then blocks until that kernel has completed and its
+// writes are visible.  Without the attribute (or below sm_90) both are no-ops, so the
+// kernels are correct however they are launched.
+//   Shrink: wait first (x may come from the kernel just before), then let the expand launch.
+//   Expand: load idx, ranks, scale and its B tile (the shrink writes none of them, and
+//   everything before the shrink completed before the shrink let the expand launch), then
+//   wait for the shrink, then read v and y.
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void bgmv_wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void bgmv_let_next_grid_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -249,6 +276,8 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 template <typename T>
 __global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMinBlocksPerSM)
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
+  bgmv_wait_prior_grid();
+  bgmv_let_next_grid_launch();
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   bgmv_shrink_block<T>(p, blockIdx.x, blockIdx.y / row_tiles,
                        (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
@@ -267,12 +296,11 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
 // both counters to 0 for the next call.
 constexpr int kBgmvSpinLimit = 1 << 22;   // ~0.1-0.3 s: then NaN, never a hang
 
-template <typename T, int W, int NCHUNK, bool FUSED>
+template <typename T, int W, int NCHUNK, int J, bool FUSED>
 __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, const int64_t t,
                                                   const int by, int* counters, const int need) {
   using Ty = BgmvType<T>;
   static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
-  constexpr int J = kBgmvExpandOuts;
   constexpr int NWARPS = kBgmvExpandThreads / 32;
 
   // Program-id mapping: token t, output tile `by`; find its slice (S <= 3, uniform).
@@ -292,6 +320,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   if (i == -1) return;
   const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank < 0) {
+    if constexpr (!FUSED) bgmv_wait_prior_grid();     // y may still be in use before it
     for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
       yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
     return;
@@ -332,6 +361,16 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
     }
   }
 
+  // y of this lane's outputs (the group's lane 0 stores them), loaded with B: neither the
+  // shrink nor the fused kernel's shrink blocks write y.
+  float yv[J];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    const int j = j_lane + u * groups;
+    yv[u] = (lig == 0 && j < h_out) ? Ty::to_float(yrow[j]) : 0.f;
+  }
+
+  if constexpr (!FUSED) bgmv_wait_prior_grid();       // PDL: the shrink's v (B, y in flight)
   if constexpr (FUSED) {  // wait for this token's shrink blocks (the B loads are in flight)
     __shared__ int ready;
     if (threadIdx.x == 0) {
@@ -362,6 +401,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       if (rb + e < rank) {
         const float* pv = vrow + rb + e;
         a = FUSED ? __ldcg(pv) : *pv;
+#pragma unroll 4  // independent loads in flight, not one L2 round trip per partial
         for (int z = 1; z < p.n_split; ++z)
           a += FUSED ? __ldcg(pv + z * p.v_stride_split) : pv[z * p.v_stride_split];
       }
@@ -403,16 +443,17 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 #pragma unroll
     for (int u = 0; u < J; ++u) {
       const int j = j_lane + u * groups;
-      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], Ty::to_float(yrow[j])));
+      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], yv[u]));
     }
   }
 }
 
 // Grid: x = token, y = output tile.
-template <typename T, int W, int NCHUNK>
+template <typename T, int W, int NCHUNK, int J>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
 _bgmv_expand_kernel(const BgmvExpandParams p) {
-  bgmv_expand_block<T, W, NCHUNK, false>(p, blockIdx.x, blockIdx.y, nullptr, 0);
+  bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
+  bgmv_expand_block<T, W, NCHUNK, J, false>(p, blockIdx.x, blockIdx.y, nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -449,7 +490,7 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
   }
   b -= shrink_blocks;
   const int tiles = p.e.tile_begin[p.e.S];
-  bgmv_expand_block<T, W, NCHUNK, true>(p.e, b / tiles, static_cast<int>(b % tiles),
+  bgmv_expand_block<T, W, NCHUNK, kBgmvExpandOuts, true>(p.e, b / tiles, static_cast<int>(b % tiles),
                                         p.counters, per_token);
 }
 
@@ -457,6 +498,22 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
+// Launch with PDL when asked (p.pdl; the caller asks only on sm_90+ devices).
+template <typename Params>
+cudaError_t bgmv_launch(void (*kernel)(Params), dim3 grid, int threads, cudaStream_t stream,
+                        const Params& p) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
 inline bool bgmv_aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
@@ -490,13 +547,21 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   if (p.T == 0) return nullptr;
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  _bgmv_shrink_kernel<T><<<grid, kBgmvShrinkThreads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = bgmv_launch(_bgmv_shrink_kernel<T>, grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin;
-// *vec tells whether B rows take 16-byte loads.
+// Fills tile_begin for J = outs output columns per lane; returns the total tile count.
+inline int bgmv_fill_tiles(BgmvExpandParams& p, int outs) {
+  const int tile = (kBgmvExpandThreads / 32) * (32 >> p.log2_group) * outs;
+  p.tile_begin[0] = 0;
+  for (int s = 0; s < p.S; ++s) p.tile_begin[s + 1] = p.tile_begin[s] + (p.h_out[s] + tile - 1) / tile;
+  for (int s = p.S; s < kBgmvMaxSlices; ++s) p.tile_begin[s + 1] = p.tile_begin[s];
+  return p.tile_begin[p.S];
+}
+
+// Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin
+// (for J = kBgmvExpandOuts); *vec tells whether B rows take 16-byte loads.
 template <typename T>
 const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   constexpr int VEC = BgmvType<T>::kVec;
@@ -518,11 +583,7 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   int log2g = 0;
   while ((1 << log2g) < lanes && log2g < 5) ++log2g;   // G = next power of two, <= 32
   p.log2_group = log2g;
-  const int tile = (kBgmvExpandThreads / 32) * (32 >> log2g) * kBgmvExpandOuts;
-  p.tile_begin[0] = 0;
-  for (int s = 0; s < p.S; ++s) p.tile_begin[s + 1] = p.tile_begin[s] + (p.h_out[s] + tile - 1) / tile;
-  for (int s = p.S; s < kBgmvMaxSlices; ++s) p.tile_begin[s + 1] = p.tile_begin[s];
-  if (p.tile_begin[p.S] > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
+  if (bgmv_fill_tiles(p, kBgmvExpandOuts) > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   *vec_out = vec;
   return nullptr;
 }
@@ -533,13 +594,23 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
-  const dim3 grid(p.T, p.tile_begin[p.S]);
-  if (vec) {
-    _bgmv_expand_kernel<T, VEC, 1><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
-  } else {
-    _bgmv_expand_kernel<T, 1, kBgmvMaxRank / 32><<<grid, kBgmvExpandThreads, 0, stream>>>(p);
+  // Small grid: one output per lane, 4x the blocks (when the tile count still fits grid.y).
+  bool one_out = static_cast<int64_t>(p.T) * p.tile_begin[p.S] < kBgmvExpandSmallGrid;
+  if (one_out && bgmv_fill_tiles(p, 1) > 65535) {
+    bgmv_fill_tiles(p, kBgmvExpandOuts);
+    one_out = false;
   }
-  const cudaError_t err = cudaGetLastError();
+  const dim3 grid(p.T, p.tile_begin[p.S]);
+  constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
+  const int threads = kBgmvExpandThreads;
+  cudaError_t err;
+  if (vec) {
+    err = one_out ? bgmv_launch(_bgmv_expand_kernel<T, VEC, 1, 1>, grid, threads, stream, p)
+                  : bgmv_launch(_bgmv_expand_kernel<T, VEC, 1, kJ>, grid, threads, stream, p);
+  } else {
+    err = one_out ? bgmv_launch(_bgmv_expand_kernel<T, 1, kN, 1>, grid, threads, stream, p)
+                  : bgmv_launch(_bgmv_expand_kernel<T, 1, kN, kJ>, grid, threads, stream, p);
+  }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

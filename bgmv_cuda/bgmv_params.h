@@ -41,6 +41,7 @@ struct BgmvShrinkParams {
   // (deterministic).  n_split = 1: v itself, the plain shrink.
   int n_split = 1;
   int64_t v_stride_split = 0;
+  int pdl = 0;            // host only: launch with programmatic dependent launch (sm_90+)
 };
 
 struct BgmvExpandParams {
@@ -59,6 +60,7 @@ struct BgmvExpandParams {
   int idx_is_64, ranks_is_64;
   int n_split = 1;                          // partial sums of v to add (see BgmvShrinkParams)
   int64_t v_stride_split = 0;
+  int pdl = 0;                              // host only: launch with PDL (sm_90+)
   // Filled by bgmv_expand_launch: lanes per B row, and each slice's first tile.
   int log2_group;
   int tile_begin[kBgmvMaxSlices + 1];

@@ -1,6 +1,7 @@
 """Settle the small-batch BGMV variants on the GPU in one short run (--variants).
 
-For each point, every variant (bgmv_cuda default / split / fused, bgmv_triton default) is
+For each point, every variant (bgmv_cuda default / default without PDL / split / fused,
+bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
 bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of input sets
@@ -20,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_split", "cuda_fused", "triton"]
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_fused", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +60,7 @@ def main(args: argparse.Namespace) -> list:
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
     fns = {"cuda": lambda *a: bc.bgmv_lora(*a),
+           "cuda_nopdl": lambda *a: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
@@ -108,7 +110,7 @@ def main(args: argparse.Namespace) -> list:
                 fn(ys[k], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"])
             row["us"][vname] = bu.time_graph(call, n_sets, rep_ms=args.rep_ms)
         results.append(row)
-        del sets
+        sets = None       # free the input sets before the next point
         torch.cuda.empty_cache()
 
     by = {r["point"]: r for r in results}

@@ -41,6 +41,21 @@ torch.compile, safe in CUDA graphs: no host sync, no data-dependent host control
 block sizes and split factor depend on shapes only). On a CPU they run in the Triton
 interpreter (TRITON_INTERPRET=1 set before triton is imported).
 
+Programmatic Dependent Launch (PDL, Hopper sm_90+): the kernels are launched with
+launch_pdl=True and call griddepcontrol.wait / launch_dependents (tl.extra.cuda.gdc_wait /
+gdc_launch_dependents, triton >= 3.5), so a kernel may start before the previous one ends.
+That hides most of the launch gap between the two tiny decode kernels in a CUDA graph.
+The shrink waits before touching memory, so it may be PDL-launched after anything. The
+expand is PDL-launched only right after this call's shrink (bgmv_lora, or bgmv_expand with
+after_shrink=True): it loads idx / ranks / scale / its B tile before waiting for v, which
+overlaps the shrink's tail (the ordering argument is in _bgmv_expand_kernel). The one
+kernel that must not run between the two is one that writes scale or B: torch.compile
+could in principle place one there, a decode step has none.
+MULTILORA_PDL=0 turns PDL off (read once at import into PDL_ENABLED, which a benchmark or
+test may set: it is read at each launch). pdl_enabled(device) says whether launches on a
+device use PDL: never on the CPU, under TRITON_INTERPRET, below sm_90 or with triton < 3.5.
+The arithmetic is the same either way: y is bitwise identical with PDL on or off.
+
 Index range: idx is not read on the host (that would sync); a token whose idx is outside
 [-1, L) is treated like -1 by the kernels (no out-of-bounds access). ranks[i] is clamped
 to [0, r_max] likewise. With MULTILORA_CHECK=1 (multilora_impl's debug flag) every
@@ -52,6 +67,7 @@ real sizes by bgmv_triton/run_bgmv.py (plain vs split-K shrink, expand, whole ca
 """
 import functools
 import os
+import re
 import sys
 from typing import Optional, Sequence, Union
 
@@ -63,6 +79,7 @@ if __name__ == "__main__" and not torch.cuda.is_available():
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.jit import JITFunction
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -94,6 +111,13 @@ SPLIT_MIN_K = 128
 # the grid T * tiles has fewer than ~2 programs per SM (decode with small T).
 MIN_BLOCK_N, MAX_BLOCK_N = 32, 256
 EXPAND_PROGRAMS_PER_SM = 2
+# PDL switch (module docstring): on unless MULTILORA_PDL=0. Read at each launch, so a
+# benchmark can time both by setting it (a captured CUDA graph keeps what it captured).
+PDL_ENABLED = os.environ.get("MULTILORA_PDL", "1") != "0"
+# launch_pdl and tl.extra.cuda.gdc_* came with triton PR #6394 (April 2025, first released
+# in 3.4); their `_builder` / `_semantic` keyword mismatch (issue #7377) was fixed by #7379,
+# listed in the 3.5.0 notes. So PDL only from 3.5 on (the GPU box runs 3.6).
+_TRITON_HAS_PDL = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2]) >= (3, 5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,10 +136,17 @@ def _bgmv_shrink_kernel(
     stride_as, stride_al, stride_ar, stride_ak,
     stride_idx, stride_rank,
     stride_oc, stride_ot, stride_os, stride_or,
-    # constexprs: BLOCK_R >= r_max (power of two), BLOCK_K columns per iteration
+    # constexprs: BLOCK_R >= r_max (power of two), BLOCK_K columns per iteration; USE_PDL:
+    # launched with launch_pdl=True
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_RANKS: tl.constexpr, ATOMIC: tl.constexpr,
+    HAS_RANKS: tl.constexpr, ATOMIC: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        # Wait for the previous kernel (of unknown origin: it may write x, idx, ranks, A or
+        # the memory of v) before any load or store, in every program, then let the expand
+        # launch: its programs load their B tiles while this grid finishes.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # Program id -> (token, slice, K-chunk). T is on axis 0, whose limit is 2**31 - 1.
     pid_t = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
@@ -184,10 +215,22 @@ def _bgmv_expand_kernel(
     stride_b0l, stride_b0n, stride_b0r,
     stride_b1l, stride_b1n, stride_b1r,
     stride_b2l, stride_b2n, stride_b2r,
-    # constexprs: BLOCK_N output columns per program, BLOCK_R >= r_max (power of two)
+    # constexprs: BLOCK_N output columns per program, BLOCK_R >= r_max (power of two);
+    # USE_PDL: launched with launch_pdl=True right after the shrink of the same call
     BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    NUM_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr,
+    NUM_SLICES: tl.constexpr, HAS_RANKS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # PDL ordering. With USE_PDL this grid may start while the one before it (the shrink,
+    # or the split-K sum after it) still runs; gdc_wait() returns once that grid has
+    # completed and its writes are visible. Before the wait it reads only idx, ranks, scale
+    # and B, which neither the shrink nor the sum writes. A kernel before the shrink may
+    # have written them, but it has completed: the shrink triggers this launch only after
+    # its own gdc_wait, which covers all earlier work (and the sum is a plain launch after
+    # the shrink). v (the shrink's output) and y are touched only after the wait. Every
+    # program waits, also those that store nothing, so this grid's completion implies the
+    # shrink's: the next kernel can rely on plain stream order (e.g. one reusing v's
+    # memory, or the next atomic split-K call's v.zero_(), a plain launch that starts only
+    # after this grid has ended).
     # Program id -> (token, tile). Tiles are numbered slice after slice, so no tile
     # straddles two slices and each slice's last tile is masked on its own h_out_s.
     pid_t = tl.program_id(0).to(tl.int64)
@@ -203,6 +246,8 @@ def _bgmv_expand_kernel(
     else:
         rank = tl.where(valid, r_max, 0)
     if rank <= 0:
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()        # see the ordering note above
         return
 
     # Which slice owns this tile: s, its first tile, its column offset in y, its B. Scalar
@@ -242,8 +287,6 @@ def _bgmv_expand_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     n_mask = offs_n < h_out
     r_mask = offs_r < rank
-    vv = tl.load(v_ptr + pid_t * stride_vt + s * stride_vs + offs_r * stride_vr,
-                 mask=r_mask, other=0.0)
     b_ptrs = b_ptr + i * stride_bl + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br
     if HAS_RANKS:
         # r is the contiguous dim of B, and a mask with a loaded bound r < rank would
@@ -258,6 +301,14 @@ def _bgmv_expand_kernel(
     else:
         b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + i * stride_scale)
+
+    # v and y come from earlier kernels: read only after the wait. The next kernel, if
+    # PDL-launched, waits for this whole grid anyway, so it may be launched now.
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    vv = tl.load(v_ptr + pid_t * stride_vt + s * stride_vs + offs_r * stride_vr,
+                 mask=r_mask, other=0.0)
     delta = tl.sum(b * vv[None, :], axis=1) * scale           # [BLOCK_N] fp32
 
     # Read-modify-write of y in fp32, converted once at the store (masked on h_out_s).
@@ -275,6 +326,21 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return DEFAULT_NUM_SMS
+
+
+@functools.lru_cache(maxsize=None)
+def _device_has_pdl(device: torch.device) -> bool:
+    # Compiled kernels only: under TRITON_INTERPRET the @triton.jit objects are interpreted
+    # functions, which know neither launch_pdl nor gdc_*. Checked before touching CUDA.
+    if not isinstance(_bgmv_shrink_kernel, JITFunction) or not _TRITON_HAS_PDL:
+        return False
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_enabled(device: Union[torch.device, str]) -> bool:
+    """True when launches on `device` use programmatic dependent launch: PDL_ENABLED (off
+    with MULTILORA_PDL=0), compiled Triton >= 3.5 (not the interpreter), CUDA sm_90+."""
+    return PDL_ENABLED and _device_has_pdl(torch.device(device))
 
 
 def _block_r(r_max: int) -> int:
@@ -436,6 +502,7 @@ def _bgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, idx: Tensor, ranks: Optiona
     else:
         out = torch.empty((n_split, T, S, r_max), dtype=torch.float32, device=x.device)
     o4 = out if out.dim() == 4 else out.unsqueeze(0)         # [n_split or 1, T, S, r_max]
+    use_pdl = pdl_enabled(x.device)      # safe after any kernel: it waits before any access
     _bgmv_shrink_kernel[(T, S, n_split)](
         x, A, idx, ranks_arg, o4,
         L, h_in, r_max, k_per_split,
@@ -444,7 +511,7 @@ def _bgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, idx: Tensor, ranks: Optiona
         idx.stride(0), stride_rank,
         0 if out is v else o4.stride(0), o4.stride(1), o4.stride(2), o4.stride(3),
         BLOCK_R=block_r, BLOCK_K=block_k, HAS_RANKS=ranks is not None, ATOMIC=atomic,
-        num_warps=NUM_WARPS,
+        USE_PDL=use_pdl, num_warps=NUM_WARPS, **({"launch_pdl": True} if use_pdl else {}),
     )
     if out is not v:
         torch.sum(out, dim=0, out=v)                         # fixed order: deterministic
@@ -457,8 +524,10 @@ def _(v, x, A, idx, ranks, split_k, atomic) -> None:
 
 @torch.library.custom_op("multilora::bgmv_expand", mutates_args=("y",))
 def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-                    ranks: Optional[Tensor]) -> None:
-    """y[:, off_s:off_s+h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T for each slice s."""
+                    ranks: Optional[Tensor], after_shrink: bool = False) -> None:
+    """y[:, off_s:off_s+h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T for each slice s.
+    after_shrink: this launch directly follows the shrink that wrote v (the split-K sum in
+    between is fine): only then is the expand PDL-launched, as its early loads need that."""
     T = y.shape[0]
     S, r_max = v.shape[1], v.shape[2]
     L = B[0].shape[0]
@@ -473,6 +542,7 @@ def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: T
     stride_rank = ranks.stride(0) if ranks is not None else 0
     if n_tiles == 0:
         return
+    use_pdl = after_shrink and pdl_enabled(y.device)
     _bgmv_expand_kernel[(T, n_tiles)](
         y, v, idx, scale, ranks_arg, Bp[0], Bp[1], Bp[2],
         L, r_max, Hp[0], Hp[1], Hp[2],
@@ -481,12 +551,12 @@ def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: T
         idx.stride(0), scale.stride(0), stride_rank,
         *Sp[0], *Sp[1], *Sp[2],
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=S, HAS_RANKS=ranks is not None,
-        num_warps=NUM_WARPS,
+        USE_PDL=use_pdl, num_warps=NUM_WARPS, **({"launch_pdl": True} if use_pdl else {}),
     )
 
 
 @_bgmv_expand_op.register_fake
-def _(y, v, B, idx, scale, ranks) -> None:
+def _(y, v, B, idx, scale, ranks, after_shrink=False) -> None:
     return None
 
 
@@ -516,15 +586,19 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
 
 
 def bgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
-                scale: Tensor, ranks: Optional[Tensor] = None) -> None:
+                scale: Tensor, ranks: Optional[Tensor] = None, *,
+                after_shrink: bool = False) -> None:
     """y[t, off_s:off_s+h_out_s] += scale[i] * v[t, s, :r] @ B_s[i, :, :r].T, in place.
 
     v [T, S, r_max] fp32 from bgmv_shrink; B a tensor [L, h_out, r_max] (S = 1) or S <= 3
-    tensors B_s [L, h_out_s, r_max]; rows with idx = -1 are not written."""
+    tensors B_s [L, h_out_s, r_max]; rows with idx = -1 are not written.
+    after_shrink=True only when called right after the bgmv_shrink that wrote v, with no
+    other kernel in between on the stream: the expand is then PDL-launched (module
+    docstring) and reads idx, ranks, scale and B before the shrink has finished."""
     Bs = _check_expand_args(y, v, B, idx, scale, ranks)
     if debug_checks():
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[2])
-    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks)
+    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks, bool(after_shrink))
 
 
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
@@ -537,7 +611,7 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
     v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
                     device=x.device)                        # [T, S, r_max]
     torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, 0, False)
-    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks)
+    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks, True)   # PDL after shrink
 
 
 if __name__ == "__main__":

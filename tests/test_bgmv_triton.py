@@ -1,16 +1,21 @@
 """Tests of the Triton BGMV kernels (bgmv_triton/bgmv_triton.py) against the float64
 reference. CPU tier: the Triton interpreter at small, awkward sizes (conftest sets
 TRITON_INTERPRET=1 without CUDA). GPU tier (`pytest -m gpu`): Llama-3-8B shapes,
-torch.compile(fullgraph=True), CUDA-graph capture and replay with new inputs."""
+torch.compile(fullgraph=True), CUDA-graph capture and replay with new inputs, PDL on / off."""
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from triton.runtime.jit import JITFunction
 
 from multilora_impl import (LLAMA3_8B_LAYERS, TOLERANCE, check_mode, lora_reference,
                             make_lora_inputs, make_workload, relative_error)
+from bgmv_triton import bgmv_triton as bt
 from bgmv_triton.bgmv_triton import (DEFAULT_NUM_SMS, bgmv_expand, bgmv_lora, bgmv_shrink,
-                                     pick_split_k)
+                                     pdl_enabled, pick_split_k)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -37,10 +42,11 @@ def shrink_reference(x, A, idx, ranks) -> torch.Tensor:
 
 
 def split_fn(split_k, atomic):
-    """A bgmv_lora-like call that forces the shrink variant."""
+    """A bgmv_lora-like call that forces the shrink variant (expand PDL-launched, as in
+    bgmv_lora, where the device supports it)."""
     def fn(y, x, A, B, idx, scale, ranks):
         v = bgmv_shrink(x, A, idx, ranks, split_k=split_k, atomic=atomic)
-        bgmv_expand(y, v, B, idx, scale, ranks)
+        bgmv_expand(y, v, B, idx, scale, ranks, after_shrink=True)
     return fn
 
 
@@ -171,6 +177,53 @@ def test_v_out_param_and_shrink_only(device):
     assert out is v
     assert relative_error(v, shrink_reference(inp["x"], inp["A"], idx, inp["ranks"])) < 1e-6
     assert torch.isnan(buf[:, 1:, :]).all()               # outside the view untouched
+
+
+# ---------------------------------------------------------------------------------------
+# Programmatic dependent launch: the switch and the launch options (CPU)
+# ---------------------------------------------------------------------------------------
+def test_pdl_off_on_cpu_and_switch(monkeypatch):
+    assert not pdl_enabled("cpu") and not pdl_enabled(torch.device("cpu"))
+    if not isinstance(bt._bgmv_shrink_kernel, JITFunction):        # the interpreter
+        assert not pdl_enabled("cuda")
+    monkeypatch.setattr(bt, "PDL_ENABLED", False)                   # what MULTILORA_PDL=0 sets
+    assert not pdl_enabled("cpu") and not pdl_enabled("cuda")
+    # The environment variable itself, read once at import (a fresh interpreter).
+    code = "import bgmv_triton.bgmv_triton as bt; print(bt.PDL_ENABLED)"
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, MULTILORA_PDL=value)
+        out = subprocess.run([sys.executable, "-c", code], cwd=bt.ROOT, env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split()[-1] == expected, (value, out)
+
+
+class _RecordLaunch:
+    """Stands in for a @triton.jit kernel: records the keyword arguments of each launch."""
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append(kw)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_pdl_launch_options(on, monkeypatch):
+    """With PDL the shrink always gets USE_PDL and launch_pdl; the expand only right after
+    the shrink (bgmv_lora, after_shrink=True), never as a standalone bgmv_expand; without
+    PDL no launch_pdl is passed at all (the option exists from triton 3.4 on only)."""
+    shrink, expand = _RecordLaunch(), _RecordLaunch()
+    monkeypatch.setattr(bt, "_bgmv_shrink_kernel", shrink)
+    monkeypatch.setattr(bt, "_bgmv_expand_kernel", expand)
+    monkeypatch.setattr(bt, "pdl_enabled", lambda device: on)
+    d = _small()
+    _call_lora(d)
+    bgmv_expand(d["y"], torch.zeros(3, 2, 8), d["B"], d["idx"], d["scale"])
+    pdl = {"USE_PDL": True, "launch_pdl": True}
+    assert [{k: kw.get(k) for k in pdl} for kw in shrink.calls] == \
+        [pdl if on else {"USE_PDL": False, "launch_pdl": None}]
+    assert [{k: kw.get(k) for k in pdl} for kw in expand.calls] == \
+        [pdl if on else {"USE_PDL": False, "launch_pdl": None},
+         {"USE_PDL": False, "launch_pdl": None}]
 
 
 # ---------------------------------------------------------------------------------------
@@ -375,3 +428,55 @@ def test_gpu_cuda_graph_replay_new_inputs(T):
         assert torch.equal(y.cpu()[skip], new["y"][skip])
         err = relative_error(y, ref)
         assert err < TOLERANCE[dtype], f"replay {step}: rel err {err:.2e}"
+
+
+def _lora_eager_and_replays(inp, idx, news):
+    """y after one eager bgmv_lora call, then after each replay of a CUDA graph captured
+    once, with the x, idx and y of each entry of news written into the captured buffers."""
+    x, y, ix = inp["x"].clone(), inp["y"].clone(), idx.clone()      # static buffers
+    A, B, scale = inp["A"], inp["B"], inp["scale"]
+    bgmv_lora(y, x, A, B, ix, scale)                 # also the warm-up: JIT compile off-graph
+    outs = [y.clone()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        bgmv_lora(y, x, A, B, ix, scale)
+    for new, new_idx in news:
+        x.copy_(new["x"])
+        ix.copy_(new_idx)
+        y.copy_(new["y"])
+        graph.replay()
+        outs.append(y.clone())
+    torch.cuda.synchronize()
+    return outs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layer", ["o", "qkv"])
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_gpu_pdl_on_off(T, layer, monkeypatch):
+    """bgmv_lora with PDL on and off, eager and in a CUDA graph replayed with new inputs:
+    both match the reference, and y is bitwise identical (same kernels, same reduction
+    order; PDL only changes when a kernel may start). T = 1 takes the split-K shrink (a
+    torch sum between shrink and expand), T = 256 the plain one; idx has -1 rows, so the
+    expand's early exit (which also waits) runs too."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    if not bt._device_has_pdl(device):
+        pytest.skip("no PDL on this device / triton (needs sm_90+ and triton >= 3.5)")
+    h_in, h_out = LLAMA3_8B_LAYERS[layer]
+    L, r, dtype = 7, 16, BF16
+    inp = make_lora_inputs(T, h_in, h_out, L, r, dtype, "cuda", seed=T)
+    idx = make_idx(T, L, 0.1, seed=T).cuda()
+    news = [(make_lora_inputs(T, h_in, h_out, L, r, dtype, "cpu", seed=200 + k),
+             make_idx(T, L, 0.1, seed=200 + k)) for k in range(2)]
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(bt, "PDL_ENABLED", on)
+        assert pdl_enabled(device) is on
+        results[on] = _lora_eager_and_replays(inp, idx, news)
+    cases = [(inp["x"], inp["y"], idx)] + [(n["x"], n["y"], i) for n, i in news]
+    for k, (x, y0, ix) in enumerate(cases):
+        ref = lora_reference(y0, x, inp["A"], inp["B"], ix, inp["scale"], None)
+        for on in (True, False):
+            err = relative_error(results[on][k], ref)
+            assert err < TOLERANCE[dtype], f"PDL {on}, run {k}: rel err {err:.2e}"
+        assert torch.equal(results[True][k], results[False][k]), f"run {k}: PDL changed y"
