@@ -36,7 +36,7 @@ HOST_MODES = ["loop", "gbmm", "cheat_bmm"]          # read idx on the host anywa
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ("random", "runs", "single", "long", "none")
 N_CPU_CASES = 60                                       # per mode: 300 CPU cases in all
-N_GPU_CASES = 1000                                     # per mode on the H200
+N_GPU_CASES = int(os.environ.get("MULTILORA_GPU_CASES", "1000"))   # per mode on the H200
 
 
 @pytest.fixture(autouse=True, scope="module")
