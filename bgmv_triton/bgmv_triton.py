@@ -51,8 +51,12 @@ after_shrink=True): it loads idx / ranks / scale / its B tile before waiting for
 overlaps the shrink's tail (the ordering argument is in _bgmv_expand_kernel). The one
 kernel that must not run between the two is one that writes scale or B: torch.compile
 could in principle place one there, a decode step has none.
-MULTILORA_PDL=0 turns PDL off (read once at import into PDL_ENABLED, which a benchmark or
-test may set: it is read at each launch). pdl_enabled(device) says whether launches on a
+PDL is opt-in here: MULTILORA_TRITON_PDL=1 turns it on (read once at import into
+PDL_ENABLED, which a benchmark or test may set: it is read at each launch). Off by default
+because on the H200 (torch 2.11, triton 3.6) the GPU tests that capture Triton PDL launches
+in a CUDA graph failed (2026-11-29 run, not yet diagnosed), while eager PDL calls matched
+the reference; the gain measured was small (bs 1: 8.3 -> 7.9 us). The CUDA extension's
+PDL (bgmv_cuda) is on by default and captures fine. pdl_enabled(device) says whether launches on a
 device use PDL: never on the CPU, under TRITON_INTERPRET, below sm_90 or with triton < 3.5.
 The arithmetic is the same either way: y is bitwise identical with PDL on or off.
 
@@ -111,9 +115,9 @@ SPLIT_MIN_K = 128
 # the grid T * tiles has fewer than ~2 programs per SM (decode with small T).
 MIN_BLOCK_N, MAX_BLOCK_N = 32, 256
 EXPAND_PROGRAMS_PER_SM = 2
-# PDL switch (module docstring): on unless MULTILORA_PDL=0. Read at each launch, so a
-# benchmark can time both by setting it (a captured CUDA graph keeps what it captured).
-PDL_ENABLED = os.environ.get("MULTILORA_PDL", "1") != "0"
+# PDL switch (module docstring): off unless MULTILORA_TRITON_PDL=1. Read at each launch, so
+# a benchmark can time both by setting it (a captured CUDA graph keeps what it captured).
+PDL_ENABLED = os.environ.get("MULTILORA_TRITON_PDL", "0") == "1"
 # launch_pdl and tl.extra.cuda.gdc_* came with triton PR #6394 (April 2025, first released
 # in 3.4); their `_builder` / `_semantic` keyword mismatch (issue #7377) was fixed by #7379,
 # listed in the 3.5.0 notes. So PDL only from 3.5 on (the GPU box runs 3.6).
@@ -339,7 +343,7 @@ def _device_has_pdl(device: torch.device) -> bool:
 
 def pdl_enabled(device: Union[torch.device, str]) -> bool:
     """True when launches on `device` use programmatic dependent launch: PDL_ENABLED (off
-    with MULTILORA_PDL=0), compiled Triton >= 3.5 (not the interpreter), CUDA sm_90+."""
+    unless MULTILORA_TRITON_PDL=1), compiled Triton >= 3.5 (not the interpreter), CUDA sm_90+."""
     return PDL_ENABLED and _device_has_pdl(torch.device(device))
 
 

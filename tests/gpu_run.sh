@@ -33,9 +33,11 @@ sanitize() {
   # compile / graph tests are left out (minutes under the sanitizer; they run unsanitized
   # above). Narrow or widen with SANITIZE_K / RACECHECK_K (pytest -k expressions).
   # Triton's own launcher and torch's caching allocator hide some errors from memcheck:
-  # PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every allocation its own, so OOB reads show.
+  # PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every allocation its own, so OOB reads show; it
+  # also makes any allocation inside a CUDA-graph capture fail (cudaMalloc while capturing,
+  # error 900), so tests that capture graphs (graph, pdl, compile) are left out here.
   SAN_FILES="tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py"
-  SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source"}
+  SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source and not pdl"}
   RACE_K=${RACECHECK_K:-"out_of_range_idx_unchecked or debug_flag or (test_matches_reference and bf16)"}
   for tool in memcheck racecheck; do
     if [ $tool = memcheck ]; then K=$SAN_K; else K=$RACE_K; fi

@@ -186,12 +186,12 @@ def test_pdl_off_on_cpu_and_switch(monkeypatch):
     assert not pdl_enabled("cpu") and not pdl_enabled(torch.device("cpu"))
     if not isinstance(bt._bgmv_shrink_kernel, JITFunction):        # the interpreter
         assert not pdl_enabled("cuda")
-    monkeypatch.setattr(bt, "PDL_ENABLED", False)                   # what MULTILORA_PDL=0 sets
+    monkeypatch.setattr(bt, "PDL_ENABLED", False)                   # the default (opt-in)
     assert not pdl_enabled("cpu") and not pdl_enabled("cuda")
     # The environment variable itself, read once at import (a fresh interpreter).
     code = "import bgmv_triton.bgmv_triton as bt; print(bt.PDL_ENABLED)"
-    for value, expected in (("0", "False"), ("1", "True")):
-        env = dict(os.environ, MULTILORA_PDL=value)
+    for value, expected in (("0", "False"), ("", "False"), ("1", "True")):
+        env = dict(os.environ, MULTILORA_TRITON_PDL=value)
         out = subprocess.run([sys.executable, "-c", code], cwd=bt.ROOT, env=env,
                              capture_output=True, text=True, check=True).stdout
         assert out.split()[-1] == expected, (value, out)
