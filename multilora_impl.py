@@ -200,11 +200,12 @@ def check_lora_args(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scal
 def lora_reference(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
                    ranks: Optional[Tensor] = None) -> Tensor:
     """Return y + LoRA in float64 on the CPU (y is not modified). The operation stated
-    plainly, one adapter's tokens at a time (computed in float64 on the inputs' device)."""
+    plainly, one adapter's tokens at a time (computed in float64 on A's device, where the
+    large tensors are; x, y and idx may be elsewhere)."""
     A4, Bs = as_slices(A, B)
-    dev = x.device
-    out = y.detach().to(torch.float64).clone()
-    x64 = x.detach().to(torch.float64)
+    dev = A4.device
+    out = y.detach().to(dev, torch.float64).clone()
+    x64 = x.detach().to(dev, torch.float64)
     idx_d = idx.detach().to(dev, torch.long)
     r_max = A4.shape[2]
     ranks_l = ranks.tolist() if ranks is not None else [r_max] * A4.shape[1]
@@ -217,7 +218,7 @@ def lora_reference(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale
             rows = (idx_d == i).nonzero().squeeze(1)
             r = ranks_l[i]
             v = x64[rows] @ A4[s, i, :r].to(torch.float64).T         # [n, r]
-            out[rows, col:col + h_out] += scale_l[i] * (v @ B_s[i, :, :r].to(torch.float64).T)
+            out[rows, col:col + h_out] += scale_l[i] * (v @ B_s[i, :, :r].to(dev, torch.float64).T)
         col += h_out
     return out.cpu()
 
