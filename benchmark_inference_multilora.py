@@ -39,7 +39,6 @@ import copy
 import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -162,14 +161,10 @@ def environment(device) -> dict:
             env[mod] = None
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     env["cuda"] = torch.version.cuda
-    try:
-        env["git_commit"] = subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
-        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"],
-                                        cwd=ROOT, text=True, stderr=subprocess.DEVNULL).strip()
-        env["git_dirty"] = bool(dirty)
-    except Exception:
-        env["git_commit"], env["git_dirty"] = None, None
+    import bench_utils
+    commit = bench_utils.git_commit()        # $MULTILORA_COMMIT on a copied tree
+    env["git_commit"] = commit.removesuffix("-dirty")
+    env["git_dirty"] = commit.endswith("-dirty")
     return env
 
 
