@@ -33,6 +33,10 @@ MODE_STYLE = {
     "bgmv_cuda": ("#2ca02c", "^"),
     "sgmv_triton": ("#17becf", "P"),
     "peft": ("#8c564b", "*"),
+    # public kernels (public_kernels.py, --public): grey-pink family, dotted in line plots
+    "sglang_triton": ("#e377c2", "<"),
+    "sglang_csgmv": ("#bcbd22", ">"),
+    "sglang_csgmv_c16": ("#c49c94", "p"),
 }
 
 
@@ -102,7 +106,7 @@ def copy_bandwidth_gbs(device: str = "cuda", nbytes: int = 2 * 2**30) -> float:
     src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
     dst = torch.empty_like(src)
     us = time_fn(lambda: dst.copy_(src), rep_ms=200, device=device)[0]
-    del src, dst
+    src = dst = None      # free before returning
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 

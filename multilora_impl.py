@@ -854,11 +854,55 @@ FIGURES = ("decode", "bandwidth", "mixed_rank", "punica")
 KERNEL_MODES = ("bgmv_triton", "bgmv_cuda", "sgmv_triton")
 
 
+def public_mode_names() -> tuple:
+    """Modes of the public kernels we compare against (public_kernels.py): never 'ours'."""
+    import public_kernels
+    return public_kernels.MODE_NAMES
+
+
+def register_public_modes() -> tuple[list, dict]:
+    """--public: add the public kernels that can run here to MODES. Returns (the names
+    added, the package and version loaded); says why the others cannot run."""
+    import public_kernels as pk
+    added = []
+    for m in pk.lora_modes(only_available=True):
+        MODES[m.name] = m
+        added.append(m.name)
+    missing = {k: v for k, v in pk.available().items() if v}
+    if missing:
+        print(f"public kernels not available here: {missing}")
+    return added, pk.versions()
+
+
 def _best(modes: dict, among=None) -> tuple[float, str]:
-    """Fastest deployable mode (cheat_bmm leaves its gather out of the timing: excluded)."""
+    """Fastest deployable mode of ours (cheat_bmm leaves its gather out of the timing and
+    public kernels are not ours: both excluded)."""
+    public = public_mode_names()
     return min((r["median_us"], m) for m, r in modes.items()
-               if "median_us" in r and m not in ("none", "cheat_bmm")
+               if "median_us" in r and m not in ("none", "cheat_bmm") and m not in public
                and (among is None or m in among))
+
+
+def report_public(points: list) -> None:
+    """Target 6: at each (label, modes) point timed with public kernels too, our best mode
+    against the best public one; prints the points we lose and the count."""
+    public = public_mode_names()
+    n = wins = 0
+    for label, modes in points:
+        pub = [(r["median_us"], m) for m, r in modes.items() if m in public and "median_us" in r]
+        if not pub:
+            continue
+        (t_pub, m_pub), (t_ours, m_ours) = min(pub), _best(modes)
+        n += 1
+        wins += t_ours <= t_pub
+        if t_ours > t_pub:
+            print(f"[6] {label}: ours {m_ours} {t_ours:.2f} us > {m_pub} {t_pub:.2f} us "
+                  f"({t_ours / t_pub:.2f}x)")
+    if n:
+        print(f"[6] ours at least as fast as the best public kernel at {wins} of {n} points "
+              f"(target: all)")
+    else:
+        print("[6] no public kernels in these JSON files (run with --public)")
 
 
 def markdown_table(out_dir: str, workload: str = "uniform") -> str:
@@ -929,6 +973,13 @@ def report_targets(out_dir: str) -> None:
             print(f"[5] {p['workload']:9s} bs={p['batch']:3d}: best {k} {t:.2f} us, floor "
                   f"{floor:.2f} us, ratio {t / floor:.2f}")
         print(f"[5] worst best/floor over the grid: {worst:.2f} (target <= 2)")
+    points = []
+    if dec:
+        points += [(f"decode {p['workload']} bs={p['batch']}", p["modes"]) for p in dec["points"]]
+    if pre:
+        points += [(f"prefill {p['num_requests']}x{p['tokens_per_request']}", p["modes"])
+                   for p in pre["sweep_tokens"] + pre["sweep_requests"]]
+    report_public(points)
 
 
 
@@ -965,7 +1016,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="redraw the PNGs from the JSON files in --out-dir (no GPU needed)")
     p.add_argument("--report", action="store_true",
                    help="print the performance targets from the JSON in --out-dir and exit")
+    p.add_argument("--public", action="store_true",
+                   help="also time the public Triton LoRA kernels of public_kernels.py "
+                        "(SGLang's, when installed) at every point, for target 6")
     args = p.parse_args(argv)
+    public = None
+    if args.public and not args.plot_only and not args.report:
+        added, public = register_public_modes()
+        args.modes = list(args.modes) + [m for m in added if m not in args.modes]
     if args.report:
         report_targets(args.out_dir)
         for wl in ("uniform", "distinct"):
@@ -1002,6 +1060,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                             dtype, ranks, seed=args.seed, device=args.device)
                 data["padded"] = bench_point(args.modes, idx, L, args.h_in, [args.h_out], 64,
                                              dtype, None, seed=args.seed, device=args.device)
+            if public:
+                data["config"]["public"] = public
             bu.write_json(path + ".json", data)
         plotters[fig](bu.read_json(path + ".json"), path + ".png")
 

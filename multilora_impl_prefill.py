@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 import bench_utils as bu
-from multilora_impl import (DTYPES, WORKLOADS, base_gemm_us, bench_point, make_workload)
+from multilora_impl import (DTYPES, WORKLOADS, base_gemm_us, bench_point, make_workload,
+                            register_public_modes)
 
 PREFILL_FIG = "prefill_lora_loop_vs_cheat_bmm_vs_gbmm_vs_bgmv_cuda_triton_vs_sgmv_triton"
 PREFILL_MODES = ["loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "none"]
@@ -136,11 +137,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cuda (CUDA-graph timing) or cpu (wall clock, for tests only)")
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from its JSON")
+    p.add_argument("--public", action="store_true",
+                   help="also time the public Triton LoRA kernels of public_kernels.py "
+                        "(SGLang's, when installed), for target 6")
     args = p.parse_args(argv)
     name = args.name or PREFILL_FIG + ("_ragged" if args.ragged else "")
     path = os.path.join(args.out_dir, name)
     if not args.plot_only:
-        bu.write_json(path + ".json", run(args))
+        public = None
+        if args.public:
+            added, public = register_public_modes()
+            args.modes = list(args.modes) + [m for m in added if m not in args.modes]
+        data = run(args)
+        if public:
+            data["config"]["public"] = public
+        bu.write_json(path + ".json", data)
     plot(bu.read_json(path + ".json"), path + ".png")
 
 

@@ -73,9 +73,9 @@ fi
 if [ "${BENCH:-0}" = 1 ]; then
   { python3 bgmv_triton/run_bgmv.py && python3 sgmv_triton/run_sgmv_shrink.py \
       && python3 sgmv_triton/run_sgmv_expand.py; } 2>&1 | tee "$LOG/run_checks.log" | tail -40
-  python3 multilora_impl.py --out-dir plots_gpu ${DECODE_ARGS:-} 2>&1 | tee "$LOG/decode.log" | tail -60
-  python3 multilora_impl_prefill.py --out-dir plots_gpu ${PREFILL_ARGS:-} 2>&1 | tee "$LOG/prefill.log" | tail -30
-  python3 multilora_impl_prefill.py --out-dir plots_gpu --ragged ${PREFILL_ARGS:-} 2>&1 | tee -a "$LOG/prefill.log" | tail -20
+  python3 multilora_impl.py --public --out-dir plots_gpu ${DECODE_ARGS:-} 2>&1 | tee "$LOG/decode.log" | tail -60
+  python3 multilora_impl_prefill.py --public --out-dir plots_gpu ${PREFILL_ARGS:-} 2>&1 | tee "$LOG/prefill.log" | tail -30
+  python3 multilora_impl_prefill.py --public --out-dir plots_gpu --ragged ${PREFILL_ARGS:-} 2>&1 | tee -a "$LOG/prefill.log" | tail -20
 fi
 if [ "${E2E:-0}" = 1 ]; then
   python3 benchmark_inference_multilora.py --out-dir plots_gpu ${E2E_ARGS:-} 2>&1 | tee "$LOG/e2e.log" | tail -40

@@ -75,3 +75,24 @@ def test_validation_failure_is_not_timed(monkeypatch):
     assert "validation failed" in pt["modes"]["wrong"]["skipped"]
     assert "median_us" not in pt["modes"]["wrong"]
     assert "median_us" in pt["modes"]["loop"]
+
+
+def test_public_flag_times_public_kernels_and_reports(tmp_path, capsys):
+    """--public adds the public kernels (when installed) beside ours, records the package
+    version, and --report compares our best mode with the best public one (target 6)."""
+    import public_kernels as pk
+    reason = pk.available()["sglang_triton"]
+    if reason:
+        pytest.skip(f"public kernels unavailable: {reason}")
+    out = str(tmp_path)
+    multilora_impl.main(["--device", "cpu", "--public", "--modes", "bgmv_triton", "none",
+                         "--dtype", "fp16", "--h-in", "32", "--h-out", "24", "--rank", "4",
+                         "--num-adapters", "3", "--batch-sizes", "2", "--workloads", "uniform",
+                         "--figures", "decode", "--out-dir", out])
+    data = json.load(open(os.path.join(out, multilora_impl.DECODE_FIG + ".json")))
+    assert data["config"]["public"]["version"] == pk.SGLANG_VERSION
+    (pt,) = data["points"]
+    _check_point(pt, ["bgmv_triton", *pk.MODE_NAMES], 2e-3)
+    capsys.readouterr()
+    multilora_impl.main(["--report", "--out-dir", out])
+    assert "[6] ours at least as fast as the best public kernel at" in capsys.readouterr().out
