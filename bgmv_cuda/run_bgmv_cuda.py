@@ -12,6 +12,12 @@ over 32 adapters vs the same adapters all at rank 64 (ratio); 4096 -> 11008, r 1
 over 7 adapters, bs 1, 16, 64. Prints the ceilings first, the table last; writes JSON.
 
     python bgmv_cuda/run_bgmv_cuda.py --variants --json plots/bgmv_variants_h200.json
+
+--table: the CUDA-vs-Triton decode grid instead (bf16, uniform over 7 adapters, batch 1, 4,
+16, 64, 256 x h_in = h_out in {4096, 14336} x r in {16, 64}; variants cuda, cuda_nopdl,
+triton by default), printed as one table with the winner per point:
+
+    python bgmv_cuda/run_bgmv_cuda.py --table --json plots/bgmv_cuda_vs_triton_h200.json
 """
 import argparse
 import os
@@ -28,13 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", action="store_true",
-                   help="run the variant sweep (the only mode of this script for now)")
-    p.add_argument("--only", nargs="+", choices=VARIANT_NAMES, default=VARIANT_NAMES,
-                   help="variants to run")
+                   help="run the variant sweep (small-batch points, targets of issue 3)")
+    p.add_argument("--table", action="store_true",
+                   help="run the CUDA-vs-Triton grid instead: batch 1..256 x h 4096 / 14336 "
+                        "x r 16 / 64 (default variants: cuda, cuda_nopdl, triton)")
+    p.add_argument("--only", nargs="+", choices=VARIANT_NAMES, default=None,
+                   help="variants to run (default: all for --variants, cuda cuda_nopdl triton "
+                        "for --table)")
     p.add_argument("--rep-ms", type=int, default=40, help="do_bench repetition time per point (ms)")
     p.add_argument("--json", default=None, help="write config and per-point results here")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and workloads")
     return p
+
+
+def table_points() -> list:
+    """--table: (name, T, h, h, 7, r, None, "uniform") over batch x h x r."""
+    return [(f"h{h} r{r} bs{T}", T, h, h, 7, r, None, "uniform")
+            for h in (4096, 14336) for r in (16, 64) for T in (1, 4, 16, 64, 256)]
 
 
 def points() -> list:
@@ -64,7 +80,8 @@ def main(args: argparse.Namespace) -> list:
            "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
-    fns = {k: fns[k] for k in args.only}
+    only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
+    fns = {k: fns[k] for k in only}
     copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
     empty = bu.empty_graph_us(dev)
     gemm_call, n = bu.gemm_call(64, 4096, 4096, dtype, dev)
@@ -73,7 +90,7 @@ def main(args: argparse.Namespace) -> list:
           f"{empty:.2f} us, base GEMM 64x4096x4096 {gemm:.1f} us (build {time.time() - t_start:.0f} s)")
 
     results = []
-    for name, T, h_in, h_out, L, r_max, ranks, kind in points():
+    for name, T, h_in, h_out, L, r_max, ranks, kind in (table_points() if args.table else points()):
         if kind == "twice":                                 # each adapter used by 2 tokens
             g = torch.Generator().manual_seed(args.seed)
             idx_h = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)][:T].int()

@@ -788,10 +788,13 @@ def test_variant_and_split_arguments_checked(no_build):
 def test_variant_sweep_script_help_and_points():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bgmv_cuda", "run_bgmv_cuda.py"),
                           "--help"], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0 and "--variants" in out.stdout
-    from bgmv_cuda.run_bgmv_cuda import points
+    assert out.returncode == 0 and "--variants" in out.stdout and "--table" in out.stdout
+    from bgmv_cuda.run_bgmv_cuda import points, table_points
     names = [p[0] for p in points()]
     assert len(names) == 11 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+    grid = {(T, h_in, r) for _, T, h_in, h_out, L, r, _, _ in table_points() if h_out == h_in}
+    assert grid == {(T, h, r) for T in (1, 4, 16, 64, 256) for h in (4096, 14336)
+                    for r in (16, 64)}        # issue 7's decode grid
 
 
 @pytest.mark.gpu
