@@ -207,15 +207,16 @@ def _bgmv_shrink_kernel(
 
 @triton.jit
 def _bgmv_expand_kernel(
-    # pointers: y [T, h_out] (in place), v [T, S, r_max] fp32, idx [T], scale [L] fp32,
+    # pointers: y [T, h_out] (in place), v [n_split, T, S, r_max] fp32 (the split-K shrink's
+    # partial sums, added here in a fixed order: deterministic), idx [T], scale [L] fp32,
     # ranks [L] (dummy when HAS_RANKS is False), B_s [L, h_out_s, r_max] for s < NUM_SLICES
     # (unused ones are dummies)
     y_ptr, v_ptr, idx_ptr, scale_ptr, ranks_ptr, B0_ptr, B1_ptr, B2_ptr,
     # sizes: adapters, padded rank, output columns of each slice (0 for unused slices)
-    L, r_max, H0, H1, H2,
+    L, r_max, H0, H1, H2, n_split,
     # strides, in elements
     stride_yt, stride_yn,
-    stride_vt, stride_vs, stride_vr,
+    stride_vc, stride_vt, stride_vs, stride_vr,
     stride_idx, stride_scale, stride_rank,
     stride_b0l, stride_b0n, stride_b0r,
     stride_b1l, stride_b1n, stride_b1r,
@@ -227,11 +228,11 @@ def _bgmv_expand_kernel(
 ):
     # PDL ordering. With USE_PDL this grid may start while the one before it (the shrink,
     # or the split-K sum after it) still runs; gdc_wait() returns once that grid has
-    # completed and its writes are visible. Before the wait it reads only idx, ranks, scale
-    # and B, which neither the shrink nor the sum writes. A kernel before the shrink may
+    # completed and its writes are visible. Before the wait it reads only idx, ranks, scale,
+    # B and y, which the shrink does not write. A kernel before the shrink may
     # have written them, but it has completed: the shrink triggers this launch only after
-    # its own gdc_wait, which covers all earlier work (and the sum is a plain launch after
-    # the shrink). v (the shrink's output) and y are touched only after the wait. Every
+    # its own gdc_wait, which covers all earlier work. v (the shrink's output) is read and y
+    # written only after the wait. Every
     # program waits, also those that store nothing, so this grid's completion implies the
     # shrink's: the next kernel can rely on plain stream order (e.g. one reusing v's
     # memory, or the next atomic split-K call's v.zero_(), a plain launch that starts only
@@ -306,19 +307,21 @@ def _bgmv_expand_kernel(
     else:
         b = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + i * stride_scale)
+    # y is read here too, with B: no kernel between the shrink and this one writes it (the
+    # read-modify-write is in fp32, converted once at the store, masked on h_out_s).
+    y_ptrs = y_ptr + pid_t * stride_yt + (col0 + offs_n) * stride_yn
+    yv = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32)
 
-    # v and y come from earlier kernels: read only after the wait. The next kernel, if
-    # PDL-launched, waits for this whole grid anyway, so it may be launched now.
+    # v comes from the shrink: read only after the wait. The next kernel, if PDL-launched,
+    # waits for this whole grid anyway, so it may be launched now.
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    vv = tl.load(v_ptr + pid_t * stride_vt + s * stride_vs + offs_r * stride_vr,
-                 mask=r_mask, other=0.0)
+    v_row = v_ptr + pid_t * stride_vt + s * stride_vs + offs_r * stride_vr
+    vv = tl.load(v_row, mask=r_mask, other=0.0)
+    for c in range(1, n_split):                                # split-K partials, in order
+        vv += tl.load(v_row + c * stride_vc, mask=r_mask, other=0.0)
     delta = tl.sum(b * vv[None, :], axis=1) * scale           # [BLOCK_N] fp32
-
-    # Read-modify-write of y in fp32, converted once at the store (masked on h_out_s).
-    y_ptrs = y_ptr + pid_t * stride_yt + (col0 + offs_n) * stride_yn
-    yv = tl.load(y_ptrs, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptrs, (yv + delta).to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -376,6 +379,15 @@ def _split_layout(h_in: int, split_k: int, block_k: int) -> tuple[int, int]:
     """(columns per chunk rounded up to BLOCK_K, number of non-empty chunks)."""
     k_per_split = triton.cdiv(triton.cdiv(h_in, split_k), block_k) * block_k
     return k_per_split, triton.cdiv(h_in, k_per_split)
+
+
+def split_layout(T: int, S: int, h_in: int, r_max: int, device: torch.device,
+                 split_k: int = 0) -> tuple[int, int, int]:
+    """(split_k, columns per chunk, n_split) of the shrink, from shapes only; split_k 0 =
+    pick_split_k. bgmv_lora sizes its partial-sum buffer [n_split, T, S, r_max] with it."""
+    if split_k <= 0:
+        split_k = pick_split_k(T, S, h_in, r_max, _num_sms(device))
+    return (split_k,) + _split_layout(h_in, split_k, _block_k(r_max, h_in))
 
 
 def _pick_block_n(T: int, h_outs: Sequence[int], r_max: int, num_sms: int) -> int:
@@ -490,16 +502,21 @@ def _check_expand_args(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]],
 def _bgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor],
                     split_k: int, atomic: bool) -> None:
     """v [T, S, r_max] fp32 <- shrink of x [T, h_in] by A [S, L, r_max, h_in].
-    split_k: 0 = pick from shapes (pick_split_k), 1 = plain, > 1 = split the K loop."""
+    split_k: 0 = pick from shapes (pick_split_k), 1 = plain, > 1 = split the K loop.
+    v may be [n_split, T, S, r_max] with n_split = split_layout(...)[1]: the partial sums
+    are then left apart, for the expand to add (bgmv_lora: no summing kernel between)."""
     T, h_in = x.shape
     S, L, r_max, _ = A.shape
-    block_r, block_k = _block_r(r_max), _block_k(r_max, h_in)
-    if split_k <= 0:
-        split_k = pick_split_k(T, S, h_in, r_max, _num_sms(x.device))
-    k_per_split, n_split = _split_layout(h_in, split_k, block_k)
+    block_k = _block_k(r_max, h_in)
+    split_k, k_per_split, n_split = split_layout(T, S, h_in, r_max, x.device, split_k)
+    block_r = _block_r(r_max)
     ranks_arg = ranks if ranks is not None else idx          # dummy pointer, never read
     stride_rank = ranks.stride(0) if ranks is not None else 0
-    if n_split == 1:
+    if v.dim() == 4:
+        if v.shape[0] != n_split:
+            _fail("v", f"[n_split={n_split}, T, S, r_max] for split_k={split_k}", tuple(v.shape))
+        out, atomic = v, False
+    elif n_split == 1:
         out, atomic = v, False
     elif atomic:
         v.zero_()                                            # atomics accumulate into 0
@@ -514,7 +531,7 @@ def _bgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, idx: Tensor, ranks: Optiona
         x.stride(0), x.stride(1),
         A.stride(0), A.stride(1), A.stride(2), A.stride(3),
         idx.stride(0), stride_rank,
-        0 if out is v else o4.stride(0), o4.stride(1), o4.stride(2), o4.stride(3),
+        o4.stride(0) if out.dim() == 4 else 0, o4.stride(1), o4.stride(2), o4.stride(3),
         BLOCK_R=block_r, BLOCK_K=block_k, HAS_RANKS=ranks is not None, ATOMIC=atomic,
         USE_PDL=use_pdl, num_warps=NUM_WARPS, **({"launch_pdl": True} if use_pdl else {}),
     )
@@ -531,10 +548,12 @@ def _(v, x, A, idx, ranks, split_k, atomic) -> None:
 def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
                     ranks: Optional[Tensor], after_shrink: bool = False) -> None:
     """y[:, off_s:off_s+h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T for each slice s.
-    after_shrink: this launch directly follows the shrink that wrote v (the split-K sum in
-    between is fine): only then is the expand PDL-launched, as its early loads need that."""
+    v [T, S, r_max], or [n_split, T, S, r_max]: split-K partial sums, added in order.
+    after_shrink: this launch directly follows the shrink that wrote v: only then is the
+    expand PDL-launched, as its early loads need that."""
     T = y.shape[0]
-    S, r_max = v.shape[1], v.shape[2]
+    v4 = v if v.dim() == 4 else v.unsqueeze(0)               # [n_split, T, S, r_max]
+    S, r_max = v4.shape[2], v4.shape[3]
     L = B[0].shape[0]
     h_outs = [b.shape[1] for b in B]
     block_r = _block_r(r_max)
@@ -550,9 +569,9 @@ def _bgmv_expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: T
     use_pdl = after_shrink and pdl_enabled(y.device)
     _bgmv_expand_kernel[(T, n_tiles)](
         y, v, idx, scale, ranks_arg, Bp[0], Bp[1], Bp[2],
-        L, r_max, Hp[0], Hp[1], Hp[2],
+        L, r_max, Hp[0], Hp[1], Hp[2], v4.shape[0],
         y.stride(0), y.stride(1),
-        v.stride(0), v.stride(1), v.stride(2),
+        v4.stride(0), v4.stride(1), v4.stride(2), v4.stride(3),
         idx.stride(0), scale.stride(0), stride_rank,
         *Sp[0], *Sp[1], *Sp[2],
         BLOCK_N=block_n, BLOCK_R=block_r, NUM_SLICES=S, HAS_RANKS=ranks is not None,
@@ -613,9 +632,12 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     if len(Bs) > MAX_SLICES:
         _fail("B", f"at most {MAX_SLICES} slices", len(Bs))
-    v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
-                    device=x.device)                        # [T, S, r_max]
-    torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, 0, False)
+    T, S, r_max = x.shape[0], A4.shape[0], A4.shape[2]
+    split_k, _, n_split = split_layout(T, S, x.shape[1], r_max, x.device)
+    # Split-K partial sums stay apart and the expand adds them: two launches, not three.
+    v = torch.empty((n_split, T, S, r_max) if n_split > 1 else (T, S, r_max),
+                    dtype=torch.float32, device=x.device)
+    torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, split_k, False)
     torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks, True)   # PDL after shrink
 
 
