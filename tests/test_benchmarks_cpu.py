@@ -77,13 +77,15 @@ def test_validation_failure_is_not_timed(monkeypatch):
     assert "median_us" in pt["modes"]["loop"]
 
 
-def test_public_flag_times_public_kernels_and_reports(tmp_path, capsys):
+def test_public_flag_times_public_kernels_and_reports(tmp_path, capsys, monkeypatch):
     """--public adds the public kernels (when installed) beside ours, records the package
     version, and --report compares our best mode with the best public one (target 6)."""
     import public_kernels as pk
     reason = pk.available()["sglang_triton"]
     if reason:
         pytest.skip(f"public kernels unavailable: {reason}")
+    # --public registers the public modes process-wide: keep them out of later tests
+    monkeypatch.setattr(multilora_impl, "MODES", dict(multilora_impl.MODES))
     out = str(tmp_path)
     multilora_impl.main(["--device", "cpu", "--public", "--modes", "bgmv_triton", "none",
                          "--dtype", "fp16", "--h-in", "32", "--h-out", "24", "--rank", "4",
