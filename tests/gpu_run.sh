@@ -3,10 +3,14 @@
 #   bash tests/gpu_run.sh                 GPU tests (pytest -m gpu) only
 #   BENCH=1 bash tests/gpu_run.sh         then the run_*.py checks and microbenchmarks
 #   E2E=1 bash tests/gpu_run.sh           then the end-to-end benchmark
-#   SANITIZE=1 bash tests/gpu_run.sh      then compute-sanitizer memcheck over the kernel and
-#                                         robustness tests, racecheck over a subset
-#                                         (logs: $OUT/sanitizer_{memcheck,racecheck}.log)
-#   TESTS_TIMEOUT / SANITIZE_TIMEOUT (s), MULTILORA_GPU_CASES (random cases per mode)
+#   SANITIZE=1 bash tests/gpu_run.sh      also compute-sanitizer memcheck over the kernel and
+#                                         robustness tests, racecheck over a subset, beside
+#                                         the GPU tests (logs/sanitizer_{memcheck,racecheck}.log)
+#   TABLE=1 bash tests/gpu_run.sh         then the CUDA-vs-Triton decode grid
+#                                         (bgmv_cuda/run_bgmv_cuda.py --table)
+#   TESTS=0 skips the GPU tests; TESTS_TIMEOUT / SANITIZE_TIMEOUT (s); MULTILORA_GPU_CASES
+#   (random cases per mode in the GPU sweep); DECODE_ARGS / PREFILL_ARGS / E2E_ARGS
+#   (extra arguments of the benchmark scripts)
 # The sanitizer runs beside the GPU tests (both check correctness only); the timed runs
 # (BENCH, E2E) come after, alone on the GPU.
 # Logs go to $OUT/logs (tarred to $OUT/logs.tgz at the end), plots and JSON to
@@ -76,6 +80,10 @@ if [ "${BENCH:-0}" = 1 ]; then
   python3 multilora_impl.py --public --out-dir plots_gpu ${DECODE_ARGS:-} 2>&1 | tee "$LOG/decode.log" | tail -60
   python3 multilora_impl_prefill.py --public --out-dir plots_gpu ${PREFILL_ARGS:-} 2>&1 | tee "$LOG/prefill.log" | tail -30
   python3 multilora_impl_prefill.py --public --out-dir plots_gpu --ragged ${PREFILL_ARGS:-} 2>&1 | tee -a "$LOG/prefill.log" | tail -20
+fi
+if [ "${TABLE:-0}" = 1 ]; then
+  python3 bgmv_cuda/run_bgmv_cuda.py --table --rep-ms 20 --json plots_gpu/bgmv_cuda_vs_triton_h200.json \
+    2>&1 | tee "$LOG/table.log" | tail -25
 fi
 if [ "${E2E:-0}" = 1 ]; then
   python3 benchmark_inference_multilora.py --out-dir plots_gpu ${E2E_ARGS:-} 2>&1 | tee "$LOG/e2e.log" | tail -40
