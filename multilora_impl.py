@@ -892,8 +892,13 @@ def report_public(points: list) -> None:
         pub = [(r["median_us"], m) for m, r in modes.items() if m in public and "median_us" in r]
         if not pub:
             continue
-        (t_pub, m_pub), (t_ours, m_ours) = min(pub), _best(modes)
+        t_pub, m_pub = min(pub)
         n += 1
+        try:
+            t_ours, m_ours = _best(modes)
+        except ValueError:                     # none of ours was timed at this point
+            print(f"[6] {label}: no mode of ours timed; {m_pub} {t_pub:.2f} us")
+            continue
         wins += t_ours <= t_pub
         if t_ours > t_pub:
             print(f"[6] {label}: ours {m_ours} {t_ours:.2f} us > {m_pub} {t_pub:.2f} us "

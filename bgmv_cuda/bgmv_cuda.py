@@ -502,8 +502,9 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
                 ranks: Optional[Tensor] = None, *, pdl: bool = False) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
-    pdl=True only right after bgmv_shrink: the expand then reads idx, ranks, scale and B
-    before the previous kernel has finished (the shrink writes none of them).
+    pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
+    idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
+    none of them).
     Raises ValueError (check_expand_args) before building or calling anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)

@@ -151,12 +151,15 @@ __device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i
 // Programmatic dependent launch (PDL, sm_90+).  A kernel launched with the programmatic
 // stream-serialization attribute may start while the kernel before it in the stream is
 // still running; griddepcontrol.wait then blocks until that kernel has completed and its
-// writes are visible.  Without the attribute (or below sm_90) both are no-ops, so the
-// kernels are correct however they are launched.
+// writes are visible.  Without the attribute both are no-ops.  Code compiled for an
+// architecture below sm_90 has no wait at all, so bgmv_launch sets the attribute only when
+// the kernel's PTX is sm_90+ (a header built for sm_80 and JIT-run on a Hopper stays safe).
 //   Shrink: wait first (x may come from the kernel just before), then let the expand launch.
-//   Expand: load idx, ranks, scale and its B tile (the shrink writes none of them, and
+//   Expand: load idx, ranks, scale, its B tile and y (the shrink writes none of them, and
 //   everything before the shrink completed before the shrink let the expand launch), then
-//   wait for the shrink, then read v and y.
+//   wait for the shrink, then read v.  So a PDL expand must come right after its shrink:
+//   no kernel that writes y, B, scale, idx or ranks may run between the two.  Every block
+//   waits, also those that exit early, so the expand's completion implies the shrink's.
 // ---------------------------------------------------------------------------------------
 __device__ __forceinline__ void bgmv_wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -317,7 +320,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 
   // Early exits: no LoRA; invalid index / rank -> NaN over this tile (loud, no OOB read).
   const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i == -1) return;
+  if (i == -1) {
+    if constexpr (!FUSED) bgmv_wait_prior_grid();     // completion implies the shrink's
+    return;
+  }
   const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank < 0) {
     if constexpr (!FUSED) bgmv_wait_prior_grid();     // y may still be in use before it
@@ -325,7 +331,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
     return;
   }
-  if (rank == 0) return;
+  if (rank == 0) {
+    if constexpr (!FUSED) bgmv_wait_prior_grid();
+    return;
+  }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int lig = lane & (G - 1);                     // lane within its group
@@ -498,10 +507,18 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
-// Launch with PDL when asked (p.pdl; the caller asks only on sm_90+ devices).
+// Launch with PDL when asked (p.pdl) and the kernel's code has the waits (PTX for sm_90+;
+// cudaFuncGetAttributes is a host-side query, fine during CUDA-graph capture).
 template <typename Params>
 cudaError_t bgmv_launch(void (*kernel)(Params), dim3 grid, int threads, cudaStream_t stream,
                         const Params& p) {
+  bool pdl = p.pdl != 0;
+  if (pdl) {
+    cudaFuncAttributes fa;
+    const cudaError_t err = cudaFuncGetAttributes(&fa, kernel);
+    if (err != cudaSuccess) return err;
+    pdl = fa.ptxVersion >= 90;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -510,7 +527,7 @@ cudaError_t bgmv_launch(void (*kernel)(Params), dim3 grid, int threads, cudaStre
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = p.pdl ? 1 : 0;
+  cfg.numAttrs = pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, p);
 }
 

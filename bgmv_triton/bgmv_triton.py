@@ -30,9 +30,10 @@ e = element size, r their rank:
 Kernels
     _bgmv_shrink_kernel  one program per (token, slice, K-chunk). The K-chunk is the whole
                          h_in (plain) or 1/SPLIT_K of it (split-K: partial sums into a
-                         [SPLIT_K, T, S, r_max] fp32 workspace summed by torch afterwards,
-                         deterministic; or, with atomic=True, fp32 atomic adds into a zeroed
-                         v, whose last bits then vary run to run).
+                         [SPLIT_K, T, S, r_max] fp32 workspace, added in order by the expand
+                         in bgmv_lora or by torch in bgmv_shrink, deterministic; or, with
+                         atomic=True, fp32 atomic adds into a zeroed v, whose last bits then
+                         vary run to run).
     _bgmv_expand_kernel  one program per (token, output tile); the tiles of all S slices
                          are numbered one after the other, and each tile lies in one slice.
 
@@ -50,7 +51,8 @@ expand is PDL-launched only right after this call's shrink (bgmv_lora, or bgmv_e
 after_shrink=True): it loads idx / ranks / scale / its B tile before waiting for v, which
 overlaps the shrink's tail (the ordering argument is in _bgmv_expand_kernel). The one
 kernel that must not run between the two is one that writes scale or B: torch.compile
-could in principle place one there, a decode step has none.
+could in principle place one there, a decode step has none. The expand also reads y
+before its wait, so no kernel that writes y may run between the two either.
 PDL is opt-in here: MULTILORA_TRITON_PDL=1 turns it on (read once at import into
 PDL_ENABLED, which a benchmark or test may set: it is read at each launch). On the H200
 (torch 2.11, triton 3.6) the PDL tests pass, eager and captured in a CUDA graph, bitwise

@@ -164,3 +164,15 @@ def test_unknown_mode():
 def test_registry_has_every_mode():
     assert set(mi.MODES) == {"none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda",
                              "sgmv_triton"}
+
+
+def test_report_public_counts_losses_and_survives_untimed_points(capsys):
+    pts = [("a", {"bgmv_cuda": {"median_us": 2.0}, "sglang_triton": {"median_us": 3.0}}),
+           ("b", {"bgmv_cuda": {"median_us": 4.0}, "sglang_csgmv": {"median_us": 3.0}}),
+           ("c", {"bgmv_triton": {"error": 1.0}, "sglang_csgmv": {"median_us": 3.0}}),
+           ("d", {"bgmv_cuda": {"median_us": 1.0}})]                 # no public timing
+    mi.report_public(pts)
+    out = capsys.readouterr().out
+    assert "[6] b: ours bgmv_cuda 4.00 us > sglang_csgmv 3.00 us" in out
+    assert "[6] c: no mode of ours timed" in out
+    assert "at least as fast as the best public kernel at 1 of 3 points" in out
