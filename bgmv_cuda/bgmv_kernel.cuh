@@ -507,18 +507,17 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
-// Launch with PDL when asked (p.pdl) and the kernel's code has the waits (PTX for sm_90+;
-// cudaFuncGetAttributes is a host-side query, fine during CUDA-graph capture).
-template <typename Params>
-cudaError_t bgmv_launch(void (*kernel)(Params), dim3 grid, int threads, cudaStream_t stream,
-                        const Params& p) {
-  bool pdl = p.pdl != 0;
-  if (pdl) {
-    cudaFuncAttributes fa;
-    const cudaError_t err = cudaFuncGetAttributes(&fa, kernel);
-    if (err != cudaSuccess) return err;
-    pdl = fa.ptxVersion >= 90;
-  }
+// Launch Kernel, with PDL when asked (p.pdl) and Kernel's code has the waits: PTX for
+// sm_90+, queried once per kernel (on the first call, which runs eagerly before any CUDA
+// graph captures it; a failed query means no PDL and leaves no error behind).
+template <auto Kernel, typename Params>
+cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Params& p) {
+  static const int ptx_version = [] {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
+    (void)cudaGetLastError();
+    return 0;
+  }();
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -527,8 +526,8 @@ cudaError_t bgmv_launch(void (*kernel)(Params), dim3 grid, int threads, cudaStre
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
+  cfg.numAttrs = (p.pdl && ptx_version >= 90) ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, Kernel, p);
 }
 
 inline bool bgmv_aligned16(const void* ptr) {
@@ -564,7 +563,7 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   if (p.T == 0) return nullptr;
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  const cudaError_t err = bgmv_launch(_bgmv_shrink_kernel<T>, grid, kBgmvShrinkThreads, stream, p);
+  const cudaError_t err = bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -622,11 +621,11 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
   if (vec) {
-    err = one_out ? bgmv_launch(_bgmv_expand_kernel<T, VEC, 1, 1>, grid, threads, stream, p)
-                  : bgmv_launch(_bgmv_expand_kernel<T, VEC, 1, kJ>, grid, threads, stream, p);
+    err = one_out ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1>>(grid, threads, stream, p)
+                  : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ>>(grid, threads, stream, p);
   } else {
-    err = one_out ? bgmv_launch(_bgmv_expand_kernel<T, 1, kN, 1>, grid, threads, stream, p)
-                  : bgmv_launch(_bgmv_expand_kernel<T, 1, kN, kJ>, grid, threads, stream, p);
+    err = one_out ? bgmv_launch<_bgmv_expand_kernel<T, 1, kN, 1>>(grid, threads, stream, p)
+                  : bgmv_launch<_bgmv_expand_kernel<T, 1, kN, kJ>>(grid, threads, stream, p);
   }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
