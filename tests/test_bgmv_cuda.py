@@ -804,3 +804,18 @@ def test_variant_sweep_script_runs():
     rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_fused",
                                            "--rep-ms", "5"]))
     assert all(r["err"][v] < TOLERANCE[torch.bfloat16] for r in rows for v in r["err"])
+
+
+@pytest.mark.skipif(cc.find_cuda_include() is None or shutil.which("g++") is None,
+                    reason="needs g++ and the CUDA toolkit headers")
+def test_binding_compiles_against_torch_headers(tmp_path):
+    """bgmv_ext.cpp (the torch binding) against this torch's headers, g++ -fsyntax-only:
+    CI's torch is the CPU build, so this is as far as the binding can be built there.
+    A broken copy must fail, so the check can fail."""
+    cc.binding_check()
+    src = open(bc.BINDING_SOURCE).read()
+    broken = tmp_path / "bgmv_ext.cpp"
+    broken.write_text(src.replace("return bgmv_str(op, \": \", name,", "return bgmv_str(op, undeclared_name,", 1))
+    assert broken.read_text() != src
+    with pytest.raises(RuntimeError, match="undeclared_name"):
+        cc.binding_check(source=str(broken))
