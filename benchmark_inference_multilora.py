@@ -76,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES,
                    help=f"modes to time (default: {' '.join(DEFAULT_MODES)}; with --batch-sizes: "
                         f"{' '.join(SWEEP_MODES)}, as peft and gbmm take minutes per point)")
+    p.add_argument("--lora-overlap", default="off", choices=["off", "delta", "shrink"],
+                   help="fast engine: off (LoRA after each base GEMM, in place), delta (the "
+                        "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
+                        "an add), shrink (the mode's shrink on a side stream beside the GEMM, "
+                        "its expand into the GEMM's output; modes without halves run off)")
     p.add_argument("--engine", nargs="+", default=["fast"], choices=ENGINES,
                    help="fast: multilora_engine.py (compact forward, fused q/k/v and gate/up, "
                         "static KV cache, CUDA-graph decode on a GPU); hf: the transformers "
@@ -538,7 +543,7 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
                            f"{len(input_ids) * args.max_new_tokens}")
     keep = ("time_s", "prefill_s", "decode_s", "total_tokens", "steps", "capture_s", "graph",
             "peak_memory_gb", "batch_bucket")
-    return {k: st[k] for k in keep if k in st}
+    return dict({k: st[k] for k in keep if k in st}, lora_overlap=eng.overlap or "off")
 
 
 def time_hf(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:
@@ -615,7 +620,7 @@ def run(args) -> dict:
                   workload=args.workload, no_lora_share=args.no_lora_share,
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   warmup_tokens=args.warmup_tokens, modes=list(args.modes),
-                  engines=list(args.engine),
+                  engines=list(args.engine), lora_overlap=args.lora_overlap,
                   adapter_of_request=points[0]["adapter_of_request"],
                   num_layers=model.config.num_hidden_layers,
                   hidden_size=model.config.hidden_size)
@@ -697,7 +702,8 @@ def run(args) -> dict:
         # Built once for the largest batch; every batch size gets its own graph bucket.
         eng = MultiLoraEngine(model, mm.stack_all(model, adapters), "none",
                               max_batch=max(batch_sizes),
-                              max_seq=max(plens) + args.max_new_tokens)
+                              max_seq=max(plens) + args.max_new_tokens,
+                              lora_overlap=args.lora_overlap)
         kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   ignore_eos=True, pad_token_id=pad_id)
 

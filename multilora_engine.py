@@ -547,17 +547,22 @@ class MultiLoraEngine:
     device: default the model's. batch_buckets: decode batch sizes that get their own
     graph (default powers of two up to max_batch, and max_batch). attn_bucket: attention
     length granularity (slots). sampler: 'auto' (Triton on CUDA, torch on the CPU),
-    'triton' or 'torch'. attention: 'sdpa' or 'matmul' (decode). lora_overlap (CUDA,
-    graph-safe modes): each site's LoRA runs on a side stream into a zeroed delta while the
-    base GEMM runs, then y += delta (hides the LoRA kernels behind the GEMM at the cost of a
-    zero and an add per site; measure both)."""
+    'triton' or 'torch'. attention: 'sdpa' or 'matmul' (decode). lora_overlap: False (the
+    LoRA after each base GEMM, in place), "delta" (or True; CUDA, graph-safe modes: each
+    site's whole LoRA runs on a side stream into a zeroed delta while the base GEMM runs,
+    then y += delta: a zero and an add more per site), or "shrink" (modes with halves,
+    MODES[...].halves(): the shrink runs on a side stream beside the base GEMM, both only
+    read x, then the expand adds into the GEMM's output in place: no extra kernel; on the
+    CPU the same halves run in order). A mode without what the option needs runs the plain
+    path; `overlap` says what each mode actually does. Measure against the plain path."""
 
     @torch.no_grad()
     def __init__(self, model, lora: Optional[dict] = None, mode: str = "none",
                  max_batch: int = 64, max_seq: int = 2048, dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device, None] = None,
                  batch_buckets: Optional[Sequence[int]] = None, attn_bucket: int = ATTN_BUCKET,
-                 sampler: str = "auto", attention: str = "sdpa", lora_overlap: bool = False):
+                 sampler: str = "auto", attention: str = "sdpa",
+                 lora_overlap: Union[bool, str] = False):
         cfg = model.config
         inner = getattr(model, "model", model)
         w0 = inner.embed_tokens.weight
@@ -630,9 +635,15 @@ class MultiLoraEngine:
         if attention not in ("sdpa", "matmul"):
             _fail("attention", "'sdpa' or 'matmul'", attention)
         self.attention = attention
-        self.lora_overlap = bool(lora_overlap)
-        self._side_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and lora_overlap else None
-        self._overlap = False                           # set per mode (graph-safe modes only)
+        kinds = {False: None, None: None, "off": None, True: "delta", "delta": "delta",
+                 "shrink": "shrink"}
+        if not isinstance(lora_overlap, (bool, str, type(None))) or lora_overlap not in kinds:
+            _fail("lora_overlap", "False, 'off', True / 'delta' or 'shrink'", repr(lora_overlap))
+        self.lora_overlap = kinds[lora_overlap]
+        self._side_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and self.lora_overlap \
+            else None
+        self.overlap: Optional[str] = None              # what the current mode does (set_mode)
+        self._halves = None
         self._metas: dict[int, LoraMeta] = {}          # batch bucket -> static meta
         self._graphs: dict[tuple, "torch.cuda.CUDAGraph"] = {}
         self._pool = None
@@ -647,8 +658,15 @@ class MultiLoraEngine:
         self.mode_name = mode
         self.mode = new_mode
         self._fn = None if self.mode is None else self.mode.resolve()
-        self._overlap = self._side_stream is not None and self.mode is not None \
-            and self.mode.graph_safe
+        self._halves = self.mode.halves() if self.mode is not None \
+            and self.lora_overlap == "shrink" else None
+        if self.lora_overlap == "delta" and self._side_stream is not None \
+                and self.mode is not None and self.mode.graph_safe:
+            self.overlap = "delta"
+        elif self._halves is not None:
+            self.overlap = "shrink"
+        else:
+            self.overlap = None
         self._graphs.clear()
         self._site_metas.clear()
 
@@ -667,15 +685,32 @@ class MultiLoraEngine:
     def _linear_lora(self, x: Tensor, w: Tensor, b: Optional[Tensor], layer: _Layer, site: str,
                      ctx: Optional[_LoraCtx]) -> Tensor:
         """y = x W^T (+ b), then y += the site's multi-LoRA through the registry mode.
-        With lora_overlap the mode writes a zeroed delta on a side stream while the base
-        GEMM runs (both only read x), and one add joins them."""
+        lora_overlap (class docstring): "delta", the mode writes a zeroed delta on a side
+        stream while the base GEMM runs (both only read x), and one add joins them;
+        "shrink", the mode's shrink runs there instead and its expand adds into y."""
         s = layer.lora.get(site)
         if s is None or ctx is None or self._fn is None:
             return F.linear(x, w, b)
         meta = ctx.site_metas[s.key] if ctx.site_metas is not None else ctx.meta
-        if not self._overlap:
+        if self.overlap is None:
             y = F.linear(x, w, b)
             self._fn(y, x, s.A, s.B, ctx.idx, s.scale, s.ranks, meta)
+            return y
+        if self.overlap == "shrink":
+            shrink, expand = self._halves
+            if self._side_stream is None:                                 # CPU: in order
+                v = shrink(x, s.A, ctx.idx, s.ranks, meta)
+                y = F.linear(x, w, b)
+            else:
+                main, side = torch.cuda.current_stream(self.device), self._side_stream
+                side.wait_stream(main)                                    # x is ready
+                with torch.cuda.stream(side):
+                    v = shrink(x, s.A, ctx.idx, s.ranks, meta)
+                y = F.linear(x, w, b)
+                main.wait_stream(side)
+                # v (a side-stream block) is reused only by a later side allocation, and
+                # every site's side work starts by waiting for main (after this expand).
+            expand(y, v, s.B, ctx.idx, s.scale, s.ranks, meta)
             return y
         main, side = torch.cuda.current_stream(self.device), self._side_stream
         side.wait_stream(main)                                            # x is ready

@@ -439,8 +439,15 @@ def lora_gbmm(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
 # ---------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------
+def _load(ref: str) -> Callable:
+    """"module:attr" -> the object (lazy imports keep the registry import-light)."""
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 @dataclass
 class LoraMode:
+    """A registry entry; fn (and shrink / expand) may be "module:attr", loaded on first use."""
     name: str
     fn: Union[Callable, str]                  # callable, or "module:attr" loaded lazily
     prepare: Optional[Callable] = None        # builds meta outside the timed region
@@ -448,12 +455,26 @@ class LoraMode:
     graph_safe: bool = True                   # no host sync in the call (given meta)
     needs_cuda: bool = False                  # cannot run on the CPU at all
     is_triton: bool = False                   # runs on the CPU only under TRITON_INTERPRET=1
+    # The two halves, for callers that run the shrink beside other work (the engine's
+    # lora_overlap="shrink"): shrink(x, A, idx, ranks, meta) -> v, then
+    # expand(y, v, B, idx, scale, ranks, meta) adds into y. None: the mode has no halves.
+    shrink: Union[Callable, str, None] = None
+    expand: Union[Callable, str, None] = None
 
     def resolve(self) -> Callable:
         if isinstance(self.fn, str):
-            module, attr = self.fn.split(":")
-            self.fn = getattr(importlib.import_module(module), attr)
+            self.fn = _load(self.fn)
         return self.fn
+
+    def halves(self) -> Optional[tuple[Callable, Callable]]:
+        """(shrink, expand), loaded, or None when the mode has no halves."""
+        if self.shrink is None or self.expand is None:
+            return None
+        if isinstance(self.shrink, str):
+            self.shrink = _load(self.shrink)
+        if isinstance(self.expand, str):
+            self.expand = _load(self.expand)
+        return self.shrink, self.expand
 
     def __call__(self, y, x, A, B, idx, scale, ranks=None, meta=None):
         return self.resolve()(y, x, A, B, idx, scale, ranks, meta)
@@ -472,11 +493,15 @@ MODES: dict[str, LoraMode] = {m.name: m for m in [
     LoraMode("gbmm", lora_gbmm, graph_safe=False,
              description="group tokens by adapter, two matmuls per group"),
     LoraMode("bgmv_triton", "bgmv_triton.bgmv_triton:bgmv_lora", is_triton=True,
-             description="Triton BGMV: one program per (token, tile) gathers its adapter"),
+             description="Triton BGMV: one program per (token, tile) gathers its adapter",
+             shrink="bgmv_triton.bgmv_triton:lora_shrink",
+             expand="bgmv_triton.bgmv_triton:lora_expand"),
     LoraMode("bgmv_cuda", "bgmv_cuda.bgmv_cuda:bgmv_lora", needs_cuda=True,
-             description="CUDA C++ BGMV extension (JIT-built), Punica-style"),
+             description="CUDA C++ BGMV extension (JIT-built), Punica-style",
+             shrink="bgmv_cuda.bgmv_cuda:lora_shrink", expand="bgmv_cuda.bgmv_cuda:lora_expand"),
     LoraMode("sgmv_triton", "sgmv_triton.sgmv_lora:sgmv_lora", is_triton=True,
-             description="Triton SGMV: one program per (segment, tile), shrink then expand"),
+             description="Triton SGMV: one program per (segment, tile), shrink then expand",
+             shrink="sgmv_triton.sgmv_lora:lora_shrink", expand="sgmv_triton.sgmv_lora:lora_expand"),
 ]}
 
 

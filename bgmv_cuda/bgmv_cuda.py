@@ -573,6 +573,20 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                                         _fused_counters(x.device, x.shape[0]))
 
 
+def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
+                meta=None) -> Tensor:
+    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32, the shrink of
+    bgmv_lora, for a caller that runs it beside the base GEMM (it only reads x)."""
+    return bgmv_shrink(x, A, idx, ranks)
+
+
+def lora_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
+                ranks: Optional[Tensor] = None, meta=None) -> None:
+    """Registry half: y += the expand of v. A plain launch (no PDL): the kernel just before
+    it (the base GEMM) writes y."""
+    bgmv_expand(y, v, B, idx, scale, ranks)
+
+
 # ---------------------------------------------------------------------------------------
 # CLI: build and validate a few shapes against the float64 reference
 # ---------------------------------------------------------------------------------------

@@ -643,6 +643,19 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
     torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks, True)   # PDL after shrink
 
 
+def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
+                meta: object = None) -> Tensor:
+    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32, for a caller
+    that runs the shrink beside the base GEMM (it only reads x)."""
+    return bgmv_shrink(x, A, idx, ranks)
+
+
+def lora_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+                scale: Tensor, ranks: Optional[Tensor] = None, meta: object = None) -> None:
+    """Registry half: y += the expand of v (plain launch: the base GEMM just wrote y)."""
+    bgmv_expand(y, v, B, idx, scale, ranks)
+
+
 if __name__ == "__main__":
     # One small shape against the float64 reference (CPU: the Triton interpreter).
     # (Not through MODES: that would import this file a second time as another module.)

@@ -31,7 +31,8 @@ from multilora_impl import (LoraMeta, check_lora_args, debug_checks,
 from sgmv_triton.sgmv_expand_triton import sgmv_expand
 from sgmv_triton.sgmv_shrink_triton import _fail, check_segments, sgmv_shrink
 
-__all__ = ["sgmv_lora", "sgmv_shrink", "sgmv_expand", "make_static_meta", "fill_static_meta"]
+__all__ = ["sgmv_lora", "sgmv_shrink", "sgmv_expand", "make_static_meta", "fill_static_meta",
+           "lora_shrink", "lora_expand"]
 
 
 def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
@@ -61,6 +62,25 @@ def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
                     max_seg_len=meta.max_seg_len, check=check)          # [T, S, r_max] fp32
     sgmv_expand(y, v, Bs, meta.seg_starts, meta.seg_adapter, scale, ranks,
                 max_seg_len=meta.max_seg_len, check=check)
+
+
+def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
+                meta: Optional[LoraMeta] = None) -> Tensor:
+    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32 over the
+    segments of meta (built from idx when None: a host sync)."""
+    meta = meta if meta is not None else make_meta(idx)
+    A4 = A if A.dim() == 4 else A.unsqueeze(0)
+    return sgmv_shrink(x, A4, meta.seg_starts, meta.seg_adapter, ranks,
+                       max_seg_len=meta.max_seg_len, check=debug_checks())
+
+
+def lora_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
+                scale: Tensor, ranks: Optional[Tensor] = None,
+                meta: Optional[LoraMeta] = None) -> None:
+    """Registry half: y += the expand of v over the segments of meta."""
+    meta = meta if meta is not None else make_meta(idx)
+    sgmv_expand(y, v, B, meta.seg_starts, meta.seg_adapter, scale, ranks,
+                max_seg_len=meta.max_seg_len, check=debug_checks())
 
 
 if __name__ == "__main__":   # the registry's check on one small mixed batch

@@ -180,3 +180,16 @@ def test_benchmark_short_gpu(tmp_path):
     d = check_json(data["json_path"], rows, 16, 16, TOLERANCE[torch.bfloat16])
     assert d["env"]["gpu"] and d["env"]["triton"]
     assert all(r["peak_memory_gb"] > 0 for r in d["results"])
+
+
+def test_lora_overlap_flag_recorded(tmp_path):
+    """--lora-overlap shrink: the fast engine runs the halves of modes that have them (and
+    the plain path for the others); the JSON says which, and the logits gate still holds."""
+    data = run(TINY + ["--batch-size", "4", "--modes", "none", "bgmv_triton", "gbmm",
+                       "--lora-overlap", "shrink", "--out-dir", str(tmp_path)])
+    d = json.load(open(data["json_path"]))
+    assert d["config"]["lora_overlap"] == "shrink"
+    by = {r["mode"]: r for r in d["results"]}
+    assert by["bgmv_triton"]["lora_overlap"] == "shrink" and by["gbmm"]["lora_overlap"] == "off"
+    assert by["bgmv_triton"]["status"] == "ok"
+    assert by["bgmv_triton"]["logits_error"] <= d["validation"]["gate"]

@@ -220,6 +220,32 @@ def test_logits_match_peft(peft_setup, mode):
     assert masked_error(out, ref, mask) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("mode", ["bgmv_triton", "sgmv_triton", "gbmm"])
+def test_shrink_overlap_equals_plain_path(peft_setup, mode):
+    """lora_overlap="shrink" runs the mode's halves (shrink, base GEMM, expand; on the CPU in
+    that order, on a GPU the shrink on a side stream): the same kernels as the plain path,
+    so the same logits bit for bit, and PEFT's within tolerance. A mode without halves
+    (gbmm) runs the plain path and says so."""
+    base, pm, lora, prompts, adapter_idx = peft_setup
+    plain = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64)
+    split = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64, lora_overlap="shrink")
+    assert split.overlap == ("shrink" if MODES[mode].halves() else None) and plain.overlap is None
+    assert (split.overlap is None) == (mode == "gbmm")
+    kw = dict(max_new_tokens=3, ignore_eos=True, keep_logits=True)
+    t1, s1 = plain.generate(prompts, adapter_idx, **kw)
+    t2, s2 = split.generate(prompts, adapter_idx, **kw)
+    assert t1 == t2 and torch.equal(s1["last_logits"], s2["last_logits"])
+    seqs = [p + t[:-1] for p, t in zip(prompts, t2)]
+    ref, _ = peft_logits(pm, seqs, REQ_ADAPTERS)
+    assert relative_error(s2["last_logits"], ref[:, -1]) <= TOLERANCE[torch.float32]
+
+
+def test_lora_overlap_option_checked(peft_setup):
+    base, _, lora, _, _ = peft_setup
+    with pytest.raises(ValueError, match="^lora_overlap"):
+        me.MultiLoraEngine(base, lora, "bgmv_triton", max_batch=2, max_seq=16, lora_overlap="x")
+
+
 @pytest.mark.parametrize("mode", CPU_MODES)
 def test_decode_matches_peft(peft_setup, mode):
     """Greedy decode with LoRA: every token is PEFT's argmax at its position and the last
@@ -413,6 +439,9 @@ def test_gpu_graph_replay_equals_eager_and_never_syncs(gpu_setup, mode):
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,opts", [("bgmv_triton", dict(lora_overlap=True)),
                                        ("sgmv_triton", dict(lora_overlap=True)),
+                                       ("bgmv_cuda", dict(lora_overlap="shrink")),
+                                       ("bgmv_triton", dict(lora_overlap="shrink")),
+                                       ("sgmv_triton", dict(lora_overlap="shrink")),
                                        ("bgmv_triton", dict(attention="matmul"))])
 def test_gpu_options_match_peft(gpu_setup, mode, opts):
     """lora_overlap (LoRA on a side stream inside the graph) and matmul attention: decode
@@ -420,6 +449,7 @@ def test_gpu_options_match_peft(gpu_setup, mode, opts):
     may differ from the in-place path after a near-tie: compared through logits only.)"""
     base, pm, lora, prompts, adapter_idx = gpu_setup
     eng = me.MultiLoraEngine(base, lora, mode, max_batch=16, max_seq=192, **opts)
+    assert eng.overlap == {True: "delta", "shrink": "shrink"}.get(opts.get("lora_overlap"))
     toks, stats = eng.generate(prompts, adapter_idx, max_new_tokens=12, ignore_eos=True,
                                keep_logits=True, check_sync=True)
     assert stats["graph"]
