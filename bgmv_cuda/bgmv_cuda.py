@@ -576,8 +576,9 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
 def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 meta=None) -> Tensor:
     """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32, the shrink of
-    bgmv_lora, for a caller that runs it beside the base GEMM (it only reads x)."""
-    return bgmv_shrink(x, A, idx, ranks)
+    bgmv_lora, for a caller that runs it beside the base GEMM (it only reads x). A plain
+    launch: on a side stream its predecessor is another stream's work, nothing to overlap."""
+    return bgmv_shrink(x, A, idx, ranks, pdl=False)
 
 
 def lora_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
