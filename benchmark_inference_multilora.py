@@ -767,7 +767,8 @@ def run(args) -> dict:
 
 def default_stem(data: dict, engines: list[str]) -> str:
     c = data["config"]
-    tail = "" if engines == ["fast"] else "_" + "-".join(engines)
+    tail = ("" if engines == ["fast"] else "_" + "-".join(engines)) \
+        + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}")
     common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"
     kind = data.get("kind", "single")
     if kind == "sweep":

@@ -640,8 +640,11 @@ class MultiLoraEngine:
         if not isinstance(lora_overlap, (bool, str, type(None))) or lora_overlap not in kinds:
             _fail("lora_overlap", "False, 'off', True / 'delta' or 'shrink'", repr(lora_overlap))
         self.lora_overlap = kinds[lora_overlap]
-        self._side_stream = torch.cuda.Stream(dev) if dev.type == "cuda" and self.lora_overlap \
-            else None
+        # High priority: torch hands out streams of one priority round-robin from one pool of
+        # 32, so a default-priority side stream could be the very stream a later capture
+        # runs on (then every wait is a no-op and nothing overlaps); this one cannot.
+        self._side_stream = torch.cuda.Stream(dev, priority=-1) \
+            if dev.type == "cuda" and self.lora_overlap else None
         self.overlap: Optional[str] = None              # what the current mode does (set_mode)
         self._halves = None
         self._metas: dict[int, LoraMeta] = {}          # batch bucket -> static meta
@@ -702,27 +705,40 @@ class MultiLoraEngine:
                 v = shrink(x, s.A, ctx.idx, s.ranks, meta)
                 y = F.linear(x, w, b)
             else:
-                main, side = torch.cuda.current_stream(self.device), self._side_stream
-                side.wait_stream(main)                                    # x is ready
-                with torch.cuda.stream(side):
-                    v = shrink(x, s.A, ctx.idx, s.ranks, meta)
+                main = torch.cuda.current_stream(self.device)
+                v = self._on_side(main, lambda: shrink(x, s.A, ctx.idx, s.ranks, meta))
                 y = F.linear(x, w, b)
-                main.wait_stream(side)
+                main.wait_stream(self._side_stream)
                 # v (a side-stream block) is reused only by a later side allocation, and
-                # every site's side work starts by waiting for main (after this expand).
+                # every site's side work starts by waiting for main (after this expand);
+                # x is not reused before main's next op, which follows the shrink's read.
             expand(y, v, s.B, ctx.idx, s.scale, s.ranks, meta)
             return y
         main, side = torch.cuda.current_stream(self.device), self._side_stream
-        side.wait_stream(main)                                            # x is ready
-        with torch.cuda.stream(side):
+
+        def lora_delta() -> Tensor:
             delta = torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
             self._fn(delta, x, s.A, s.B, ctx.idx, s.scale, s.ranks, meta)
+            return delta
+        delta = self._on_side(main, lora_delta)
         y = F.linear(x, w, b)
         main.wait_stream(side)
         # No record_stream needed: delta (a side-stream block) is only reused by a later
         # side allocation, and every site's side work starts by waiting for main (after
         # this add); x is not reused before main's next op, which follows side's read.
         return y.add_(delta)
+
+    def _on_side(self, main, work):
+        """work() on the side stream once main's queued work (x) is done; on an error the
+        side stream rejoins main first (a CUDA-graph capture must end with it joined)."""
+        side = self._side_stream
+        side.wait_stream(main)
+        try:
+            with torch.cuda.stream(side):
+                return work()
+        except BaseException:
+            main.wait_stream(side)
+            raise
 
     def _mlp(self, x: Tensor, layer: _Layer, ctx) -> Tensor:
         h = _rms_norm(x, layer.ln2, self.eps)

@@ -645,15 +645,29 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
 
 def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 meta: object = None) -> Tensor:
-    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32, for a caller
-    that runs the shrink beside the base GEMM (it only reads x)."""
-    return bgmv_shrink(x, A, idx, ranks)
+    """Registry half (engine lora_overlap="shrink"), for a caller that runs the shrink
+    beside the base GEMM (it only reads x): v as bgmv_lora makes it, [T, S, r_max] fp32 or,
+    when split-K is picked, the [n_split, T, S, r_max] partials that lora_expand adds (so
+    the halves are exactly bgmv_lora's two kernels)."""
+    A4 = _check_shrink_args(x, A, idx, ranks, None)
+    if debug_checks():
+        check_index_values(idx, A4.shape[1], ranks, A4.shape[2])
+    T, S, r_max = x.shape[0], A4.shape[0], A4.shape[2]
+    split_k, _, n_split = split_layout(T, S, x.shape[1], r_max, x.device)
+    v = torch.empty((n_split, T, S, r_max) if n_split > 1 else (T, S, r_max),
+                    dtype=torch.float32, device=x.device)
+    torch.ops.multilora.bgmv_shrink(v, x, A4, idx, ranks, split_k, False)
+    return v
 
 
 def lora_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,
                 scale: Tensor, ranks: Optional[Tensor] = None, meta: object = None) -> None:
-    """Registry half: y += the expand of v (plain launch: the base GEMM just wrote y)."""
-    bgmv_expand(y, v, B, idx, scale, ranks)
+    """Registry half: y += the expand of lora_shrink's v (a plain launch: the base GEMM,
+    not the shrink, is the kernel just before it, and it wrote y)."""
+    Bs = _check_expand_args(y, v if v.dim() == 3 else v[0], B, idx, scale, ranks)
+    if debug_checks():
+        check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
+    torch.ops.multilora.bgmv_expand(y, v, Bs, idx, scale, ranks, False)
 
 
 if __name__ == "__main__":

@@ -480,3 +480,21 @@ def test_gpu_pdl_on_off(T, layer, monkeypatch):
             err = relative_error(results[on][k], ref)
             assert err < TOLERANCE[dtype], f"PDL {on}, run {k}: rel err {err:.2e}"
         assert torch.equal(results[True][k], results[False][k]), f"run {k}: PDL changed y"
+
+
+@pytest.mark.parametrize("h_out", [96, [64, 32, 32]], ids=["one_slice", "qkv"])
+def test_registry_halves_equal_bgmv_lora_bitwise(h_out):
+    """lora_shrink then lora_expand (the engine's lora_overlap="shrink") are bgmv_lora's two
+    kernels, split-K partials included (T = 2, h_in = 1024 picks split-K): same y bit for bit."""
+    T, h_in = 2, 1024
+    S = 3 if isinstance(h_out, list) else 1
+    assert bt.split_layout(T, S, h_in, 16, torch.device("cpu"))[2] > 1
+    inp = make_lora_inputs(T, h_in, h_out, 3, 16, torch.float32, "cpu", ranks=[16, 5, 0], seed=4)
+    idx = torch.tensor([1, 0], dtype=torch.int32)
+    args = (inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    y1, y2 = inp["y"].clone(), inp["y"].clone()
+    bgmv_lora(y1, inp["x"], *args)
+    v = bt.lora_shrink(inp["x"], inp["A"], idx, inp["ranks"])
+    assert v.dim() == 4 and v.shape[0] > 1                      # the partials, kept apart
+    bt.lora_expand(y2, v, inp["B"], idx, inp["scale"], inp["ranks"])
+    assert torch.equal(y1, y2)
