@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
                         "an add), shrink (the mode's shrink on a side stream beside the GEMM, "
                         "its expand into the GEMM's output; modes without halves run off)")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the bytes-bound ceiling of the configured run (weights, KV "
+                        "cache, LoRA per decode step / copy bandwidth) and exit")
+    p.add_argument("--copy-gbs", type=float, default=None,
+                   help="copy bandwidth for --estimate (default: measured on the GPU)")
     p.add_argument("--engine", nargs="+", default=["fast"], choices=ENGINES,
                    help="fast: multilora_engine.py (compact forward, fused q/k/v and gate/up, "
                         "static KV cache, CUDA-graph decode on a GPU); hf: the transformers "
@@ -153,6 +158,56 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------
 # Environment and output
 # ---------------------------------------------------------------------------------------
+def decode_step_bytes(cfg: dict, batch: int, context: float, num_adapters: int, rank: int,
+                      elem: int = 2, tied: bool = False) -> dict:
+    """Bytes one decode step must read, by part, for a Llama config (MODEL_CONFIGS keys):
+    every layer's weights and the LM head, the KV cache of `context` filled positions per
+    request, and the distinct adapters' LoRA A and B on q, k, v, o, gate, up, down (each
+    read once). Activations (batch x hidden per op) are left out: a few MB per step."""
+    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes = [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]   # (h_in, h_out)
+    weights = n * sum(a * b for a, b in shapes) + (0 if tied else cfg["vocab_size"] * h)
+    lora = num_adapters * n * rank * sum(a + b for a, b in shapes)
+    kv_cache = batch * context * n * 2 * kv
+    return {"weights": weights * elem, "kv_cache": int(kv_cache * elem), "lora": lora * elem}
+
+
+def token_ceiling(cfg: dict, batch: int, prompt: int, new_tokens: int, num_adapters: int,
+                  rank: int, copy_gbs: float) -> dict:
+    """tokens/s if a decode step took exactly its bytes / copy bandwidth: the average step
+    (context prompt + (new_tokens - 1) / 2 positions), with and without LoRA."""
+    b = decode_step_bytes(cfg, batch, prompt + (new_tokens - 1) / 2, num_adapters, rank)
+    base = b["weights"] + b["kv_cache"]
+    ms = {k: v / (copy_gbs * 1e9) * 1e3 for k, v in (("none", base), ("lora", base + b["lora"]))}
+    return dict(bytes=b, copy_gbs=copy_gbs, ms_per_step=ms,
+                tokens_per_s={k: batch / (v * 1e-3) for k, v in ms.items()})
+
+
+def print_estimate(args) -> None:
+    """--estimate: the bytes-bound tokens/s of the configured run (no model is built)."""
+    from multilora_model import MODEL_CONFIGS
+    if args.model_config not in MODEL_CONFIGS:
+        raise SystemExit(f"--estimate needs --model-config, one of {sorted(MODEL_CONFIGS)}")
+    copy = args.copy_gbs
+    if copy is None:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit("--estimate: give --copy-gbs (no GPU here to measure it)")
+        import bench_utils as bu
+        copy = bu.copy_bandwidth_gbs("cuda")
+    est = token_ceiling(MODEL_CONFIGS[args.model_config], args.batch_size, args.prompt_len,
+                        args.max_new_tokens, args.num_adapters, args.rank, copy)
+    gb = {k: v / 1e9 for k, v in est["bytes"].items()}
+    print(f"{args.model_config} batch {args.batch_size}, {args.prompt_len}-token prompts, "
+          f"{args.max_new_tokens} new tokens, {args.num_adapters} adapters r={args.rank}, "
+          f"copy {copy:.0f} GB/s; bytes per average decode step: weights {gb['weights']:.2f} "
+          f"GB, KV cache {gb['kv_cache']:.2f} GB, LoRA {gb['lora']:.2f} GB")
+    for k in ("none", "lora"):
+        print(f"  {k:5s} {est['ms_per_step'][k]:.2f} ms/step -> at most "
+              f"{est['tokens_per_s'][k]:,.0f} tokens/s")
+
+
 def environment(device) -> dict:
     import torch
     import transformers
@@ -780,6 +835,9 @@ def default_stem(data: dict, engines: list[str]) -> str:
 
 
 def main(args: argparse.Namespace) -> dict:
+    if args.estimate:
+        print_estimate(args)
+        return {}
     if args.plot_only:
         with open(args.plot_only) as f:
             data = json.load(f)

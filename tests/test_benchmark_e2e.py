@@ -193,3 +193,21 @@ def test_lora_overlap_flag_recorded(tmp_path):
     assert by["bgmv_triton"]["lora_overlap"] == "shrink" and by["gbmm"]["lora_overlap"] == "off"
     assert by["bgmv_triton"]["status"] == "ok"
     assert by["bgmv_triton"]["logits_error"] <= d["validation"]["gate"]
+
+
+def test_decode_step_bytes_and_estimate_cli(capsys):
+    """The bytes-bound ceiling: Llama-3-8B's 7.50e9 weights read once per step (32 layers of
+    218,103,808 + the 525,336,576 LM head), the KV cache (8 KV heads x 128) over the filled
+    context, and each adapter's A and B once."""
+    from multilora_model import MODEL_CONFIGS
+    b = bim.decode_step_bytes(MODEL_CONFIGS["llama3-8b"], 64, 288, 7, 16)
+    assert b["weights"] == 2 * (32 * 218_103_808 + 525_336_576)
+    assert b["kv_cache"] == 2 * 64 * 288 * 32 * 2 * 1024
+    assert b["lora"] == 2 * 7 * 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024)
+                                           + 3 * (4096 + 14336))
+    est = bim.token_ceiling(MODEL_CONFIGS["llama3-8b"], 64, 32, 512, 7, 16, 4000.0)
+    assert est["tokens_per_s"]["lora"] < est["tokens_per_s"]["none"]
+    run(["--estimate", "--model-config", "llama3-8b", "--batch-size", "64", "--prompt-len", "32",
+         "--max-new-tokens", "512", "--num-adapters", "7", "--rank", "16", "--copy-gbs", "4000"])
+    out = capsys.readouterr().out
+    assert "weights 15.01 GB" in out and "tokens/s" in out
