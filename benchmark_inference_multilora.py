@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
                         "an add), shrink (the mode's shrink on a side stream beside the GEMM, "
                         "its expand into the GEMM's output; modes without halves run off)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="fast engine: after each mode's timing, run N decode steps eagerly "
+                        "under torch.profiler and print the kernels by GPU time")
     p.add_argument("--estimate", action="store_true",
                    help="print the bytes-bound ceiling of the configured run (weights, KV "
                         "cache, LoRA per decode step / copy bandwidth) and exit")
@@ -596,9 +599,27 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
     if st["total_tokens"] != len(input_ids) * args.max_new_tokens:
         raise RuntimeError(f"{mode}: generated {st['total_tokens']} tokens, expected "
                            f"{len(input_ids) * args.max_new_tokens}")
+    if args.profile:
+        profile_fast(eng, mode, input_ids, adapter_idx, args.profile, kw)
     keep = ("time_s", "prefill_s", "decode_s", "total_tokens", "steps", "capture_s", "graph",
             "peak_memory_gb", "batch_bucket")
     return dict({k: st[k] for k in keep if k in st}, lora_overlap=eng.overlap or "off")
+
+
+def profile_fast(eng, mode: str, input_ids, adapter_idx, steps: int, kw: dict) -> None:
+    """--profile N: N decode steps of `mode` run eagerly (no graph: the profiler then names
+    every kernel) under torch.profiler; prints the kernels by their own GPU time (CPU time
+    on a CPU). Where a step's time goes, to pick what to speed up; eager, so the launch
+    gaps are larger than in the timed graph replay and only kernel times carry over."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = eng.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    eng.generate(input_ids, adapter_idx, 2, use_graph=False, **kw)            # warm-up
+    with profile(activities=acts) as prof:
+        eng.generate(input_ids, adapter_idx, steps + 1, use_graph=False, **kw)
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile {mode} (eager, prefill + {steps} decode steps, batch {len(input_ids)}):")
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
 def time_hf(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:

@@ -211,3 +211,11 @@ def test_decode_step_bytes_and_estimate_cli(capsys):
          "--max-new-tokens", "512", "--num-adapters", "7", "--rank", "16", "--copy-gbs", "4000"])
     out = capsys.readouterr().out
     assert "weights 15.01 GB" in out and "tokens/s" in out
+
+
+def test_profile_flag_prints_kernel_table(tmp_path, capsys):
+    run(TINY + ["--batch-size", "2", "--modes", "bgmv_triton", "--profile", "2",
+                "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "profile bgmv_triton (eager, prefill + 2 decode steps, batch 2)" in out
+    assert "Self CPU" in out and "aten::" in out
