@@ -129,6 +129,16 @@ def gemm_call(T: int, h_in: int, h_out: int, dtype: torch.dtype, device: str = "
     return (lambda k: torch.matmul(xs[k], ws[k].T, out=outs[k])), n_sets
 
 
+def base_gemm_us(T: int, h_in: int, h_out: int, dtype: torch.dtype, device: str = "cuda",
+                 rep_ms: int = 100) -> tuple[float, float, float]:
+    """(median, p20, p80) µs of the base layer's own GEMM x @ W.T [T, h_in] x [h_in, h_out]
+    (LoRA's cost is relative to it): CUDA-graph replay over a cold pool; wall clock on a CPU."""
+    call, n_sets = gemm_call(T, h_in, h_out, dtype, device)
+    if not str(device).startswith("cuda"):
+        return time_fn(lambda: call(0), device=device)
+    return time_graph(call, n_sets, rep_ms=rep_ms)
+
+
 # ---------------------------------------------------------------------------------------
 # Bytes that must move
 # ---------------------------------------------------------------------------------------

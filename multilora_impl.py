@@ -707,14 +707,6 @@ def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Se
     return out
 
 
-def base_gemm_us(T: int, h_in: int, h_out: int, dtype: torch.dtype, device: str = "cuda") -> tuple:
-    import bench_utils as bu
-    call, n_sets = bu.gemm_call(T, h_in, h_out, dtype, device)
-    if device != "cuda":
-        return bu.time_fn(lambda: call(0), device=device)
-    return bu.time_graph(call, n_sets)
-
-
 # ---------------------------------------------------------------------------------------
 # Decode figures: each sweep writes plots/<name>.json, then the plot is drawn from it
 # ---------------------------------------------------------------------------------------
@@ -745,7 +737,7 @@ def run_decode_sweep(args, workloads, batch_sizes, h_in, h_out, rank, num_adapte
             idx = make_workload(wl, bs, L, args.no_lora_share, seed=args.seed + bs)
             pt = bench_point(args.modes, idx, L, h_in, [h_out], rank, dtype, None,
                              seed=args.seed + bs, device=args.device)
-            pt.update(workload=wl, batch=bs, L=L, gemm=base_gemm_us(bs, h_in, h_out, dtype,
+            pt.update(workload=wl, batch=bs, L=L, gemm=bu.base_gemm_us(bs, h_in, h_out, dtype,
                                                                     args.device))
             data["points"].append(pt)
             line = "  ".join(f"{m}={r['median_us']:.1f}" for m, r in pt["modes"].items()

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 import bench_utils as bu
-from multilora_impl import (DTYPES, WORKLOADS, base_gemm_us, bench_point, make_workload,
+from multilora_impl import (DTYPES, WORKLOADS, bench_point, make_workload,
                             register_public_modes)
 
 PREFILL_FIG = "prefill_lora_loop_vs_cheat_bmm_vs_gbmm_vs_bgmv_cuda_triton_vs_sgmv_triton"
@@ -50,7 +50,7 @@ def run_point(args, num_requests: int, tokens: int, seed: int) -> dict:
     pt = bench_point(args.modes, idx, L, args.h_in, [args.h_out], args.rank, dtype,
                      seed=seed, device=args.device)
     pt.update(num_requests=num_requests, tokens_per_request=tokens, lengths=lengths, L=L,
-              gemm=base_gemm_us(idx.numel(), args.h_in, args.h_out, dtype, args.device))
+              gemm=bu.base_gemm_us(idx.numel(), args.h_in, args.h_out, dtype, args.device))
     flops = 2 * idx.numel() * args.rank * (args.h_in + args.h_out)
     for rec in pt["modes"].values():
         if "median_us" in rec:

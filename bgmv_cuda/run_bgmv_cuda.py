@@ -84,8 +84,7 @@ def main(args: argparse.Namespace) -> list:
     fns = {k: fns[k] for k in only}
     copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
     empty = bu.empty_graph_us(dev)
-    gemm_call, n = bu.gemm_call(64, 4096, 4096, dtype, dev)
-    gemm = bu.time_graph(gemm_call, n, rep_ms=args.rep_ms)[0]
+    gemm = bu.base_gemm_us(64, 4096, 4096, dtype, dev, rep_ms=args.rep_ms)[0]
     print(f"{torch.cuda.get_device_name()} bf16: copy {copy:.0f} GB/s, empty kernel in graph "
           f"{empty:.2f} us, base GEMM 64x4096x4096 {gemm:.1f} us (build {time.time() - t_start:.0f} s)")
 
