@@ -21,10 +21,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from sgmv_triton.run_sgmv_shrink import (PROJECTIONS, TIME_COLS, adapter_ranks,  # noqa: E402
-                                         add_common_args, apply_quick, base_gemm_us,
-                                         make_batches, print_table, setup_device,
-                                         sgmv_pool_size, time_calls, write_json)
+from sgmv_triton.run_sgmv_shrink import (PROJECTIONS, adapter_ranks,  # noqa: E402
+                                         add_common_args, apply_quick, finish, make_batches,
+                                         setup_device, sgmv_pool_size, time_calls,
+                                         timing_fields)
 
 EPILOG = """examples:
   python sgmv_triton/run_sgmv_expand.py                          # Llama-3-8B, bf16, r=16, 8x512
@@ -62,7 +62,8 @@ def main(args: argparse.Namespace) -> int:
             meta = make_meta(idx)
             lora_rows = idx >= 0
             n_lora = int(lora_rows.sum())
-            base_us = base_gemm_us(T, h_in, h_total, dtype, device) if timing else float("nan")
+            base_us = bu.base_gemm_us(T, h_in, h_total, dtype, device)[0] if timing \
+                else float("nan")
             for r_max in args.rank:
                 ranks = adapter_ranks(args, r_max)
                 rk = torch.tensor(ranks) if ranks else torch.full((args.num_adapters,), r_max)
@@ -99,32 +100,22 @@ def main(args: argparse.Namespace) -> int:
                         err = max(err, relative_error(y, ref))
                     ok = err < TOLERANCE[dtype]
                     failed += not ok
-                    med = p20 = p80 = float("nan")
+                    times = (float("nan"),) * 3
                     if timing and ok:
                         calls = [lambda p=p: sgmv_expand(p["y"], p["v"], p["B"], meta.seg_starts,
                                                          meta.seg_adapter, p["scale"],
                                                          p["ranks"], **kw) for p in sets]
-                        med, p20, p80 = time_calls(calls)
-                    gbps = bytes_moved / (med * 1e-6) / 1e9
+                        times = time_calls(calls)
                     rows.append(dict(proj=proj, batch=label, T=T, segments=meta.num_segments,
                                      r_max=r_max, block_m=block_m or "auto",
                                      block_n=block_n or "auto", err=err, ok=ok,
-                                     us=med, p20=p20, p80=p80, band=f"{p20:.1f}-{p80:.1f}",
-                                     gbps=gbps, copy_frac=gbps / copy,
-                                     tflops=flops / (med * 1e-6) / 1e12, base_gemm_us=base_us,
-                                     pool=n_sets, bytes=bytes_moved, flops=flops))
-    print_table(rows, [("proj", "proj", "{}"), ("batch", "batch", "{}"), ("T", "T", "{}"),
-                       ("segs", "segments", "{}"), ("r", "r_max", "{}"),
-                       ("BLOCK_M", "block_m", "{}"), ("BLOCK_N", "block_n", "{}"),
-                       ("rel err", "err", "{:.1e}")]
-                + (TIME_COLS if timing else []))
-    if timing:
-        print(f"copy bandwidth {copy:.0f} GB/s; µs per call from CUDA-graph replay of one "
-              f"pass over the input pool")
-    write_json(args, "sgmv_expand", dict(copy_gbps=copy), rows)
-    if failed:
-        print(f"FAILED: {failed} point(s) above the {args.dtype} bound, not timed")
-    return 1 if failed else 0
+                                     **timing_fields(times, bytes_moved, flops, copy, base_us,
+                                                     n_sets)))
+    return finish(args, "sgmv_expand", rows,
+                  [("proj", "proj", "{}"), ("batch", "batch", "{}"), ("T", "T", "{}"),
+                   ("segs", "segments", "{}"), ("r", "r_max", "{}"),
+                   ("BLOCK_M", "block_m", "{}"), ("BLOCK_N", "block_n", "{}"),
+                   ("rel err", "err", "{:.1e}")], timing, copy, failed)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -131,13 +131,6 @@ def time_calls(calls: list) -> tuple[float, float, float]:
     return bu.time_graph(lambda k: calls[k](), len(calls), calls_per_graph=len(calls))
 
 
-def base_gemm_us(T: int, h_in: int, h_out: int, dtype, device: str) -> float:
-    """The base layer's own GEMM x @ W.T, median µs (LoRA's cost is relative to it)."""
-    import bench_utils as bu
-    call, n_sets = bu.gemm_call(T, h_in, h_out, dtype, device)
-    return bu.time_graph(call, n_sets)[0]
-
-
 def write_json(args: argparse.Namespace, name: str, extra: dict, rows: list) -> None:
     """<out-dir>/<name>.json: environment, config, points (NaN / inf, i.e. not measured or
     failed, become null so the file is strict JSON)."""
@@ -159,6 +152,29 @@ def write_json(args: argparse.Namespace, name: str, extra: dict, rows: list) -> 
 TIME_COLS = [("µs", "us", "{:.1f}"), ("p20-p80 µs", "band", "{}"), ("GB/s", "gbps", "{:.0f}"),
              ("of copy", "copy_frac", "{:.0%}"), ("TFLOP/s", "tflops", "{:.1f}"),
              ("base GEMM µs", "base_gemm_us", "{:.1f}")]
+
+
+def timing_fields(times: tuple, bytes_moved: int, flops: float, copy: float, base_us: float,
+                  n_sets: int) -> dict:
+    """The timing columns of one row (NaN where not timed)."""
+    med, p20, p80 = times
+    gbps = bytes_moved / (med * 1e-6) / 1e9
+    return dict(us=med, p20=p20, p80=p80, band=f"{p20:.1f}-{p80:.1f}", gbps=gbps,
+                copy_frac=gbps / copy, tflops=flops / (med * 1e-6) / 1e12, base_gemm_us=base_us,
+                pool=n_sets, bytes=bytes_moved, flops=flops)
+
+
+def finish(args: argparse.Namespace, name: str, rows: list, cols: list, timing: bool,
+           copy: float, failed: int) -> int:
+    """Print the table and the copy rate, write <name>.json; exit status 1 on a failure."""
+    print_table(rows, cols + (TIME_COLS if timing else []))
+    if timing:
+        print(f"copy bandwidth {copy:.0f} GB/s; µs per call from CUDA-graph replay of one "
+              f"pass over the input pool")
+    write_json(args, name, dict(copy_gbps=copy), rows)
+    if failed:
+        print(f"FAILED: {failed} point(s) above the {args.dtype} bound, not timed")
+    return 1 if failed else 0
 
 
 def print_table(rows: list, cols: list) -> None:
@@ -199,7 +215,8 @@ def main(args: argparse.Namespace) -> int:
             T = idx.numel()
             meta = make_meta(idx)
             lora_rows = idx >= 0
-            base_us = base_gemm_us(T, h_in, sum(h_outs), dtype, device) if timing else float("nan")
+            base_us = bu.base_gemm_us(T, h_in, sum(h_outs), dtype, device)[0] if timing \
+                else float("nan")
             for r_max in args.rank:
                 ranks = adapter_ranks(args, r_max)
                 rk = torch.tensor(ranks) if ranks else torch.full((args.num_adapters,), r_max)
@@ -230,32 +247,21 @@ def main(args: argparse.Namespace) -> int:
                         err = max(err, relative_error(p["v"], ref))
                     ok = err < TOLERANCE[dtype]
                     failed += not ok
-                    med = p20 = p80 = float("nan")
+                    times = (float("nan"),) * 3
                     if timing and ok:
                         calls = [lambda p=p: sgmv_shrink(p["x"], p["A"], meta.seg_starts,
                                                          meta.seg_adapter, p["ranks"],
                                                          v=p["v"], **kw) for p in sets]
-                        med, p20, p80 = time_calls(calls)
-                    gbps = bytes_moved / (med * 1e-6) / 1e9
+                        times = time_calls(calls)
                     rows.append(dict(proj=proj, batch=label, T=T, segments=meta.num_segments,
                                      r_max=r_max, block_m=block_m or "auto", split_k=split_k,
-                                     err=err, ok=ok, us=med,
-                                     p20=p20, p80=p80, band=f"{p20:.1f}-{p80:.1f}",
-                                     gbps=gbps, copy_frac=gbps / copy,
-                                     tflops=flops / (med * 1e-6) / 1e12, base_gemm_us=base_us,
-                                     pool=n_sets, bytes=bytes_moved, flops=flops))
-    print_table(rows, [("proj", "proj", "{}"), ("batch", "batch", "{}"), ("T", "T", "{}"),
-                       ("segs", "segments", "{}"), ("r", "r_max", "{}"),
-                       ("BLOCK_M", "block_m", "{}"), ("splitK", "split_k", "{}"),
-                       ("rel err", "err", "{:.1e}")]
-                + (TIME_COLS if timing else []))
-    if timing:
-        print(f"copy bandwidth {copy:.0f} GB/s; µs per call from CUDA-graph replay of one "
-              f"pass over the input pool")
-    write_json(args, "sgmv_shrink", dict(copy_gbps=copy), rows)
-    if failed:
-        print(f"FAILED: {failed} point(s) above the {args.dtype} bound, not timed")
-    return 1 if failed else 0
+                                     err=err, ok=ok, **timing_fields(times, bytes_moved, flops,
+                                                                     copy, base_us, n_sets)))
+    return finish(args, "sgmv_shrink", rows,
+                  [("proj", "proj", "{}"), ("batch", "batch", "{}"), ("T", "T", "{}"),
+                   ("segs", "segments", "{}"), ("r", "r_max", "{}"),
+                   ("BLOCK_M", "block_m", "{}"), ("splitK", "split_k", "{}"),
+                   ("rel err", "err", "{:.1e}")], timing, copy, failed)
 
 
 def build_parser() -> argparse.ArgumentParser:
