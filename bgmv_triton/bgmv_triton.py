@@ -131,6 +131,21 @@ _TRITON_HAS_PDL = tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:
 # Kernels
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def _adapter_rank(idx_ptr, t, stride_idx, ranks_ptr, stride_rank, L, r_max,
+                  HAS_RANKS: tl.constexpr):
+    """Token t's adapter i and its rank. idx outside [0, L) (-1 included) gives rank 0;
+    ranks[i] is only read for a valid i (masked scalar load) and clamped to r_max."""
+    i = tl.load(idx_ptr + t * stride_idx).to(tl.int64)
+    valid = (i >= 0) & (i < L)
+    if HAS_RANKS:
+        rank = tl.load(ranks_ptr + i * stride_rank, mask=valid, other=0).to(tl.int32)
+        rank = tl.minimum(rank, r_max)
+    else:
+        rank = tl.where(valid, r_max, 0)
+    return i, rank
+
+
+@triton.jit
 def _bgmv_shrink_kernel(
     # pointers: inputs x [T, h_in], A [S, L, r_max, h_in], idx [T], ranks [L] (or a dummy
     # when HAS_RANKS is False); output out [SPLIT_K, T, S, r_max] fp32 (v itself when
@@ -162,15 +177,8 @@ def _bgmv_shrink_kernel(
     out_ptrs = out_ptr + pid_c * stride_oc + pid_t * stride_ot + pid_s * stride_os \
         + offs_r * stride_or
 
-    # Adapter and its rank. idx outside [0, L) (-1 included) behaves as rank 0; ranks[i]
-    # is only read for a valid i (masked scalar load) and clamped to r_max.
-    i = tl.load(idx_ptr + pid_t * stride_idx).to(tl.int64)
-    valid = (i >= 0) & (i < L)
-    if HAS_RANKS:
-        rank = tl.load(ranks_ptr + i * stride_rank, mask=valid, other=0).to(tl.int32)
-        rank = tl.minimum(rank, r_max)
-    else:
-        rank = tl.where(valid, r_max, 0)
+    i, rank = _adapter_rank(idx_ptr, pid_t, stride_idx, ranks_ptr, stride_rank, L, r_max,
+                            HAS_RANKS)
 
     # Early exit for -1 rows and rank-0 adapters: v is defined (0) but nothing is streamed.
     # With ATOMIC, v was zeroed by the host, so there is nothing to write.
@@ -244,15 +252,10 @@ def _bgmv_expand_kernel(
     pid_t = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
 
-    # Adapter and rank; -1 rows (and out-of-range idx, and rank 0) exit before any store:
-    # y rows without LoRA are never written.
-    i = tl.load(idx_ptr + pid_t * stride_idx).to(tl.int64)
-    valid = (i >= 0) & (i < L)
-    if HAS_RANKS:
-        rank = tl.load(ranks_ptr + i * stride_rank, mask=valid, other=0).to(tl.int32)
-        rank = tl.minimum(rank, r_max)
-    else:
-        rank = tl.where(valid, r_max, 0)
+    # -1 rows (and out-of-range idx, and rank 0) exit before any store: y rows without
+    # LoRA are never written.
+    i, rank = _adapter_rank(idx_ptr, pid_t, stride_idx, ranks_ptr, stride_rank, L, r_max,
+                            HAS_RANKS)
     if rank <= 0:
         if USE_PDL:
             tl.extra.cuda.gdc_wait()        # see the ordering note above
