@@ -809,6 +809,12 @@ def plot_bandwidth(data: dict, path: str) -> None:
     print(f"wrote {path}")
 
 
+def floor_us(point: dict, data: dict) -> float:
+    """A point's floor: the larger of its bytes / the run's copy bandwidth and an empty
+    kernel replayed in a CUDA graph (µs)."""
+    return max(point["bytes"] / (data["copy_gbs"] * 1e3), data["empty_graph_us"])
+
+
 def plot_floor(data: dict, path: str) -> None:
     """Punica's grid: best mode vs its floor max(bytes / copy bandwidth, empty graph kernel)."""
     import bench_utils as bu
@@ -819,7 +825,7 @@ def plot_floor(data: dict, path: str) -> None:
     for ax, wl in zip(axes[0], wls):
         pts = [p for p in data["points"] if p["workload"] == wl]
         xs = [p["batch"] for p in pts]
-        floor = [max(p["bytes"] / (data["copy_gbs"] * 1e3), data["empty_graph_us"]) for p in pts]
+        floor = [floor_us(p, data) for p in pts]
         best = [_best(p["modes"]) for p in pts]
         ax.plot(xs, [b[0] for b in best], "o-", color="#1f77b4", label="best mode (not cheat_bmm)")
         ax.plot(xs, floor, "k--", label="floor")
@@ -989,7 +995,7 @@ def report_targets(out_dir: str) -> None:
     if pg:
         worst = 0.0
         for p in pg["points"]:
-            floor = max(p["bytes"] / (pg["copy_gbs"] * 1e3), pg["empty_graph_us"])
+            floor = floor_us(p, pg)
             t, k = _best(p["modes"])
             worst = max(worst, t / floor)
             print(f"[5] {p['workload']:9s} bs={p['batch']:3d}: best {k} {t:.2f} us, floor "
