@@ -30,3 +30,13 @@ def pytest_collection_modifyitems(config, items):
 def device():
     """Where CPU tests run their tensors (the GPU suite passes device='cuda' itself)."""
     return "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """2 shared cores: OpenMP contention makes tiny matmuls up to 100x slower; torch runs
+    on one thread for the module, then gets its thread count back."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -32,13 +32,7 @@ ADAPTERS = {"a0": (4, 8, False, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_p
             "a2": (2, 6, False, ["k_proj", "o_proj", "gate_proj", "up_proj"])}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: OpenMP contention makes tiny matmuls 100x slower; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py
 
 
 def make_model(kind: str = "llama3", device="cpu", dtype=torch.float32, seed: int = 0, **over):

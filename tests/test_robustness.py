@@ -17,7 +17,6 @@ The GPU out-of-range case (test_gpu_out_of_range_idx_unchecked) is also the
 compute-sanitizer target of tests/gpu_run.sh (SANITIZE=1).
 """
 import json
-import math
 import os
 import random
 
@@ -39,13 +38,7 @@ N_CPU_CASES = 60                                       # per mode: 300 CPU cases
 N_GPU_CASES = int(os.environ.get("MULTILORA_GPU_CASES", "1000"))   # per mode on the H200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 shared cores: OpenMP contention makes tiny matmuls far slower; restore after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")     # conftest.py
 
 
 # ---------------------------------------------------------------------------------------
