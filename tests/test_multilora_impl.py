@@ -1,6 +1,4 @@
 """The contract: float64 reference, torch baselines, segments, workloads, input checks."""
-import math
-
 import pytest
 import torch
 
