@@ -17,7 +17,16 @@ import pytest  # noqa: E402
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.hookimpl(trylast=True)       # after -m / -k have deselected
 def pytest_collection_modifyitems(config, items):
+    # MULTILORA_SHARD=i/n keeps every n-th test from the i-th: tests/gpu_run.sh runs the
+    # long GPU files as n processes side by side.
+    shard = os.environ.get("MULTILORA_SHARD")
+    if shard:
+        i, n = (int(v) for v in shard.split("/"))
+        keep = items[i::n]
+        config.hook.pytest_deselected(items=[t for t in items if t not in keep])
+        items[:] = keep
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs CUDA (run `pytest -m gpu` on a GPU machine)")

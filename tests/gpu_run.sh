@@ -8,7 +8,8 @@
 #                                         the GPU tests (logs/sanitizer_{memcheck,racecheck}.log)
 #   TABLE=1 bash tests/gpu_run.sh         then the CUDA-vs-Triton decode grid
 #                                         (bgmv_cuda/run_bgmv_cuda.py --table)
-#   TESTS=0 skips the GPU tests; TESTS_TIMEOUT / SANITIZE_TIMEOUT (s); MULTILORA_GPU_CASES
+#   TESTS=0 skips the GPU tests; PYTEST_ARGS: test files (default all; one pytest process
+#   per file, in parallel); SANITIZE_FILES; TESTS_TIMEOUT / SANITIZE_TIMEOUT (s); MULTILORA_GPU_CASES
 #   (random cases per mode in the GPU sweep); DECODE_ARGS / PREFILL_ARGS / E2E_ARGS
 #   (extra arguments of the benchmark scripts)
 # The sanitizer runs beside the GPU tests (both check correctness only); the timed runs
@@ -29,6 +30,14 @@ fi
 PYTEST_ARGS=${PYTEST_ARGS:-}
 status=0
 { nvidia-smi; python3 -c "import torch, triton, transformers; print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)"; } > "$LOG/env.txt" 2>&1
+# Long files run as several pytest processes side by side (MULTILORA_SHARD in conftest.py).
+shards() {
+  case "$(basename "$1")" in
+    test_bgmv_cuda.py|test_robustness.py) echo 4 ;;
+    test_bgmv_triton.py|test_public_kernels.py) echo 2 ;;
+    *) echo 1 ;;
+  esac
+}
 sanitize() {
   san_status=0
   # memcheck over the kernel GPU tests (bgmv_triton, sgmv_triton, bgmv_cuda) and the
@@ -40,19 +49,30 @@ sanitize() {
   # PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every allocation its own, so OOB reads show; it
   # also makes any allocation inside a CUDA-graph capture fail (cudaMalloc while capturing,
   # error 900), so tests that capture graphs (graph, pdl, compile) are left out here.
-  SAN_FILES="tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py"
+  # One sanitizer process per test file, in parallel (the sanitizer is CPU-bound).
+  SAN_FILES=${SANITIZE_FILES:-"tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py"}
   SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source and not pdl"}
   RACE_K=${RACECHECK_K:-"out_of_range_idx_unchecked or debug_flag or (test_matches_reference and bf16)"}
-  for tool in memcheck racecheck; do
-    if [ $tool = memcheck ]; then K=$SAN_K; else K=$RACE_K; fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-1500} \
-      compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 50 --target-processes all \
-      python3 -m pytest -m gpu -q -p no:cacheprovider $SAN_FILES -k "$K" \
-      > "$LOG/sanitizer_$tool.log" 2>&1
-    rc=$?
-    echo "compute-sanitizer $tool: exit $rc (99 = sanitizer errors; log logs/sanitizer_$tool.log)"
-    grep -E "ERROR SUMMARY|passed|failed" "$LOG/sanitizer_$tool.log" | tail -3
-    [ $rc -ne 0 ] && san_status=1
+  pids=()
+  for f in $SAN_FILES; do
+    n=$(shards "$f")
+    for ((i = 0; i < n; i++)); do
+      MULTILORA_SHARD=$i/$n PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-1500} \
+        compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 50 --target-processes all \
+        python3 -m pytest -m gpu -q -p no:cacheprovider "$f" -k "$SAN_K" \
+        > "$LOG/sanitizer_memcheck_$(basename "$f" .py)_$i.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout ${SANITIZE_TIMEOUT:-1500} \
+    compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 50 --target-processes all \
+    python3 -m pytest -m gpu -q -p no:cacheprovider $SAN_FILES -k "$RACE_K" \
+    > "$LOG/sanitizer_racecheck.log" 2>&1 &
+  pids+=($!)
+  for pid in "${pids[@]}"; do wait $pid || san_status=1; done
+  for f in "$LOG"/sanitizer_*.log; do
+    echo "== $(basename "$f") (exit != 0 or ERROR SUMMARY > 0 = sanitizer errors)"
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|passed|failed|Terminated" "$f" | tail -3
   done
   return $san_status
 }
@@ -66,9 +86,23 @@ if [ "${SANITIZE:-0}" = 1 ]; then
   san_pid=$!
 fi
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout ${TESTS_TIMEOUT:-3000} python3 -m pytest -m gpu -q -rA -p no:cacheprovider $PYTEST_ARGS \
-    2>&1 | tee "$LOG/gpu_tests.log" | grep -v PASSED
-  status=$?
+  # One pytest process per test file, in parallel (correctness only; 16 cores, one GPU).
+  TEST_FILES=${PYTEST_ARGS:-$(grep -l "mark.gpu" tests/test_*.py)}
+  pids=()
+  for f in $TEST_FILES; do
+    n=$(shards "$f")
+    for ((i = 0; i < n; i++)); do
+      MULTILORA_SHARD=$i/$n timeout ${TESTS_TIMEOUT:-3000} \
+        python3 -m pytest -m gpu -q -rA -p no:cacheprovider "$f" \
+        > "$LOG/gpu_tests_$(basename "$f" .py)_$i.log" 2>&1 &
+      pids+=($!)
+    done
+  done
+  for pid in "${pids[@]}"; do wait $pid; rc=$?; [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1; done
+  for f in "$LOG"/gpu_tests_*.log; do
+    echo "== $(basename "$f"): $(tail -1 "$f")"
+    grep -E "^(FAILED|ERROR)" "$f" | head -20
+  done
 fi
 if [ -n "$san_pid" ]; then
   wait $san_pid || status=1

@@ -471,12 +471,16 @@ def test_engine_load_cpu():
 # ---------------------------------------------------------------------------------------
 # GPU tier (pytest -m gpu): thousands of cases, sanitizer targets, the engine under load
 # ---------------------------------------------------------------------------------------
+GPU_SWEEP_CHUNKS = 4                                   # items per mode, so shards can split
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("chunk", range(GPU_SWEEP_CHUNKS))
 @pytest.mark.parametrize("mode", GPU_MODES)
-def test_gpu_random_sweep(mode):
-    """N_GPU_CASES random cases per mode at real-ish sizes, all dtypes."""
+def test_gpu_random_sweep(mode, chunk):
+    """N_GPU_CASES random cases per mode at real-ish sizes, all dtypes (this chunk's share)."""
     n = N_GPU_CASES if mode not in ("loop", "gbmm") else N_GPU_CASES // 10
-    for s in range(n):
+    for s in range(chunk, n, GPU_SWEEP_CHUNKS):
         c = random_case(77 + s, big=True)
         if mode == "loop" and c["T"] > 256:
             continue
