@@ -607,19 +607,36 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
 
 
 def profile_fast(eng, mode: str, input_ids, adapter_idx, steps: int, kw: dict) -> None:
-    """--profile N: N decode steps of `mode` run eagerly (no graph: the profiler then names
-    every kernel) under torch.profiler; prints the kernels by their own GPU time (CPU time
-    on a CPU). Where a step's time goes, to pick what to speed up; eager, so the launch
-    gaps are larger than in the timed graph replay and only kernel times carry over."""
+    """--profile N: where a decode step's GPU time goes, per kernel. Two eager runs (no
+    graph: the profiler then names every kernel) under torch.profiler, prefill + N decode
+    steps and prefill alone; their difference per kernel name, divided by N, is one decode
+    step (CPU time on a CPU). Eager, so launch gaps are larger than in the timed graph
+    replay; only the kernel times carry over."""
     from torch.profiler import ProfilerActivity, profile
     cuda = eng.device.type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def per_kernel(new_tokens: int) -> dict:
+        with profile(activities=acts) as prof:
+            eng.generate(input_ids, adapter_idx, new_tokens, use_graph=False, **kw)
+        out = {}
+        for e in prof.key_averages():
+            us = (e.self_device_time_total if cuda else e.self_cpu_time_total)
+            kernel = str(getattr(e, "device_type", "")).endswith("CUDA")   # not the aten op
+            if us > 0 and (not cuda or kernel):
+                out[e.key] = (us, e.count)
+        return out
+
     eng.generate(input_ids, adapter_idx, 2, use_graph=False, **kw)            # warm-up
-    with profile(activities=acts) as prof:
-        eng.generate(input_ids, adapter_idx, steps + 1, use_graph=False, **kw)
-    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"\nprofile {mode} (eager, prefill + {steps} decode steps, batch {len(input_ids)}):")
-    print(prof.key_averages().table(sort_by=key, row_limit=25))
+    both, pre = per_kernel(steps + 1), per_kernel(1)     # 1 new token = the prefill's
+    rows = sorted(((both[k][0] - pre.get(k, (0, 0))[0]) / steps,
+                   (both[k][1] - pre.get(k, (0, 0))[1]) / steps, k) for k in both)[::-1]
+    total = sum(r[0] for r in rows)
+    print(f"\nprofile {mode}: one decode step, batch {len(input_ids)} (eager, {steps} steps "
+          f"minus the prefill), {total / 1e3:.3f} ms of kernel time")
+    print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
+    for us, n, k in rows[:30]:
+        print(f"{us:9.1f} {n:6.0f} {us / total:6.1%}  {k[:100]}")
 
 
 def time_hf(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:

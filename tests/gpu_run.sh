@@ -33,7 +33,8 @@ status=0
 # Long files run as several pytest processes side by side (MULTILORA_SHARD in conftest.py).
 shards() {
   case "$(basename "$1")" in
-    test_bgmv_cuda.py|test_robustness.py) echo 4 ;;
+    test_robustness.py) echo 8 ;;
+    test_bgmv_cuda.py) echo 4 ;;
     test_bgmv_triton.py|test_public_kernels.py) echo 2 ;;
     *) echo 1 ;;
   esac
@@ -48,10 +49,11 @@ sanitize() {
   # Triton's own launcher and torch's caching allocator hide some errors from memcheck:
   # PYTORCH_NO_CUDA_MEMORY_CACHING=1 makes every allocation its own, so OOB reads show; it
   # also makes any allocation inside a CUDA-graph capture fail (cudaMalloc while capturing,
-  # error 900), so tests that capture graphs (graph, pdl, compile) are left out here.
+  # error 900), so tests that capture graphs (graph, pdl, compile, and the scripts' runs,
+  # which time in graphs) are left out here.
   # One sanitizer process per test file, in parallel (the sanitizer is CPU-bound).
   SAN_FILES=${SANITIZE_FILES:-"tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py"}
-  SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source and not pdl"}
+  SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source and not pdl and not script_runs"}
   RACE_K=${RACECHECK_K:-"out_of_range_idx_unchecked or debug_flag or (test_matches_reference and bf16)"}
   pids=()
   for f in $SAN_FILES; do
