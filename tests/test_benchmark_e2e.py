@@ -217,5 +217,8 @@ def test_profile_flag_prints_kernel_table(tmp_path, capsys):
     run(TINY + ["--batch-size", "2", "--modes", "bgmv_triton", "--profile", "2",
                 "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "profile bgmv_triton (eager, prefill + 2 decode steps, batch 2)" in out
-    assert "Self CPU" in out and "aten::" in out
+    assert "profile bgmv_triton: one decode step, batch 2 (eager, 2 steps minus the prefill)" in out
+    # per step: one shrink and one expand per LoRA site, 4 sites x 2 layers (prefill gone)
+    calls = {ln.split()[3]: float(ln.split()[1]) for ln in out.splitlines()
+             if ln.strip().endswith(("multilora::bgmv_shrink", "multilora::bgmv_expand"))}
+    assert calls == {"multilora::bgmv_shrink": 8.0, "multilora::bgmv_expand": 8.0}
