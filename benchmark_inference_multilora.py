@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "its expand into the GEMM's output; modes without halves run off)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="fast engine: after each mode's timing, run N decode steps eagerly "
-                        "under torch.profiler and print the kernels by GPU time")
+                        "under torch.profiler and print one decode step's kernels by GPU "
+                        "time (the prefill subtracted), then their sums per group")
+    p.add_argument("--profile-summary", default=None, metavar="LOG",
+                   help="print the per-group sums of the --profile reports saved in LOG "
+                        "(from the top-30 kernel lines it holds) and exit")
     p.add_argument("--estimate", action="store_true",
                    help="print the bytes-bound ceiling of the configured run (weights, KV "
                         "cache, LoRA per decode step / copy bandwidth) and exit")
@@ -606,6 +610,68 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
     return dict({k: st[k] for k in keep if k in st}, lora_overlap=eng.overlap or "off")
 
 
+# --profile: kernel names -> what they do in a decode step (first match wins; the rest is
+# "other"). Names of cuBLAS / cuDNN / ATen kernels on the H200 image (torch 2.11, CUDA 13).
+PROFILE_GROUPS = (
+    ("base GEMMs (cuBLAS, split-K reduce)", r"^nvjet|gemm|splitKreduce|cutlass"),
+    ("attention", r"sdpa|flash|attention|fmha"),
+    ("LoRA expand", r"expand"),
+    ("LoRA shrink", r"shrink"),
+    ("LoRA other (sgmv, gathers)", r"sgmv|bgmv|lora"),
+    ("RMSNorm", r"layer_norm|rms_norm"),
+    ("K/V cache writes (index_copy)", r"index_copy"),
+    ("top-p sampler", r"top_p|sample"),
+    ("residual adds", r"CUDAFunctor_add<c10::BFloat16>"),
+    ("RoPE, SiLU * up, other elementwise", r"elementwise_kernel|flip_kernel|addcmul"),
+)
+
+
+def group_profile(rows) -> list:
+    """rows (us per step, calls per step, kernel name) -> [(group, us, calls)] in
+    PROFILE_GROUPS order, then "other"."""
+    import re
+    sums = {g: [0.0, 0.0] for g, _ in PROFILE_GROUPS + (("other", ""),)}
+    for us, n, k in rows:
+        g = next((g for g, rx in PROFILE_GROUPS if re.search(rx, k)), "other")
+        sums[g][0] += us
+        sums[g][1] += n
+    return [(g, us, n) for g, (us, n) in sums.items() if us > 0]
+
+
+def print_profile(title: str, rows) -> None:
+    """The --profile report: the top kernels, then the per-group sums."""
+    total = sum(r[0] for r in rows)
+    print(f"\nprofile {title}, {total / 1e3:.3f} ms of kernel time")
+    print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
+    for us, n, k in rows[:30]:
+        print(f"{us:9.1f} {n:6.0f} {us / total:6.1%}  {k[:100]}")
+    print(f"{'us/step':>9} {'calls':>6} {'share':>6}  group (all kernels)")
+    for g, us, n in group_profile(rows):
+        print(f"{us:9.1f} {n:6.0f} {us / total:6.1%}  {g}")
+
+
+def read_profile_log(path: str) -> list:
+    """(title, rows) of every --profile report in a saved log (the kernel table lines:
+    us/step, calls, share, name; rows past the top 30 were not printed, so group sums
+    from a log cover the top 30)."""
+    import re
+    out, rows, title = [], None, None
+    for line in open(path):
+        if line.startswith("profile "):
+            if rows is not None:
+                out.append((title, rows))
+            title, rows = line.split(",")[0][len("profile "):].strip(), []
+            continue
+        m = re.match(r"\s*([\d.]+)\s+([\d.]+)\s+[\d.]+%\s+(.+)$", line)
+        if m and rows is not None and "group (all kernels)" not in line:
+            if any(m.group(3).strip() == g for g, _ in PROFILE_GROUPS + (("other", ""),)):
+                continue                                          # a group line
+            rows.append((float(m.group(1)), float(m.group(2)), m.group(3).strip()))
+    if rows is not None:
+        out.append((title, rows))
+    return out
+
+
 def profile_fast(eng, mode: str, input_ids, adapter_idx, steps: int, kw: dict) -> None:
     """--profile N: where a decode step's GPU time goes, per kernel. Two eager runs (no
     graph: the profiler then names every kernel) under torch.profiler, prefill + N decode
@@ -631,12 +697,8 @@ def profile_fast(eng, mode: str, input_ids, adapter_idx, steps: int, kw: dict) -
     both, pre = per_kernel(steps + 1), per_kernel(1)     # 1 new token = the prefill's
     rows = sorted(((both[k][0] - pre.get(k, (0, 0))[0]) / steps,
                    (both[k][1] - pre.get(k, (0, 0))[1]) / steps, k) for k in both)[::-1]
-    total = sum(r[0] for r in rows)
-    print(f"\nprofile {mode}: one decode step, batch {len(input_ids)} (eager, {steps} steps "
-          f"minus the prefill), {total / 1e3:.3f} ms of kernel time")
-    print(f"{'us/step':>9} {'calls':>6} {'share':>6}  kernel")
-    for us, n, k in rows[:30]:
-        print(f"{us:9.1f} {n:6.0f} {us / total:6.1%}  {k[:100]}")
+    print_profile(f"{mode}: one decode step, batch {len(input_ids)} (eager, {steps} steps "
+                  f"minus the prefill)", rows)
 
 
 def time_hf(model, ctx, mode: str, input_ids, adapter_idx, args, pad_id: int, device) -> dict:
@@ -875,6 +937,10 @@ def default_stem(data: dict, engines: list[str]) -> str:
 def main(args: argparse.Namespace) -> dict:
     if args.estimate:
         print_estimate(args)
+        return {}
+    if args.profile_summary:
+        for title, rows in read_profile_log(args.profile_summary):
+            print_profile(title, rows)
         return {}
     if args.plot_only:
         with open(args.plot_only) as f:

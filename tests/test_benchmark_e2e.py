@@ -222,3 +222,22 @@ def test_profile_flag_prints_kernel_table(tmp_path, capsys):
     calls = {ln.split()[3]: float(ln.split()[1]) for ln in out.splitlines()
              if ln.strip().endswith(("multilora::bgmv_shrink", "multilora::bgmv_expand"))}
     assert calls == {"multilora::bgmv_shrink": 8.0, "multilora::bgmv_expand": 8.0}
+
+
+def test_profile_summary_groups_the_committed_h200_log(capsys):
+    """--profile-summary re-reads a saved --profile report: the H200 log in plots/ has 128
+    LoRA expand and 128 shrink calls per step (4 sites x 32 layers) for bgmv_cuda, none for
+    `none`, and the groups add up to the kernels they came from."""
+    log = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "plots",
+                       "e2e_profile_llama3-8b_b64_L7_r16_n16.txt")
+    reports = dict(bim.read_profile_log(log))
+    assert set(reports) == {"none: one decode step", "bgmv_cuda: one decode step"}
+    for title, rows in reports.items():
+        groups = {g: (us, n) for g, us, n in bim.group_profile(rows)}
+        assert abs(sum(us for us, _ in groups.values()) - sum(r[0] for r in rows)) < 1e-6
+        lora = title.startswith("bgmv_cuda")
+        assert (groups.get("LoRA expand", (0, 0))[1], groups.get("LoRA shrink", (0, 0))[1]) \
+            == ((128, 128) if lora else (0, 0))
+        assert groups["base GEMMs (cuBLAS, split-K reduce)"][1] == 161   # 5 per layer + LM head
+    run(["--profile-summary", log])
+    assert "group (all kernels)" in capsys.readouterr().out
