@@ -81,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
                         "an add), shrink (the mode's shrink on a side stream beside the GEMM, "
                         "its expand into the GEMM's output; modes without halves run off)")
+    p.add_argument("--fused-elementwise", action="store_true",
+                   help="fast engine: decode step with engine_kernels' fused residual add + "
+                        "RMSNorm, RoPE + K/V cache write and SiLU * up (4 small kernels per "
+                        "layer instead of 11)")
+    p.add_argument("--sampler", default="auto", choices=["auto", "triton", "triton_split", "torch"],
+                   help="fast engine's top-p sampler: auto (Triton on a GPU), triton (one "
+                        "program per row), triton_split (P programs per row, 3 launches), torch")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="fast engine: after each mode's timing, run N decode steps eagerly "
                         "under torch.profiler and print one decode step's kernels by GPU "
@@ -776,6 +783,7 @@ def run(args) -> dict:
                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   warmup_tokens=args.warmup_tokens, modes=list(args.modes),
                   engines=list(args.engine), lora_overlap=args.lora_overlap,
+                  fused_elementwise=args.fused_elementwise, sampler=args.sampler,
                   adapter_of_request=points[0]["adapter_of_request"],
                   num_layers=model.config.num_hidden_layers,
                   hidden_size=model.config.hidden_size)
@@ -858,7 +866,8 @@ def run(args) -> dict:
         eng = MultiLoraEngine(model, mm.stack_all(model, adapters), "none",
                               max_batch=max(batch_sizes),
                               max_seq=max(plens) + args.max_new_tokens,
-                              lora_overlap=args.lora_overlap)
+                              lora_overlap=args.lora_overlap,
+                              fused_elementwise=args.fused_elementwise, sampler=args.sampler)
         kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   ignore_eos=True, pad_token_id=pad_id)
 
@@ -923,7 +932,9 @@ def run(args) -> dict:
 def default_stem(data: dict, engines: list[str]) -> str:
     c = data["config"]
     tail = ("" if engines == ["fast"] else "_" + "-".join(engines)) \
-        + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}")
+        + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}") \
+        + ("_fused" if c.get("fused_elementwise") else "") \
+        + ("" if c.get("sampler", "auto") == "auto" else f"_sampler-{c['sampler']}")
     common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"
     kind = data.get("kind", "single")
     if kind == "sweep":
@@ -957,7 +968,8 @@ def main(args: argparse.Namespace) -> dict:
         args.num_adapters, args.rank, args.warmup_tokens = 4, 4, 2
     import torch
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    if cpu and any(m in TRITON_MODES for m in args.modes):
+    if cpu and (any(m in TRITON_MODES for m in args.modes) or args.fused_elementwise
+                or args.sampler in ("triton", "triton_split")):
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before transformers imports triton
     data = run(args)
     os.makedirs(args.out_dir, exist_ok=True)

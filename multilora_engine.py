@@ -40,6 +40,10 @@ kernel), attention='matmul' two batched matmuls with an fp32 softmax between the
 Prefill uses F.scaled_dot_product_attention with a boolean mask. Per layer the decode step
 is ~17 kernels: fused RMSNorm (F.rms_norm), RoPE on q and k together (mul, flip, addcmul
 with a sign-folded sin table), two cache writes, attention, four GEMMs, SiLU*up, adds.
+fused_elementwise=True (opt-in until measured on the H200) replaces the norms, adds, RoPE,
+cache writes and SiLU*up by engine_kernels' three Triton kernels: per layer 2 x (residual
+add + RMSNorm), 1 x (RoPE on q, k + k, v into the cache), 1 x SiLU*up; the residual
+stream x is then updated in place.
 
 Batch: generate() sorts the requests by adapter (stable), so every adapter's requests are
 one contiguous run (one SGMV segment each), then restores the caller's order.
@@ -93,6 +97,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import engine_kernels as ek
 from multilora_impl import (MAX_RANK, LoraMeta, fill_static_meta, get_mode, make_meta,
                             make_static_meta)
 
@@ -118,6 +123,10 @@ ATTN_BUCKET = 64
 SAMPLER_MAX_ROUNDS = 32     # top-p race rounds: P(not done) <= (1 - top_p) ** 32
 SAMPLER_BLOCK_V = 4096      # logits per iteration of the sampler kernel (8 warps x 16):
                             # fewer, longer iterations hide L2 latency in a 1-program row
+# Split sampler (sample_top_p_triton(split=True)): programs to aim for over the batch (2
+# waves of the H200's 132 SMs). Off by default until measured on the GPU (PERF_LOG v6).
+SAMPLER_SPLIT_PROGRAMS = 264
+SAMPLER_SPLIT_DEFAULT = False
 EOS_CHECK_EVERY = 32        # decode steps between the host checks "have all rows ended?"
 MAX_EOS_IDS = 8
 M32 = 0xFFFFFFFF
@@ -396,29 +405,11 @@ if triton is not None:
         return x
 
     @triton.jit
-    def _top_p_sample_kernel(
-        # pointers: logits [B, V] (any float dtype, unit stride along V); params fp32 [2]
-        # (1 / temperature, top_p); seed, step int64 [1]; out int64 [B]
-        logits_ptr, params_ptr, seed_ptr, step_ptr, out_ptr,
-        # sizes and strides
-        V, stride_lb,
-        # constexprs: logits per iteration, race rounds
-        BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr,
-    ):
-        # One program per row; each pass streams the row (2 V bytes in bf16, from L2 right
-        # after lm_head wrote it). Pass 1 gives max, argmax, the softmax normaliser (online,
-        # per lane) and the first race winner; pass 2 its mass check. Usually that is all:
-        # another race + mass pass only follows a rejection (probability <= 1 - top_p).
-        row = tl.program_id(0)
-        inv_t = tl.load(params_ptr)
-        top_p = tl.load(params_ptr + 1)
-        seed = tl.load(seed_ptr).to(tl.uint32)
-        step = tl.load(step_ptr).to(tl.uint32)
-        rkey = _mix32(seed ^ _mix32(step * 0x9E3779B9 + row.to(tl.uint32)))
-        base = logits_ptr + row.to(tl.int64) * stride_lb
+    def _top_p_chunk_scan(base, rkey, inv_t, lo, hi, BLOCK_V: tl.constexpr):
+        """Pass 1 over logits [lo, hi) of one row: (max z, sum exp(z - max), first argmax,
+        best race key z + g, its first index)."""
         offs = tl.arange(0, BLOCK_V)
         NEG_INF: tl.constexpr = float("-inf")
-        # pass 1
         # per-lane running max of z (from a finite floor, so that exp(m_l - m_new) is never
         # exp(-inf + inf) = NaN on lanes that have seen no token yet) and sum exp(z - m_l)
         m_l = tl.full([BLOCK_V], -3.0e38, tl.float32)
@@ -426,24 +417,124 @@ if triton is not None:
         best_i = tl.zeros([BLOCK_V], tl.int32)             # per-lane first argmax of z
         bk = tl.full([BLOCK_V], NEG_INF, tl.float32)       # per-lane best race key z + g
         bi = tl.zeros([BLOCK_V], tl.int32)
-        for start in range(0, V, BLOCK_V):
+        for start in range(lo, hi, BLOCK_V):
             o = start + offs
-            z = tl.load(base + o, mask=o < V, other=NEG_INF).to(tl.float32) * inv_t
+            z = tl.load(base + o, mask=o < hi, other=NEG_INF).to(tl.float32) * inv_t
             m_new = tl.maximum(m_l, z)
             s_l = s_l * tl.exp(m_l - m_new) + tl.exp(z - m_new)
             best_i = tl.where(z > m_l, o, best_i)
             m_l = m_new
             h = _mix32(rkey ^ (o.to(tl.uint32) * 0x85EBCA6B))
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)     # (0, 1)
-            key = tl.where(o < V, z - tl.log(-tl.log(u)), NEG_INF)
+            key = tl.where(o < hi, z - tl.log(-tl.log(u)), NEG_INF)
             upd = key > bk
             bk = tl.where(upd, key, bk)
             bi = tl.where(upd, o, bi)
         z_max = tl.max(m_l, 0)
-        amax = tl.min(tl.where(m_l == z_max, best_i, V), 0)
+        amax = tl.min(tl.where(m_l == z_max, best_i, hi), 0)
         total = tl.sum(s_l * tl.exp(m_l - z_max), 0)
         kw = tl.max(bk, 0)
-        w = tl.min(tl.where(bk == kw, bi, V), 0)
+        w = tl.min(tl.where(bk == kw, bi, hi), 0)
+        return z_max, total, amax, kw, w
+
+    @triton.jit
+    def _row_key(seed_ptr, step_ptr, row):
+        seed = tl.load(seed_ptr).to(tl.uint32)
+        step = tl.load(step_ptr).to(tl.uint32)
+        return _mix32(seed ^ _mix32(step * 0x9E3779B9 + row.to(tl.uint32)))
+
+    @triton.jit
+    def _combine_chunks(fstats_ptr, istats_ptr, row, P, V, PP: tl.constexpr):
+        """The row's chunk results [P] -> (z_max, total, amax, kw, w) of the whole row; ties
+        go to the smallest index, as in one scan."""
+        c = tl.arange(0, PP)
+        m = c < P
+        NEG_INF: tl.constexpr = float("-inf")
+        fb = fstats_ptr + (row * P + c) * 3
+        ib = istats_ptr + (row * P + c) * 2
+        m_c = tl.load(fb, mask=m, other=-3.0e38)
+        s_c = tl.load(fb + 1, mask=m, other=0.0)
+        k_c = tl.load(fb + 2, mask=m, other=NEG_INF)
+        a_c = tl.load(ib, mask=m, other=V)
+        w_c = tl.load(ib + 1, mask=m, other=V)
+        z_max = tl.max(m_c, 0)
+        amax = tl.min(tl.where(m_c == z_max, a_c, V), 0)
+        total = tl.sum(s_c * tl.exp(m_c - z_max), 0)
+        kw = tl.max(k_c, 0)
+        w = tl.min(tl.where(k_c == kw, w_c, V), 0)
+        return z_max, total, amax, kw, w
+
+    @triton.jit
+    def _top_p_stats_kernel(logits_ptr, params_ptr, seed_ptr, step_ptr, fstats_ptr, istats_ptr,
+                            V, stride_lb, CHUNK, P, BLOCK_V: tl.constexpr):
+        # Split sampler, launch 1 of 3: program (row, chunk c) scans logits [c CHUNK,
+        # (c + 1) CHUNK) and stores (max, sum exp, race key) fp32 and (argmax, race index).
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        base = logits_ptr + row.to(tl.int64) * stride_lb
+        lo = c * CHUNK
+        z_max, total, amax, kw, w = _top_p_chunk_scan(
+            base, _row_key(seed_ptr, step_ptr, row), tl.load(params_ptr), lo,
+            tl.minimum(lo + CHUNK, V), BLOCK_V)
+        fb = fstats_ptr + (row * P + c) * 3
+        tl.store(fb, z_max)
+        tl.store(fb + 1, total)
+        tl.store(fb + 2, kw)
+        ib = istats_ptr + (row * P + c) * 2
+        tl.store(ib, amax)
+        tl.store(ib + 1, w)
+
+    @triton.jit
+    def _top_p_mass_kernel(logits_ptr, params_ptr, fstats_ptr, istats_ptr, mass_ptr,
+                           V, stride_lb, CHUNK, P, PP: tl.constexpr, BLOCK_V: tl.constexpr):
+        # Split sampler, launch 2 of 3: program (row, chunk c) combines the row's chunk
+        # results into the race winner w, then sums exp(z - z_max) over its chunk's tokens
+        # more probable than w (the nucleus check of round 0).
+        row = tl.program_id(0)
+        c = tl.program_id(1)
+        inv_t = tl.load(params_ptr)
+        base = logits_ptr + row.to(tl.int64) * stride_lb
+        z_max, total, amax, kw, w = _combine_chunks(fstats_ptr, istats_ptr, row, P, V, PP)
+        w = tl.where(kw > float("-inf"), w, amax)
+        zw = tl.load(base + w).to(tl.float32) * inv_t
+        offs = tl.arange(0, BLOCK_V)
+        macc = tl.zeros([BLOCK_V], tl.float32)
+        lo = c * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
+        for start in range(lo, hi, BLOCK_V):
+            o = start + offs
+            z = tl.load(base + o, mask=o < hi, other=float("-inf")).to(tl.float32) * inv_t
+            macc += tl.where(z > zw, tl.exp(z - z_max), 0.0)
+        tl.store(mass_ptr + row * P + c, tl.sum(macc, 0))
+
+    @triton.jit
+    def _top_p_sample_kernel(
+        # pointers: logits [B, V] (any float dtype, unit stride along V); params fp32 [2]
+        # (1 / temperature, top_p); seed, step int64 [1]; out int64 [B]; SPLIT only: the
+        # chunk results of the two launches before, fp32 [B, P, 3], int32 [B, P, 2], [B, P]
+        logits_ptr, params_ptr, seed_ptr, step_ptr, out_ptr, fstats_ptr, istats_ptr, mass_ptr,
+        # sizes and strides
+        V, stride_lb, P,
+        # constexprs: logits per iteration, race rounds, split (P chunks, PP = pow2 >= P)
+        BLOCK_V: tl.constexpr, MAX_ROUNDS: tl.constexpr, SPLIT: tl.constexpr, PP: tl.constexpr,
+    ):
+        # One program per row; each pass streams the row (2 V bytes in bf16, from L2 right
+        # after lm_head wrote it). Pass 1 gives max, argmax, the softmax normaliser (online,
+        # per lane) and the first race winner; pass 2 its mass check. Usually that is all:
+        # another race + mass pass only follows a rejection (probability <= 1 - top_p).
+        # SPLIT: pass 1 and round 0's mass pass were done by P programs per row (launches 1
+        # and 2); this program combines them and runs only the rare later rounds.
+        row = tl.program_id(0)
+        inv_t = tl.load(params_ptr)
+        top_p = tl.load(params_ptr + 1)
+        rkey = _row_key(seed_ptr, step_ptr, row)
+        base = logits_ptr + row.to(tl.int64) * stride_lb
+        offs = tl.arange(0, BLOCK_V)
+        NEG_INF: tl.constexpr = float("-inf")
+        if SPLIT:
+            z_max, total, amax, kw, w = _combine_chunks(fstats_ptr, istats_ptr, row, P, V, PP)
+        else:
+            z_max, total, amax, kw, w = _top_p_chunk_scan(base, rkey, inv_t, 0, V, BLOCK_V)
         # rounds: accept the race winner w if it is in the nucleus, else raise the pivot
         # to z_w and rerun the race over {z > pivot}
         pivot = z_max * 0.0 + NEG_INF
@@ -469,22 +560,42 @@ if triton is not None:
                 zw = tl.load(base + w).to(tl.float32) * inv_t
                 ok = top_p >= 1.0
                 if top_p < 1.0:
-                    macc = tl.zeros([BLOCK_V], tl.float32)
-                    for start in range(0, V, BLOCK_V):
-                        o = start + offs
-                        z = tl.load(base + o, mask=o < V, other=NEG_INF).to(tl.float32) * inv_t
-                        macc += tl.where(z > zw, tl.exp(z - z_max), 0.0)
-                    ok = tl.sum(macc, 0) / total < top_p
+                    if SPLIT and r == 0:
+                        c = tl.arange(0, PP)
+                        mass = tl.sum(tl.load(mass_ptr + row * P + c, mask=c < P, other=0.0), 0)
+                    else:
+                        macc = tl.zeros([BLOCK_V], tl.float32)
+                        for start in range(0, V, BLOCK_V):
+                            o = start + offs
+                            z = tl.load(base + o, mask=o < V, other=NEG_INF).to(tl.float32) * inv_t
+                            macc += tl.where(z > zw, tl.exp(z - z_max), 0.0)
+                        mass = tl.sum(macc, 0)
+                    ok = mass / total < top_p
                 tok = tl.where(ok, w, tok)
                 pivot = tl.where(ok, pivot, zw)
                 done = ok.to(tl.int32)
         tl.store(out_ptr + row, tok.to(tl.int64))
 
 
+def sampler_split(B: int, V: int, block: int, target_programs: int = SAMPLER_SPLIT_PROGRAMS) -> int:
+    """Chunks per row for the split sampler: enough programs to cover the GPU (B * P >=
+    target_programs), each chunk at least one BLOCK_V iteration, at most 64 chunks."""
+    p = 1
+    while B * p < target_programs and p < 64 and triton.cdiv(V, 2 * p) >= block:
+        p *= 2
+    return p
+
+
 def sample_top_p_triton(logits: Tensor, params: Tensor, seed: Tensor, step: Tensor,
-                        out: Optional[Tensor] = None) -> Tensor:
+                        out: Optional[Tensor] = None, split: Optional[bool] = None,
+                        block_v: Optional[int] = None) -> Tensor:
     """The Triton version of sample_top_p_torch (same tokens for the same inputs); out [B]
-    int64. No host sync, no data-dependent host work: safe inside a CUDA graph."""
+    int64. No host sync, no data-dependent host work: safe inside a CUDA graph.
+    split: one program per row (False; ~215 us per step at 64 x 128256 on the H200, the
+    profile in README) or P programs per row for the scan and the nucleus check, then one
+    per row to combine (True: three launches). None = SAMPLER_SPLIT_DEFAULT. block_v:
+    logits per iteration (a power of two; default SAMPLER_BLOCK_V; tests use small ones
+    to get many chunks from a small vocabulary)."""
     if triton is None:
         raise RuntimeError("sampler: triton is not installed (use sampler='torch')")
     B, V = logits.shape
@@ -492,10 +603,33 @@ def sample_top_p_triton(logits: Tensor, params: Tensor, seed: Tensor, step: Tens
         _fail("logits", "unit stride along the vocabulary", logits.stride())
     if out is None:
         out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    block = min(SAMPLER_BLOCK_V, triton.next_power_of_2(V))
-    _top_p_sample_kernel[(B,)](logits, params, seed, step, out, V, logits.stride(0),
-                               BLOCK_V=block, MAX_ROUNDS=SAMPLER_MAX_ROUNDS,
-                               num_warps=8 if block >= 2048 else 4)
+    if B == 0:
+        return out
+    block = min(block_v or SAMPLER_BLOCK_V, triton.next_power_of_2(V))
+    warps = 8 if block >= 2048 else 4
+    split = SAMPLER_SPLIT_DEFAULT if split is None else split
+    P = sampler_split(B, V, block) if split else 1
+    if P == 1:
+        _top_p_sample_kernel[(B,)](logits, params, seed, step, out, out, out, out, V,
+                                   logits.stride(0), 1, BLOCK_V=block,
+                                   MAX_ROUNDS=SAMPLER_MAX_ROUNDS, SPLIT=False, PP=1,
+                                   num_warps=warps)
+        return out
+    # chunk = whole BLOCK_V iterations, so every chunk but the last is full and none is empty
+    chunk = triton.cdiv(triton.cdiv(V, P), block) * block
+    P = triton.cdiv(V, chunk)
+    PP = triton.next_power_of_2(P)
+    dev = logits.device
+    fstats = torch.empty(B, P, 3, dtype=torch.float32, device=dev)
+    istats = torch.empty(B, P, 2, dtype=torch.int32, device=dev)
+    mass = torch.empty(B, P, dtype=torch.float32, device=dev)
+    _top_p_stats_kernel[(B, P)](logits, params, seed, step, fstats, istats, V, logits.stride(0),
+                                chunk, P, BLOCK_V=block, num_warps=warps)
+    _top_p_mass_kernel[(B, P)](logits, params, fstats, istats, mass, V, logits.stride(0), chunk,
+                               P, PP=PP, BLOCK_V=block, num_warps=warps)
+    _top_p_sample_kernel[(B,)](logits, params, seed, step, out, fstats, istats, mass, V,
+                               logits.stride(0), P, BLOCK_V=block,
+                               MAX_ROUNDS=SAMPLER_MAX_ROUNDS, SPLIT=True, PP=PP, num_warps=warps)
     return out
 
 
@@ -547,7 +681,10 @@ class MultiLoraEngine:
     device: default the model's. batch_buckets: decode batch sizes that get their own
     graph (default powers of two up to max_batch, and max_batch). attn_bucket: attention
     length granularity (slots). sampler: 'auto' (Triton on CUDA, torch on the CPU),
-    'triton' or 'torch'. attention: 'sdpa' or 'matmul' (decode). lora_overlap: False (the
+    'triton', 'triton_split' (the Triton sampler with P programs per row: three launches,
+    engine_kernels-style opt-in until measured) or 'torch'. fused_elementwise: the decode
+    step uses engine_kernels' fused residual add + RMSNorm, RoPE + K/V cache write and
+    SiLU * up (4 small kernels per layer instead of 11; opt-in until measured). attention: 'sdpa' or 'matmul' (decode). lora_overlap: False (the
     LoRA after each base GEMM, in place), "delta" (or True; CUDA, graph-safe modes: each
     site's whole LoRA runs on a side stream into a zeroed delta while the base GEMM runs,
     then y += delta: a zero and an add more per site), or "shrink" (modes with halves,
@@ -561,7 +698,7 @@ class MultiLoraEngine:
                  max_batch: int = 64, max_seq: int = 2048, dtype: Optional[torch.dtype] = None,
                  device: Union[str, torch.device, None] = None,
                  batch_buckets: Optional[Sequence[int]] = None, attn_bucket: int = ATTN_BUCKET,
-                 sampler: str = "auto", attention: str = "sdpa",
+                 sampler: str = "auto", attention: str = "sdpa", fused_elementwise: bool = False,
                  lora_overlap: Union[bool, str] = False):
         cfg = model.config
         inner = getattr(model, "model", model)
@@ -628,8 +765,13 @@ class MultiLoraEngine:
             batch_buckets = [1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch]
         self.batch_buckets = sorted(set(int(b) for b in batch_buckets if 1 <= b <= max_batch)
                                     | {max_batch})
-        if sampler not in ("auto", "triton", "torch"):
-            _fail("sampler", "'auto', 'triton' or 'torch'", sampler)
+        if sampler not in ("auto", "triton", "triton_split", "torch"):
+            _fail("sampler", "'auto', 'triton', 'triton_split' or 'torch'", sampler)
+        if not isinstance(fused_elementwise, bool):
+            _fail("fused_elementwise", "True or False", repr(fused_elementwise))
+        if fused_elementwise and triton is None:
+            _fail("fused_elementwise", "triton installed", "no triton")
+        self.fused_elementwise = fused_elementwise
         self.sampler = ("triton" if dev.type == "cuda" and triton is not None else "torch") \
             if sampler == "auto" else sampler
         if attention not in ("sdpa", "matmul"):
@@ -800,16 +942,25 @@ class MultiLoraEngine:
         G = H // Hkv
         start = st.start[:Bb]
         pos = st.cur - start                                               # [Bb]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]          # [Bb, 1, d]
+        fused = self.fused_elementwise
+        if not fused:
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]      # [Bb, 1, d]
         slots = st.slots[:Sb]
         valid = (slots[None, :] >= start[:, None]) & (slots[None, :] <= st.cur)   # [Bb, Sb]
         bias = torch.zeros(Bb, Sb, dtype=self.dtype, device=self.device)
         bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]   # [Bb, 1, 1, Sb]
         x = F.embedding(st.tok[:Bb], self.embed)                           # [Bb, hidden]
+        if fused:   # h: the next sublayer's normed input; x is updated in place
+            h = ek.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, ctx, cos, sin)                   # [Bb, H or Hkv, d]
-            self.k_cache[li, :Bb].index_copy_(2, st.cur, k[:, :, None, :])
-            self.v_cache[li, :Bb].index_copy_(2, st.cur, v[:, :, None, :])
+            if fused:
+                qkv = self._linear_lora(h, layer.wqkv, layer.bqkv, layer, "qkv", ctx)
+                q = ek.rope_qkv_to_cache(qkv, self.cos, self.sin, pos, self.k_cache[li],
+                                         self.v_cache[li], st.cur, H, Hkv)   # [Bb, H, d]
+            else:
+                q, k, v = self._qkv(x, layer, ctx, cos, sin)               # [Bb, H or Hkv, d]
+                self.k_cache[li, :Bb].index_copy_(2, st.cur, k[:, :, None, :])
+                self.v_cache[li, :Bb].index_copy_(2, st.cur, v[:, :, None, :])
             K = self.k_cache[li, :Bb, :, :Sb]                              # [Bb, Hkv, Sb, d]
             Vc = self.v_cache[li, :Bb, :, :Sb]
             qg = q.reshape(Bb, Hkv, G, d)               # the G query heads of a KV head = rows
@@ -819,16 +970,26 @@ class MultiLoraEngine:
                 s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
                 a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
             a = a.reshape(Bb, H * d)                                       # [Bb, H d]
-            x = self._mlp(x + self._linear_lora(a, layer.wo, layer.bo, layer, "o", ctx), layer, ctx)
-        x = _rms_norm(x, self.norm, self.eps)
-        return F.linear(x, self.lm_head)                                   # [Bb, V]
+            o = self._linear_lora(a, layer.wo, layer.bo, layer, "o", ctx)
+            if fused:
+                h = ek.add_rms_norm(x, o, layer.ln2, self.eps)            # x += o
+                gu = self._linear_lora(h, layer.wgu, layer.bgu, layer, "gate_up", ctx)
+                dn = self._linear_lora(ek.silu_mul(gu), layer.wd, layer.bd, layer, "down", ctx)
+                nxt = self.layers[li + 1].ln1 if li + 1 < len(self.layers) else self.norm
+                h = ek.add_rms_norm(x, dn, nxt, self.eps)                 # x += down
+            else:
+                x = self._mlp(x + o, layer, ctx)
+        if not fused:
+            h = _rms_norm(x, self.norm, self.eps)
+        return F.linear(h, self.lm_head)                                   # [Bb, V]
 
     def _sample(self, logits: Tensor, greedy: bool) -> Tensor:
         st = self.state
         if greedy:
             return logits.argmax(-1)
-        if self.sampler == "triton":
-            return sample_top_p_triton(logits, st.params, st.seed, st.step)
+        if self.sampler in ("triton", "triton_split"):
+            return sample_top_p_triton(logits, st.params, st.seed, st.step,
+                                       split=self.sampler == "triton_split")
         return sample_top_p_torch(logits, st.params, st.seed, st.step)
 
     def _emit(self, nxt: Tensor, rows: int) -> None:

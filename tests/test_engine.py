@@ -234,6 +234,46 @@ def test_shrink_overlap_equals_plain_path(peft_setup, mode):
     assert relative_error(s2["last_logits"], ref[:, -1]) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("mode", ["none", "bgmv_triton"])
+def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode):
+    """fused_elementwise (engine_kernels: residual add + RMSNorm, RoPE + K/V cache write,
+    SiLU * up, in the interpreter here) and the split sampler: greedy tokens equal, last
+    decode logits within fp32 rounding of the plain path and within tolerance of PEFT;
+    sampled tokens equal the plain sampler's (same seed)."""
+    base, pm, lora, prompts, adapter_idx = peft_setup
+    plain = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64)
+    fused = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64,
+                               fused_elementwise=True, sampler="triton_split")
+    kw = dict(max_new_tokens=4, ignore_eos=True, keep_logits=True)
+    t1, s1 = plain.generate(prompts, adapter_idx, **kw)
+    t2, s2 = fused.generate(prompts, adapter_idx, **kw)
+    assert t1 == t2
+    assert relative_error(s2["last_logits"], s1["last_logits"]) <= 1e-5
+    if mode != "none":
+        seqs = [p + t[:-1] for p, t in zip(prompts, t2)]
+        ref, _ = peft_logits(pm, seqs, REQ_ADAPTERS)
+        assert relative_error(s2["last_logits"], ref[:, -1]) <= TOLERANCE[torch.float32]
+    kw = dict(max_new_tokens=3, ignore_eos=True, temperature=0.8, top_p=0.9, seed=3)
+    assert plain.generate(prompts, adapter_idx, **kw)[0] == fused.generate(prompts, adapter_idx, **kw)[0]
+    with pytest.raises(ValueError, match="^fused_elementwise"):
+        me.MultiLoraEngine(base, lora, mode, max_batch=2, max_seq=16, fused_elementwise=1)
+
+
+def test_split_sampler_equals_torch_across_chunks():
+    """Many chunks per row (small block_v), a partial last chunk and a cross-chunk tie for
+    the argmax: the split Triton sampler draws the torch sampler's tokens."""
+    g = torch.Generator().manual_seed(7)
+    for V in (300, 1000):
+        logits = torch.randn(5, V, generator=g) * 2.0
+        logits[1, 17] = logits[1, 900 % V] = 9.0
+        for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1.3, 0.5), (1.0, 0.05)]:
+            for step in (0, 17):
+                args = (logits, _params(temperature, top_p), torch.tensor([123]), torch.tensor([step]))
+                out = me.sample_top_p_triton(*args, split=True, block_v=32)
+                assert torch.equal(out, me.sample_top_p_torch(*args)), (V, temperature, top_p, step)
+        assert me.sampler_split(5, V, 32) > 4                # the split path really ran
+
+
 def test_lora_overlap_option_checked(peft_setup):
     base, _, lora, _, _ = peft_setup
     with pytest.raises(ValueError, match="^lora_overlap"):
@@ -436,7 +476,10 @@ def test_gpu_graph_replay_equals_eager_and_never_syncs(gpu_setup, mode):
                                        ("bgmv_cuda", dict(lora_overlap="shrink")),
                                        ("bgmv_triton", dict(lora_overlap="shrink")),
                                        ("sgmv_triton", dict(lora_overlap="shrink")),
-                                       ("bgmv_triton", dict(attention="matmul"))])
+                                       ("bgmv_triton", dict(attention="matmul")),
+                                       ("bgmv_cuda", dict(fused_elementwise=True,
+                                                          sampler="triton_split")),
+                                       ("none", dict(fused_elementwise=True))])
 def test_gpu_options_match_peft(gpu_setup, mode, opts):
     """lora_overlap (LoRA on a side stream inside the graph) and matmul attention: decode
     logits against PEFT. (Overlap rounds the delta to bf16 before the add, so its tokens
@@ -448,7 +491,13 @@ def test_gpu_options_match_peft(gpu_setup, mode, opts):
                                keep_logits=True, check_sync=True)
     assert stats["graph"]
     seqs = [p + t[:-1] for p, t in zip(prompts, toks)]
-    ref, _ = peft_logits(pm, seqs, GPU_REQ)
+    if mode == "none":      # no LoRA: the plain engine path on the same sequences
+        plain = me.MultiLoraEngine(base, lora, "none", max_batch=16, max_seq=192)
+        ref = plain.forward_logits(seqs, adapter_idx)
+        S = max(len(q) for q in seqs)
+        ref = torch.stack([ref[b, S - 1] for b in range(len(seqs))])[:, None]
+    else:
+        ref, _ = peft_logits(pm, seqs, GPU_REQ)
     assert relative_error(stats["last_logits"], ref[:, -1]) <= GPU_GATE["bf16"]
 
 

@@ -1,0 +1,189 @@
+"""Fused decode-step kernels of the engine (Triton), each beside its plain torch form.
+
+The H200 profile of one Llama-3-8B decode step at batch 64 (README, "Where a decode step
+goes") has ~22% of its kernel time in small kernels that each move well under a megabyte:
+RMSNorm (65 calls), the residual adds (64), RoPE as mul + flip + addcmul (96), the K / V
+cache writes (64 index_copy), SiLU and the multiply by up (64). Each costs a launch and a
+round trip. These kernels do the same work in fewer launches (per layer 11 -> 4):
+
+    add_rms_norm(x, r, w, eps)          x += r in place, then h = RMSNorm(x) * w   (1 kernel)
+    rope_qkv_to_cache(qkv, ...)         RoPE on q and k, k and v into the cache    (1 kernel)
+    silu_mul(gu)                        silu(gate) * up                            (1 kernel)
+
+Shapes (one decode step, T = batch rows): x, r [T, hidden]; qkv [T, (H + 2 Hkv) d];
+gu [T, 2 I]. Arithmetic: fp32 inside, one rounding to the storage dtype per output (the
+torch forms round after every op, so results differ by at most ~1 ulp of bf16). The torch
+forms (`*_torch`) define the semantics and are what the engine runs without
+fused_elementwise; the tests compare the two (CPU: Triton interpreter).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------
+# Residual add + RMSNorm
+# ---------------------------------------------------------------------------------------
+def add_rms_norm_torch(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) -> Tensor:
+    """x += r (in place, x's dtype), returns F.rms_norm(x) with weight w. r None: no add."""
+    if r is not None:
+        x.add_(r)
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+if triton is not None:
+    @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, N, stride_x, stride_r, stride_h, eps,
+                             HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+        # One program per row: the row (N <= BLOCK elements) stays in registers between the
+        # add, the sum of squares and the scaled store.
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        m = offs < N
+        x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_R:
+            x = x + tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+            xs = x.to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + row * stride_x + offs, xs, mask=m)
+            x = xs.to(tl.float32)                    # normalise the rounded sum, as torch does
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps)
+        w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        tl.store(h_ptr + row * stride_h + offs, (x * rstd * w).to(h_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) -> Tensor:
+    """Fused add_rms_norm_torch: x [T, N] (unit stride along N, updated in place when r is
+    given), r [T, N] or None, w [N] -> h [T, N] in x's dtype."""
+    T, N = x.shape
+    if x.stride(1) != 1 or (r is not None and (r.shape != x.shape or r.stride(1) != 1)) \
+            or w.shape != (N,):
+        raise ValueError(f"add_rms_norm: x [T, N] and r [T, N] with unit stride along N, w [N]; "
+                         f"got x {tuple(x.shape)} stride {x.stride()}, r "
+                         f"{None if r is None else (tuple(r.shape), r.stride())}, w {tuple(w.shape)}")
+    h = torch.empty_like(x)
+    if T == 0:
+        return h
+    block = triton.next_power_of_2(N)
+    _add_rms_norm_kernel[(T,)](x, r if r is not None else x, w, h, N, x.stride(0),
+                               r.stride(0) if r is not None else 0, h.stride(0), eps,
+                               HAS_R=r is not None, BLOCK=block,
+                               num_warps=min(16, max(4, block // 512)))
+    return h
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE on q and k, k and v into the cache
+# ---------------------------------------------------------------------------------------
+def rope_qkv_to_cache_torch(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
+                            k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int
+                            ) -> Tensor:
+    """qkv [T, (H + 2 Hkv) d] -> q [T, H, d] rotated; writes rotated k and v into
+    k_cache / v_cache [>= T, Hkv, S, d] at slot (int64 [1]) for rows 0..T-1. cos,
+    sin_signed [n_pos, d]: the engine's tables (first half of sin negated); pos [T] int64."""
+    T = qkv.shape[0]
+    d = k_cache.shape[-1]
+    c, s = cos[pos][:, None], sin_signed[pos][:, None]                 # [T, 1, d]
+    x = qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d)
+    flipped = x.view(T, H + Hkv, 2, d // 2).flip(2).view(T, H + Hkv, d)
+    qk = torch.addcmul(x * c, flipped, s)
+    v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
+    k_cache[:T].index_copy_(2, slot, qk[:, H:, None, :])
+    v_cache[:T].index_copy_(2, slot, v[:, :, None, :])
+    return qk[:, :H]
+
+
+if triton is not None:
+    @triton.jit
+    def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
+                         stride_qkv, stride_q, stride_q_h, stride_c_b, stride_c_h, stride_c_s,
+                         H, Hkv, D: tl.constexpr):
+        # Program (row t, head j): j < H a query head (rotated into q), H <= j < H + Hkv a
+        # key head (rotated into the cache), then the value heads (copied into the cache).
+        t = tl.program_id(0).to(tl.int64)
+        j = tl.program_id(1)
+        offs = tl.arange(0, D)
+        half: tl.constexpr = D // 2
+        src = qkv_ptr + t * stride_qkv + j * D
+        slot = tl.load(slot_ptr)
+        if j < H + Hkv:
+            x = tl.load(src + offs).to(tl.float32)
+            xf = tl.load(src + (offs + half) % D).to(tl.float32)      # the other half
+            p = tl.load(pos_ptr + t)
+            c = tl.load(cos_ptr + p * D + offs).to(tl.float32)
+            s = tl.load(sin_ptr + p * D + offs).to(tl.float32)
+            y = x * c + xf * s
+            if j < H:
+                tl.store(q_ptr + t * stride_q + j * stride_q_h + offs, y.to(q_ptr.dtype.element_ty))
+            else:
+                dst = kc_ptr + t * stride_c_b + (j - H) * stride_c_h + slot * stride_c_s
+                tl.store(dst + offs, y.to(kc_ptr.dtype.element_ty))
+        else:
+            v = tl.load(src + offs)
+            dst = vc_ptr + t * stride_c_b + (j - H - Hkv) * stride_c_h + slot * stride_c_s
+            tl.store(dst + offs, v)
+
+
+def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
+                      k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int) -> Tensor:
+    """Fused rope_qkv_to_cache_torch (same arguments and result); one launch."""
+    T = qkv.shape[0]
+    d = k_cache.shape[-1]
+    if qkv.shape[1] != (H + 2 * Hkv) * d or qkv.stride(1) != 1 or d & (d - 1) \
+            or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() \
+            or k_cache.stride(-1) != 1 or cos.stride() != (d, 1) or sin_signed.stride() != (d, 1):
+        raise ValueError(f"rope_qkv_to_cache: qkv [T, (H + 2 Hkv) d] (d a power of two), equal "
+                         f"unit-stride caches [B, Hkv, S, d], tables [n_pos, d]; got qkv "
+                         f"{tuple(qkv.shape)}, H={H}, Hkv={Hkv}, cache {tuple(k_cache.shape)}")
+    q = torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device)
+    if T:
+        _rope_qkv_kernel[(T, H + 2 * Hkv)](
+            qkv, cos, sin_signed, pos, q, k_cache, v_cache, slot,
+            qkv.stride(0), q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, Hkv, D=d, num_warps=1)
+    return q
+
+
+# ---------------------------------------------------------------------------------------
+# SiLU(gate) * up
+# ---------------------------------------------------------------------------------------
+def silu_mul_torch(gu: Tensor) -> Tensor:
+    """gu [T, 2 I] = [gate | up] -> silu(gate) * up [T, I]."""
+    inter = gu.shape[1] // 2
+    return F.silu(gu[:, :inter]) * gu[:, inter:]
+
+
+if triton is not None:
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < I
+        g = tl.load(gu_ptr + t * stride_gu + offs, mask=m, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + t * stride_gu + I + offs, mask=m, other=0.0).to(tl.float32)
+        y = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + t * stride_out + offs, y.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def silu_mul(gu: Tensor) -> Tensor:
+    """Fused silu_mul_torch: gu [T, 2 I] (unit stride along columns) -> [T, I]; one launch."""
+    T, two_i = gu.shape
+    if two_i % 2 or gu.stride(1) != 1:
+        raise ValueError(f"silu_mul: gu [T, 2 I] with unit column stride; got {tuple(gu.shape)}, "
+                         f"stride {gu.stride()}")
+    inter = two_i // 2
+    out = torch.empty(T, inter, dtype=gu.dtype, device=gu.device)
+    block = min(2048, triton.next_power_of_2(max(inter, 16)))
+    if T:
+        _silu_mul_kernel[(T, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0),
+                                                         BLOCK=block, num_warps=4)
+    return out

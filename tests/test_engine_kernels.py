@@ -1,0 +1,81 @@
+"""engine_kernels: each fused Triton kernel against its torch form (CPU: interpreter, small
+shapes; GPU: Llama-3-8B shapes), and its argument checks."""
+import pytest
+import torch
+
+import engine_kernels as ek
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+    """fp32: rounding-order noise only; half types: the torch forms round after every op,
+    the kernels once, so allow two units in the last place of the values' size."""
+    ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
+    tol = 2 * ulp * b.float().abs().clamp(min=1.0)
+    err = (a.float() - b.float()).abs()
+    assert (err <= tol).all(), (dtype, err.max().item())
+
+
+def _rope_case(T, H, Hkv, d, S, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(T, (H + 2 * Hkv) * d, generator=g).to(device, dtype)
+    ang = torch.rand(64, d // 2, generator=g) * 6.28
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(device, dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(device, dtype)       # first half negated
+    pos = torch.randint(0, 64, (T,), generator=g).to(device)
+    slot = torch.tensor([S // 2], device=device)
+    cache = torch.randn(T + 1, Hkv, S, d, generator=g).to(device, dtype)  # one row untouched
+    return qkv, cos, sin, pos, slot, cache
+
+
+def _check_all(dtype, device, T, hidden, H, Hkv, d, inter):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    x = torch.randn(T, hidden, generator=g).to(device, dtype)
+    r = torch.randn(T, hidden, generator=g).to(device, dtype)
+    w = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
+    for res in (r, None):
+        x1, x2 = x.clone(), x.clone()
+        h1, h2 = ek.add_rms_norm_torch(x1, res, w, 1e-5), ek.add_rms_norm(x2, res, w, 1e-5)
+        _close(x2, x1, dtype)                                 # the in-place residual add
+        _close(h2, h1, dtype)
+    qkv, cos, sin, pos, slot, cache = _rope_case(T, H, Hkv, d, 9, dtype, device)
+    k1, v1, k2, v2 = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    q1 = ek.rope_qkv_to_cache_torch(qkv, cos, sin, pos, k1, v1, slot, H, Hkv)
+    q2 = ek.rope_qkv_to_cache(qkv, cos, sin, pos, k2, v2, slot, H, Hkv)
+    _close(q2, q1, dtype)
+    _close(k2, k1, dtype)
+    assert torch.equal(v2, v1)                                # a copy, bit for bit
+    changed = (k2 != cache).any(-1)                           # [rows, Hkv, S]
+    assert not changed[:, :, torch.arange(9, device=device) != slot].any()   # only that slot
+    assert not changed[T:].any()                              # and only rows < T
+    gu = torch.randn(T, 2 * inter, generator=g).to(device, dtype)
+    _close(ek.silu_mul(gu), ek.silu_mul_torch(gu), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_kernels_match_torch_forms(dtype):
+    _check_all(dtype, "cpu", T=3, hidden=96, H=4, Hkv=2, d=16, inter=40)
+
+
+def test_bad_arguments_raise():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="^add_rms_norm"):
+        ek.add_rms_norm(x, torch.randn(2, 4), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match="^add_rms_norm"):
+        ek.add_rms_norm(x.t(), None, torch.ones(2), 1e-5)
+    with pytest.raises(ValueError, match="^silu_mul"):
+        ek.silu_mul(torch.randn(2, 7))
+    qkv, cos, sin, pos, slot, cache = _rope_case(2, 4, 2, 16, 9, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="^rope_qkv_to_cache"):
+        ek.rope_qkv_to_cache(qkv, cos, sin, pos, cache, cache, slot, 4, 3)     # wrong Hkv
+    with pytest.raises(ValueError, match="^rope_qkv_to_cache"):
+        ek.rope_qkv_to_cache(qkv, cos, sin, pos, cache, cache[:, :1], slot, 4, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 64, 256])
+def test_gpu_fused_kernels_match_torch_forms(dtype, T):
+    """Llama-3-8B shapes: hidden 4096, 32 query / 8 KV heads of 128, intermediate 14336."""
+    _check_all(dtype, "cuda", T=T, hidden=4096, H=32, Hkv=8, d=128, inter=14336)
