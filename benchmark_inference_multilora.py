@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="auto", choices=["auto", "triton", "triton_split", "torch"],
                    help="fast engine's top-p sampler: auto (Triton on a GPU), triton (one "
                         "program per row), triton_split (P programs per row, 3 launches), torch")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul", "triton"],
+                   help="fast engine's decode attention: sdpa (one F.scaled_dot_product_attention "
+                        "call over the filled cache bucket, masked), matmul, or triton "
+                        "(engine_kernels.decode_attention: flash-decoding over each row's "
+                        "filled slots only)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="fast engine: after each mode's timing, run N decode steps eagerly "
                         "under torch.profiler and print one decode step's kernels by GPU "
@@ -784,6 +789,7 @@ def run(args) -> dict:
                   warmup_tokens=args.warmup_tokens, modes=list(args.modes),
                   engines=list(args.engine), lora_overlap=args.lora_overlap,
                   fused_elementwise=args.fused_elementwise, sampler=args.sampler,
+                  attention=args.attention,
                   adapter_of_request=points[0]["adapter_of_request"],
                   num_layers=model.config.num_hidden_layers,
                   hidden_size=model.config.hidden_size)
@@ -867,7 +873,8 @@ def run(args) -> dict:
                               max_batch=max(batch_sizes),
                               max_seq=max(plens) + args.max_new_tokens,
                               lora_overlap=args.lora_overlap,
-                              fused_elementwise=args.fused_elementwise, sampler=args.sampler)
+                              fused_elementwise=args.fused_elementwise, sampler=args.sampler,
+                              attention=args.attention)
         kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   ignore_eos=True, pad_token_id=pad_id)
 
@@ -934,7 +941,8 @@ def default_stem(data: dict, engines: list[str]) -> str:
     tail = ("" if engines == ["fast"] else "_" + "-".join(engines)) \
         + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}") \
         + ("_fused" if c.get("fused_elementwise") else "") \
-        + ("" if c.get("sampler", "auto") == "auto" else f"_sampler-{c['sampler']}")
+        + ("" if c.get("sampler", "auto") == "auto" else f"_sampler-{c['sampler']}") \
+        + ("" if c.get("attention", "sdpa") == "sdpa" else f"_attn-{c['attention']}")
     common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"
     kind = data.get("kind", "single")
     if kind == "sweep":
@@ -969,7 +977,7 @@ def main(args: argparse.Namespace) -> dict:
     import torch
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
     if cpu and (any(m in TRITON_MODES for m in args.modes) or args.fused_elementwise
-                or args.sampler in ("triton", "triton_split")):
+                or args.sampler in ("triton", "triton_split") or args.attention == "triton"):
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before transformers imports triton
     data = run(args)
     os.makedirs(args.out_dir, exist_ok=True)

@@ -187,3 +187,141 @@ def silu_mul(gu: Tensor) -> Tensor:
         _silu_mul_kernel[(T, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0),
                                                          BLOCK=block, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Decode attention over the filled part of the cache (flash-decoding)
+# ---------------------------------------------------------------------------------------
+def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
+                           cur: Tensor, Sb: int, scale: float) -> Tensor:
+    """q [T, H, d]; k_cache, v_cache [>= T, Hkv, S, d]; row b attends over slots
+    start[b] <= s <= cur (cur: int64 [1]) among the first Sb -> [T, H d]. The engine's
+    plain path: the G = H / Hkv query heads of a KV head as G rows, one SDPA call."""
+    T, H, d = q.shape
+    Hkv = k_cache.shape[1]
+    slots = torch.arange(Sb, device=q.device)
+    valid = (slots[None, :] >= start[:T, None]) & (slots[None, :] <= cur)       # [T, Sb]
+    bias = torch.zeros(T, Sb, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
+    a = F.scaled_dot_product_attention(q.reshape(T, Hkv, H // Hkv, d), k_cache[:T, :, :Sb],
+                                       v_cache[:T, :, :Sb], attn_mask=bias, scale=scale)
+    return a.reshape(T, H * d)
+
+
+if triton is not None:
+    @triton.jit
+    def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, start_ptr, cur_ptr, acc_ptr, ml_ptr, out_ptr,
+                            Sb, SPLIT_LEN, G, scale,
+                            stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_ch, stride_cs,
+                            NS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+        # Program (row b, KV head h, split c): the G query heads of h (rows of a GP x D tile,
+        # GP >= 16 for tl.dot) against slots [c SPLIT_LEN, (c + 1) SPLIT_LEN) of the row's
+        # valid range, online softmax in fp32. NS == 1: normalise and store the output;
+        # else store the unnormalised partial (acc, max, sum) for _decode_attn_combine.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        c = tl.program_id(2)
+        rows = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        rmask = rows < G
+        q = tl.load(q_ptr + b * stride_qt + (h * G + rows[:, None]) * stride_qh + offs_d[None, :],
+                    mask=rmask[:, None], other=0.0)
+        cur = tl.load(cur_ptr)
+        lo = tl.maximum(tl.load(start_ptr + b), c * SPLIT_LEN)
+        hi = tl.minimum(tl.minimum(cur + 1, Sb), (c + 1) * SPLIT_LEN)
+        kbase = k_ptr + b * stride_cb + h * stride_ch
+        vbase = v_ptr + b * stride_cb + h * stride_ch
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            nmask = n < hi
+            k = tl.load(kbase + n[:, None] * stride_cs + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale                               # [GP, BLOCK_N]
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vbase + n[:, None] * stride_cs + offs_d[None, :], mask=nmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if NS == 1:
+            o = acc / l_i[:, None]
+            tl.store(out_ptr + b * stride_ot + (h * G + rows[:, None]) * stride_oh + offs_d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+        else:
+            part = (b * tl.num_programs(1) + h) * NS + c                     # [T, Hkv, NS]
+            tl.store(acc_ptr + part * GP * D + rows[:, None] * D + offs_d[None, :], acc)
+            tl.store(ml_ptr + part * 2 * GP + rows, m_i)
+            tl.store(ml_ptr + part * 2 * GP + GP + rows, l_i)
+
+    @triton.jit
+    def _decode_attn_combine(acc_ptr, ml_ptr, out_ptr, G, stride_ot, stride_oh,
+                             NS: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
+        # Program (row b, KV head h): the NS partials -> softmax-weighted sum. Splits with
+        # no valid slot have max -inf and weight 0; the slot `cur` is always valid, so the
+        # overall max is finite.
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        rows = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        base = (b * tl.num_programs(1) + h) * NS
+        m = tl.full([GP], float("-inf"), tl.float32)
+        for c in range(NS):
+            m = tl.maximum(m, tl.load(ml_ptr + (base + c) * 2 * GP + rows))
+        l_sum = tl.zeros([GP], tl.float32)
+        o = tl.zeros([GP, D], tl.float32)
+        for c in range(NS):
+            m_c = tl.load(ml_ptr + (base + c) * 2 * GP + rows)
+            w = tl.where(m_c > float("-inf"), tl.exp(m_c - m), 0.0)
+            l_sum += w * tl.load(ml_ptr + (base + c) * 2 * GP + GP + rows)
+            o += w[:, None] * tl.load(acc_ptr + (base + c) * GP * D + rows[:, None] * D + offs_d[None, :])
+        o = o / l_sum[:, None]
+        tl.store(out_ptr + b * stride_ot + (h * G + rows[:, None]) * stride_oh + offs_d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=(rows < G)[:, None])
+
+
+DECODE_ATTN_BLOCK_N = 64        # cache slots per iteration
+DECODE_ATTN_PROGRAMS = 264      # split the cache until T * Hkv * splits covers ~2 waves of SMs
+
+
+def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor, cur: Tensor,
+                     Sb: int, scale: float, splits: Optional[int] = None) -> Tensor:
+    """Triton decode_attention_torch (same arguments and result): one kernel when T * Hkv
+    programs fill the GPU, else the cache split into `splits` ranges (default: enough for
+    DECODE_ATTN_PROGRAMS programs) plus a combine kernel. Reads only slots [start[b], cur]
+    of each row. Sb (host int) fixes the grid, so one CUDA graph serves every cur < Sb."""
+    T, H, d = q.shape
+    Hkv = k_cache.shape[1]
+    if q.stride(2) != 1 or H % Hkv or d & (d - 1) or d < 16 or k_cache.stride() != v_cache.stride() \
+            or k_cache.stride(-1) != 1 or k_cache.shape[-1] != d or Sb > k_cache.shape[2]:
+        raise ValueError(f"decode_attention: q [T, H, d] (d a power of two >= 16, unit stride), "
+                         f"caches [B, Hkv, S >= Sb, d] with equal strides; got q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}, Sb={Sb}")
+    G = H // Hkv
+    out = torch.empty(T, H, d, dtype=q.dtype, device=q.device)
+    if T == 0:
+        return out.reshape(T, H * d)
+    if splits is None:
+        splits = 1
+        while T * Hkv * splits < DECODE_ATTN_PROGRAMS and Sb > splits * 2 * DECODE_ATTN_BLOCK_N:
+            splits *= 2
+    split_len = triton.cdiv(triton.cdiv(Sb, splits), DECODE_ATTN_BLOCK_N) * DECODE_ATTN_BLOCK_N
+    NS = triton.cdiv(Sb, split_len)
+    GP = max(16, triton.next_power_of_2(G))
+    acc = ml = out
+    if NS > 1:
+        acc = torch.empty(T, Hkv, NS, GP, d, dtype=torch.float32, device=q.device)
+        ml = torch.empty(T, Hkv, NS, 2, GP, dtype=torch.float32, device=q.device)
+    o_strides = (out.stride(0), out.stride(1))
+    _decode_attn_kernel[(T, Hkv, NS)](q, k_cache, v_cache, start, cur, acc, ml, out, Sb, split_len,
+                                      G, scale, q.stride(0), q.stride(1), *o_strides,
+                                      k_cache.stride(0), k_cache.stride(1),
+                                      k_cache.stride(2), NS=NS, GP=GP, D=d,
+                                      BLOCK_N=DECODE_ATTN_BLOCK_N, num_warps=4)
+    if NS > 1:
+        _decode_attn_combine[(T, Hkv)](acc, ml, out, G, *o_strides, NS=NS, GP=GP, D=d, num_warps=4)
+    return out.reshape(T, H * d)

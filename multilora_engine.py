@@ -36,8 +36,10 @@ cache: slots [0, Sb) with Sb the current length rounded up to ATTN_BUCKET, maske
 heads of a KV head as G query rows: q [B, Hkv, G, d] against the cache views [B, Hkv, Sb,
 d], so K/V are read once and never repeated; attention='sdpa' (default) is one
 F.scaled_dot_product_attention call with an additive bias (scores in fp32 inside the
-kernel), attention='matmul' two batched matmuls with an fp32 softmax between them.
-Prefill uses F.scaled_dot_product_attention with a boolean mask. Per layer the decode step
+kernel), attention='matmul' two batched matmuls with an fp32 softmax between them,
+attention='triton' engine_kernels.decode_attention (flash-decoding: reads only each row's
+slots start[b]..cur, the cache split over more programs when the batch is small; opt-in
+until measured on the H200). Prefill uses F.scaled_dot_product_attention with a boolean mask. Per layer the decode step
 is ~17 kernels: fused RMSNorm (F.rms_norm), RoPE on q and k together (mul, flip, addcmul
 with a sign-folded sin table), two cache writes, attention, four GEMMs, SiLU*up, adds.
 fused_elementwise=True (opt-in until measured on the H200) replaces the norms, adds, RoPE,
@@ -682,9 +684,10 @@ class MultiLoraEngine:
     graph (default powers of two up to max_batch, and max_batch). attn_bucket: attention
     length granularity (slots). sampler: 'auto' (Triton on CUDA, torch on the CPU),
     'triton', 'triton_split' (the Triton sampler with P programs per row: three launches,
-    engine_kernels-style opt-in until measured) or 'torch'. fused_elementwise: the decode
-    step uses engine_kernels' fused residual add + RMSNorm, RoPE + K/V cache write and
-    SiLU * up (4 small kernels per layer instead of 11; opt-in until measured). attention: 'sdpa' or 'matmul' (decode). lora_overlap: False (the
+    opt-in until measured) or 'torch'. fused_elementwise: the decode step uses
+    engine_kernels' fused residual add + RMSNorm, RoPE + K/V cache write and SiLU * up (4
+    small kernels per layer instead of 11; opt-in until measured). attention: 'sdpa',
+    'matmul' or 'triton' (decode; module docstring). lora_overlap: False (the
     LoRA after each base GEMM, in place), "delta" (or True; CUDA, graph-safe modes: each
     site's whole LoRA runs on a side stream into a zeroed delta while the base GEMM runs,
     then y += delta: a zero and an add more per site), or "shrink" (modes with halves,
@@ -774,8 +777,10 @@ class MultiLoraEngine:
         self.fused_elementwise = fused_elementwise
         self.sampler = ("triton" if dev.type == "cuda" and triton is not None else "torch") \
             if sampler == "auto" else sampler
-        if attention not in ("sdpa", "matmul"):
-            _fail("attention", "'sdpa' or 'matmul'", attention)
+        if attention not in ("sdpa", "matmul", "triton"):
+            _fail("attention", "'sdpa', 'matmul' or 'triton'", attention)
+        if attention == "triton" and triton is None:
+            _fail("attention", "triton installed for 'triton'", "no triton")
         self.attention = attention
         kinds = {False: None, None: None, "off": None, True: "delta", "delta": "delta",
                  "shrink": "shrink"}
@@ -946,9 +951,10 @@ class MultiLoraEngine:
         if not fused:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]      # [Bb, 1, d]
         slots = st.slots[:Sb]
-        valid = (slots[None, :] >= start[:, None]) & (slots[None, :] <= st.cur)   # [Bb, Sb]
-        bias = torch.zeros(Bb, Sb, dtype=self.dtype, device=self.device)
-        bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]   # [Bb, 1, 1, Sb]
+        if self.attention != "triton":
+            valid = (slots[None, :] >= start[:, None]) & (slots[None, :] <= st.cur)  # [Bb, Sb]
+            bias = torch.zeros(Bb, Sb, dtype=self.dtype, device=self.device)
+            bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]  # [Bb, 1, 1, Sb]
         x = F.embedding(st.tok[:Bb], self.embed)                           # [Bb, hidden]
         if fused:   # h: the next sublayer's normed input; x is updated in place
             h = ek.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
@@ -961,15 +967,19 @@ class MultiLoraEngine:
                 q, k, v = self._qkv(x, layer, ctx, cos, sin)               # [Bb, H or Hkv, d]
                 self.k_cache[li, :Bb].index_copy_(2, st.cur, k[:, :, None, :])
                 self.v_cache[li, :Bb].index_copy_(2, st.cur, v[:, :, None, :])
-            K = self.k_cache[li, :Bb, :, :Sb]                              # [Bb, Hkv, Sb, d]
-            Vc = self.v_cache[li, :Bb, :, :Sb]
-            qg = q.reshape(Bb, Hkv, G, d)               # the G query heads of a KV head = rows
-            if self.attention == "sdpa":
-                a = F.scaled_dot_product_attention(qg, K, Vc, attn_mask=bias, scale=self.scaling)
+            if self.attention == "triton":                 # only slots start[b]..cur are read
+                a = ek.decode_attention(q, self.k_cache[li], self.v_cache[li], start, st.cur,
+                                        Sb, self.scaling)                   # [Bb, H d]
             else:
-                s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
-                a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
-            a = a.reshape(Bb, H * d)                                       # [Bb, H d]
+                K = self.k_cache[li, :Bb, :, :Sb]                          # [Bb, Hkv, Sb, d]
+                Vc = self.v_cache[li, :Bb, :, :Sb]
+                qg = q.reshape(Bb, Hkv, G, d)           # the G query heads of a KV head = rows
+                if self.attention == "sdpa":
+                    a = F.scaled_dot_product_attention(qg, K, Vc, attn_mask=bias, scale=self.scaling)
+                else:
+                    s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
+                    a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
+                a = a.reshape(Bb, H * d)                                   # [Bb, H d]
             o = self._linear_lora(a, layer.wo, layer.bo, layer, "o", ctx)
             if fused:
                 h = ek.add_rms_norm(x, o, layer.ln2, self.eps)            # x += o

@@ -244,12 +244,14 @@ def test_profile_summary_groups_the_committed_h200_log(capsys):
 
 
 def test_fused_elementwise_and_sampler_flags(tmp_path):
-    """--fused-elementwise / --sampler reach the engine (recorded in the config and the file
+    """--fused-elementwise / --sampler / --attention reach the engine (recorded in the config and the file
     name) and the run still validates against PEFT and generates every token."""
     data = run(TINY + ["--batch-size", "2", "--modes", "none", "gbmm", "--fused-elementwise",
-                       "--sampler", "triton_split", "--out-dir", str(tmp_path)])
+                       "--sampler", "triton_split", "--attention", "triton",
+                       "--out-dir", str(tmp_path)])
     c = data["config"]
     assert c["fused_elementwise"] is True and c["sampler"] == "triton_split"
-    path = tmp_path / "e2e_tiny_b2_L4_r4_n4_fused_sampler-triton_split.json"
+    assert c["attention"] == "triton"
+    path = tmp_path / "e2e_tiny_b2_L4_r4_n4_fused_sampler-triton_split_attn-triton.json"
     assert data["json_path"] == str(path)
     check_json(str(path), [("none", "fast"), ("gbmm", "fast")], 2, 4, TOLERANCE[torch.float32])

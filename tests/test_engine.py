@@ -234,15 +234,16 @@ def test_shrink_overlap_equals_plain_path(peft_setup, mode):
     assert relative_error(s2["last_logits"], ref[:, -1]) <= TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("mode", ["none", "bgmv_triton"])
-def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode):
+@pytest.mark.parametrize("mode,attention", [("none", "sdpa"), ("bgmv_triton", "sdpa"),
+                                            ("bgmv_triton", "triton")])
+def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode, attention):
     """fused_elementwise (engine_kernels: residual add + RMSNorm, RoPE + K/V cache write,
-    SiLU * up, in the interpreter here) and the split sampler: greedy tokens equal, last
-    decode logits within fp32 rounding of the plain path and within tolerance of PEFT;
-    sampled tokens equal the plain sampler's (same seed)."""
+    SiLU * up, in the interpreter here), the split sampler and the Triton decode attention:
+    greedy tokens equal, last decode logits within fp32 rounding of the plain path and
+    within tolerance of PEFT; sampled tokens equal the plain sampler's (same seed)."""
     base, pm, lora, prompts, adapter_idx = peft_setup
     plain = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64)
-    fused = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64,
+    fused = me.MultiLoraEngine(base, lora, mode, max_batch=8, max_seq=64, attention=attention,
                                fused_elementwise=True, sampler="triton_split")
     kw = dict(max_new_tokens=4, ignore_eos=True, keep_logits=True)
     t1, s1 = plain.generate(prompts, adapter_idx, **kw)
@@ -479,6 +480,9 @@ def test_gpu_graph_replay_equals_eager_and_never_syncs(gpu_setup, mode):
                                        ("bgmv_triton", dict(attention="matmul")),
                                        ("bgmv_cuda", dict(fused_elementwise=True,
                                                           sampler="triton_split")),
+                                       ("bgmv_cuda", dict(attention="triton")),
+                                       ("bgmv_triton", dict(attention="triton",
+                                                            fused_elementwise=True)),
                                        ("none", dict(fused_elementwise=True))])
 def test_gpu_options_match_peft(gpu_setup, mode, opts):
     """lora_overlap (LoRA on a side stream inside the graph) and matmul attention: decode
