@@ -6,6 +6,8 @@
 #   SANITIZE=1 bash tests/gpu_run.sh      also compute-sanitizer memcheck over the kernel and
 #                                         robustness tests, racecheck over a subset, beside
 #                                         the GPU tests (logs/sanitizer_{memcheck,racecheck}.log)
+#   ENGINE_AB=1 bash tests/gpu_run.sh     then the opt-in engine options against the default
+#                                         (e2e b 64, 512 tokens; PERF_LOG v6)
 #   TABLE=1 bash tests/gpu_run.sh         then the CUDA-vs-Triton decode grid
 #                                         (bgmv_cuda/run_bgmv_cuda.py --table)
 #   TESTS=0 skips the GPU tests; PYTEST_ARGS: test files (default all; one pytest process
@@ -120,6 +122,17 @@ fi
 if [ "${TABLE:-0}" = 1 ]; then
   python3 bgmv_cuda/run_bgmv_cuda.py --table --rep-ms 20 --json plots_gpu/bgmv_cuda_vs_triton_h200.json \
     2>&1 | tee "$LOG/table.log" | tail -25
+fi
+if [ "${ENGINE_AB:-0}" = 1 ]; then
+  # The opt-in engine options (PERF_LOG v6) against the default path, one flag at a time
+  # and together, issue 5's run (b 64, 512 tokens, L7 r16), with a decode-step profile.
+  A="--model-config llama3-8b --batch-size 64 --max-new-tokens 512 --prompt-len 32 --num-adapters 7 --modes none bgmv_cuda --no-progress --out-dir plots_gpu"
+  for extra in "" "--fused-elementwise" "--sampler triton_split" "--attention triton" \
+               "--fused-elementwise --sampler triton_split --attention triton --profile 3"; do
+    echo "== engine options: ${extra:-default}"
+    python3 benchmark_inference_multilora.py $A $extra 2>&1 | tee -a "$LOG/engine_ab.log" \
+      | grep -E "^(none|bgmv_cuda) |group|us/step" | head -40
+  done
 fi
 if [ "${E2E:-0}" = 1 ]; then
   python3 benchmark_inference_multilora.py --out-dir plots_gpu ${E2E_ARGS:-} 2>&1 | tee "$LOG/e2e.log" | tail -40
