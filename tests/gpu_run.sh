@@ -43,7 +43,7 @@ shards() {
 }
 sanitize() {
   san_status=0
-  # memcheck over the kernel GPU tests (bgmv_triton, sgmv_triton, bgmv_cuda) and the
+  # memcheck over the kernel GPU tests (bgmv_triton, sgmv_triton, bgmv_cuda, engine_kernels) and the
   # robustness cases, out-of-range idx with checking off included; racecheck over a smaller
   # subset. The 1,000-request engine load, the thousands-of-cases sweep and the timing /
   # compile / graph tests are left out (minutes under the sanitizer; they run unsanitized
@@ -54,7 +54,7 @@ sanitize() {
   # error 900), so tests that capture graphs (graph, pdl, compile, and the scripts' runs,
   # which time in graphs) are left out here.
   # One sanitizer process per test file, in parallel (the sanitizer is CPU-bound).
-  SAN_FILES=${SANITIZE_FILES:-"tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py"}
+  SAN_FILES=${SANITIZE_FILES:-"tests/test_bgmv_triton.py tests/test_sgmv_triton.py tests/test_bgmv_cuda.py tests/test_robustness.py tests/test_engine_kernels.py"}
   SAN_K=${SANITIZE_K:-"not bench and not compile and not graph and not engine_load and not gpu_random_sweep and not e2e and not timing and not raw_ops and not broken_source and not pdl and not script_runs"}
   RACE_K=${RACECHECK_K:-"out_of_range_idx_unchecked or debug_flag or (test_matches_reference and bf16)"}
   pids=()
