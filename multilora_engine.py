@@ -432,12 +432,17 @@ if triton is not None:
             upd = key > bk
             bk = tl.where(upd, key, bk)
             bi = tl.where(upd, o, bi)
-        z_max = tl.max(m_l, 0)
-        amax = tl.min(tl.where(m_l == z_max, best_i, hi), 0)
-        total = tl.sum(s_l * tl.exp(m_l - z_max), 0)
-        kw = tl.max(bk, 0)
-        w = tl.min(tl.where(bk == kw, bi, hi), 0)
-        return z_max, total, amax, kw, w
+        return _reduce_scan(m_l, s_l, best_i, bk, bi, hi)
+
+    @triton.jit
+    def _reduce_scan(m, s, a, k, w, none):
+        """Per-lane (or per-chunk) scan results -> one: (max z, sum exp(z - max z), first
+        argmax, best race key, its first index); `none` is an index past every real one."""
+        z_max = tl.max(m, 0)
+        amax = tl.min(tl.where(m == z_max, a, none), 0)
+        total = tl.sum(s * tl.exp(m - z_max), 0)
+        kw = tl.max(k, 0)
+        return z_max, total, amax, kw, tl.min(tl.where(k == kw, w, none), 0)
 
     @triton.jit
     def _row_key(seed_ptr, step_ptr, row):
@@ -459,12 +464,7 @@ if triton is not None:
         k_c = tl.load(fb + 2, mask=m, other=NEG_INF)
         a_c = tl.load(ib, mask=m, other=V)
         w_c = tl.load(ib + 1, mask=m, other=V)
-        z_max = tl.max(m_c, 0)
-        amax = tl.min(tl.where(m_c == z_max, a_c, V), 0)
-        total = tl.sum(s_c * tl.exp(m_c - z_max), 0)
-        kw = tl.max(k_c, 0)
-        w = tl.min(tl.where(k_c == kw, w_c, V), 0)
-        return z_max, total, amax, kw, w
+        return _reduce_scan(m_c, s_c, a_c, k_c, w_c, V)
 
     @triton.jit
     def _top_p_stats_kernel(logits_ptr, params_ptr, seed_ptr, step_ptr, fstats_ptr, istats_ptr,
