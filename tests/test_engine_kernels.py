@@ -79,10 +79,12 @@ def _attn_check(dtype, device, T, H, Hkv, d, S, Sb, starts, cur):
 # The interpreter's bf16 tl.dot is wrong (a 16 x 16 product off by 1e10 with triton 3.x's
 # numpy emulation), so bf16 attention is checked on the GPU only.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_decode_attention_matches_sdpa_path(dtype):
-    """Rows with different starts (their left padding NaN: must never be read), slots past
-    cur NaN, Sb below the cache length, split and unsplit."""
-    _attn_check(dtype, "cpu", T=3, H=8, Hkv=2, d=16, S=200, Sb=192, starts=[0, 5, 70], cur=150)
+@pytest.mark.parametrize("H,Hkv,d", [(8, 2, 16), (4, 4, 32), (6, 1, 16)])
+def test_decode_attention_matches_sdpa_path(dtype, H, Hkv, d):
+    """GQA, plain multi-head (G = 1) and one KV head (G = 6, not a power of two); rows with
+    different starts (their left padding NaN: must never be read), slots past cur NaN, Sb
+    below the cache length, split and unsplit."""
+    _attn_check(dtype, "cpu", T=3, H=H, Hkv=Hkv, d=d, S=200, Sb=192, starts=[0, 5, 70], cur=150)
 
 
 def test_bad_arguments_raise():
