@@ -84,6 +84,14 @@ def add_rms_norm(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) -> Tenso
 # ---------------------------------------------------------------------------------------
 # RoPE on q and k, k and v into the cache
 # ---------------------------------------------------------------------------------------
+def rope_torch(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x [T, n, d] rotated: x * cos + rotate_half(x) * sin (cos, sin_signed [T, 1, d], the
+    first half of sin negated); 3 kernels (mul, flip, addcmul) for all n heads together."""
+    T, n, d = x.shape
+    flipped = x.view(T, n, 2, d // 2).flip(2).view(T, n, d)      # [x2, x1]
+    return torch.addcmul(x * cos, flipped, sin_signed)
+
+
 def rope_qkv_to_cache_torch(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
                             k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int
                             ) -> Tensor:
@@ -92,10 +100,8 @@ def rope_qkv_to_cache_torch(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: T
     sin_signed [n_pos, d]: the engine's tables (first half of sin negated); pos [T] int64."""
     T = qkv.shape[0]
     d = k_cache.shape[-1]
-    c, s = cos[pos][:, None], sin_signed[pos][:, None]                 # [T, 1, d]
-    x = qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d)
-    flipped = x.view(T, H + Hkv, 2, d // 2).flip(2).view(T, H + Hkv, d)
-    qk = torch.addcmul(x * c, flipped, s)
+    qk = rope_torch(qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d), cos[pos][:, None],
+                    sin_signed[pos][:, None])                             # [T, H + Hkv, d]
     v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
     k_cache[:T].index_copy_(2, slot, qk[:, H:, None, :])
     v_cache[:T].index_copy_(2, slot, v[:, :, None, :])
@@ -192,6 +198,14 @@ def silu_mul(gu: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------
 # Decode attention over the filled part of the cache (flash-decoding)
 # ---------------------------------------------------------------------------------------
+def decode_bias(slots: Tensor, start: Tensor, cur: Tensor, dtype) -> Tensor:
+    """Additive decode mask [T, 1, 1, Sb]: 0 where start[b] <= slot <= cur, else -inf
+    (slots [Sb] int64, start [T], cur int64 [1]); built once per step, shared by layers."""
+    valid = (slots[None, :] >= start[:, None]) & (slots[None, :] <= cur)     # [T, Sb]
+    bias = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+    return bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
+
+
 def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: Tensor,
                            cur: Tensor, Sb: int, scale: float) -> Tensor:
     """q [T, H, d]; k_cache, v_cache [>= T, Hkv, S, d]; row b attends over slots
@@ -199,10 +213,7 @@ def decode_attention_torch(q: Tensor, k_cache: Tensor, v_cache: Tensor, start: T
     plain path: the G = H / Hkv query heads of a KV head as G rows, one SDPA call."""
     T, H, d = q.shape
     Hkv = k_cache.shape[1]
-    slots = torch.arange(Sb, device=q.device)
-    valid = (slots[None, :] >= start[:T, None]) & (slots[None, :] <= cur)       # [T, Sb]
-    bias = torch.zeros(T, Sb, dtype=q.dtype, device=q.device)
-    bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]
+    bias = decode_bias(torch.arange(Sb, device=q.device), start[:T], cur, q.dtype)
     a = F.scaled_dot_product_attention(q.reshape(T, Hkv, H // Hkv, d), k_cache[:T, :, :Sb],
                                        v_cache[:T, :, :Sb], attn_mask=bias, scale=scale)
     return a.reshape(T, H * d)

@@ -188,14 +188,6 @@ def _rope_tables(model, config, head_dim: int, n_pos: int, device, dtype) -> tup
     return (emb.cos() * scaling).to(dtype), sin.to(dtype)
 
 
-def _rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
-    """x [T, n, d] rotated: x * cos + rotate_half(x) * sin (cos, sin_signed [T, 1, d]);
-    3 kernels (mul, flip, addcmul) for q and k together."""
-    T, n, d = x.shape
-    flipped = x.view(T, n, 2, d // 2).flip(2).view(T, n, d)      # [x2, x1]
-    return torch.addcmul(x * cos, flipped, sin_signed)
-
-
 def _rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """LlamaRMSNorm (x * rsqrt(mean(x^2) + eps) * w, statistics in fp32), one fused kernel
     where torch has it; transformers rounds to x's dtype before the weight multiply, this
@@ -890,7 +882,7 @@ class MultiLoraEngine:
     def _mlp(self, x: Tensor, layer: _Layer, ctx) -> Tensor:
         h = _rms_norm(x, layer.ln2, self.eps)
         gu = self._linear_lora(h, layer.wgu, layer.bgu, layer, "gate_up", ctx)   # [T, 2 I]
-        m = F.silu(gu[:, :self.inter]) * gu[:, self.inter:]                      # [T, I]
+        m = ek.silu_mul_torch(gu)                                                # [T, I]
         return x + self._linear_lora(m, layer.wd, layer.bd, layer, "down", ctx)
 
     def _qkv(self, x: Tensor, layer: _Layer, ctx, cos: Tensor, sin: Tensor
@@ -900,7 +892,7 @@ class MultiLoraEngine:
         H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
         h = _rms_norm(x, layer.ln1, self.eps)
         qkv = self._linear_lora(h, layer.wqkv, layer.bqkv, layer, "qkv", ctx)  # [T, (H + 2 Hkv) d]
-        qk = _rope(qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d), cos, sin)       # [T, H + Hkv, d]
+        qk = ek.rope_torch(qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d), cos, sin)  # [T, H + Hkv, d]
         v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
         return qk[:, :H], qk[:, H:], v
 
@@ -950,11 +942,8 @@ class MultiLoraEngine:
         fused = self.fused_elementwise
         if not fused:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]      # [Bb, 1, d]
-        slots = st.slots[:Sb]
         if self.attention != "triton":
-            valid = (slots[None, :] >= start[:, None]) & (slots[None, :] <= st.cur)  # [Bb, Sb]
-            bias = torch.zeros(Bb, Sb, dtype=self.dtype, device=self.device)
-            bias = bias.masked_fill(~valid, float("-inf"))[:, None, None, :]  # [Bb, 1, 1, Sb]
+            bias = ek.decode_bias(st.slots[:Sb], start, st.cur, self.dtype)  # [Bb, 1, 1, Sb]
         x = F.embedding(st.tok[:Bb], self.embed)                           # [Bb, hidden]
         if fused:   # h: the next sublayer's normed input; x is updated in place
             h = ek.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
