@@ -663,24 +663,21 @@ def print_profile(title: str, rows) -> None:
 
 
 def read_profile_log(path: str) -> list:
-    """(title, rows) of every --profile report in a saved log (the kernel table lines:
-    us/step, calls, share, name; rows past the top 30 were not printed, so group sums
-    from a log cover the top 30)."""
+    """(title, rows) of every --profile report in a saved log: its kernel table lines (us
+    per step, calls, share, name), up to the group table that follows them; rows past the
+    top 30 were not printed, so group sums from a log cover the top 30."""
     import re
-    out, rows, title = [], None, None
+    out = []
     for line in open(path):
         if line.startswith("profile "):
-            if rows is not None:
-                out.append((title, rows))
-            title, rows = line.split(",")[0][len("profile "):].strip(), []
-            continue
-        m = re.match(r"\s*([\d.]+)\s+([\d.]+)\s+[\d.]+%\s+(.+)$", line)
-        if m and rows is not None and "group (all kernels)" not in line:
-            if any(m.group(3).strip() == g for g, _ in PROFILE_GROUPS + (("other", ""),)):
-                continue                                          # a group line
-            rows.append((float(m.group(1)), float(m.group(2)), m.group(3).strip()))
-    if rows is not None:
-        out.append((title, rows))
+            out.append((line.split(",")[0][len("profile "):].strip(), []))
+            in_kernels = True
+        elif "group (all kernels)" in line:
+            in_kernels = False
+        elif out and in_kernels:
+            m = re.match(r"\s*([\d.]+)\s+([\d.]+)\s+[\d.]+%\s+(.+)$", line)
+            if m:
+                out[-1][1].append((float(m.group(1)), float(m.group(2)), m.group(3).strip()))
     return out
 
 

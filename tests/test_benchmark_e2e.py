@@ -222,6 +222,13 @@ def test_profile_flag_prints_kernel_table(tmp_path, capsys):
     calls = {ln.split()[3]: float(ln.split()[1]) for ln in out.splitlines()
              if ln.strip().endswith(("multilora::bgmv_shrink", "multilora::bgmv_expand"))}
     assert calls == {"multilora::bgmv_shrink": 8.0, "multilora::bgmv_expand": 8.0}
+    log = tmp_path / "profile.log"                       # the report reads back, group table
+    log.write_text(out)                                  # (printed after it) left out
+    (title, rows), = bim.read_profile_log(str(log))
+    assert title == "bgmv_triton: one decode step"
+    names = [k for _, _, k in rows]
+    assert "multilora::bgmv_shrink" in names
+    assert not set(names) & {g for g, _ in bim.PROFILE_GROUPS}
 
 
 def test_profile_summary_groups_the_committed_h200_log(capsys):
