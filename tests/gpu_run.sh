@@ -37,7 +37,7 @@ shards() {
   case "$(basename "$1")" in
     test_robustness.py) echo 8 ;;
     test_bgmv_cuda.py) echo 4 ;;
-    test_bgmv_triton.py|test_public_kernels.py) echo 2 ;;
+    test_bgmv_triton.py|test_public_kernels.py|test_engine.py) echo 2 ;;
     *) echo 1 ;;
   esac
 }

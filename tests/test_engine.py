@@ -513,21 +513,38 @@ def test_gpu_eager_step_never_syncs(gpu_setup):
                  top_p=0.9, use_graph=False, check_sync=True)
 
 
-@pytest.mark.gpu
-def test_gpu_sampler_triton_equals_torch_and_is_fast():
-    import triton
+def _gpu_sampler_inputs():
     g = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(64, 128256, device="cuda", generator=g) * 1.8).to(torch.bfloat16)
-    seed, step = torch.tensor([5], device="cuda"), torch.tensor([2], device="cuda")
-    for temperature, top_p in [(0.7, 0.9), (1.0, 1.0), (0.5, 0.2)]:
+    return logits, torch.tensor([5], device="cuda"), torch.tensor([2], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [False, True])
+def test_gpu_sampler_triton_equals_torch(split):
+    """Llama-3's vocabulary at batch 64: both Triton samplers (one program per row, and
+    the split one: stats, mass and combine kernels) draw exactly the torch sampler's tokens."""
+    logits, seed, step = _gpu_sampler_inputs()
+    for temperature, top_p in [(0.7, 0.9), (1.0, 1.0), (0.5, 0.2), (1.2, 0.05)]:
         params = _params(temperature, top_p).cuda()
         ref = me.sample_top_p_torch(logits, params, seed, step)
-        out = me.sample_top_p_triton(logits, params, seed, step)
+        out = me.sample_top_p_triton(logits, params, seed, step, split=split)
         assert (out != ref).sum().item() == 0, (temperature, top_p)
+    if split:
+        assert me.sampler_split(64, 128256, me.SAMPLER_BLOCK_V) > 1   # the split path ran
+
+
+@pytest.mark.gpu
+def test_gpu_sampler_timing():
+    import triton
+    logits, seed, step = _gpu_sampler_inputs()
     params = _params(0.7, 0.9).cuda()
-    us = 1e3 * triton.testing.do_bench(lambda: me.sample_top_p_triton(logits, params, seed, step),
-                                       quantiles=[0.5, 0.2, 0.8])[0]
+    times = {}
+    for split in (False, True):
+        fn = lambda: me.sample_top_p_triton(logits, params, seed, step, split=split)
+        times[split] = 1e3 * triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
     sort_us = 1e3 * triton.testing.do_bench(lambda: logits.float().softmax(-1).sort(-1, descending=True),
                                             quantiles=[0.5, 0.2, 0.8])[0]
-    print(f"top-p sampler, 64 x 128256 bf16: Triton {us:.0f} us; softmax + sort alone {sort_us:.0f} us")
-    assert us < 500
+    print(f"top-p sampler, 64 x 128256 bf16: Triton {times[False]:.0f} us, split {times[True]:.0f} us; "
+          f"softmax + sort alone {sort_us:.0f} us")
+    assert max(times.values()) < 500
