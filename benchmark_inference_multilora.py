@@ -81,15 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
                         "an add), shrink (the mode's shrink on a side stream beside the GEMM, "
                         "its expand into the GEMM's output; modes without halves run off)")
-    p.add_argument("--fused-elementwise", action="store_true",
+    p.add_argument("--fused-elementwise", nargs="?", const="on", default="auto",
+                   choices=["auto", "on", "off"],
                    help="fast engine: decode step with engine_kernels' fused residual add + "
                         "RMSNorm, RoPE + K/V cache write and SiLU * up (4 small kernels per "
-                        "layer instead of 11)")
+                        "layer instead of 11); auto (default) = on with a GPU, off on the CPU; "
+                        "the bare flag = on")
     p.add_argument("--sampler", default="auto", choices=["auto", "triton", "triton_split", "torch"],
                    help="fast engine's top-p sampler: auto (Triton on a GPU), triton (one "
                         "program per row), triton_split (P programs per row, 3 launches), torch")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "matmul", "triton"],
-                   help="fast engine's decode attention: sdpa (one F.scaled_dot_product_attention "
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "matmul", "triton"],
+                   help="fast engine's decode attention: auto (default: triton with a GPU, sdpa "
+                        "on the CPU), sdpa (one F.scaled_dot_product_attention "
                         "call over the filled cache bucket, masked), matmul, or triton "
                         "(engine_kernels.decode_attention: flash-decoding over each row's "
                         "filled slots only)")
@@ -623,10 +626,11 @@ def time_fast(eng, mode: str, input_ids, adapter_idx, args, pad_id: int) -> dict
 
 
 # --profile: kernel names -> what they do in a decode step (first match wins; the rest is
-# "other"). Names of cuBLAS / cuDNN / ATen kernels on the H200 image (torch 2.11, CUDA 13).
+# "other"). Names of cuBLAS / cuDNN / ATen kernels on the H200 image (torch 2.11, CUDA 13)
+# and of engine_kernels' Triton kernels (_decode_attn, _add_rms_norm, _rope_qkv, _silu_mul).
 PROFILE_GROUPS = (
     ("base GEMMs (cuBLAS, split-K reduce)", r"^nvjet|gemm|splitKreduce|cutlass"),
-    ("attention", r"sdpa|flash|attention|fmha"),
+    ("attention", r"sdpa|flash|attention|fmha|decode_attn"),
     ("LoRA expand", r"expand"),
     ("LoRA shrink", r"shrink"),
     ("LoRA other (sgmv, gathers)", r"sgmv|bgmv|lora"),
@@ -634,7 +638,8 @@ PROFILE_GROUPS = (
     ("K/V cache writes (index_copy)", r"index_copy"),
     ("top-p sampler", r"top_p|sample"),
     ("residual adds", r"CUDAFunctor_add<c10::BFloat16>"),
-    ("RoPE, SiLU * up, other elementwise", r"elementwise_kernel|flip_kernel|addcmul"),
+    ("RoPE (+ K/V cache writes when fused), SiLU * up, other elementwise",
+     r"elementwise_kernel|flip_kernel|addcmul|_rope_qkv|_silu_mul"),
 )
 
 
@@ -870,8 +875,11 @@ def run(args) -> dict:
                               max_batch=max(batch_sizes),
                               max_seq=max(plens) + args.max_new_tokens,
                               lora_overlap=args.lora_overlap,
-                              fused_elementwise=args.fused_elementwise, sampler=args.sampler,
-                              attention=args.attention)
+                              fused_elementwise=FUSED_OPTION[args.fused_elementwise],
+                              sampler=args.sampler, attention=args.attention)
+        # what "auto" became on this device
+        config["engine_options"] = dict(fused_elementwise=eng.fused_elementwise,
+                                        sampler=eng.sampler, attention=eng.attention)
         kw = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                   ignore_eos=True, pad_token_id=pad_id)
 
@@ -933,13 +941,16 @@ def run(args) -> dict:
     return data
 
 
+FUSED_OPTION = {"auto": "auto", "on": True, "off": False}   # --fused-elementwise -> engine
+
+
 def default_stem(data: dict, engines: list[str]) -> str:
     c = data["config"]
     tail = ("" if engines == ["fast"] else "_" + "-".join(engines)) \
         + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}") \
-        + ("_fused" if c.get("fused_elementwise") else "") \
+        + {True: "_fused", "on": "_fused", "off": "_unfused"}.get(c.get("fused_elementwise"), "") \
         + ("" if c.get("sampler", "auto") == "auto" else f"_sampler-{c['sampler']}") \
-        + ("" if c.get("attention", "sdpa") == "sdpa" else f"_attn-{c['attention']}")
+        + ("" if c.get("attention", "auto") == "auto" else f"_attn-{c['attention']}")
     common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"
     kind = data.get("kind", "single")
     if kind == "sweep":
@@ -973,7 +984,7 @@ def main(args: argparse.Namespace) -> dict:
         args.num_adapters, args.rank, args.warmup_tokens = 4, 4, 2
     import torch
     cpu = args.device == "cpu" or (args.device == "auto" and not torch.cuda.is_available())
-    if cpu and (any(m in TRITON_MODES for m in args.modes) or args.fused_elementwise
+    if cpu and (any(m in TRITON_MODES for m in args.modes) or args.fused_elementwise == "on"
                 or args.sampler in ("triton", "triton_split") or args.attention == "triton"):
         os.environ.setdefault("TRITON_INTERPRET", "1")    # before transformers imports triton
     data = run(args)

@@ -51,7 +51,8 @@ from sgmv_triton.sgmv_shrink_triton import (_fail, check_block, check_ranks, che
 # ---------------------------------------------------------------------------------------
 # Block sizes (H200, sm_90)
 # ---------------------------------------------------------------------------------------
-BLOCK_N_16BIT = 128   # 256 contiguous bytes of each y row per program: full 128-B lines
+BLOCK_M_16BIT = 16    # 16-bit: 16-token tiles whatever the segment length (H200 sweep,
+BLOCK_N_16BIT = 256   # PERF_LOG v8: 8 x 512 tokens [64, 128] 61.8 us -> [16, 256] 24.8 us)
 BLOCK_N_FP32 = 64     # same bytes per row in fp32 (fp32 dots run on FMA units)
 BLOCK_R_BF16 = 16     # rank step for bf16: its split v (hi + lo) doubles the dot operands
 BLOCK_R_MAX = 32      # rank step otherwise; [64, 128] tiles at 64 spill on sm_90
@@ -183,7 +184,9 @@ def _sgmv_expand_kernel(
 def expand_config(dtype: torch.dtype, r_max: int, max_seg_len: Optional[int],
                   block_m: int = 0, block_n: int = 0) -> dict:
     """Block sizes and launch options for the H200 (0 = pick the default)."""
-    block_m = block_m or pick_block_m(max_seg_len)
+    if not block_m:
+        block_m = pick_block_m(max_seg_len) if dtype == torch.float32 else \
+            min(BLOCK_M_16BIT, pick_block_m(max_seg_len))
     r_step = BLOCK_R_BF16 if dtype == torch.bfloat16 else BLOCK_R_MAX
     return dict(BLOCK_M=block_m,
                 BLOCK_N=block_n or (BLOCK_N_FP32 if dtype == torch.float32 else BLOCK_N_16BIT),

@@ -28,7 +28,8 @@ axis, so for q/k/v at r = 16 a single [BLOCK_M, 64] tile holds all three and x i
 once. 16-bit dots run on tensor cores (wgmma on sm_90 for 64-row tiles); fp32 uses
 input_precision="ieee" (FMA units, no TF32) so the 1e-5 bound holds. Rank rows past
 ranks[a] are masked at the load (tests put NaN there) and a column block that is all
-padding skips its K loop. Deterministic unless split_k > 1 (atomics, see sgmv_shrink).
+padding skips its K loop. Deterministic unless split_k > 1 (atomics; the default picks
+split_k > 1 only for grids under SPLIT_K_PROGRAMS programs, see sgmv_shrink).
 
 Bytes that must move (for GB/s):  T_lora * h_in * e  (x rows with an adapter)
 +  distinct adapters * S * rank * h_in * e  (A; re-read per token block, from L2)
@@ -59,6 +60,8 @@ BLOCK_K_16BIT = 128   # 256 contiguous bytes per x/A row per step, half the K-lo
 BLOCK_K_FP32 = 32     # fp32 (ieee) dots run on FMA units: BLOCK_K 64 spills registers on sm_90
 BLOCK_C_MAX = 128     # all slices' rank columns in one tile up to 128 (qkv r=16: 64): x read once
 NUM_STAGES = 3        # the K loop is load-bound: 3 stages in flight hide HBM latency
+SPLIT_K_MAX = 4       # split_k=0 (auto) splits h_in until the grid has >= SPLIT_K_PROGRAMS
+SPLIT_K_PROGRAMS = 256  # programs (~2 per SM); H200 sweep, PERF_LOG v8: 8 x 512 tokens 18.6 -> 14.9 us
 # num_warps: 8 for a [>=32, 128] accumulator, else 4 (sm_90 ptxas: [64, 128] at 4 warps
 # spills, at 8 it takes 152 registers; [64, 64] at 4 takes 176, no spill).
 
@@ -233,6 +236,15 @@ def pick_block_m(max_seg_len: Optional[int]) -> int:
     return 16 if max_seg_len <= 16 else 32
 
 
+def pick_split_k(num_programs: int) -> int:
+    """split_k=0 (auto): the smallest power of two <= SPLIT_K_MAX that gives the grid
+    >= SPLIT_K_PROGRAMS programs (few, short segments leave most SMs idle otherwise)."""
+    split = 1
+    while split < SPLIT_K_MAX and num_programs * split < SPLIT_K_PROGRAMS:
+        split *= 2
+    return split
+
+
 def shrink_config(dtype: torch.dtype, n_cols: int, max_seg_len: Optional[int],
                   block_m: int = 0, block_k: int = 0) -> dict:
     """Block sizes and launch options for the H200 (0 = pick the default)."""
@@ -289,14 +301,16 @@ def _(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, split_k, block_m, bl
 
 def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
                 ranks: Optional[Tensor] = None, v: Optional[Tensor] = None,
-                max_seg_len: Optional[int] = None, *, split_k: int = 1, block_m: int = 0,
+                max_seg_len: Optional[int] = None, *, split_k: int = 0, block_m: int = 0,
                 block_k: int = 0, check: bool = False) -> Tensor:
     """v[rows of segment g, s, :ranks[a]] = x[rows] @ A[s, a, :ranks[a]].T in fp32, returns v.
 
     A: [L, r_max, h_in] or [S, L, r_max, h_in]. v: [T, S, r_max] fp32, allocated when None.
     max_seg_len: host int >= the longest segment (sizes the grid), None = T.
     split_k > 1 splits h_in over programs that atomically add into v (zeroed first): more
-    parallelism for few, short segments, results vary in the last bits.
+    parallelism for few, short segments; the order of the adds varies, so results vary in
+    the last bits from run to run. 0 (default) picks by grid size (pick_split_k): 1 when
+    the segments alone fill the GPU; split_k=1 is deterministic.
     block_m / block_k: 0 picks the H200 defaults. check=True also checks index values
     (a host sync)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in (
@@ -317,10 +331,14 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
     check = check or debug_checks()          # MULTILORA_CHECK=1: values too
     check_segments(seg_starts, seg_adapter, T, L, x.device, max_seg_len, check)
     check_ranks(ranks, L, r_max, x.device, check)
-    if not isinstance(split_k, int) or split_k < 1:
-        _fail("split_k", "an int >= 1", split_k)
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 0:
+        _fail("split_k", "an int >= 0 (0 = pick by grid size)", split_k)
     check_block("block_m", block_m)
     check_block("block_k", block_k)
+    if split_k == 0:
+        cfg = shrink_config(x.dtype, S * r_max, max_seg_len, block_m, block_k)
+        split_k = pick_split_k(seg_adapter.shape[0] * triton.cdiv(max_seg_len or T, cfg["BLOCK_M"])
+                               * triton.cdiv(S * r_max, cfg["BLOCK_C"]))
     if v is None:
         v = torch.empty(T, S, r_max, device=x.device, dtype=torch.float32)   # [T, S, r_max]
     elif not isinstance(v, Tensor) or v.shape != (T, S, r_max) or v.dtype != torch.float32 \

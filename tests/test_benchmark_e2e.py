@@ -43,6 +43,9 @@ def test_benchmark_quick_cpu(tmp_path, capsys):
     rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1]] + [("peft", "peft")]
     d = check_json(path, rows, 8, 8, TOLERANCE[torch.float32])
     assert d["validation"]["gate"] == TOLERANCE[torch.float32]     # fp32: the plain bound
+    # "auto" engine options resolve to the torch forms on the CPU
+    assert d["config"]["engine_options"] == dict(fused_elementwise=False, sampler="torch",
+                                                 attention="sdpa")
     png = path[:-5] + ".png"
     assert os.path.getsize(png) > 10_000
     table = capsys.readouterr().out
@@ -180,6 +183,8 @@ def test_benchmark_short_gpu(tmp_path):
     d = check_json(data["json_path"], rows, 16, 16, TOLERANCE[torch.bfloat16])
     assert d["env"]["gpu"] and d["env"]["triton"]
     assert all(r["peak_memory_gb"] > 0 for r in d["results"])
+    assert d["config"]["engine_options"] == dict(fused_elementwise=True, sampler="triton",
+                                                 attention="triton")    # "auto" on a GPU
 
 
 def test_lora_overlap_flag_recorded(tmp_path):
@@ -257,7 +262,9 @@ def test_fused_elementwise_and_sampler_flags(tmp_path):
                        "--sampler", "triton_split", "--attention", "triton",
                        "--out-dir", str(tmp_path)])
     c = data["config"]
-    assert c["fused_elementwise"] is True and c["sampler"] == "triton_split"
+    assert c["fused_elementwise"] == "on" and c["sampler"] == "triton_split"
+    assert c["engine_options"] == dict(fused_elementwise=True, sampler="triton_split",
+                                       attention="triton")
     assert c["attention"] == "triton"
     path = tmp_path / "e2e_tiny_b2_L4_r4_n4_fused_sampler-triton_split_attn-triton.json"
     assert data["json_path"] == str(path)

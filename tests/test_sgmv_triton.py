@@ -84,6 +84,20 @@ def test_sgmv_mode(case, dtype):
     assert err < TOLERANCE[dtype], f"{case} {dtype}: rel err {err:.2e}"
 
 
+def test_default_tiles_and_split_rule():
+    """The H200 defaults of PERF_LOG v8: the shrink splits h_in only while the grid is under
+    SPLIT_K_PROGRAMS programs; the 16-bit expand takes [16, 256] tiles at any segment length."""
+    from sgmv_triton.sgmv_expand_triton import expand_config
+    from sgmv_triton.sgmv_shrink_triton import SPLIT_K_PROGRAMS, pick_split_k
+    assert [pick_split_k(n) for n in (1, 8, 64, 100, 128, 200, SPLIT_K_PROGRAMS, 4096)] == \
+        [4, 4, 4, 4, 2, 2, 1, 1]
+    for dtype in (torch.bfloat16, torch.float16):
+        for seg in (1, 64, 512, None):
+            cfg = expand_config(dtype, 16, seg)
+            assert (cfg["BLOCK_M"], cfg["BLOCK_N"]) == (16, 256), (dtype, seg)
+    assert (expand_config(torch.float32, 16, 512)["BLOCK_M"], expand_config(torch.float32, 16, 8)["BLOCK_M"]) == (64, 16)
+
+
 @pytest.mark.parametrize("block_m,max_seg_len,split_k", [(16, None, 1), (16, 53, 3), (32, 60, 2)])
 def test_long_segments_blocks_split_k(block_m, max_seg_len, split_k):
     # Segments of 53 and 41 tokens span several 16-row blocks; max_seg_len None sizes the
@@ -165,7 +179,7 @@ def test_bad_inputs():
         ("ranks", dict(ranks=torch.tensor([4.0, 2.0]))),
         ("v", dict(v=torch.zeros(5, 1, 4, dtype=torch.float16))),
         ("max_seg_len", dict(max_seg_len=0)),
-        ("split_k", dict(split_k=0)),
+        ("split_k", dict(split_k=-1)),
         ("block_m", dict(block_m=24)),
         ("block_k", dict(block_k=8)),
     ]
