@@ -28,8 +28,10 @@ axis, so for q/k/v at r = 16 a single [BLOCK_M, 64] tile holds all three and x i
 once. 16-bit dots run on tensor cores (wgmma on sm_90 for 64-row tiles); fp32 uses
 input_precision="ieee" (FMA units, no TF32) so the 1e-5 bound holds. Rank rows past
 ranks[a] are masked at the load (tests put NaN there) and a column block that is all
-padding skips its K loop. Deterministic unless split_k > 1 (atomics; the default picks
-split_k > 1 only for grids under SPLIT_K_PROGRAMS programs, see sgmv_shrink).
+padding skips its K loop. split_k > 1 (the default for small grids, pick_split_k) splits
+h_in: each split stores its partial sums into its own slice of an fp32 [split_k, T, S, r_max]
+buffer and one torch.sum adds them in a fixed order, so the result is deterministic (no
+atomics) and does not depend on the segment layout.
 
 Bytes that must move (for GB/s):  T_lora * h_in * e  (x rows with an adapter)
 +  distinct adapters * S * rank * h_in * e  (A; re-read per token block, from L2)
@@ -61,7 +63,7 @@ BLOCK_K_FP32 = 32     # fp32 (ieee) dots run on FMA units: BLOCK_K 64 spills reg
 BLOCK_C_MAX = 128     # all slices' rank columns in one tile up to 128 (qkv r=16: 64): x read once
 NUM_STAGES = 3        # the K loop is load-bound: 3 stages in flight hide HBM latency
 SPLIT_K_MAX = 4       # split_k=0 (auto) splits h_in until the grid has >= SPLIT_K_PROGRAMS
-SPLIT_K_PROGRAMS = 256  # programs (~2 per SM); H200 sweep, PERF_LOG v8: 8 x 512 tokens 18.6 -> 14.9 us
+SPLIT_K_PROGRAMS = 256  # 64-row tiles (~2 per SM); H200 sweep, PERF_LOG v8: 8 x 512 tokens 18.6 -> 14.9 us
 # num_warps: 8 for a [>=32, 128] accumulator, else 4 (sm_90 ptxas: [64, 128] at 4 warps
 # spills, at 8 it takes 152 registers; [64, 64] at 4 takes 176, no spill).
 
@@ -82,7 +84,7 @@ def _sgmv_shrink_kernel(
     # strides
     stride_xt, stride_xk,
     stride_as, stride_al, stride_ar, stride_ak,
-    stride_vt, stride_vs, stride_vr,
+    stride_vt, stride_vs, stride_vr, stride_vk,
     # meta-parameters
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr, HAS_RANKS: tl.constexpr,
@@ -114,8 +116,8 @@ def _sgmv_shrink_kernel(
     col_s = cols // r_max
     col_r = cols % r_max
     col_in = cols < n_cols
-    v_ptrs = (v_ptr + rows64[:, None] * stride_vt + col_s[None, :] * stride_vs
-              + col_r[None, :] * stride_vr)
+    v_ptrs = (v_ptr + pid_k * stride_vk + rows64[:, None] * stride_vt + col_s[None, :] * stride_vs
+              + col_r[None, :] * stride_vr)                  # K split k: its own partial slice
     out_mask = row_mask[:, None] & col_in[None, :]
 
     # Early exit for -1 segments (and out-of-range adapters, never read out of bounds):
@@ -161,11 +163,8 @@ def _sgmv_shrink_kernel(
         x_ptrs += BLOCK_K * stride_xk
         a_ptrs += BLOCK_K * stride_ak
 
-    # Masked store of the fp32 result; K splits add into a zeroed v.
-    if SPLIT_K == 1:
-        tl.store(v_ptrs, acc, mask=out_mask)
-    else:
-        tl.atomic_add(v_ptrs, acc, mask=out_mask)
+    # Masked store of the fp32 result (of this K split's partial slice).
+    tl.store(v_ptrs, acc, mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,7 +237,8 @@ def pick_block_m(max_seg_len: Optional[int]) -> int:
 
 def pick_split_k(num_programs: int) -> int:
     """split_k=0 (auto): the smallest power of two <= SPLIT_K_MAX that gives the grid
-    >= SPLIT_K_PROGRAMS programs (few, short segments leave most SMs idle otherwise)."""
+    >= SPLIT_K_PROGRAMS programs. num_programs: 64-row token tiles x column blocks (few,
+    short segments leave most SMs idle otherwise)."""
     split = 1
     while split < SPLIT_K_MAX and num_programs * split < SPLIT_K_PROGRAMS:
         split *= 2
@@ -259,7 +259,8 @@ def shrink_config(dtype: torch.dtype, n_cols: int, max_seg_len: Optional[int],
 def _launch_sgmv_shrink(v: Tensor, x: Tensor, A4: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
                         ranks: Optional[Tensor], max_seg_len: Optional[int], split_k: int,
                         block_m: int, block_k: int) -> None:
-    """Launch only (inputs already checked). v: [T, S, r_max] fp32, zeroed if split_k > 1."""
+    """Launch only (inputs already checked). v: [T, S, r_max] fp32, or with split_k > 1 the
+    [split_k, T, S, r_max] partials (summed by the caller)."""
     T, h_in = x.shape
     S, L, r_max, _ = A4.shape
     n_cols = S * r_max
@@ -272,7 +273,7 @@ def _launch_sgmv_shrink(v: Tensor, x: Tensor, A4: Tensor, seg_starts: Tensor, se
         T, h_in, L, r_max, n_cols, num_m_blocks, num_c_blocks,
         x.stride(0), x.stride(1),
         A4.stride(0), A4.stride(1), A4.stride(2), A4.stride(3),
-        v.stride(0), v.stride(1), v.stride(2),
+        v.stride(-3), v.stride(-2), v.stride(-1), v.stride(0) if v.dim() == 4 else 0,
         SPLIT_K=split_k, EVEN_K=(h_in % (cfg["BLOCK_K"] * split_k) == 0),
         HAS_RANKS=ranks is not None,
         UPCAST=(x.device.type == "cpu" and x.dtype == torch.bfloat16),
@@ -288,10 +289,14 @@ def _launch_sgmv_shrink(v: Tensor, x: Tensor, A4: Tensor, seg_starts: Tensor, se
 def _sgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
                     ranks: Optional[Tensor], max_seg_len: Optional[int], split_k: int,
                     block_m: int, block_k: int) -> None:
-    if split_k > 1:
-        v.zero_()
-    _launch_sgmv_shrink(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, split_k,
+    if split_k == 1:
+        _launch_sgmv_shrink(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, 1,
+                            block_m, block_k)
+        return
+    parts = torch.empty((split_k,) + tuple(v.shape), device=v.device, dtype=torch.float32)
+    _launch_sgmv_shrink(parts, x, A, seg_starts, seg_adapter, ranks, max_seg_len, split_k,
                         block_m, block_k)
+    torch.sum(parts, 0, out=v)       # fixed order: deterministic, unlike atomics
 
 
 @_sgmv_shrink_op.register_fake
@@ -307,10 +312,11 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
 
     A: [L, r_max, h_in] or [S, L, r_max, h_in]. v: [T, S, r_max] fp32, allocated when None.
     max_seg_len: host int >= the longest segment (sizes the grid), None = T.
-    split_k > 1 splits h_in over programs that atomically add into v (zeroed first): more
-    parallelism for few, short segments; the order of the adds varies, so results vary in
-    the last bits from run to run. 0 (default) picks by grid size (pick_split_k): 1 when
-    the segments alone fill the GPU; split_k=1 is deterministic.
+    split_k > 1 splits h_in over programs that store partial sums, added in a fixed order
+    (deterministic): more parallelism for few, short segments. 0 (default) picks by the
+    token count and columns only (pick_split_k of the grid 64-row tiles would make), so
+    the same T gives the same split, and the same bits, whatever the segment layout (eager
+    and CUDA-graph calls agree).
     block_m / block_k: 0 picks the H200 defaults. check=True also checks index values
     (a host sync)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in (
@@ -336,9 +342,8 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
     check_block("block_m", block_m)
     check_block("block_k", block_k)
     if split_k == 0:
-        cfg = shrink_config(x.dtype, S * r_max, max_seg_len, block_m, block_k)
-        split_k = pick_split_k(seg_adapter.shape[0] * triton.cdiv(max_seg_len or T, cfg["BLOCK_M"])
-                               * triton.cdiv(S * r_max, cfg["BLOCK_C"]))
+        block_c = shrink_config(x.dtype, S * r_max, None)["BLOCK_C"]
+        split_k = pick_split_k(triton.cdiv(T, BLOCK_M_MAX) * triton.cdiv(S * r_max, block_c))
     if v is None:
         v = torch.empty(T, S, r_max, device=x.device, dtype=torch.float32)   # [T, S, r_max]
     elif not isinstance(v, Tensor) or v.shape != (T, S, r_max) or v.dtype != torch.float32 \

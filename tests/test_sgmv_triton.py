@@ -98,6 +98,21 @@ def test_default_tiles_and_split_rule():
     assert (expand_config(torch.float32, 16, 512)["BLOCK_M"], expand_config(torch.float32, 16, 8)["BLOCK_M"]) == (64, 16)
 
 
+def test_auto_split_is_deterministic_and_layout_free():
+    """split_k=0 picks the split from T and the columns only and adds the partial sums in a
+    fixed order: one segment or three of the same adapter give the same bits (as eager and
+    CUDA-graph calls must), and the split really ran (bits differ from split_k=1)."""
+    g = torch.Generator().manual_seed(11)
+    x, A = torch.randn(48, 512, generator=g), torch.randn(2, 16, 512, generator=g)
+    one = (torch.tensor([0, 48], dtype=torch.int32), torch.tensor([1], dtype=torch.int32))
+    three = (torch.tensor([0, 5, 16, 48], dtype=torch.int32), torch.tensor([1, 1, 1], dtype=torch.int32))
+    v1 = sgmv_shrink(x, A, *one)
+    assert torch.equal(v1, sgmv_shrink(x, A, *three, max_seg_len=32))
+    ref = x.double() @ A[1].double().T
+    assert torch.allclose(v1[:, 0].double(), ref, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(v1, sgmv_shrink(x, A, *one, split_k=1))
+
+
 @pytest.mark.parametrize("block_m,max_seg_len,split_k", [(16, None, 1), (16, 53, 3), (32, 60, 2)])
 def test_long_segments_blocks_split_k(block_m, max_seg_len, split_k):
     # Segments of 53 and 41 tokens span several 16-row blocks; max_seg_len None sizes the
