@@ -1,9 +1,9 @@
 // bgmv.cu -- dtype dispatch for the BGMV kernels of bgmv_kernel.cuh.
 //
 // Torch-free on purpose: this is the one translation unit that instantiates every kernel
-// (3 dtypes x {shrink; expand with 16-byte / 1-element B loads x 1 / 4 outputs per lane;
-// fused with 16-byte / 1-element B loads} = 21 kernels), so the CI
-// compile check (bgmv_cuda/compile_check.py) builds exactly this file with exactly the
+// (3 dtypes x {shrink; expand with 16-byte B loads x 1 / 4 / 8 outputs per lane and with
+// 1-element B loads x 1 / 4; fused with 16-byte / 1-element B loads} = 24 kernels), so the
+// CI compile check (bgmv_cuda/compile_check.py) builds exactly this file with exactly the
 // loader's flags, on a machine without a CUDA build of torch.  bgmv_ext.cpp (the torch
 // binding, compiled by the host compiler) checks the tensors and calls the two functions
 // below, declared in bgmv_params.h.  Each returns "" on success, else a message that lists

@@ -23,11 +23,18 @@ an error message instead of throwing: a C++ exception thrown from an extension o
 the process on the H200 image (torch 2.11 + g++ 13.3), so a bad direct op call raises
 ValueError here instead. On sm_90+ bgmv_lora launches both kernels with programmatic
 dependent launch (PDL: the expand starts and loads its B tile while the shrink runs; see
-bgmv_kernel.cuh); MULTILORA_PDL=0 turns it off.  The wrappers below run every check of
-bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args / check_expand_args, ValueError
-naming the argument), so a bad input never reaches C++ through them (one exception: while
-torch.compile traces, tensors have no address, and a misaligned data_ptr is left to the C++
-check); the C++ checks guard direct op calls.  This module owns the source list and nvcc flags and builds with
+bgmv_kernel.cuh); MULTILORA_PDL=0 turns it off.  Every expand (bgmv_lora, bgmv_expand,
+lora_expand) sizes its outputs per lane J by the grid (tile rule "residency", the default
+since PERF_LOG v5: the smallest J in {1, 4, 8} with at most ~640 blocks; bgmv_kernel.cuh,
+kBgmvExpandMaxBlocks); MULTILORA_EXPAND_TILES=classic brings back the rule before it (J = 1
+under 512 blocks, else 4). The results are bitwise the same, only the grid differs;
+`tiles=` on those functions overrides the variable per call.  Both variables are
+read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
+every check of bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args /
+check_expand_args, ValueError naming the argument), so a bad input never reaches C++
+through them (one exception: while torch.compile traces, tensors have no address, and a
+misaligned data_ptr is left to the C++ check); the C++ checks guard direct op calls.
+This module owns the source list and nvcc flags and builds with
 torch.utils.cpp_extension.load on first use only (importing it, `--help` and the CPU tests
 never run nvcc); bgmv_cuda/compile_check.py compiles bgmv.cu with the same NVCC_FLAGS for
 CI.  Fake impls registered below make the ops usable under torch.compile; no host sync in
@@ -98,11 +105,18 @@ DEFAULT_NUM_SMS = 132   # H200, for the rule when no device is given
 H_IN_MULTIPLE = 8       # 16-byte vector loads of x and A (8 halves; 4 floats divide it too)
 INT_MAX = 2**31 - 1     # T, h_in, h_out, L are C ints in the params; T is also grid.x
 GRID_Y_MAX = 65535      # gridDim.y limit, for the expand's output tiles
-EXPAND_TILE_LANES = 4 * 4   # kBgmvExpandThreads / 32 warps x kBgmvExpandOuts columns a lane
+EXPAND_WARPS = 4        # kBgmvExpandThreads / 32
+EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles checked against grid.y
+EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
+EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
+EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
+EXPAND_TILE_RULES = ("classic", "residency")   # tile_rule 0, 1 (kBgmvTileRule* in bgmv_params.h)
+DEFAULT_TILES = "residency"   # H200, PERF_LOG v5: bs 16 6.79 -> 4.48 us, bs 64 7.29 -> 6.52 us
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
+TILES_ENV = "MULTILORA_EXPAND_TILES"   # classic | residency (unset: DEFAULT_TILES)
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -186,8 +200,8 @@ def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Te
 
 @torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
 def _expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-               ranks: Optional[Tensor], pdl: bool = False) -> None:
-    _run("expand", y, v, list(B), idx, scale, ranks, pdl)
+               ranks: Optional[Tensor], pdl: bool = False, tile_rule: int = 1) -> None:
+    _run("expand", y, v, list(B), idx, scale, ranks, pdl, tile_rule)
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_fused", mutates_args=("y", "v", "counters"))
@@ -202,7 +216,7 @@ def _(x, A, idx, ranks, v, pdl=False) -> None:
 
 
 @_expand_op.register_fake
-def _(y, v, B, idx, scale, ranks, pdl=False) -> None:
+def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1) -> None:
     return None
 
 
@@ -223,6 +237,20 @@ def pdl_enabled(device: torch.device) -> bool:
     if key not in _PDL:
         _PDL[key] = torch.cuda.get_device_capability(key)[0] >= 9
     return _PDL[key]
+
+
+def expand_tile_rule(tiles: Optional[str] = None) -> int:
+    """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic" or
+    "residency"; None reads MULTILORA_EXPAND_TILES at each call (unset or empty:
+    DEFAULT_TILES).
+    A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
+    a typo cannot silently measure the default rule."""
+    name = "tiles"
+    if tiles is None:
+        name, tiles = TILES_ENV, os.environ.get(TILES_ENV) or DEFAULT_TILES
+    if tiles not in EXPAND_TILE_RULES:
+        _fail(name, f"one of {EXPAND_TILE_RULES}", repr(tiles))
+    return EXPAND_TILE_RULES.index(tiles)
 
 
 @torch.compiler.assume_constant_result
@@ -297,17 +325,42 @@ def _check_first(name: str, t: object, device_type: str) -> None:
         _fail(name, "dtype float16, bfloat16 or float32", t.dtype)
 
 
-def expand_tiles(Bs: Sequence[Tensor], r_max: int) -> tuple[int, int]:
-    """(output columns per expand block, number of blocks along grid.y), as
-    bgmv_expand_launch computes them: 16-byte B loads along the rank when every B_s row
-    is 16-byte aligned, else one element; G lanes per B row, 32 / G rows per warp."""
+def _expand_layout(Bs: Sequence[Tensor], r_max: int) -> tuple[bool, int]:
+    """(16-byte B loads?, G lanes per B row), as bgmv_expand_prepare decides: 16-byte loads
+    along the rank when every B_s row is 16-byte aligned, else one element; G = the next
+    power of two of the loads per row, at most 32."""
     vec = 16 // Bs[0].element_size()
     w = vec if r_max % vec == 0 and not any(_misaligned16(b) for b in Bs) else 1
     lanes, group = -(-r_max // w), 1
     while group < lanes and group < 32:
         group *= 2
-    tile = EXPAND_TILE_LANES * (32 // group)
+    return w > 1, group
+
+
+def expand_tiles(Bs: Sequence[Tensor], r_max: int, outs: int = EXPAND_OUTS) -> tuple[int, int]:
+    """(output columns per expand block, number of blocks along grid.y) for J = outs
+    outputs per lane, as bgmv_fill_tiles computes them: 4 warps x 32 / G rows x J."""
+    tile = EXPAND_WARPS * (32 // _expand_layout(Bs, r_max)[1]) * outs
     return tile, sum(-(-b.shape[1] // tile) for b in Bs)
+
+
+def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
+                ) -> tuple[int, int]:
+    """(J outputs per lane, blocks T * tiles) of the two-launch expand, as bgmv_expand_outs
+    (bgmv_kernel.cuh) picks them; the kernel decides on its own, this mirror is for the
+    tests and the sweep's report. Rule 0: J = 1 when the J = 4 grid has fewer than
+    EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
+    1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest."""
+    def blocks(j: int) -> int:
+        return T * expand_tiles(Bs, r_max, j)[1]
+    if tile_rule == 1:
+        outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
+            else (1, EXPAND_OUTS)
+        j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])
+    else:
+        j = 1 if (blocks(EXPAND_OUTS) < EXPAND_SMALL_GRID
+                  and expand_tiles(Bs, r_max, 1)[1] <= GRID_Y_MAX) else EXPAND_OUTS
+    return j, blocks(j)
 
 
 def check_shrink_args(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
@@ -499,18 +552,23 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
 
 
 def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor] = None, *, pdl: bool = False) -> None:
+                ranks: Optional[Tensor] = None, *, pdl: bool = False,
+                tiles: Optional[str] = None) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
     idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
     none of them).
-    Raises ValueError (check_expand_args) before building or calling anything."""
+    tiles: outputs-per-lane rule, "classic" or "residency" (expand_outs); None =
+    $MULTILORA_EXPAND_TILES. Bitwise the same result either way.
+    Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
+    anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
+    tile_rule = expand_tile_rule(tiles)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
     ensure_loaded()
-    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl)
+    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl, tile_rule)
 
 
 _COUNTERS: dict = {}
@@ -532,7 +590,8 @@ def _fused_counters(device: torch.device, T: int) -> Tensor:
 
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
               ranks: Optional[Tensor] = None, meta=None, *, variant: str = "default",
-              split_k: Optional[int] = None, pdl: Optional[bool] = None) -> None:
+              split_k: Optional[int] = None, pdl: Optional[bool] = None,
+              tiles: Optional[str] = None) -> None:
     """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
     reads idx directly) and is ignored.
 
@@ -549,20 +608,23 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  each expand block issues its B loads, waits on a per-token counter for
                  the token's shrink blocks, then adds the partials. Saves one launch and
                  overlaps the B reads with the shrink. Deterministic. Uses a per-device
-                 zeroed counter buffer (_fused_counters): calls must be stream-ordered."""
+                 zeroed counter buffer (_fused_counters): calls must be stream-ordered.
+    tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
+    None = $MULTILORA_EXPAND_TILES); "fused" keeps its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
+    tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     if variant == "default":
         v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl)                # [T, S, r_max] fp32
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl)
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
         return
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)  # [n_split, T, S, r_max]
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl)
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
@@ -582,10 +644,11 @@ def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
 
 
 def lora_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor] = None, meta=None) -> None:
+                ranks: Optional[Tensor] = None, meta=None, *, tiles: Optional[str] = None
+                ) -> None:
     """Registry half: y += the expand of v. A plain launch (no PDL): the kernel just before
-    it (the base GEMM) writes y."""
-    bgmv_expand(y, v, B, idx, scale, ranks)
+    it (the base GEMM) writes y. tiles as bgmv_expand (None = $MULTILORA_EXPAND_TILES)."""
+    bgmv_expand(y, v, B, idx, scale, ranks, tiles=tiles)
 
 
 # ---------------------------------------------------------------------------------------

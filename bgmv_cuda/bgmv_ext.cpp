@@ -5,8 +5,10 @@
 //   shrink(x, A, idx, ranks, v, pdl) -> str
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
-//   expand(y, v, B, idx, scale, ranks, pdl) -> str
+//   expand(y, v, B, idx, scale, ranks, pdl, tile_rule) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
+//       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
+//       kBgmvExpandMaxBlocks); the same values either way, only the grid differs
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
@@ -216,9 +218,12 @@ std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at:
 
 static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const at::Tensor& idx, const at::Tensor& scale,
-                        const std::optional<at::Tensor>& ranks, bool pdl,
+                        const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
                         BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
+  BGMV_CHECK(tile_rule == kBgmvTileRuleClassic || tile_rule == kBgmvTileRuleResidency, op,
+             ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic) or ",
+             kBgmvTileRuleResidency, " (residency), got ", tile_rule);
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
@@ -296,6 +301,7 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
   p.pdl = pdl;
+  p.tile_rule = static_cast<int>(tile_rule);
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -305,8 +311,10 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
 
 std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vector<at::Tensor>& B,
                              const at::Tensor& idx, const at::Tensor& scale,
-                             const std::optional<at::Tensor>& ranks, bool pdl) {
-  return expand_impl(y, v, B, idx, scale, ranks, pdl, nullptr, "multilora::bgmv_cuda_expand");
+                             const std::optional<at::Tensor>& ranks, bool pdl,
+                             int64_t tile_rule) {
+  return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, nullptr,
+                     "multilora::bgmv_cuda_expand");
 }
 
 // One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid
@@ -318,7 +326,7 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
   BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, &p.s, op));
-  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, &p.e, op));
+  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, &p.e, op));
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,

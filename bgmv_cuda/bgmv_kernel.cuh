@@ -48,7 +48,8 @@
 // Launch configuration, from ptxas (-Xptxas -v, CUDA 13.0, the flags of bgmv_cuda.py;
 // `python bgmv_cuda/compile_check.py` prints the table): with __launch_bounds__(128, 8)
 // the shrink and expand kernels use, on sm_80 / sm_90, shrink 56-64 registers + 64 bytes
-// of shared memory, expand 40-64, 0 bytes of stack or spill.  Unbounded, the shrink would take 72 (half, bf16) and 114 (fp32) registers on
+// of shared memory, expand 40-64 (J = 8: + 2 KB of shared memory, 4 KB in fp32), 0 bytes
+// of stack or spill.  Unbounded, the shrink would take 72 (half, bf16) and 114 (fp32) registers on
 // sm_90; capped at 64 it still issues all 10 loads of a K step before its first FMA
 // (checked in the SASS) and 8 blocks = 1024 threads (50% occupancy) fit per SM on both
 // architectures, about 160 KB of loads in flight per SM, enough to cover HBM latency.
@@ -77,11 +78,25 @@ constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per 
 //   (r_max <= 8) columns.  Small grids (T * tiles < kBgmvExpandSmallGrid blocks, e.g.
 //   T = 1..16 at h_out 4096, r 16) take J = 1: 4x the blocks, so more SMs fetch B at
 //   once (ncu, H200, T = 1, h 4096, r 16: 16 blocks of J = 4 took 4.6 us, the Triton
-//   expand's 128 programs 2.8 us).
+//   expand's 128 programs 2.8 us).  That is tile rule 0 ("classic"); rule 1 (the default
+//   since PERF_LOG v5, BgmvExpandParams::tile_rule) sizes J by the grid instead, with
+//   J = 8 for 16-byte loads (see kBgmvExpandMaxBlocks).
 //   Grid: x = T, y = sum_s ceil(h_out_s / tile).
 constexpr int kBgmvExpandThreads = 128;
 constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
-constexpr int kBgmvExpandSmallGrid = 512;  // below this many J = 4 blocks, J = 1
+constexpr int kBgmvExpandSmallGrid = 512;  // rule 0: below this many J = 4 blocks, J = 1
+// Rule 1 ("residency"): the smallest J in {1, 4, 8} whose grid T * tiles(J) has at most
+// kBgmvExpandMaxBlocks blocks, else J = 8 ({1, 4} with 1-element loads).  Why, from the
+// H200 (h 4096 -> 4096, r 16, bf16, uniform 7, PDL; plots/bgmv_cuda_vs_triton_h200.json):
+// T 8 (J 1, 512 blocks) 4.2 us, T 16 (J 1, 1,024) 6.8, T 32 (J 4, 512) 4.9, T 64 (J 4,
+// 1,024) 7.3, T 128 (2,048) 9.6; at h_out 11008, T 8 (J 1, 1,376 blocks) 6.2 us against
+// T 16 (J 4, 688) 5.1.  Time follows the block count more than the work: our reading is
+// that blocks beyond those that fit beside the still-running shrink cannot issue their
+// B and y loads before its end (PDL), so a grid that fits keeps the prefetch.
+// J = 16 is not built: its B vectors alone take 64 registers (ptxas spilled 100-196 bytes
+// at the 64-register cap); so rule 1 takes J = 8 for grids it cannot bring under the cap.
+constexpr int kBgmvExpandMaxBlocks = 640;
+constexpr int kBgmvExpandOutsMax = 8;      // rule 1's largest J (16-byte loads only)
 constexpr int kBgmvMinBlocksPerSM = 8;
 // Fused kernel: shrink and expand code paths in one kernel; at 8 or 6 blocks / SM (64 / 80
 // registers) the fp32 instances spilled, so 4 blocks / SM (ptxas: 72-86 registers in
@@ -371,12 +386,24 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   }
 
   // y of this lane's outputs (the group's lane 0 stores them), loaded with B: neither the
-  // shrink nor the fused kernel's shrink blocks write y.
-  float yv[J];
+  // shrink nor the fused kernel's shrink blocks write y.  J >= 8 parks them in shared
+  // memory, in T (one slot per thread and output, each thread reads back its own: no
+  // sync): 8 B vectors (32 registers) + 8 y + 8 v do not fit the 64 registers of the
+  // launch bounds (y in registers: ptxas spilled 24-88 bytes, and under register pressure
+  // it also moved B loads past the PDL wait, checked in the SASS).  The thread then waits
+  // for its y before the PDL wait, where the block idles anyway; without PDL that is one
+  // more round trip before v.
+  constexpr bool kStageY = J >= 8;
+  __shared__ T y_stage[kStageY ? J : 1][kBgmvExpandThreads];     // 2 KB (fp32: 4 KB)
+  float yv[kStageY ? 1 : J];
 #pragma unroll
   for (int u = 0; u < J; ++u) {
     const int j = j_lane + u * groups;
-    yv[u] = (lig == 0 && j < h_out) ? Ty::to_float(yrow[j]) : 0.f;
+    if constexpr (kStageY) {
+      y_stage[u][threadIdx.x] = (lig == 0 && j < h_out) ? yrow[j] : Ty::from_float(0.f);
+    } else {
+      yv[u] = (lig == 0 && j < h_out) ? Ty::to_float(yrow[j]) : 0.f;
+    }
   }
 
   if constexpr (!FUSED) bgmv_wait_prior_grid();       // PDL: the shrink's v (B, y in flight)
@@ -449,10 +476,22 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 
   // Store: lane 0 of each group; fp32 add, one conversion.
   if (lig == 0) {
+    // J >= 8: recompute the J columns here rather than keep them (and their 64-bit y
+    // addresses) live from the y loads on: the opaque copy stops the compiler from reusing
+    // them (it did: with y in shared memory but without this, ptxas spilled 80-104 bytes).
+    // J <= 4: the same code as before (identical SASS).
+    int j_store = j_lane;
+    if constexpr (J >= 8) asm volatile("" : "+r"(j_store));
 #pragma unroll
     for (int u = 0; u < J; ++u) {
-      const int j = j_lane + u * groups;
-      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], yv[u]));
+      const int j = j_store + u * groups;
+      float y;
+      if constexpr (kStageY) {
+        y = Ty::to_float(y_stage[u][threadIdx.x]);
+      } else {
+        y = yv[u];
+      }
+      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], y));
     }
   }
 }
@@ -587,6 +626,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
+  if (p.tile_rule != kBgmvTileRuleClassic && p.tile_rule != kBgmvTileRuleResidency)
+    return "bgmv_expand: tile_rule must be 0 (classic) or 1 (residency)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -604,28 +645,47 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   return nullptr;
 }
 
+// Outputs per lane J of a two-launch expand by p.tile_rule (see kBgmvExpandSmallGrid and
+// kBgmvExpandMaxBlocks), filling tile_begin for it; after bgmv_expand_prepare, so the J = 4
+// tiles fit grid.y (any larger J has fewer tiles, a smaller one is taken only when its
+// tiles fit).  vec: 16-byte B loads, the only path with a J = 8 kernel.
+inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
+  const int64_t T = p.T;
+  if (p.tile_rule == kBgmvTileRuleResidency) {
+    constexpr int kOuts[] = {1, kBgmvExpandOuts, kBgmvExpandOutsMax};
+    const int n = vec ? 3 : 2;
+    for (int k = 0; k < n; ++k) {
+      const int64_t blocks = T * bgmv_fill_tiles(p, kOuts[k]);
+      if (blocks <= kBgmvExpandMaxBlocks || k == n - 1) return kOuts[k];
+    }
+  }
+  // Rule 0: a small grid takes one output per lane, 4x the blocks (if they fit grid.y).
+  if (T * bgmv_fill_tiles(p, kBgmvExpandOuts) < kBgmvExpandSmallGrid &&
+      bgmv_fill_tiles(p, 1) <= 65535)
+    return 1;
+  bgmv_fill_tiles(p, kBgmvExpandOuts);
+  return kBgmvExpandOuts;
+}
+
 template <typename T>
 const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int VEC = BgmvType<T>::kVec;
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
-  // Small grid: one output per lane, 4x the blocks (when the tile count still fits grid.y).
-  bool one_out = static_cast<int64_t>(p.T) * p.tile_begin[p.S] < kBgmvExpandSmallGrid;
-  if (one_out && bgmv_fill_tiles(p, 1) > 65535) {
-    bgmv_fill_tiles(p, kBgmvExpandOuts);
-    one_out = false;
-  }
+  const int outs = bgmv_expand_outs(p, vec);
   const dim3 grid(p.T, p.tile_begin[p.S]);
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
   if (vec) {
-    err = one_out ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1>>(grid, threads, stream, p)
-                  : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ>>(grid, threads, stream, p);
+    err = outs == 1    ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1>>(grid, threads, stream, p)
+        : outs == kJ   ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ>>(grid, threads, stream, p)
+                       : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kBgmvExpandOutsMax>>(
+                             grid, threads, stream, p);
   } else {
-    err = one_out ? bgmv_launch<_bgmv_expand_kernel<T, 1, kN, 1>>(grid, threads, stream, p)
-                  : bgmv_launch<_bgmv_expand_kernel<T, 1, kN, kJ>>(grid, threads, stream, p);
+    err = outs == 1 ? bgmv_launch<_bgmv_expand_kernel<T, 1, kN, 1>>(grid, threads, stream, p)
+                    : bgmv_launch<_bgmv_expand_kernel<T, 1, kN, kJ>>(grid, threads, stream, p);
   }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

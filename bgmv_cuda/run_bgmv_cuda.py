@@ -1,17 +1,25 @@
 """Settle the small-batch BGMV variants on the GPU in one short run (--variants).
 
-For each point, every variant (bgmv_cuda default / default without PDL / split / fused,
-bgmv_triton default) is
+For each point, every variant (bgmv_cuda default / default without PDL / split / fused /
+with the "classic" and with the "residency" expand tile rule, bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
 bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of input sets
 (bench_utils.pool_size: several times the L2, so the adapters come from HBM), us per call.
-Points (bf16): h 4096 -> 4096, r 16, uniform over 7 adapters, bs 1, 4, 16, 64, 256;
-bs 256 distinct, 128 adapters used twice each, r 64; bs 64 mixed ranks {8, 16, 32, 64}
+Points (bf16): h 4096 -> 4096, r 16, uniform over 7 adapters, bs 1, 4, 8, 16, 32, 64, 128,
+256; bs 256 distinct, 128 adapters used twice each, r 64; bs 64 mixed ranks {8, 16, 32, 64}
 over 32 adapters vs the same adapters all at rank 64 (ratio); 4096 -> 11008, r 16, uniform
-over 7 adapters, bs 1, 16, 64. Prints the ceilings first, the table last; writes JSON.
+over 7 adapters, bs 1, 8, 16, 64. Prints the ceilings first, the table last (with the
+expand's outputs per lane J and blocks under each tile rule where `cuda_tiles` runs);
+writes JSON.
 
     python bgmv_cuda/run_bgmv_cuda.py --variants --json plots/bgmv_variants_h200.json
+    python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
+
+`cuda_classic` and `cuda_tiles` fix the expand's tile rule ("classic", "residency"; see
+bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
+`cuda` included, follow it (unset: "residency", the default since PERF_LOG v5). In
+plots/bgmv_tiles_h200.json (measured before the default changed) `cuda` is the classic rule.
 
 --table: the CUDA-vs-Triton decode grid instead (bf16, uniform over 7 adapters, batch 1, 4,
 16, 64, 256 x h_in = h_out in {4096, 14336} x r in {16, 64}; variants cuda, cuda_nopdl,
@@ -27,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_fused", "triton"]
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_fused", "cuda_classic", "cuda_tiles",
+                 "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +64,13 @@ def table_points() -> list:
 
 def points() -> list:
     """(name, T, h_in, h_out, L, r_max, ranks or None, idx kind)."""
-    pts = [(f"u7 bs{T}", T, 4096, 4096, 7, 16, None, "uniform") for T in (1, 4, 16, 64, 256)]
+    pts = [(f"u7 bs{T}", T, 4096, 4096, 7, 16, None, "uniform")
+           for T in (1, 4, 8, 16, 32, 64, 128, 256)]
     pts.append(("distinct128 r64 bs256", 256, 4096, 4096, 128, 64, None, "twice"))
     pts.append(("mixed{8..64} bs64", 64, 4096, 4096, 32, 64, [8, 16, 32, 64] * 8, "uniform"))
     pts.append(("padded64 bs64", 64, 4096, 4096, 32, 64, None, "uniform"))
-    pts += [(f"punica 11008 bs{T}", T, 4096, 11008, 7, 16, None, "uniform") for T in (1, 16, 64)]
+    pts += [(f"punica 11008 bs{T}", T, 4096, 11008, 7, 16, None, "uniform")
+            for T in (1, 8, 16, 64)]
     return pts
 
 
@@ -76,9 +87,11 @@ def main(args: argparse.Namespace) -> list:
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
     fns = {"cuda": lambda *a: bc.bgmv_lora(*a),
+           "cuda_classic": lambda *a: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
+           "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}
@@ -104,9 +117,12 @@ def main(args: argparse.Namespace) -> list:
                                           seed=args.seed + k) for k in range(1, n_sets)]
         ref = lora_reference(set0["y"], set0["x"], set0["A"], set0["B"], idx, set0["scale"],
                              set0["ranks"])
+        Bs = [set0["B"]] if isinstance(set0["B"], torch.Tensor) else list(set0["B"])
+        expand_j = {rule: bc.expand_outs(Bs, T, r_max, k)                 # (J, blocks)
+                    for k, rule in enumerate(bc.EXPAND_TILE_RULES)}
         row = dict(point=name, T=T, h_in=h_in, h_out=h_out, L=L, r_max=r_max, ranks=ranks,
                    bytes=nbytes, floor_us=max(nbytes / copy / 1e3, empty), n_sets=n_sets,
-                   us={}, err={})
+                   expand_j=expand_j, us={}, err={})
         for vname, fn in fns.items():
             y = set0["y"].clone()
             try:
@@ -142,6 +158,9 @@ def main(args: argparse.Namespace) -> list:
             extra = f"  ({r['bytes'] / r['us'][best][0] / 1e3 / copy:.2f} of copy)"
         if r["point"].startswith("punica") and r["us"]:
             extra = f"  ({r['us'][best][0] / r['floor_us']:.1f}x floor)"
+        if "cuda_tiles" in fns:
+            extra += "  expand J/blocks " + ", ".join(
+                f"{rule} {j}/{n}" for rule, (j, n) in r["expand_j"].items())
         print(f"{r['point']:24} {r['floor_us']:>6.2f} " + " ".join(cells) + f"   {best}{extra}")
     mixed, padded = by.get("mixed{8..64} bs64"), by.get("padded64 bs64")
     if mixed and padded:

@@ -37,19 +37,23 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
-    # 3 dtypes x (shrink, expand {16-byte, 1-element} x {J = 1, 4}, fused 16-byte /
-    # 1-element) x 2 archs
-    assert len(kernels) == 42 and len(names) == 42, sorted(names)
+    # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} and 1-element x {J = 1, 4}, fused
+    # 16-byte / 1-element) x 2 archs
+    assert len(kernels) == 48 and len(names) == 48, sorted(names)
     for arch in ("sm_80", "sm_90"):
-        for dt in ("__half", "__nv_bfloat16", "float"):
+        for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
-            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 4
+            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 5
+            assert (f"expand<{dt}, {vec}, 1, 8>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128
         limit = 128 if "fused" in k.kernel else 64
         assert 0 < k.registers <= limit, k
+        if "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
+            dt, *_, j = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
+            assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0), k
     assert cc.spill_lines(text) == []
 
 
@@ -268,7 +272,12 @@ def test_python_limits_match_cpp_constants():
     text = open(bc.PARAMS_HEADER).read() + open(bc.KERNEL_HEADER).read()
     c = {k: int(v) for k, v in re.findall(r"constexpr int (kBgmv\w+) = (\d+);", text)}
     assert (c["kBgmvMaxRank"], c["kBgmvMaxSlices"]) == (bc.MAX_RANK, bc.MAX_SLICES)
-    assert c["kBgmvExpandThreads"] // 32 * c["kBgmvExpandOuts"] == bc.EXPAND_TILE_LANES
+    assert c["kBgmvExpandThreads"] // 32 == bc.EXPAND_WARPS
+    assert (c["kBgmvExpandOuts"], c["kBgmvExpandOutsMax"]) == (bc.EXPAND_OUTS, bc.EXPAND_OUTS_MAX)
+    assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
+        (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
+    assert (c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"]) == \
+        (bc.EXPAND_TILE_RULES.index("classic"), bc.EXPAND_TILE_RULES.index("residency"))
     # output columns per expand block, as bgmv_kernel.cuh's comment states them
     B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
     assert bc.expand_tiles(B(128), 128) == (32, 4)                  # 16-byte loads, G = 16
@@ -453,6 +462,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.multilora.bgmv_cuda_expand.default,
                           (inp["y"].clone(), v, list(inp["B"]), idx, inp["scale"], None),
                           test_utils=utils)
+    torch.library.opcheck(torch.ops.multilora.bgmv_cuda_expand.default,      # tile_rule 0
+                          (inp["y"].clone(), v, list(inp["B"]), idx, inp["scale"], None, False,
+                           0), test_utils=utils)
 
 
 @pytest.mark.gpu
@@ -512,12 +524,15 @@ def test_cuda_graph_replay_with_new_inputs_and_idx():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tiles", ["classic", "residency"])
 @pytest.mark.parametrize("T", [1, 64, 256])
-def test_pdl_chain_in_graph_matches_plain_launches(T, monkeypatch):
+def test_pdl_chain_in_graph_matches_plain_launches(T, tiles, monkeypatch):
     """Three dependent calls in one CUDA graph, each call's x the previous call's y, so a
     PDL-launched shrink that read x before the previous expand finished, or an expand that
     read v early, would be wrong. PDL on (sm_90+) and off must give bitwise equal outputs,
-    each step within tolerance of the reference on its actual input."""
+    each step within tolerance of the reference on its actual input. tiles (set through
+    MULTILORA_EXPAND_TILES): "residency" runs the J = 8 expand at T = 64 and 256."""
+    monkeypatch.setenv(bc.TILES_ENV, tiles)
     dt, h, L, r = torch.bfloat16, 4096, 7, 16
     inp = make_lora_inputs(T, h, h, L, r, dt, "cuda", seed=21)
     idx = make_workload("uniform", T, L, no_lora_share=0.1, seed=21).cuda()
@@ -615,6 +630,7 @@ calls = {
     "shrink_v_shape": lambda: ops.bgmv_cuda_shrink(x, A, idx, None, v[:, :, :4]),
     "shrink_misaligned_x": lambda: ops.bgmv_cuda_shrink(buf[1:].view(5, 64), A, idx, None, v),
     "expand_scale_dtype": lambda: ops.bgmv_cuda_expand(y, v, B, idx, scale.double(), None),
+    "expand_tile_rule": lambda: ops.bgmv_cuda_expand(y, v, B, idx, scale, None, False, 7),
 }
 for name, call in calls.items():
     print("CALL", name, flush=True)
@@ -646,7 +662,8 @@ def test_raw_ops_raise_value_error_from_cpp():
     assert out.returncode == 0, f"child exited with {out.returncode}:\n{text[-6000:]}"
     for name, msg in [("shrink_v_shape", "multilora::bgmv_cuda_shrink: v: expected"),
                       ("shrink_misaligned_x", "multilora::bgmv_cuda_shrink: x: 16-byte"),
-                      ("expand_scale_dtype", "multilora::bgmv_cuda_expand: scale: expected")]:
+                      ("expand_scale_dtype", "multilora::bgmv_cuda_expand: scale: expected"),
+                      ("expand_tile_rule", "multilora::bgmv_cuda_expand: tile_rule: expected")]:
         line = next((ln for ln in out.stdout.splitlines() if ln.split()[1:2] == [name]
                      and not ln.startswith("CALL")), "")
         assert line.startswith(f"VALUE_ERROR {name}") and msg in line, \
@@ -659,7 +676,9 @@ def test_raw_ops_raise_value_error_from_cpp():
 # reference, -1 rows bit-identical, NaN rank pads, repeated calls and graph replays (the
 # fused kernel's counters must be left zero by every call)
 # ---------------------------------------------------------------------------------------
-def _variant_check(inp, idx, **kw) -> float:
+def _variant_check(inp, idx, **kw) -> tuple[float, torch.Tensor]:
+    """bgmv_lora(**kw) on a copy of inp["y"]: (relative error against the float64
+    reference, the output); rows with idx = -1 must come back bit-identical."""
     skip = idx < 0
     y0 = inp["y"].clone()
     y0[skip] = -0.0                                     # bitwise check: no store on -1 rows
@@ -669,7 +688,7 @@ def _variant_check(inp, idx, **kw) -> float:
     bc.bgmv_lora(y, *args, **kw)
     bits = {2: torch.int16, 4: torch.int32}[y.element_size()]
     assert torch.equal(y[skip].view(bits), y0[skip].view(bits)), "rows with idx = -1 written"
-    return relative_error(y, ref)
+    return relative_error(y, ref), y
 
 
 VARIANT_CASES = [  # (T, h_in, h_out, L, r_max, ranks, workload, -1 share)
@@ -694,7 +713,7 @@ def test_variants_match_reference(case, variant, split_k):
         idx = make_workload(workload, T, L, no_lora_share=share, seed=T)
         if T > 2:
             idx[T // 2] = -1
-        err = _variant_check(inp, idx.cuda(), variant=variant, split_k=split_k)
+        err, _ = _variant_check(inp, idx.cuda(), variant=variant, split_k=split_k)
         assert err < TOLERANCE[dtype], f"{variant} split_k={split_k} {dtype}: rel err {err:.2e}"
     if variant == "fused":
         torch.cuda.synchronize()
@@ -789,9 +808,11 @@ def test_variant_sweep_script_help_and_points():
     out = subprocess.run([sys.executable, os.path.join(ROOT, "bgmv_cuda", "run_bgmv_cuda.py"),
                           "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--variants" in out.stdout and "--table" in out.stdout
-    from bgmv_cuda.run_bgmv_cuda import points, table_points
+    from bgmv_cuda.run_bgmv_cuda import VARIANT_NAMES, points, table_points
     names = [p[0] for p in points()]
-    assert len(names) == 11 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+    assert len(names) == 15 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+    assert {"u7 bs16", "u7 bs64", "u7 bs128", "punica 11008 bs8"} <= set(names)  # tile rule
+    assert "cuda_tiles" in VARIANT_NAMES
     grid = {(T, h_in, r) for _, T, h_in, h_out, L, r, _, _ in table_points() if h_out == h_in}
     assert grid == {(T, h, r) for T in (1, 4, 16, 64, 256) for h in (4096, 14336)
                     for r in (16, 64)}        # issue 7's decode grid
@@ -802,8 +823,149 @@ def test_variant_sweep_script_runs():
     """The sweep end to end, restricted to two fast variants and short timing."""
     from bgmv_cuda.run_bgmv_cuda import build_parser, main
     rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_fused",
-                                           "--rep-ms", "5"]))
+                                           "cuda_tiles", "--rep-ms", "5"]))
     assert all(r["err"][v] < TOLERANCE[torch.bfloat16] for r in rows for v in r["err"])
+
+
+# ---------------------------------------------------------------------------------------
+# Expand tile rules (tiles="classic" | "residency", MULTILORA_EXPAND_TILES): the same fp32
+# math per output, so bitwise equal results; only the outputs per lane J and the grid differ
+# ---------------------------------------------------------------------------------------
+def test_expand_tile_rule_argument_and_env(monkeypatch, no_build):
+    monkeypatch.delenv(bc.TILES_ENV, raising=False)
+    assert bc.DEFAULT_TILES == "residency"                     # the default since PERF_LOG v5
+    assert bc.expand_tile_rule() == 1 and bc.expand_tile_rule("classic") == 0
+    monkeypatch.setenv(bc.TILES_ENV, "")
+    assert bc.expand_tile_rule() == 1
+    monkeypatch.setenv(bc.TILES_ENV, "classic")
+    assert bc.expand_tile_rule() == 0 and bc.expand_tile_rule("residency") == 1  # argument wins
+    monkeypatch.setenv(bc.TILES_ENV, "residence")             # a typo fails, loudly
+    with pytest.raises(ValueError, match=f"^{bc.TILES_ENV}: expected one of"):
+        bc.expand_tile_rule()
+    with pytest.raises(ValueError, match="^tiles: expected one of"):
+        bc.expand_tile_rule("8")
+    inp, idx = _small_inputs()                                 # checked before building
+    with pytest.raises(ValueError, match=f"^{bc.TILES_ENV}:"):
+        bc.bgmv_lora(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"])
+    monkeypatch.delenv(bc.TILES_ENV)
+    with pytest.raises(ValueError, match="^tiles:"):
+        bc.bgmv_lora(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"], tiles="J8")
+
+
+def _b_slices(h_out, r, dtype=torch.bfloat16, L=7):
+    """B slices [L, h_out_s, r] (h_out a list: q/k/v slices) on the CPU, for expand_outs."""
+    return [torch.empty(L, h, r, dtype=dtype) for h in (h_out if isinstance(h_out, list)
+                                                        else [h_out])]
+
+
+def test_expand_outs_at_the_h200_points():
+    """The Python mirror of bgmv_expand_outs at the points that motivated the rule (bf16,
+    h_in 4096, r 16, uniform 7; (J, blocks) under rule 0 and rule 1)."""
+    points = {(4096, 8): ((1, 512), (1, 512)),       # 4.2 us: unchanged
+              (4096, 16): ((1, 1024), (4, 256)),     # 6.8 us
+              (4096, 32): ((4, 512), (4, 512)),      # 4.9 us: unchanged
+              (4096, 64): ((4, 1024), (8, 512)),     # 7.3 us
+              (4096, 128): ((4, 2048), (8, 1024)),   # 9.6 us: over the cap even at J = 8
+              (11008, 8): ((1, 1376), (4, 344)),     # 6.2 us
+              (11008, 16): ((4, 688), (8, 352))}     # 5.1 us
+    for (h_out, T), rules in points.items():
+        got = tuple(bc.expand_outs(_b_slices(h_out, 16), T, 16, k) for k in (0, 1))
+        assert got == rules, (h_out, T, got)
+    # 1-element loads (r_max 12 in bf16: rows not 16-byte aligned) have no J = 8 kernel
+    assert bc.expand_outs(_b_slices(4096, 12), 256, 12, 1) == (4, 256 * 128)
+    assert bc.expand_outs(_b_slices(4096, 12), 2, 12, 1) == (4, 2 * 128)  # J = 1: 2 x 512
+    # fp32 r 16: 16-byte loads of 4 floats, G = 4: 8 rows per warp, J = 8 at T = 64
+    assert bc.expand_outs(_b_slices(4096, 16, torch.float32), 64, 16, 1) == (8, 64 * 16)
+
+
+TILE_CASES = [  # (T, h_in, h_out (list = q/k/v slices), L, r_max, ranks, share of -1 rows)
+    (16, 4096, 4096, 7, 8, None, 0.1),
+    (16, 4096, 4096, 7, 16, None, 0.1),
+    (64, 4096, 4096, 7, 16, None, 0.1),
+    (256, 4096, 4096, 7, 16, None, 0.0),
+    (16, 4096, 11008, 7, 16, None, 0.2),
+    (64, 4096, 11008, 8, 8, None, 0.1),
+    (16, 4096, 14336, 4, 64, [64, 8, 33, 1], 0.2),
+    (256, 4096, 14336, 8, 16, None, 0.1),
+    (16, 4096, [4096, 1024, 1024], 8, 64, [64, 16, 8, 64, 32, 1, 0, 48], 0.1),
+    (64, 2048, [4096, 1024, 1024], 6, 16, [16, 4, 16, 1, 8, 16], 0.2),
+    (256, 1024, [4096, 1024, 1024], 4, 8, None, 0.0),
+    (64, 128, 4096, 3, 12, [12, 5, 1], 0.1),          # 1-element B loads: J <= 4
+]
+TILE_IDS = [f"T{c[0]}_h{'qkv' if isinstance(c[2], list) else c[2]}_r{c[4]}" for c in TILE_CASES]
+
+
+def test_tile_cases_cover_every_expand_kernel():
+    """TILE_CASES (GPU test below) run J = 8 in every dtype, and change J between the rules."""
+    for dtype in DTYPES:
+        js = [tuple(bc.expand_outs(_b_slices(h, r, dtype, L), T, r, k)[0] for k in (0, 1))
+              for T, _, h, L, r, _, _ in TILE_CASES]
+        assert {j for pair in js for j in pair} == {1, 4, 8}, (dtype, js)
+        assert sum(a != b for a, b in js) >= 6, (dtype, js)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TILE_CASES, ids=TILE_IDS)
+def test_tile_rules_bitwise_equal_and_match_reference(case):
+    """Both rules, plain and split-K shrink: within tolerance of the float64 reference,
+    -1 rows untouched, and the residency rule's output bitwise equal to the classic rule's
+    (each output's fp32 sum runs in the same order whatever J)."""
+    T, h_in, h_out, L, r_max, ranks, share = case
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, "cuda", ranks=ranks,
+                               seed=T + r_max)
+        idx = make_workload("uniform", T, L, no_lora_share=share, seed=T)
+        idx[T // 2] = -1
+        idx = idx.cuda()
+        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+        for variant in ("default", "split"):
+            outs = {}
+            for tiles in bc.EXPAND_TILE_RULES:
+                err, outs[tiles] = _variant_check(inp, idx, variant=variant, tiles=tiles)
+                assert err < TOLERANCE[dtype], f"{variant} {tiles} {dtype}: rel err {err:.2e}"
+            assert torch.equal(outs["classic"].view(bits), outs["residency"].view(bits)), \
+                f"{variant} {dtype}: the rules differ"
+
+
+def _launched_expand_j(call) -> list:
+    """J (the last template argument) of every expand kernel `call` launches, from the
+    kernel names torch.profiler records."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()
+             if str(getattr(e, "device_type", "")).endswith("CUDA")
+             and "_bgmv_expand_kernel" in e.key for _ in range(e.count)]
+    short = [cc.demangle_short(n) if n.startswith("_Z") else n for n in names]
+    return [int(re.findall(r"\d+", n.split("<", 1)[1].split(">")[0])[-1]) for n in short]
+
+
+@pytest.mark.gpu
+def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
+    """The J bgmv_expand_launch picks is the one expand_outs predicts, under both rules,
+    and MULTILORA_EXPAND_TILES reaches the registry half lora_expand."""
+    monkeypatch.delenv(bc.TILES_ENV, raising=False)
+    bc.ensure_loaded()
+    for T, h_out, r in [(16, 4096, 16), (64, 4096, 16), (256, 4096, 16), (8, 11008, 16),
+                        (256, 4096, 12)]:
+        inp = make_lora_inputs(T, 1024, h_out, 7, r, torch.bfloat16, "cuda", seed=T)
+        idx = make_workload("uniform", T, 7, seed=T).cuda()
+        args = (inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"])
+        for k, tiles in enumerate(bc.EXPAND_TILE_RULES):
+            want = bc.expand_outs(_b_slices(h_out, r), T, r, k)[0]
+            assert _launched_expand_j(lambda: bc.bgmv_lora(*args, tiles=tiles)) == [want], \
+                (T, h_out, r, tiles)
+    inp = make_lora_inputs(64, 1024, 4096, 7, 16, torch.bfloat16, "cuda", seed=3)
+    idx = make_workload("uniform", 64, 7, seed=3).cuda()
+    v = bc.lora_shrink(inp["x"], inp["A"], idx)
+    y = inp["y"].clone()
+    assert _launched_expand_j(lambda: bc.lora_expand(y, v, inp["B"], idx, inp["scale"])) == [8]
+    monkeypatch.setenv(bc.TILES_ENV, "classic")                 # the rule before v5
+    y = inp["y"].clone()
+    assert _launched_expand_j(lambda: bc.lora_expand(y, v, inp["B"], idx, inp["scale"])) == [4]
+    ref = lora_reference(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"])
+    assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.skipif(cc.find_cuda_include() is None or shutil.which("g++") is None,
