@@ -40,12 +40,13 @@ kernel), attention='matmul' two batched matmuls with an fp32 softmax between the
 attention='triton' engine_kernels.decode_attention (flash-decoding: reads only each row's
 slots start[b]..cur, the cache split over more programs when the batch is small);
 'auto' (default) is 'triton' on CUDA and 'sdpa' on the CPU (H200, Llama-3-8B shapes, b 64,
-512 tokens: none 7.31 -> 6.73 ms/step, PERF_LOG v6). Prefill uses F.scaled_dot_product_attention with a boolean mask. Per layer the decode step
+512 tokens: none 7.31 -> 6.73 ms/step, PERF_LOG v6). Prefill uses
+F.scaled_dot_product_attention with a boolean mask. Per layer the decode step
 is ~17 kernels: fused RMSNorm (F.rms_norm), RoPE on q and k together (mul, flip, addcmul
 with a sign-folded sin table), two cache writes, attention, four GEMMs, SiLU*up, adds.
 fused_elementwise=True ('auto', the default: on CUDA; H200 none 7.31 -> 6.39 ms/step,
-PERF_LOG v6) replaces the norms, adds, RoPE,
-cache writes and SiLU*up by engine_kernels' three Triton kernels: per layer 2 x (residual
+PERF_LOG v6) replaces the norms, adds, RoPE, cache writes and SiLU*up by engine_kernels'
+three Triton kernels: per layer 2 x (residual
 add + RMSNorm), 1 x (RoPE on q, k + k, v into the cache), 1 x SiLU*up; the residual
 stream x is then updated in place.
 
@@ -681,10 +682,11 @@ class MultiLoraEngine:
     no faster than 'triton' on the H200) or 'torch'. fused_elementwise: the decode step uses
     engine_kernels' fused residual add + RMSNorm, RoPE + K/V cache write and SiLU * up (4
     small kernels per layer instead of 11); 'auto' = on CUDA with triton. attention: 'auto'
-    ('triton' on CUDA, else 'sdpa'), 'sdpa', 'matmul' or 'triton' (decode; module docstring). lora_overlap: False (the
-    LoRA after each base GEMM, in place), "delta" (or True; CUDA, graph-safe modes: each
-    site's whole LoRA runs on a side stream into a zeroed delta while the base GEMM runs,
-    then y += delta: a zero and an add more per site), or "shrink" (modes with halves,
+    ('triton' on CUDA, else 'sdpa'), 'sdpa', 'matmul' or 'triton' (decode; module
+    docstring). lora_overlap: False (the LoRA after each base GEMM, in place), "delta"
+    (or True; CUDA, graph-safe modes: each site's whole LoRA runs on a side stream into a
+    zeroed delta while the base GEMM runs, then y += delta: a zero and an add more per
+    site), or "shrink" (modes with halves,
     MODES[...].halves(): the shrink runs on a side stream beside the base GEMM, both only
     read x, then the expand adds into the GEMM's output in place: no extra kernel; on the
     CPU the same halves run in order). A mode without what the option needs runs the plain
