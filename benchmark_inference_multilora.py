@@ -48,11 +48,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-ENGINE_MODES = ("none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton")
+ENGINE_MODES = ("none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton",
+                "stacked")                   # stacked: the fast engine only (not --engine hf)
 ALL_MODES = ENGINE_MODES + ("peft",)
-DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "peft")
+DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "stacked", "peft")
 # A sweep leaves out peft (~370 ms/step at batch 64) and gbmm (~180 ms/step): minutes per point.
-SWEEP_MODES = ("none", "bgmv_triton", "bgmv_cuda", "sgmv_triton")
+SWEEP_MODES = ("none", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "stacked")
 TRITON_MODES = ("bgmv_triton", "sgmv_triton")
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
 ENGINES = ("fast", "hf")
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(__doc__.split("\n\n")[2].splitlines()))
     p.add_argument("--modes", nargs="+", default=None, choices=ALL_MODES,
                    help=f"modes to time (default: {' '.join(DEFAULT_MODES)}; with --batch-sizes: "
-                        f"{' '.join(SWEEP_MODES)}, as peft and gbmm take minutes per point)")
+                        f"{' '.join(SWEEP_MODES)}, as peft and gbmm take minutes per point); "
+                        f"stacked (every adapter's A under the base weight: one GEMM, for few "
+                        f"adapters) runs in the fast engine only")
     p.add_argument("--lora-overlap", default="off", choices=["off", "delta", "shrink"],
                    help="fast engine: off (LoRA after each base GEMM, in place), delta (the "
                         "whole LoRA on a side stream into a zeroed delta beside the GEMM, then "
@@ -898,7 +901,8 @@ def run(args) -> dict:
         del eng
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if "hf" in args.engine and modes:
+    hf_modes = [m for m in modes if m != "stacked"]     # stacked needs the fast engine
+    if "hf" in args.engine and hf_modes:
         ctx = mm.inject_multilora(model, adapters, "none")
 
         def hf_logits(mode: str, p: dict) -> Tensor:
@@ -906,7 +910,7 @@ def run(args) -> dict:
             return mm.forward_logits(model, ctx, p["input_ids"], p["adapter_of_request"], pad_id,
                                      last_only=True)[0][:, -1]
 
-        for mode in modes:
+        for mode in hf_modes:
             for p in points:
                 measure(p, mode, "hf", lambda: hf_logits(mode, p),
                         lambda: time_hf(model, ctx, mode, p["input_ids"], p["adapter_of_request"],

@@ -53,6 +53,14 @@ stream x is then updated in place.
 Batch: generate() sorts the requests by adapter (stable), so every adapter's requests are
 one contiguous run (one SGMV segment each), then restores the caller's order.
 
+Mode "stacked" (ENGINE_MODES, the engine only): each site's base weight W [N, h_in] is
+stored as W_ext = [W; every adapter's A rows (slice, adapter, rank row)] and one GEMM
+gives y and x A^T for all adapters; a mask from idx (built once per forward and column
+layout) keeps each token's own adapter, and y.addmm_ adds (x A^T * mask) @ Bt, Bt every
+adapter's scale * B^T (block-diagonal over slices). The layer's W becomes a view of W_ext,
+so the other modes read the same numbers; y is a row-strided view of the wider output,
+which every consumer of it takes.
+
 CUDA graphs: one decode step (forward, sampling, EOS bookkeeping, position increment) is
 captured per (batch bucket, attention-length bucket, greedy?, keep_logits?), by hand
 (torch.cuda.CUDAGraph: warm-up on a side stream, then capture on it, one shared memory
@@ -103,8 +111,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import engine_kernels as ek
-from multilora_impl import (MAX_RANK, LoraMeta, fill_static_meta, get_mode, make_meta,
-                            make_static_meta)
+from multilora_impl import (MAX_RANK, LoraMeta, LoraMode, fill_static_meta, get_mode,
+                            make_meta, make_static_meta)
 
 try:  # the GPU sampler; on a CPU the torch version runs (tests use the interpreter)
     import triton
@@ -119,6 +127,26 @@ LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # call site -> the modules it fuses, in output-column order
 SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
          "gate_up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+_SITE_WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("wgu", "bgu"),
+                 "down": ("wd", "bd")}                 # site -> _Layer fields of its base layer
+
+def _engine_only(*args, **kwargs):
+    raise ValueError("mode 'stacked' runs inside MultiLoraEngine only (it folds every "
+                     "adapter's A into the base GEMM); the kernel registry has no such call")
+
+
+# Modes of the engine only (not kernel-registry calls: they need the base weights).
+# "stacked", for few adapters: every adapter's A rows are stacked under the site's base
+# weight, so the base GEMM also computes x A_a^T for all L adapters (E = S L r more output
+# columns, read once per step instead of once per token); the rows of other adapters are
+# zeroed by a mask from idx, and one more GEMM adds (v * mask) [T, E] @ Bt [E, N] into y,
+# Bt every adapter's scale * B^T stacked (block-diagonal over the q/k/v or gate/up
+# slices). Two extra kernels per site and no LoRA kernel; cost grows with L * r.
+ENGINE_MODES = {"stacked": LoraMode(
+    "stacked", _engine_only, description="engine only: every adapter's A stacked under the "
+    "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
+STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
+
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))$")
 # Attention length bucket: decode attends over the cache rounded up to this many slots;
@@ -309,6 +337,48 @@ def build_lora_sites(lora: Optional[dict], num_layers: int, shapes: dict[str, tu
     return sites, int(L or 0)
 
 
+@dataclass
+class StackedSite:
+    """A site of mode "stacked": y [T, N] = (x W_ext^T + b_ext)[:, :N] +
+    ((x W_ext^T)[:, N:] * mask(idx)) @ Bt."""
+    w_ext: Tensor                      # [N + E, h_in]: W, then A rows (s, a, j), zero padding
+    b_ext: Optional[Tensor]            # [N + E] or None
+    bt: Tensor                         # [E, N]: scale_a B_s[a, :, j]^T at row (s, a, j)
+    col_adapter: Tensor                # [E] int32: the adapter of each extra column (-2: pad)
+    layout: tuple                      # (S, L, r, E): sites with equal layouts share a mask
+
+
+def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> StackedSite:
+    """The mode-"stacked" weights of one site: w [N, h_in], b [N] or None (the base layer),
+    site.A [L, r, h_in] or [S, L, r, h_in] (zero past each rank), site.B [L, N, r] or S
+    slices [L, N_s, r] (columns of y in order)."""
+    A4 = site.A if site.A.dim() == 4 else site.A.unsqueeze(0)             # [S, L, r, h_in]
+    S, L, r, h_in = A4.shape
+    Bs = [site.B] if isinstance(site.B, Tensor) else list(site.B)
+    N = w.shape[0]
+    E = -(-S * L * r // STACK_ROWS) * STACK_ROWS
+    w_ext = torch.zeros(N + E, h_in, device=w.device, dtype=w.dtype)
+    w_ext[:N] = w
+    w_ext[N:N + S * L * r] = A4.reshape(S * L * r, h_in)
+    b_ext = None
+    if b is not None:
+        b_ext = torch.zeros(N + E, device=b.device, dtype=b.dtype)
+        b_ext[:N] = b
+    bt = torch.zeros(E, N, device=w.device, dtype=w.dtype)
+    col = 0
+    for s_i, B_s in enumerate(Bs):                                         # [L, N_s, r]
+        n_s = B_s.shape[1]
+        scaled = B_s.float() * site.scale.float()[:, None, None]
+        rows = slice(s_i * L * r, (s_i + 1) * L * r)
+        bt[rows, col:col + n_s] = scaled.permute(0, 2, 1).reshape(L * r, n_s).to(w.dtype)
+        col += n_s
+    if col != N:
+        _fail("stacked site", f"B slices covering the {N} output columns", col)
+    col_adapter = torch.full((E,), -2, dtype=torch.int32, device=w.device)
+    col_adapter[:S * L * r] = (torch.arange(S * L * r, device=w.device) // r % L).to(torch.int32)
+    return StackedSite(w_ext, b_ext, bt, col_adapter, (S, L, r, E))
+
+
 # ---------------------------------------------------------------------------------------
 # LoRA metadata: static device buffers (graphs) or host-built (eager)
 # ---------------------------------------------------------------------------------------
@@ -326,6 +396,7 @@ class _LoraCtx:
     idx: Tensor                                   # [T] int32, device
     meta: Optional[LoraMeta]
     site_metas: Optional[dict] = None             # cheat_bmm: per-site gathered weights
+    masks: dict = field(default_factory=dict)     # "stacked": layout -> [T, E] mask, per forward
 
 
 # ---------------------------------------------------------------------------------------
@@ -646,6 +717,7 @@ class _Layer:
     wd: Tensor
     bd: Optional[Tensor]
     lora: dict = field(default_factory=dict)
+    stacked: dict = field(default_factory=dict)   # site -> StackedSite (mode "stacked")
 
 
 class _State:
@@ -805,14 +877,19 @@ class MultiLoraEngine:
     def set_mode(self, mode: str) -> None:
         """Select the registry mode (drops captured graphs; weights and cache stay). An
         unknown name raises ValueError and leaves the current mode in place."""
-        new_mode = None if mode == "none" else get_mode(mode)
+        new_mode = None if mode == "none" else ENGINE_MODES.get(mode) or get_mode(mode)
+        if mode == "stacked":
+            self._build_stacked()
         self.mode_name = mode
         self.mode = new_mode
+        self._stacked = mode == "stacked"
         self._fn = None if self.mode is None else self.mode.resolve()
         self._halves = self.mode.halves() if self.mode is not None \
             and self.lora_overlap == "shrink" else None
+        if self._stacked:
+            self._halves = None
         if self.lora_overlap == "delta" and self._side_stream is not None \
-                and self.mode is not None and self.mode.graph_safe:
+                and self.mode is not None and self.mode.graph_safe and not self._stacked:
             self.overlap = "delta"
         elif self._halves is not None:
             self.overlap = "shrink"
@@ -824,7 +901,26 @@ class MultiLoraEngine:
     def graph_capable(self, mode: Optional[str] = None) -> bool:
         """Can the decode step of `mode` (default: the current one) be a CUDA graph here?"""
         name = self.mode_name if mode is None else mode
-        return self.device.type == "cuda" and (name == "none" or get_mode(name).graph_safe)
+        return self.device.type == "cuda" and (
+            name == "none" or (ENGINE_MODES.get(name) or get_mode(name)).graph_safe)
+
+    @torch.no_grad()
+    def _build_stacked(self) -> None:
+        """Mode "stacked": each LoRA site's W_ext (the base weight with every adapter's A
+        rows under it) and Bt, once; the layer's base weight becomes a view of W_ext's
+        first N rows, so the other modes read the same numbers and nothing is stored twice
+        (but o and down, which the engine shares with the model, are then copies)."""
+        for layer in self.layers:
+            for site, (wname, bname) in _SITE_WEIGHTS.items():
+                s = layer.lora.get(site)
+                if s is None or site in layer.stacked:
+                    continue
+                w, b = getattr(layer, wname), getattr(layer, bname)
+                st = build_stacked_site(w, b, s)
+                layer.stacked[site] = st
+                N = w.shape[0]
+                setattr(layer, wname, st.w_ext[:N])
+                setattr(layer, bname, None if st.b_ext is None else st.b_ext[:N])
 
     def _bucket(self, B: int) -> int:
         return next(b for b in self.batch_buckets if b >= B)
@@ -842,6 +938,16 @@ class MultiLoraEngine:
         s = layer.lora.get(site)
         if s is None or ctx is None or self._fn is None:
             return F.linear(x, w, b)
+        if self._stacked:
+            st = layer.stacked[site]
+            N = w.shape[0]
+            out = F.linear(x, st.w_ext, st.b_ext)                        # [T, N + E]
+            mask = ctx.masks.get(st.layout)
+            if mask is None:                 # once per forward and layout, not per layer
+                mask = (ctx.idx[:, None] == st.col_adapter[None, :]).to(out.dtype)   # [T, E]
+                ctx.masks[st.layout] = mask
+            y = out[:, :N]                   # row stride N + E: the consumers take strides
+            return y.addmm_(out[:, N:] * mask, st.bt)
         meta = ctx.site_metas[s.key] if ctx.site_metas is not None else ctx.meta
         if self.overlap is None:
             y = F.linear(x, w, b)
@@ -920,6 +1026,8 @@ class MultiLoraEngine:
         allowed = (causal[None] & key_valid[:, None, :]) | torch.eye(S, dtype=torch.bool,
                                                                         device=ids.device)[None]
         allowed = allowed[:, None]                                         # [B, 1, S, S]
+        if ctx is not None:
+            ctx.masks.clear()
         x = F.embedding(ids.reshape(-1), self.embed)                       # [T, hidden]
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(x, layer, ctx, cos, sin)
@@ -944,6 +1052,8 @@ class MultiLoraEngine:
         """One token per row for rows 0..Bb-1 from the static state; attends over cache
         slots [0, Sb). Returns logits [Bb, V]. No host sync, static shapes."""
         st = self.state
+        if ctx is not None:
+            ctx.masks.clear()        # "stacked": masks from idx inside this step (and graph)
         H, Hkv, d = self.n_heads, self.n_kv, self.head_dim
         G = H // Hkv
         start = st.start[:Bb]

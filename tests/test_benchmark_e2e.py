@@ -35,12 +35,14 @@ def check_json(path, rows, B, n, tol):
 
 
 def test_benchmark_quick_cpu(tmp_path, capsys):
-    modes = ["none", "cheat_bmm", "gbmm", "peft"]
+    modes = ["none", "cheat_bmm", "gbmm", "stacked", "peft"]
     data = run(["--quick", "--device", "cpu", "--modes", *modes, "--out-dir", str(tmp_path),
                 "--no-progress", "--engine", "fast", "hf"])
     path = data["json_path"]
     assert os.path.basename(path) == "e2e_tiny_b8_L4_r4_n8_fast-hf.json"   # --quick: n = 8
-    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1]] + [("peft", "peft")]
+    # stacked runs in the fast engine only
+    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1] if (m, e) != ("stacked", "hf")] \
+        + [("peft", "peft")]
     d = check_json(path, rows, 8, 8, TOLERANCE[torch.float32])
     assert d["validation"]["gate"] == TOLERANCE[torch.float32]     # fp32: the plain bound
     # "auto" engine options resolve to the torch forms on the CPU
@@ -175,11 +177,12 @@ def test_benchmark_rejects_bad_flags():
 
 @pytest.mark.gpu
 def test_benchmark_short_gpu(tmp_path):
-    modes = ["none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "peft"]
+    modes = ["none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "stacked", "peft"]
     data = run(["--model-config", "llama3-8b", "--num-layers", "2", "--batch-size", "16",
                 "--max-new-tokens", "16", "--num-adapters", "8", "--rank", "16", "--modes", *modes,
                 "--out-dir", str(tmp_path), "--no-progress", "--engine", "fast", "hf"])
-    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1]] + [("peft", "peft")]
+    rows = [(m, e) for e in ("fast", "hf") for m in modes[:-1] if (m, e) != ("stacked", "hf")] \
+        + [("peft", "peft")]
     d = check_json(data["json_path"], rows, 16, 16, TOLERANCE[torch.bfloat16])
     assert d["env"]["gpu"] and d["env"]["triton"]
     assert all(r["peak_memory_gb"] > 0 for r in d["results"])

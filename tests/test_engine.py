@@ -21,7 +21,8 @@ TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_atten
             initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
-CPU_MODES = [m for m, e in MODES.items() if m != "none" and not e.needs_cuda]
+# registry modes that run on the CPU, and the engine-only "stacked" (A stacked under W)
+CPU_MODES = [m for m, e in MODES.items() if m != "none" and not e.needs_cuda] + ["stacked"]
 # 5 requests, unequal prompts; "__base__" = no adapter. Sorting by adapter reorders them.
 REQ_ADAPTERS = ["a0", "__base__", "a2", "a1", "a0"]
 PROMPT_LENS = [7, 3, 9, 5, 6]
@@ -235,7 +236,7 @@ def test_shrink_overlap_equals_plain_path(peft_setup, mode):
 
 
 @pytest.mark.parametrize("mode,attention", [("none", "sdpa"), ("bgmv_triton", "sdpa"),
-                                            ("bgmv_triton", "triton")])
+                                            ("bgmv_triton", "triton"), ("stacked", "triton")])
 def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode, attention):
     """fused_elementwise (engine_kernels: residual add + RMSNorm, RoPE + K/V cache write,
     SiLU * up, in the interpreter here), the split sampler and the Triton decode attention:
@@ -279,6 +280,36 @@ def test_lora_overlap_option_checked(peft_setup):
     base, _, lora, _, _ = peft_setup
     with pytest.raises(ValueError, match="^lora_overlap"):
         me.MultiLoraEngine(base, lora, "bgmv_triton", max_batch=2, max_seq=16, lora_overlap="x")
+
+
+def test_stacked_mode_shares_weights_and_follows_idx(peft_setup):
+    """Mode "stacked": the base weights become views of the stacked ones (the other modes
+    then give bitwise the logits of a fresh engine), and two assignments in a row each
+    give gbmm's logits (the masks come from idx in every forward, none is kept)."""
+    base, pm, lora, prompts, adapter_idx = peft_setup
+    eng = me.MultiLoraEngine(base, lora, "stacked", max_batch=8, max_seq=64)
+    layer = eng.layers[0]
+    for site, (wname, _) in me._SITE_WEIGHTS.items():
+        if site in layer.stacked:
+            w = getattr(layer, wname)
+            assert w.data_ptr() == layer.stacked[site].w_ext.data_ptr()
+            assert layer.stacked[site].w_ext.shape[0] - w.shape[0] == \
+                layer.stacked[site].bt.shape[0]
+    ref_eng = me.MultiLoraEngine(base, lora, "gbmm", max_batch=8, max_seq=64)
+    other = [(a + 1) % 3 if a >= 0 else -1 for a in adapter_idx]
+    other[0] = -1
+    kw = dict(max_new_tokens=3, ignore_eos=True, keep_logits=True)
+    for assign in (adapter_idx, other, adapter_idx):
+        t1, s1 = eng.generate(prompts, assign, **kw)
+        t2, s2 = ref_eng.generate(prompts, assign, **kw)
+        assert t1 == t2, assign
+        assert relative_error(s1["last_logits"], s2["last_logits"]) <= TOLERANCE[torch.float32]
+    eng.set_mode("none")
+    fresh = me.MultiLoraEngine(base, lora, "none", max_batch=8, max_seq=64)
+    assert torch.equal(eng.forward_logits(prompts, adapter_idx),
+                       fresh.forward_logits(prompts, adapter_idx))
+    with pytest.raises(ValueError, match="inside MultiLoraEngine only"):
+        me.ENGINE_MODES["stacked"](None, None, None, None, None, None)
 
 
 @pytest.mark.parametrize("mode", CPU_MODES)
@@ -395,7 +426,7 @@ LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
                  max_position_embeddings=8192, initializer_range=0.02,
                  rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE, original_max_position_embeddings=8192))
-GPU_MODES = [m for m in MODES if m != "none"]
+GPU_MODES = [m for m in MODES if m != "none"] + ["stacked"]
 GPU_GATE: dict = {}     # set by gpu_setup
 GPU_REQ = ["a0", "__base__", "a2", "a1", "a0", "a1", "a2", "__base__", "a0", "a1", "a0"]
 
@@ -452,7 +483,8 @@ def test_gpu_prefill_and_graph_decode_match_peft(gpu_setup, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["none", "bgmv_triton", "sgmv_triton", "bgmv_cuda", "cheat_bmm"])
+@pytest.mark.parametrize("mode", ["none", "bgmv_triton", "sgmv_triton", "bgmv_cuda", "cheat_bmm",
+                                  "stacked"])
 def test_gpu_graph_replay_equals_eager_and_never_syncs(gpu_setup, mode):
     base, pm, lora, prompts, adapter_idx = gpu_setup
     eng = _gpu_engine(gpu_setup, mode)

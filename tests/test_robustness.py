@@ -463,8 +463,9 @@ def engine_load(mode: str, n_requests: int, batch: int, n_sample: int, device, d
     assert differs >= n_sample // 2, "adapters barely change the output: test too weak"
 
 
-def test_engine_load_cpu():
-    engine_load("gbmm", n_requests=40, batch=8, n_sample=6, device="cpu",
+@pytest.mark.parametrize("mode", ["gbmm", "stacked"])
+def test_engine_load_cpu(mode):
+    engine_load(mode, n_requests=40, batch=8, n_sample=6, device="cpu",
                 dtype=torch.float32, max_new=4)
 
 
@@ -533,7 +534,7 @@ def test_gpu_debug_flag_bgmv_cuda_shrink_expand(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["bgmv_triton", "bgmv_cuda", "sgmv_triton"])
+@pytest.mark.parametrize("mode", ["bgmv_triton", "bgmv_cuda", "sgmv_triton", "stacked"])
 def test_gpu_engine_load(mode):
     """1,000 requests in batches of 64 on a 2-layer random Llama (fp32: batched and
     single runs must agree token for token), 40 sampled against single runs."""
