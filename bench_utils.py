@@ -33,7 +33,7 @@ MODE_STYLE = {
     "bgmv_cuda": ("#2ca02c", "^"),
     "sgmv_triton": ("#17becf", "P"),
     "peft": ("#8c564b", "*"),
-    "stacked": ("#393b79", "h"),      # engine-only mode (multilora_engine.ENGINE_MODES)
+    "stacked": ("#393b79", "h"),      # engine-only mode (multilora_engine.ENGINE_ONLY_MODES)
     # public kernels (public_kernels.py, --public): grey-pink family, dotted in line plots
     "sglang_triton": ("#e377c2", "<"),
     "sglang_csgmv": ("#bcbd22", ">"),

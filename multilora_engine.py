@@ -53,7 +53,7 @@ stream x is then updated in place.
 Batch: generate() sorts the requests by adapter (stable), so every adapter's requests are
 one contiguous run (one SGMV segment each), then restores the caller's order.
 
-Mode "stacked" (ENGINE_MODES, the engine only): each site's base weight W [N, h_in] is
+Mode "stacked" (ENGINE_ONLY_MODES): each site's base weight W [N, h_in] is
 stored as W_ext = [W; every adapter's A rows (slice, adapter, rank row)] and one GEMM
 gives y and x A^T for all adapters; a mask from idx (built once per forward and column
 layout) keeps each token's own adapter, and y.addmm_ adds (x A^T * mask) @ Bt, Bt every
@@ -142,7 +142,7 @@ def _engine_only(*args, **kwargs):
 # zeroed by a mask from idx, and one more GEMM adds (v * mask) [T, E] @ Bt [E, N] into y,
 # Bt every adapter's scale * B^T stacked (block-diagonal over the q/k/v or gate/up
 # slices). Two extra kernels per site and no LoRA kernel; cost grows with L * r.
-ENGINE_MODES = {"stacked": LoraMode(
+ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "stacked", _engine_only, description="engine only: every adapter's A stacked under the "
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
@@ -877,7 +877,7 @@ class MultiLoraEngine:
     def set_mode(self, mode: str) -> None:
         """Select the registry mode (drops captured graphs; weights and cache stay). An
         unknown name raises ValueError and leaves the current mode in place."""
-        new_mode = None if mode == "none" else ENGINE_MODES.get(mode) or get_mode(mode)
+        new_mode = None if mode == "none" else ENGINE_ONLY_MODES.get(mode) or get_mode(mode)
         if mode == "stacked":
             self._build_stacked()
         self.mode_name = mode
@@ -902,7 +902,7 @@ class MultiLoraEngine:
         """Can the decode step of `mode` (default: the current one) be a CUDA graph here?"""
         name = self.mode_name if mode is None else mode
         return self.device.type == "cuda" and (
-            name == "none" or (ENGINE_MODES.get(name) or get_mode(name)).graph_safe)
+            name == "none" or (ENGINE_ONLY_MODES.get(name) or get_mode(name)).graph_safe)
 
     @torch.no_grad()
     def _build_stacked(self) -> None:

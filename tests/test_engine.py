@@ -309,7 +309,7 @@ def test_stacked_mode_shares_weights_and_follows_idx(peft_setup):
     assert torch.equal(eng.forward_logits(prompts, adapter_idx),
                        fresh.forward_logits(prompts, adapter_idx))
     with pytest.raises(ValueError, match="inside MultiLoraEngine only"):
-        me.ENGINE_MODES["stacked"](None, None, None, None, None, None)
+        me.ENGINE_ONLY_MODES["stacked"](None, None, None, None, None, None)
 
 
 @pytest.mark.parametrize("mode", CPU_MODES)
