@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-MODE_CHOICES = ("none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton")
+MODE_CHOICES = ("none", "loop", "cheat_bmm", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton",
+                "stacked")                  # stacked: --engine fast only (it needs the base weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the random adapters in PEFT format to DIR/<name>/")
     g.add_argument("--lora-inference-mode", default="gbmm", choices=MODE_CHOICES,
                    help="multi-LoRA implementation (default: gbmm; Triton modes run in the "
-                        "Triton interpreter on the CPU, slowly)")
+                        "Triton interpreter on the CPU, slowly; stacked, every adapter's A "
+                        "under the base weight, needs --engine fast)")
     g.add_argument("--engine", default="hf", choices=("hf", "fast"),
                    help="hf: the transformers model with its Linear layers wrapped "
                         "(multilora_model.py); fast: multilora_engine.py, a compact forward "
@@ -152,6 +154,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     mode = args.lora_inference_mode
     if device.type == "cpu" and mode == "bgmv_cuda":
         raise SystemExit("--lora-inference-mode bgmv_cuda needs a CUDA GPU")
+    if mode == "stacked" and args.engine != "fast":
+        raise SystemExit("--lora-inference-mode stacked needs --engine fast (it folds the "
+                         "adapters' A into the engine's base weights)")
     if device.type == "cpu" and mode in ("bgmv_triton", "sgmv_triton"):
         # Must be set before triton is imported (transformers imports it).
         os.environ.setdefault("TRITON_INTERPRET", "1")

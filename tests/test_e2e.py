@@ -324,6 +324,11 @@ def test_cli_fast_engine_same_text(tiny_chat, monkeypatch):
     fast = run_main(argv + ["--engine", "fast"], monkeypatch, copy.deepcopy(model), tok)
     assert [r["text"] for r in fast] == [r["text"] for r in hf]
     assert len({r["text"] for r in hf}) >= 4                 # the adapters do differ
+    stacked = run_main(argv + ["--engine", "fast", "--lora-inference-mode", "stacked"],
+                       monkeypatch, copy.deepcopy(model), tok)
+    assert [r["text"] for r in stacked] == [r["text"] for r in hf]
+    with pytest.raises(SystemExit, match="stacked needs --engine fast"):
+        run_main(argv + ["--lora-inference-mode", "stacked"], monkeypatch)
 
 
 def test_real_smollm2_logits_match_peft(smol, tmp_path):
