@@ -9,6 +9,7 @@ round trip. These kernels do the same work in fewer launches (per layer 11 -> 4)
     add_rms_norm(x, r, w, eps)          x += r in place, then h = RMSNorm(x) * w   (1 kernel)
     rope_qkv_to_cache(qkv, ...)         RoPE on q and k, k and v into the cache    (1 kernel)
     silu_mul(gu)                        silu(gate) * up                            (1 kernel)
+    stacked_expand(y, v, bt, idx, ...)  mode "stacked": y += masked v @ bt          (1 kernel)
 
 Shapes (one decode step, T = batch rows): x, r [T, hidden]; qkv [T, (H + 2 Hkv) d];
 gu [T, 2 I]. Arithmetic: fp32 inside, one rounding to the storage dtype per output (the
@@ -193,6 +194,78 @@ def silu_mul(gu: Tensor) -> Tensor:
         _silu_mul_kernel[(T, triton.cdiv(inter, block))](gu, out, inter, gu.stride(0), out.stride(0),
                                                          BLOCK=block, num_warps=4)
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# Mode "stacked": the masked expand (multilora_engine.build_stacked_site)
+# ---------------------------------------------------------------------------------------
+def stacked_mask(idx: Tensor, col_adapter: Tensor, dtype: torch.dtype) -> Tensor:
+    """[T, E] of 1 where column e belongs to row t's adapter: idx [T] int32 (-1: no LoRA),
+    col_adapter [E] int32 (the adapter of each column, -2 = padding)."""
+    return (idx[:, None] == col_adapter[None, :]).to(dtype)
+
+
+def stacked_expand_torch(y: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tensor:
+    """y [T, N] += (v * mask) @ bt, in place; v [T, E] (x A^T of every adapter), mask [T, E]
+    (stacked_mask), bt [E, N]. Two kernels: the multiply and cuBLAS's addmm."""
+    return y.addmm_(v * mask, bt)
+
+
+if triton is not None:
+    @triton.jit
+    def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, E, n_used, L, R,
+                               stride_yt, stride_vt, stride_be,
+                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_E: tl.constexpr):
+        # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over column chunks
+        # of (v chunk masked to each row's adapter) @ bt chunk; a chunk no row of the tile
+        # uses is skipped (prefill tiles hold one or two adapters; decode tiles all of them).
+        pid_n = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < T
+        cmask = cols < N
+        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
+        rows64 = rows.to(tl.int64)
+        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for e0 in range(0, n_used, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            a_col = tl.where(e < n_used, (e // R) % L, -2)             # adapter of column e
+            hit = a_row[:, None] == a_col[None, :]                     # [BLOCK_T, BLOCK_E]
+            if tl.max(hit.to(tl.int32)) > 0:
+                v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :], mask=hit, other=0.0)
+                b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
+                            mask=(e < n_used)[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(v.to(b.dtype), b, acc)
+        ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+        m = rmask[:, None] & cmask[None, :]
+        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
+    """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
+    and v [T, E] with unit column stride (row strides free: both are views of the site's
+    [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
+    the extra columns (column s L r + a r + j belongs to adapter a; columns >= S L r are
+    padding). Returns y."""
+    S, L, r, E = layout
+    T, N = y.shape
+    if y.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) or bt.shape != (E, N) \
+            or not bt.is_contiguous() or idx.shape != (T,) or idx.dtype != torch.int32:
+        raise ValueError(f"stacked_expand: y [T, N], v [T, E] (unit column stride), bt [E, N] "
+                         f"contiguous, idx [T] int32, layout (S, L, r, E); got y {tuple(y.shape)} "
+                         f"{y.stride()}, v {tuple(v.shape)} {v.stride()}, bt {tuple(bt.shape)}, "
+                         f"idx {tuple(idx.shape)} {idx.dtype}, layout {layout}")
+    if T:
+        block_t = 64 if T > 32 else 16 if T <= 16 else 32
+        block_n = 64
+        grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
+        _stacked_expand_kernel[grid](y, v, bt, idx, T, N, E, S * L * r, L, r, y.stride(0),
+                                     v.stride(0), bt.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
+                                     BLOCK_E=32, num_warps=4)
+    return y
 
 
 # ---------------------------------------------------------------------------------------

@@ -55,11 +55,13 @@ one contiguous run (one SGMV segment each), then restores the caller's order.
 
 Mode "stacked" (ENGINE_ONLY_MODES): each site's base weight W [N, h_in] is
 stored as W_ext = [W; every adapter's A rows (slice, adapter, rank row)] and one GEMM
-gives y and x A^T for all adapters; a mask from idx (built once per forward and column
-layout) keeps each token's own adapter, and y.addmm_ adds (x A^T * mask) @ Bt, Bt every
-adapter's scale * B^T (block-diagonal over slices). The layer's W becomes a view of W_ext,
-so the other modes read the same numbers; y is a row-strided view of the wider output,
-which every consumer of it takes.
+gives y and x A^T for all adapters; a mask from idx keeps each token's own adapter, and
+y += (x A^T * mask) @ Bt, Bt every adapter's scale * B^T (block-diagonal over slices):
+engine_kernels.stacked_expand on CUDA (the mask computed in the kernel), on the CPU a
+mask built once per forward and column layout, a multiply and y.addmm_
+(MULTILORA_STACKED_EXPAND picks). The layer's W becomes a view of W_ext, so the other
+modes read the same numbers; y is a row-strided view of the wider output, which every
+consumer of it takes.
 
 CUDA graphs: one decode step (forward, sampling, EOS bookkeeping, position increment) is
 captured per (batch bucket, attention-length bucket, greedy?, keep_logits?), by hand
@@ -101,6 +103,7 @@ sync in the decode loop, decode logits equal PEFT's.
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -146,6 +149,10 @@ ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "stacked", _engine_only, description="engine only: every adapter's A stacked under the "
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
+# How "stacked" adds its LoRA: "triton" (engine_kernels.stacked_expand: the mask in the
+# kernel, one launch per site; the default on CUDA) or "torch" (mask multiply + addmm: two
+# launches; the default on the CPU). Read by set_mode; for A/B runs.
+STACKED_EXPAND_ENV = "MULTILORA_STACKED_EXPAND"
 
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))$")
@@ -879,7 +886,12 @@ class MultiLoraEngine:
         unknown name raises ValueError and leaves the current mode in place."""
         new_mode = None if mode == "none" else ENGINE_ONLY_MODES.get(mode) or get_mode(mode)
         if mode == "stacked":
+            how = os.environ.get(STACKED_EXPAND_ENV) or \
+                ("triton" if self.device.type == "cuda" and triton is not None else "torch")
+            if how not in ("triton", "torch") or (how == "triton" and triton is None):
+                _fail(STACKED_EXPAND_ENV, "'triton' (needs triton) or 'torch'", repr(how))
             self._build_stacked()
+            self.stacked_expand = how
         self.mode_name = mode
         self.mode = new_mode
         self._stacked = mode == "stacked"
@@ -942,12 +954,13 @@ class MultiLoraEngine:
             st = layer.stacked[site]
             N = w.shape[0]
             out = F.linear(x, st.w_ext, st.b_ext)                        # [T, N + E]
+            y = out[:, :N]                   # row stride N + E: the consumers take strides
+            if self.stacked_expand == "triton":                          # mask in the kernel
+                return ek.stacked_expand(y, out[:, N:], st.bt, ctx.idx, st.layout)
             mask = ctx.masks.get(st.layout)
             if mask is None:                 # once per forward and layout, not per layer
-                mask = (ctx.idx[:, None] == st.col_adapter[None, :]).to(out.dtype)   # [T, E]
-                ctx.masks[st.layout] = mask
-            y = out[:, :N]                   # row stride N + E: the consumers take strides
-            return y.addmm_(out[:, N:] * mask, st.bt)
+                mask = ctx.masks[st.layout] = ek.stacked_mask(ctx.idx, st.col_adapter, out.dtype)
+            return ek.stacked_expand_torch(y, out[:, N:], st.bt, mask)
         meta = ctx.site_metas[s.key] if ctx.site_metas is not None else ctx.meta
         if self.overlap is None:
             y = F.linear(x, w, b)

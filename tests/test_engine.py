@@ -312,6 +312,31 @@ def test_stacked_mode_shares_weights_and_follows_idx(peft_setup):
         me.ENGINE_ONLY_MODES["stacked"](None, None, None, None, None, None)
 
 
+def test_stacked_mode_triton_expand_in_the_engine(peft_setup, monkeypatch):
+    """MULTILORA_STACKED_EXPAND=triton (the CUDA default; here in the interpreter): the
+    engine's "stacked" LoRA through engine_kernels.stacked_expand gives PEFT's logits and
+    greedy tokens, as the torch form does; a bad value names the variable."""
+    base, pm, lora, prompts, adapter_idx = peft_setup
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, "triton")
+    eng = me.MultiLoraEngine(base, lora, "stacked", max_batch=8, max_seq=64)
+    assert eng.stacked_expand == "triton"
+    ref, mask = peft_logits(pm, prompts, REQ_ADAPTERS)
+    assert masked_error(eng.forward_logits(prompts, adapter_idx), ref, mask) <= TOLERANCE[torch.float32]
+    kw = dict(max_new_tokens=3, ignore_eos=True, keep_logits=True)
+    t1, s1 = eng.generate(prompts, adapter_idx, **kw)
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, "torch")
+    eng.set_mode("stacked")
+    assert eng.stacked_expand == "torch"
+    t2, s2 = eng.generate(prompts, adapter_idx, **kw)
+    assert t1 == t2
+    assert relative_error(s1["last_logits"], s2["last_logits"]) <= TOLERANCE[torch.float32]
+    eng.set_mode("gbmm")
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, "cuda")
+    with pytest.raises(ValueError, match=f"^{me.STACKED_EXPAND_ENV}"):
+        eng.set_mode("stacked")
+    assert eng.mode_name == "gbmm"                  # the failed switch changed nothing
+
+
 @pytest.mark.parametrize("mode", CPU_MODES)
 def test_decode_matches_peft(peft_setup, mode):
     """Greedy decode with LoRA: every token is PEFT's argmax at its position and the last
