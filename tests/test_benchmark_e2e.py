@@ -221,22 +221,26 @@ def test_decode_step_bytes_and_estimate_cli(capsys):
     assert "weights 15.01 GB" in out and "tokens/s" in out
 
 
-def test_profile_flag_prints_kernel_table(tmp_path, capsys):
+def test_profile_flag_prints_kernel_table(tmp_path, capsys, monkeypatch):
+    reports = []                                         # every row, not only the printed 30
+    printer = bim.print_profile
+    monkeypatch.setattr(bim, "print_profile", lambda t, rows: (reports.append(rows), printer(t, rows)))
     run(TINY + ["--batch-size", "2", "--modes", "bgmv_triton", "--profile", "2",
                 "--out-dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "profile bgmv_triton: one decode step, batch 2 (eager, 2 steps minus the prefill)" in out
-    # per step: one shrink and one expand per LoRA site, 4 sites x 2 layers (prefill gone)
-    calls = {ln.split()[3]: float(ln.split()[1]) for ln in out.splitlines()
-             if ln.strip().endswith(("multilora::bgmv_shrink", "multilora::bgmv_expand"))}
+    # per step: one shrink and one expand per LoRA site, 4 sites x 2 layers (prefill gone);
+    # on the CPU the op times are host times, so where they rank in the table varies
+    (all_rows,) = reports
+    calls = {k: n for _, n, k in all_rows if k in ("multilora::bgmv_shrink", "multilora::bgmv_expand")}
     assert calls == {"multilora::bgmv_shrink": 8.0, "multilora::bgmv_expand": 8.0}
     log = tmp_path / "profile.log"                       # the report reads back, group table
     log.write_text(out)                                  # (printed after it) left out
     (title, rows), = bim.read_profile_log(str(log))
     assert title == "bgmv_triton: one decode step"
-    names = [k for _, _, k in rows]
-    assert "multilora::bgmv_shrink" in names
-    assert not set(names) & {g for g, _ in bim.PROFILE_GROUPS}
+    printed = [k[:100] for _, _, k in all_rows[:30]]                  # the printed top 30
+    assert rows and rows[0][2] == printed[0] and {k for _, _, k in rows} <= set(printed)
+    assert not {k for _, _, k in rows} & {g for g, _ in bim.PROFILE_GROUPS}
 
 
 def test_profile_summary_groups_the_committed_h200_log(capsys):
