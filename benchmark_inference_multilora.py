@@ -55,6 +55,7 @@ DEFAULT_MODES = ("none", "gbmm", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "sta
 # A sweep leaves out peft (~370 ms/step at batch 64) and gbmm (~180 ms/step): minutes per point.
 SWEEP_MODES = ("none", "bgmv_triton", "bgmv_cuda", "sgmv_triton", "stacked")
 TRITON_MODES = ("bgmv_triton", "sgmv_triton")
+FUSED_OPTION = {"auto": "auto", "on": True, "off": False}   # --fused-elementwise -> engine
 WORKLOADS = ("distinct", "uniform", "skewed", "identical")
 ENGINES = ("fast", "hf")
 # one colour per mode, shared with every other figure (bench_utils.MODE_STYLE)
@@ -945,14 +946,11 @@ def run(args) -> dict:
     return data
 
 
-FUSED_OPTION = {"auto": "auto", "on": True, "off": False}   # --fused-elementwise -> engine
-
-
 def default_stem(data: dict, engines: list[str]) -> str:
     c = data["config"]
     tail = ("" if engines == ["fast"] else "_" + "-".join(engines)) \
         + ("" if c.get("lora_overlap", "off") == "off" else f"_overlap-{c['lora_overlap']}") \
-        + {True: "_fused", "on": "_fused", "off": "_unfused"}.get(c.get("fused_elementwise"), "") \
+        + {"on": "_fused", "off": "_unfused"}.get(c.get("fused_elementwise"), "") \
         + ("" if c.get("sampler", "auto") == "auto" else f"_sampler-{c['sampler']}") \
         + ("" if c.get("attention", "auto") == "auto" else f"_attn-{c['attention']}")
     common = f"L{c['num_adapters']}_r{c['rank']}_n{c['max_new_tokens']}"

@@ -133,6 +133,7 @@ SITES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
 _SITE_WEIGHTS = {"qkv": ("wqkv", "bqkv"), "o": ("wo", "bo"), "gate_up": ("wgu", "bgu"),
                  "down": ("wd", "bd")}                 # site -> _Layer fields of its base layer
 
+
 def _engine_only(*args, **kwargs):
     raise ValueError("mode 'stacked' runs inside MultiLoraEngine only (it folds every "
                      "adapter's A into the base GEMM); the kernel registry has no such call")
@@ -142,9 +143,10 @@ def _engine_only(*args, **kwargs):
 # "stacked", for few adapters: every adapter's A rows are stacked under the site's base
 # weight, so the base GEMM also computes x A_a^T for all L adapters (E = S L r more output
 # columns, read once per step instead of once per token); the rows of other adapters are
-# zeroed by a mask from idx, and one more GEMM adds (v * mask) [T, E] @ Bt [E, N] into y,
-# Bt every adapter's scale * B^T stacked (block-diagonal over the q/k/v or gate/up
-# slices). Two extra kernels per site and no LoRA kernel; cost grows with L * r.
+# zeroed by a mask from idx, and (v * mask) [T, E] @ Bt [E, N] is added into y, Bt every
+# adapter's scale * B^T stacked (block-diagonal over the q/k/v or gate/up slices): one
+# kernel per site more than the base GEMM (engine_kernels.stacked_expand) on CUDA, two
+# (multiply + addmm) in the torch form; cost grows with L * r.
 ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "stacked", _engine_only, description="engine only: every adapter's A stacked under the "
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
@@ -164,7 +166,7 @@ SAMPLER_MAX_ROUNDS = 32     # top-p race rounds: P(not done) <= (1 - top_p) ** 3
 SAMPLER_BLOCK_V = 4096      # logits per iteration of the sampler kernel (8 warps x 16):
                             # fewer, longer iterations hide L2 latency in a 1-program row
 # Split sampler (sample_top_p_triton(split=True)): programs to aim for over the batch (2
-# waves of the H200's 132 SMs). Off by default until measured on the GPU (PERF_LOG v6).
+# waves of the H200's 132 SMs). Off by default: no faster on the H200 (PERF_LOG v6).
 SAMPLER_SPLIT_PROGRAMS = 264
 SAMPLER_SPLIT_DEFAULT = False
 EOS_CHECK_EVERY = 32        # decode steps between the host checks "have all rows ended?"
@@ -896,10 +898,8 @@ class MultiLoraEngine:
         self.mode = new_mode
         self._stacked = mode == "stacked"
         self._fn = None if self.mode is None else self.mode.resolve()
-        self._halves = self.mode.halves() if self.mode is not None \
+        self._halves = self.mode.halves() if self.mode is not None and not self._stacked \
             and self.lora_overlap == "shrink" else None
-        if self._stacked:
-            self._halves = None
         if self.lora_overlap == "delta" and self._side_stream is not None \
                 and self.mode is not None and self.mode.graph_safe and not self._stacked:
             self.overlap = "delta"

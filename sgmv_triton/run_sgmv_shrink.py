@@ -254,7 +254,8 @@ def main(args: argparse.Namespace) -> int:
                                                          v=p["v"], **kw) for p in sets]
                         times = time_calls(calls)
                     rows.append(dict(proj=proj, batch=label, T=T, segments=meta.num_segments,
-                                     r_max=r_max, block_m=block_m or "auto", split_k=split_k or "auto",
+                                     r_max=r_max, block_m=block_m or "auto",
+                                     split_k=split_k or "auto",
                                      err=err, ok=ok, **timing_fields(times, bytes_moved, flops,
                                                                      copy, base_us, n_sets)))
     return finish(args, "sgmv_shrink", rows,
@@ -269,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--split-k", nargs="+", type=int, default=[0],
-                   help="h_in splits per program (>1: atomics into a zeroed v; 0 = the "
-                        "default, picked by grid size)")
+                   help="h_in splits (>1: partial sums added in a fixed order; 0 = the "
+                        "default, picked from T and the columns)")
     p.add_argument("--block-k", type=int, default=0, help="h_in per K step (0 = default)")
     return p
 
