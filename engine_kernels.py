@@ -213,58 +213,80 @@ def stacked_expand_torch(y: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tens
 
 if triton is not None:
     @triton.jit
-    def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, E, n_used, L, R,
+    def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, n_used, L, R, LR, OFF1, OFF2,
                                stride_yt, stride_vt, stride_be,
                                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_E: tl.constexpr):
-        # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over column chunks
-        # of (v chunk masked to each row's adapter) @ bt chunk; a chunk no row of the tile
-        # uses is skipped (prefill tiles hold one or two adapters; decode tiles all of them).
+                               BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+        # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over the extra
+        # columns of the slices this tile's columns belong to (LR = L r per slice; slice 1
+        # starts at column OFF1, slice 2 at OFF2) of (v masked to each row's adapter) @ bt.
+        # A chunk no row of the tile uses is skipped (prefill tiles hold one or two
+        # adapters; decode tiles all of them). L r <= BLOCK_E: one chunk per slice, so the
+        # B loads of a tile are one round trip, not a serial chain.
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < T
         cmask = cols < N
-        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
         rows64 = rows.to(tl.int64)
+        ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+        m = rmask[:, None] & cmask[None, :]
+        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)           # in flight with bt
+        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
+        c_first = pid_n * BLOCK_N
+        c_last = tl.minimum(c_first + BLOCK_N, N) - 1
+        s_lo = (c_first >= OFF1).to(tl.int32) + (c_first >= OFF2).to(tl.int32)
+        s_hi = (c_last >= OFF1).to(tl.int32) + (c_last >= OFF2).to(tl.int32)
+        e_hi = tl.minimum((s_hi + 1) * LR, n_used)
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for e0 in range(0, n_used, BLOCK_E):
+        for e0 in range(s_lo * LR, e_hi, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
-            a_col = tl.where(e < n_used, (e // R) % L, -2)             # adapter of column e
+            a_col = tl.where(e < e_hi, (e // R) % L, -2)               # adapter of column e
             hit = a_row[:, None] == a_col[None, :]                     # [BLOCK_T, BLOCK_E]
             if tl.max(hit.to(tl.int32)) > 0:
                 v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :], mask=hit, other=0.0)
                 b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
-                            mask=(e < n_used)[:, None] & cmask[None, :], other=0.0)
-                acc = tl.dot(v.to(b.dtype), b, acc)
-        ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-        m = rmask[:, None] & cmask[None, :]
-        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+                            mask=(e < e_hi)[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
+def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
+                   slice_starts: tuple = ()) -> Tensor:
     """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
     and v [T, E] with unit column stride (row strides free: both are views of the site's
     [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
-    the extra columns (column s L r + a r + j belongs to adapter a; columns >= S L r are
-    padding). Returns y."""
+    the extra columns (column s L r + a r + j belongs to adapter a of slice s; columns >=
+    S L r are padding). slice_starts: the first output column of slices 1 .. S-1 (q/k/v,
+    gate/up); then bt must be block-diagonal, as multilora_engine.build_stacked_site
+    builds it, and slice s's rows are read only for its own columns (1/S of bt). Empty:
+    every row of bt for every column. Returns y."""
     S, L, r, E = layout
     T, N = y.shape
     if y.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) or bt.shape != (E, N) \
-            or not bt.is_contiguous() or idx.shape != (T,) or idx.dtype != torch.int32:
+            or not bt.is_contiguous() or idx.shape != (T,) or idx.dtype != torch.int32 \
+            or (slice_starts and (len(slice_starts) != S - 1 or S > 3
+                                  or list(slice_starts) != sorted(slice_starts))):
         raise ValueError(f"stacked_expand: y [T, N], v [T, E] (unit column stride), bt [E, N] "
-                         f"contiguous, idx [T] int32, layout (S, L, r, E); got y {tuple(y.shape)} "
-                         f"{y.stride()}, v {tuple(v.shape)} {v.stride()}, bt {tuple(bt.shape)}, "
-                         f"idx {tuple(idx.shape)} {idx.dtype}, layout {layout}")
+                         f"contiguous, idx [T] int32, layout (S, L, r, E), S <= 3 and S - 1 "
+                         f"increasing slice_starts, or none; got y {tuple(y.shape)} {y.stride()}, v "
+                         f"{tuple(v.shape)} {v.stride()}, bt {tuple(bt.shape)}, idx "
+                         f"{tuple(idx.shape)} {idx.dtype}, layout {layout}, slice_starts "
+                         f"{slice_starts}")
     if T:
+        n_used = S * L * r
+        lr = L * r if slice_starts else n_used         # rows per slice (all: one slice)
+        off = list(slice_starts) + [N] * (2 - len(slice_starts))
         block_t = 64 if T > 32 else 16 if T <= 16 else 32
-        block_n = 64
+        block_n = 64 if N >= 8192 else 32              # o / down (N 4096): 128 programs
+        block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
-        _stacked_expand_kernel[grid](y, v, bt, idx, T, N, E, S * L * r, L, r, y.stride(0),
-                                     v.stride(0), bt.stride(0), BLOCK_T=block_t, BLOCK_N=block_n,
-                                     BLOCK_E=32, num_warps=4)
+        _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
+                                     y.stride(0), v.stride(0), bt.stride(0), BLOCK_T=block_t,
+                                     BLOCK_N=block_n, BLOCK_E=block_e,
+                                     PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+                                     num_warps=4)
     return y
 
 

@@ -355,6 +355,7 @@ class StackedSite:
     bt: Tensor                         # [E, N]: scale_a B_s[a, :, j]^T at row (s, a, j)
     col_adapter: Tensor                # [E] int32: the adapter of each extra column (-2: pad)
     layout: tuple                      # (S, L, r, E): sites with equal layouts share a mask
+    slice_starts: tuple = ()           # first column of slices 1 .. S-1 (bt is block-diagonal)
 
 
 def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> StackedSite:
@@ -374,9 +375,11 @@ def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> Stacke
         b_ext = torch.zeros(N + E, device=b.device, dtype=b.dtype)
         b_ext[:N] = b
     bt = torch.zeros(E, N, device=w.device, dtype=w.dtype)
-    col = 0
+    col, starts = 0, []
     for s_i, B_s in enumerate(Bs):                                         # [L, N_s, r]
         n_s = B_s.shape[1]
+        if s_i:
+            starts.append(col)
         scaled = B_s.float() * site.scale.float()[:, None, None]
         rows = slice(s_i * L * r, (s_i + 1) * L * r)
         bt[rows, col:col + n_s] = scaled.permute(0, 2, 1).reshape(L * r, n_s).to(w.dtype)
@@ -385,7 +388,7 @@ def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> Stacke
         _fail("stacked site", f"B slices covering the {N} output columns", col)
     col_adapter = torch.full((E,), -2, dtype=torch.int32, device=w.device)
     col_adapter[:S * L * r] = (torch.arange(S * L * r, device=w.device) // r % L).to(torch.int32)
-    return StackedSite(w_ext, b_ext, bt, col_adapter, (S, L, r, E))
+    return StackedSite(w_ext, b_ext, bt, col_adapter, (S, L, r, E), tuple(starts))
 
 
 # ---------------------------------------------------------------------------------------
@@ -956,7 +959,7 @@ class MultiLoraEngine:
             out = F.linear(x, st.w_ext, st.b_ext)                        # [T, N + E]
             y = out[:, :N]                   # row stride N + E: the consumers take strides
             if self.stacked_expand == "triton":                          # mask in the kernel
-                return ek.stacked_expand(y, out[:, N:], st.bt, ctx.idx, st.layout)
+                return ek.stacked_expand(y, out[:, N:], st.bt, ctx.idx, st.layout, st.slice_starts)
             mask = ctx.masks.get(st.layout)
             if mask is None:                 # once per forward and layout, not per layer
                 mask = ctx.masks[st.layout] = ek.stacked_mask(ctx.idx, st.col_adapter, out.dtype)

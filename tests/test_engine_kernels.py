@@ -122,13 +122,26 @@ def test_gpu_fused_kernels_match_torch_forms(dtype, T):
 # ---------------------------------------------------------------------------------------
 # Mode "stacked": the masked expand
 # ---------------------------------------------------------------------------------------
-def _stacked_check(dtype, device, T, S, L, r, N, seed=0):
+def _stacked_check(dtype, device, T, S, L, r, N, widths=None, seed=0):
     """stacked_expand against its torch form on row-strided views of one wider output
-    (as the engine calls it), with -1 rows, padding columns and every adapter present."""
+    (as the engine calls it), with -1 rows, padding columns and every adapter present.
+    widths: the S slices' column counts; then bt is block-diagonal over them (as the engine
+    builds it) and the kernel gets their starts; None: a dense bt, no slice starts."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     E = -(-S * L * r // 8) * 8
     out = torch.randn(T, N + E + 8, generator=g).to(device, dtype)
-    bt = (0.3 * torch.randn(E, N, generator=g)).to(device, dtype)
+    bt = 0.3 * torch.randn(E, N, generator=g)
+    starts = ()
+    if widths is not None:
+        assert len(widths) == S and sum(widths) == N
+        edges = [0] + torch.tensor(widths).cumsum(0).tolist()
+        starts = tuple(edges[1:-1])
+        block = torch.zeros(E, N)
+        for s_i in range(S):
+            rows, cols = slice(s_i * L * r, (s_i + 1) * L * r), slice(edges[s_i], edges[s_i + 1])
+            block[rows, cols] = bt[rows, cols]
+        bt = block
+    bt = bt.to(device, dtype)
     idx = torch.randint(-1, L, (T,), generator=g).to(torch.int32)
     idx[: min(T, L)] = torch.arange(min(T, L), dtype=torch.int32)
     idx = idx.to(device)
@@ -140,20 +153,25 @@ def _stacked_check(dtype, device, T, S, L, r, N, seed=0):
     # a sum over E: the bound scales with |y| + |v * mask| @ |bt| (summation order differs)
     size = out[:, :N].float().abs() + (v.float() * mask).abs() @ bt.float().abs()
     before = out.clone()
-    y = ek.stacked_expand(out[:, :N], v, bt, idx, (S, L, r, E))
+    y = ek.stacked_expand(out[:, :N], v, bt, idx, (S, L, r, E), starts)
     assert y.data_ptr() == out.data_ptr()                        # in place, in the view
     assert torch.equal(out[:, N:], before[:, N:])                # v and the rest untouched
     ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
     assert ((y.float() - y_ref).abs() <= 2 * ulp * size.clamp(min=1.0)).all()
     skip = (idx < 0).cpu()
     assert torch.equal(y[skip].cpu(), before[:, :N][skip].cpu())    # -1 rows unchanged
+    lora = (idx >= 0).cpu()
+    assert not torch.equal(y[lora].cpu(), before[:, :N][lora].cpu())  # the LoRA rows moved
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("T,S,L,r,N", [(5, 1, 3, 8, 40), (37, 3, 7, 16, 96), (70, 2, 4, 4, 130)])
-def test_stacked_expand_matches_torch_form(dtype, T, S, L, r, N):
+@pytest.mark.parametrize("T,S,L,r,N,widths", [
+    (5, 1, 3, 8, 40, None), (37, 3, 7, 16, 96, None), (70, 2, 4, 4, 130, None),
+    (37, 3, 7, 16, 96, (40, 24, 32)),      # slice edges inside a 32-column tile
+    (70, 2, 4, 4, 130, (65, 65)), (9, 3, 2, 8, 200, (128, 36, 36))])
+def test_stacked_expand_matches_torch_form(dtype, T, S, L, r, N, widths):
     # bf16 is left out on the CPU: the interpreter's bf16 tl.dot is wrong (GPU test below)
-    _stacked_check(dtype, "cpu", T, S, L, r, N)
+    _stacked_check(dtype, "cpu", T, S, L, r, N, widths)
 
 
 def test_stacked_expand_bad_arguments():
@@ -165,12 +183,20 @@ def test_stacked_expand_bad_arguments():
         ek.stacked_expand(y, v[:, :8], bt, idx, (1, 2, 8, 16))
     with pytest.raises(ValueError, match="^stacked_expand"):
         ek.stacked_expand(y.t(), v, bt, idx, (1, 2, 8, 16))
+    with pytest.raises(ValueError, match="^stacked_expand"):                 # S - 1 starts
+        ek.stacked_expand(y, v, bt, idx, (1, 2, 8, 16), (4,))
+    with pytest.raises(ValueError, match="^stacked_expand"):                 # increasing
+        ek.stacked_expand(y, v[:, :8].repeat(1, 3)[:, :16], bt, idx, (3, 1, 4, 16), (6, 2))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 64, 2048])
-@pytest.mark.parametrize("S,N", [(3, 6144), (2, 28672), (1, 4096)])
-def test_gpu_stacked_expand_matches_torch_form(dtype, T, S, N):
-    """Llama-3-8B sites (q/k/v, gate/up, o or down) with 7 adapters of rank 16."""
-    _stacked_check(dtype, "cuda", T, S, 7, 16, N)
+@pytest.mark.parametrize("S,N,widths", [
+    (3, 6144, (4096, 1024, 1024)), (2, 28672, (14336, 14336)), (1, 4096, None),
+    (3, 6144, None), (3, 6000, (4000, 1000, 1000))])
+def test_gpu_stacked_expand_matches_torch_form(dtype, T, S, N, widths):
+    """Llama-3-8B sites (q/k/v, gate/up, o or down) with 7 adapters of rank 16, as the
+    engine calls them (block-diagonal bt, slice starts), a dense bt, and slice edges that
+    fall inside a tile."""
+    _stacked_check(dtype, "cuda", T, S, 7, 16, N, widths)
