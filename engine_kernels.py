@@ -253,7 +253,8 @@ if triton is not None:
 
 
 def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
-                   slice_starts: tuple = ()) -> Tensor:
+                   slice_starts: tuple = (), block_n: Optional[int] = None,
+                   num_warps: int = 4) -> Tensor:
     """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
     and v [T, E] with unit column stride (row strides free: both are views of the site's
     [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
@@ -261,7 +262,8 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
     S L r are padding). slice_starts: the first output column of slices 1 .. S-1 (q/k/v,
     gate/up); then bt must be block-diagonal, as multilora_engine.build_stacked_site
     builds it, and slice s's rows are read only for its own columns (1/S of bt). Empty:
-    every row of bt for every column. Returns y."""
+    every row of bt for every column. block_n (columns per program; default by N) and
+    num_warps are for tile sweeps (run_stacked_expand.py). Returns y."""
     S, L, r, E = layout
     T, N = y.shape
     if y.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) or bt.shape != (E, N) \
@@ -279,14 +281,15 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
         lr = L * r if slice_starts else n_used         # rows per slice (all: one slice)
         off = list(slice_starts) + [N] * (2 - len(slice_starts))
         block_t = 64 if T > 32 else 16 if T <= 16 else 32
-        block_n = 64 if N >= 8192 else 32              # o / down (N 4096): 128 programs
+        if block_n is None:
+            block_n = 64 if N >= 8192 else 32          # o / down (N 4096): 128 programs
         block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
         _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
                                      y.stride(0), v.stride(0), bt.stride(0), BLOCK_T=block_t,
                                      BLOCK_N=block_n, BLOCK_E=block_e,
                                      PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
-                                     num_warps=4)
+                                     num_warps=num_warps)
     return y
 
 

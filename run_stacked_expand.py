@@ -1,0 +1,99 @@
+"""Time mode "stacked"'s expand (engine_kernels.stacked_expand) at the Llama-3-8B sites:
+each (block_n, num_warps) tile config of the Triton kernel and the torch form (mask
+multiply + cuBLAS addmm), CUDA-graph replay, bf16, 7 adapters of rank 16 by default.
+Every config is checked against the torch form before it is timed.
+
+    python run_stacked_expand.py                       # T 64, the four sites, all configs
+    python run_stacked_expand.py --T 1 16 64 256 --json plots/stacked_expand_sweep_h200.json
+"""
+import argparse
+
+import torch
+
+import engine_kernels as ek
+from bench_utils import env_info, pool_size, time_graph, write_json
+from multilora_engine import STACK_ROWS
+
+# (site, slice widths) of Llama-3-8B: q/k/v, o, gate/up, down
+SITES = {"qkv": (4096, 1024, 1024), "o": (4096,), "gate_up": (14336, 14336), "down": (4096,)}
+
+
+def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict:
+    """One input set as the engine holds it: out [T, N + E] (y and v are views), a
+    block-diagonal bt [E, N], idx over the L adapters, the column-to-adapter map."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    S, N = len(widths), sum(widths)
+    E = -(-S * L * r // STACK_ROWS) * STACK_ROWS
+    bt = torch.zeros(E, N)
+    c = 0
+    for s, w in enumerate(widths):
+        bt[s * L * r:(s + 1) * L * r, c:c + w] = 0.1 * torch.randn(L * r, w, generator=g)
+        c += w
+    col = torch.full((E,), -2, dtype=torch.int32)
+    col[:S * L * r] = (torch.arange(S * L * r) // r % L).to(torch.int32)
+    return dict(out=torch.randn(T, N + E, generator=g).to("cuda", dtype), bt=bt.to("cuda", dtype),
+                idx=torch.randint(0, L, (T,), generator=g, dtype=torch.int32).cuda(),
+                col=col.cuda(), layout=(S, L, r, E), N=N,
+                starts=tuple(torch.tensor(widths).cumsum(0)[:-1].tolist()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--T", type=int, nargs="+", default=[64], help="tokens (decode batch)")
+    p.add_argument("--sites", nargs="+", choices=list(SITES), default=list(SITES))
+    p.add_argument("--num-adapters", type=int, default=7)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
+    p.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--rep-ms", type=int, default=50)
+    p.add_argument("--json", default=None, help="write the timings here")
+    a = p.parse_args()
+    dtype, rows = torch.bfloat16, []
+    for T in a.T:
+        for site in a.sites:
+            widths = SITES[site]
+            one = site_inputs(T, widths, a.num_adapters, a.rank, dtype, 0)
+            per_set = one["out"].numel() * 2 + one["bt"].numel() * 2
+            sets = [one] + [site_inputs(T, widths, a.num_adapters, a.rank, dtype, k)
+                            for k in range(1, pool_size(per_set, max_sets=8))]
+            N = one["N"]
+
+            def torch_form(k):
+                s = sets[k]
+                mask = ek.stacked_mask(s["idx"], s["col"], dtype)
+                ek.stacked_expand_torch(s["out"][:, :N], s["out"][:, N:], s["bt"], mask)
+
+            configs = [("torch", None, None)] + [("triton", bn, w) for bn in a.block_n
+                                                 for w in a.num_warps]
+            ref = None
+            for kind, bn, w in configs:
+                def call(k, bn=bn, w=w):
+                    s = sets[k]
+                    ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"],
+                                      s["layout"], s["starts"], block_n=bn, num_warps=w)
+                fn = torch_form if kind == "torch" else call
+                # correctness on a copy of set 0, against the torch form in fp32
+                keep = sets[0]["out"].clone()
+                fn(0)
+                got = sets[0]["out"][:, :N].float()
+                sets[0]["out"].copy_(keep)
+                if ref is None:
+                    s = sets[0]
+                    mask = ek.stacked_mask(s["idx"], s["col"], torch.float32)
+                    ref = keep[:, :N].float() + (keep[:, N:].float() * mask) @ s["bt"].float()
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                if err > 2e-2:
+                    raise SystemExit(f"{site} T {T} {kind} {bn} {w}: relative error {err:.2e}")
+                med, p20, p80 = time_graph(fn, len(sets), rep_ms=a.rep_ms)
+                rows.append(dict(T=T, site=site, kind=kind, block_n=bn, num_warps=w,
+                                 median_us=med, p20_us=p20, p80_us=p80, error=err))
+                print(f"T {T:5d} {site:8s} {kind:6s} block_n {str(bn):4s} warps {str(w):4s} "
+                      f"{med:7.2f} us  (err {err:.1e})", flush=True)
+    if a.json:
+        write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))
+        print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
