@@ -281,8 +281,8 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
         lr = L * r if slice_starts else n_used         # rows per slice (all: one slice)
         off = list(slice_starts) + [N] * (2 - len(slice_starts))
         block_t = 64 if T > 32 else 16 if T <= 16 else 32
-        if block_n is None:
-            block_n = 64 if N >= 8192 else 32          # o / down (N 4096): 128 programs
+        if block_n is None:     # H200 sweep, T 64 (plots/stacked_expand_sweep_h200.json)
+            block_n = 128 if N >= 16384 else 64 if N > 4096 else 32
         block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
         _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
