@@ -35,9 +35,17 @@ except ImportError:  # pragma: no cover
 # ---------------------------------------------------------------------------------------
 # Residual add + RMSNorm
 # ---------------------------------------------------------------------------------------
-def add_rms_norm_torch(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) -> Tensor:
-    """x += r (in place, x's dtype), returns F.rms_norm(x) with weight w. r None: no add."""
-    if r is not None:
+def add_rms_norm_torch(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float,
+                       lora: Optional[tuple] = None) -> Tensor:
+    """x += r (in place, x's dtype), returns F.rms_norm(x) with weight w. r None: no add.
+    lora: see add_rms_norm (r is then required)."""
+    if lora is not None:
+        v, bt, idx, (S, L, rank, E) = lora
+        col = torch.arange(E, device=x.device) // rank                    # adapter of column
+        col = torch.where(col < L, col, -2)                                # padding: no one's
+        mask = (idx[:, None] == col[None, :]).float()
+        x.copy_((x.float() + r.float() + (v.float() * mask) @ bt.float()).to(x.dtype))
+    elif r is not None:
         x.add_(r)
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
@@ -45,15 +53,31 @@ def add_rms_norm_torch(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) ->
 if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, h_ptr, N, stride_x, stride_r, stride_h, eps,
-                             HAS_R: tl.constexpr, BLOCK: tl.constexpr):
+                             v_ptr, bt_ptr, idx_ptr, stride_v, stride_be, L,
+                             HAS_R: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+                             RB: tl.constexpr, BLOCK: tl.constexpr):
         # One program per row: the row (N <= BLOCK elements) stays in registers between the
-        # add, the sum of squares and the scaled store.
+        # add, the sum of squares and the scaled store. HAS_LORA: r also gets the row's
+        # adapter's expand, RB rank rows of bt per step, all steps unrolled so their loads
+        # can be in flight together.
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(x_ptr + row * stride_x + offs, mask=m, other=0.0).to(tl.float32)
         if HAS_R:
-            x = x + tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+            add = tl.load(r_ptr + row * stride_r + offs, mask=m, other=0.0).to(tl.float32)
+            if HAS_LORA:
+                a = tl.load(idx_ptr + row).to(tl.int64)
+                if (a >= 0) & (a < L):                  # else no LoRA (never out of bounds)
+                    for j0 in tl.static_range(0, RANK, RB):
+                        j = j0 + tl.arange(0, RB)
+                        jm = j < RANK
+                        vj = tl.load(v_ptr + row * stride_v + a * RANK + j, mask=jm,
+                                     other=0.0).to(tl.float32)
+                        b = tl.load(bt_ptr + (a * RANK + j)[:, None] * stride_be + offs[None, :],
+                                    mask=jm[:, None] & m[None, :], other=0.0).to(tl.float32)
+                        add += tl.sum(vj[:, None] * b, 0)
+            x = x + add
             xs = x.to(x_ptr.dtype.element_ty)
             tl.store(x_ptr + row * stride_x + offs, xs, mask=m)
             x = xs.to(tl.float32)                    # normalise the rounded sum, as torch does
@@ -62,22 +86,43 @@ if triton is not None:
         tl.store(h_ptr + row * stride_h + offs, (x * rstd * w).to(h_ptr.dtype.element_ty), mask=m)
 
 
-def add_rms_norm(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float) -> Tensor:
+def add_rms_norm(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float,
+                 lora: Optional[tuple] = None) -> Tensor:
     """Fused add_rms_norm_torch: x [T, N] (unit stride along N, updated in place when r is
-    given), r [T, N] or None, w [N] -> h [T, N] in x's dtype."""
+    given), r [T, N] or None, w [N] -> h [T, N] in x's dtype.
+    lora (v, bt, idx, layout): mode "stacked"'s expand of a one-slice site (o, down) folded
+    into the add, x += r + v_a bt_a for row t's adapter a = idx[t] (none when -1), with
+    v [T, E] the site GEMM's extra columns (column a r + j: adapter a, rank row j), bt
+    [E, N] contiguous, idx [T] int32, layout (1, L, r, E); an idx outside [0, L) adds no
+    LoRA (the torch form: the same). Each row reads only its
+    adapter's r rows of bt (BGMV-style), so no tile of y makes a round trip to memory."""
     T, N = x.shape
     if x.stride(1) != 1 or (r is not None and (r.shape != x.shape or r.stride(1) != 1)) \
             or w.shape != (N,):
         raise ValueError(f"add_rms_norm: x [T, N] and r [T, N] with unit stride along N, w [N]; "
                          f"got x {tuple(x.shape)} stride {x.stride()}, r "
                          f"{None if r is None else (tuple(r.shape), r.stride())}, w {tuple(w.shape)}")
+    rank, L = 1, 0
+    if lora is not None:
+        v, bt, idx, (S, L, rank, E) = lora
+        if r is None or S != 1 or v.shape != (T, E) or v.stride(1) != 1 or bt.shape != (E, N) \
+                or not bt.is_contiguous() or idx.shape != (T,) or idx.dtype != torch.int32 \
+                or L * rank > E:
+            raise ValueError(f"add_rms_norm: lora (v [T, E] unit column stride, bt [E, N] "
+                             f"contiguous, idx [T] int32, layout (1, L, r, E >= L r)) needs r; "
+                             f"got v {tuple(v.shape)} {v.stride()}, bt {tuple(bt.shape)}, idx "
+                             f"{tuple(idx.shape)} {idx.dtype}, layout {(S, L, rank, E)}, r "
+                             f"{'given' if r is not None else None}")
     h = torch.empty_like(x)
     if T == 0:
         return h
     block = triton.next_power_of_2(N)
+    v, bt, idx = lora[:3] if lora is not None else (x, x, x)
     _add_rms_norm_kernel[(T,)](x, r if r is not None else x, w, h, N, x.stride(0),
                                r.stride(0) if r is not None else 0, h.stride(0), eps,
-                               HAS_R=r is not None, BLOCK=block,
+                               v, bt, idx, v.stride(0), bt.stride(0), L,
+                               HAS_R=r is not None, HAS_LORA=lora is not None, RANK=rank,
+                               RB=min(4, triton.next_power_of_2(rank)), BLOCK=block,
                                num_warps=min(16, max(4, block // 512)))
     return h
 
@@ -291,6 +336,89 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
                                      PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
                                      num_warps=num_warps)
     return y
+
+
+def stacked_silu_mul_torch(gu: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tensor:
+    """silu_mul_torch of gu [T, 2 I] + (v * mask) @ bt, without writing gu; in fp32."""
+    return silu_mul_torch(gu.float() + (v.float() * mask) @ bt.float()).to(gu.dtype)
+
+
+if triton is not None:
+    @triton.jit
+    def _stacked_silu_mul_kernel(gu_ptr, v_ptr, bt_ptr, idx_ptr, h_ptr, T, I, L, R, LR,
+                                 stride_gt, stride_vt, stride_be, stride_ht,
+                                 BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+        # One program per (BLOCK_T rows, BLOCK_N columns of h): the gate and up tiles of
+        # those columns get their slices' masked expands (gate: bt rows [0, LR) at columns
+        # [0, I); up: rows [LR, 2 LR) at columns [I, 2 I)), then h = silu(gate) * up, all in
+        # fp32; gu is read once and never written back.
+        pid_n = tl.program_id(0)
+        pid_t = tl.program_id(1)
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < T
+        cmask = cols < I
+        rows64 = rows.to(tl.int64)
+        m = rmask[:, None] & cmask[None, :]
+        gptrs = gu_ptr + rows64[:, None] * stride_gt + cols[None, :]
+        g = tl.load(gptrs, mask=m, other=0.0).to(tl.float32)            # in flight with bt
+        u = tl.load(gptrs + I, mask=m, other=0.0).to(tl.float32)
+        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
+        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for e0 in range(0, LR, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            a_col = tl.where(e < LR, (e // R) % L, -2)                 # adapter of column e
+            hit = a_row[:, None] == a_col[None, :]
+            if tl.max(hit.to(tl.int32)) > 0:
+                vp = v_ptr + rows64[:, None] * stride_vt + e[None, :]
+                bp = bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :]
+                bm = (e < LR)[:, None] & cmask[None, :]
+                vg = tl.load(vp, mask=hit, other=0.0)
+                vu = tl.load(vp + LR, mask=hit, other=0.0)
+                bg = tl.load(bp, mask=bm, other=0.0)
+                bu = tl.load(bp + LR * stride_be + I, mask=bm, other=0.0)
+                acc_g = tl.dot(vg.to(bg.dtype), bg, acc_g, input_precision=PRECISION)
+                acc_u = tl.dot(vu.to(bu.dtype), bu, acc_u, input_precision=PRECISION)
+        g = g + acc_g
+        h = g / (1.0 + tl.exp(-g)) * (u + acc_u)
+        tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=m)
+
+
+def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
+                     block_n: Optional[int] = None, num_warps: int = 4) -> Tensor:
+    """Mode "stacked"'s gate/up expand fused with silu_mul (one launch instead of two, and
+    the [T, 2 I] GEMM output is read once, not read, written and read again):
+    gu [T, 2 I] = [gate | up] and v [T, E] unit column stride (views of the site's GEMM
+    output), bt [E, 2 I] contiguous and block-diagonal (gate rows s = 0 at columns [0, I),
+    up rows s = 1 at [I, 2 I), as multilora_engine.build_stacked_site builds it), idx [T]
+    int32, layout (2, L, r, E) -> h [T, I] = silu(gate') * up' with gate', up' the
+    LoRA-added halves, in fp32 (not rounded to gu's dtype in between)."""
+    S, L, r, E = layout
+    T, two_i = gu.shape
+    inter = two_i // 2
+    if S != 2 or two_i % 2 or gu.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) \
+            or bt.shape != (E, two_i) or not bt.is_contiguous() or idx.shape != (T,) \
+            or idx.dtype != torch.int32 or 2 * L * r > E:
+        raise ValueError(f"stacked_silu_mul: gu [T, 2 I], v [T, E] (unit column stride), bt "
+                         f"[E, 2 I] contiguous, idx [T] int32, layout (2, L, r, E >= 2 L r); got "
+                         f"gu {tuple(gu.shape)} {gu.stride()}, v {tuple(v.shape)} {v.stride()}, "
+                         f"bt {tuple(bt.shape)}, idx {tuple(idx.shape)} {idx.dtype}, layout {layout}")
+    h = torch.empty(T, inter, dtype=gu.dtype, device=gu.device)
+    if T:
+        lr = L * r
+        block_t = 64 if T > 32 else 16 if T <= 16 else 32
+        block_n = block_n or (64 if inter >= 4096 else 32)
+        block_e = max(16, min(128, triton.next_power_of_2(lr)))
+        grid = (triton.cdiv(inter, block_n), triton.cdiv(T, block_t))
+        _stacked_silu_mul_kernel[grid](gu, v, bt, idx, h, T, inter, L, r, lr, gu.stride(0),
+                                       v.stride(0), bt.stride(0), h.stride(0),
+                                       BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_E=block_e,
+                                       PRECISION="ieee" if gu.dtype == torch.float32 else "tf32",
+                                       num_warps=num_warps)
+    return h
 
 
 # ---------------------------------------------------------------------------------------

@@ -59,7 +59,10 @@ gives y and x A^T for all adapters; a mask from idx keeps each token's own adapt
 y += (x A^T * mask) @ Bt, Bt every adapter's scale * B^T (block-diagonal over slices):
 engine_kernels.stacked_expand on CUDA (the mask computed in the kernel), on the CPU a
 mask built once per forward and column layout, a multiply and y.addmm_
-(MULTILORA_STACKED_EXPAND picks). The layer's W becomes a view of W_ext, so the other
+(MULTILORA_STACKED_EXPAND picks). In the fused decode step the Triton form goes one
+further: the o and down expands happen inside the residual add + RMSNorm kernel that
+consumes them, the gate/up expand inside the SiLU * up kernel (no expand launch and no
+round trip of y for 3 of the 4 sites per layer). The layer's W becomes a view of W_ext, so the other
 modes read the same numbers; y is a row-strided view of the wider output, which every
 consumer of it takes.
 
@@ -152,9 +155,12 @@ ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
 # How "stacked" adds its LoRA: "triton" (engine_kernels.stacked_expand: the mask in the
-# kernel, one launch per site; the default on CUDA) or "torch" (mask multiply + addmm: two
-# launches; the default on the CPU). Read by set_mode; for A/B runs.
+# kernel, one launch per site, and in the fused decode step the o / down and gate/up
+# expands folded into add_rms_norm and stacked_silu_mul; the default on CUDA),
+# "triton_separate" (stacked_expand at every site, nothing folded) or "torch" (mask
+# multiply + addmm: two launches; the default on the CPU). Read by set_mode; for A/B runs.
 STACKED_EXPAND_ENV = "MULTILORA_STACKED_EXPAND"
+STACKED_EXPAND_CHOICES = ("triton", "triton_separate", "torch")
 
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))$")
@@ -893,8 +899,9 @@ class MultiLoraEngine:
         if mode == "stacked":
             how = os.environ.get(STACKED_EXPAND_ENV) or \
                 ("triton" if self.device.type == "cuda" and triton is not None else "torch")
-            if how not in ("triton", "torch") or (how == "triton" and triton is None):
-                _fail(STACKED_EXPAND_ENV, "'triton' (needs triton) or 'torch'", repr(how))
+            if how not in STACKED_EXPAND_CHOICES or (how != "torch" and triton is None):
+                _fail(STACKED_EXPAND_ENV, "'triton', 'triton_separate' (both need triton) or "
+                      "'torch'", repr(how))
             self._build_stacked()
             self.stacked_expand = how
         self.mode_name = mode
@@ -958,7 +965,7 @@ class MultiLoraEngine:
             N = w.shape[0]
             out = F.linear(x, st.w_ext, st.b_ext)                        # [T, N + E]
             y = out[:, :N]                   # row stride N + E: the consumers take strides
-            if self.stacked_expand == "triton":                          # mask in the kernel
+            if self.stacked_expand != "torch":                           # mask in the kernel
                 return ek.stacked_expand(y, out[:, N:], st.bt, ctx.idx, st.layout, st.slice_starts)
             mask = ctx.masks.get(st.layout)
             if mask is None:                 # once per forward and layout, not per layer
@@ -1009,6 +1016,23 @@ class MultiLoraEngine:
         except BaseException:
             main.wait_stream(side)
             raise
+
+    def _linear_lora_deferred(self, x: Tensor, w: Tensor, b: Optional[Tensor], layer: _Layer,
+                              site: str, ctx: Optional[_LoraCtx], slices: int
+                              ) -> tuple[Tensor, Optional[tuple]]:
+        """(y, None) as _linear_lora gives it, or, for mode "stacked" with the folded Triton
+        expand (STACKED_EXPAND_ENV) at a site of `slices` slices, (y without its LoRA,
+        (v, bt, idx, layout)): the expand for the next fused kernel to add (add_rms_norm's
+        lora for o / down, stacked_silu_mul for gate/up)."""
+        s = layer.lora.get(site)
+        if not self._stacked or self.stacked_expand != "triton" or s is None or ctx is None:
+            return self._linear_lora(x, w, b, layer, site, ctx), None
+        st = layer.stacked[site]
+        if st.layout[0] != slices:
+            return self._linear_lora(x, w, b, layer, site, ctx), None
+        N = w.shape[0]
+        out = F.linear(x, st.w_ext, st.b_ext)                            # [T, N + E]
+        return out[:, :N], (out[:, N:], st.bt, ctx.idx, st.layout)
 
     def _mlp(self, x: Tensor, layer: _Layer, ctx) -> Tensor:
         h = _rms_norm(x, layer.ln2, self.eps)
@@ -1104,14 +1128,18 @@ class MultiLoraEngine:
                     s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
                     a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
                 a = a.reshape(Bb, H * d)                                   # [Bb, H d]
-            o = self._linear_lora(a, layer.wo, layer.bo, layer, "o", ctx)
-            if fused:
-                h = ek.add_rms_norm(x, o, layer.ln2, self.eps)            # x += o
-                gu = self._linear_lora(h, layer.wgu, layer.bgu, layer, "gate_up", ctx)
-                dn = self._linear_lora(ek.silu_mul(gu), layer.wd, layer.bd, layer, "down", ctx)
+            if fused:        # "stacked" + triton: each expand inside the next fused kernel
+                o, o_lora = self._linear_lora_deferred(a, layer.wo, layer.bo, layer, "o", ctx, 1)
+                h = ek.add_rms_norm(x, o, layer.ln2, self.eps, o_lora)    # x += o
+                gu, gu_lora = self._linear_lora_deferred(h, layer.wgu, layer.bgu, layer,
+                                                         "gate_up", ctx, 2)
+                m = ek.silu_mul(gu) if gu_lora is None else ek.stacked_silu_mul(gu, *gu_lora)
+                dn, dn_lora = self._linear_lora_deferred(m, layer.wd, layer.bd, layer, "down",
+                                                         ctx, 1)
                 nxt = self.layers[li + 1].ln1 if li + 1 < len(self.layers) else self.norm
-                h = ek.add_rms_norm(x, dn, nxt, self.eps)                 # x += down
+                h = ek.add_rms_norm(x, dn, nxt, self.eps, dn_lora)        # x += down
             else:
+                o = self._linear_lora(a, layer.wo, layer.bo, layer, "o", ctx)
                 x = self._mlp(x + o, layer, ctx)
         if not fused:
             h = _rms_norm(x, self.norm, self.eps)

@@ -1,7 +1,10 @@
 """Time mode "stacked"'s expand (engine_kernels.stacked_expand) at the Llama-3-8B sites:
 each (block_n, num_warps) tile config of the Triton kernel and the torch form (mask
 multiply + cuBLAS addmm), CUDA-graph replay, bf16, 7 adapters of rank 16 by default.
-Every config is checked against the torch form before it is timed.
+Every config is checked against the torch form before it is timed. With --folded, also
+the decode step's pair at o / down and gate/up: the expand then the fused elementwise
+kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that does both
+(add_rms_norm with lora=, stacked_silu_mul).
 
     python run_stacked_expand.py                       # T 64, the four sites, all configs
     python run_stacked_expand.py --T 1 16 64 256 --json plots/stacked_expand_sweep_h200.json
@@ -37,6 +40,46 @@ def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict
                 starts=tuple(torch.tensor(widths).cumsum(0)[:-1].tolist()))
 
 
+def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int) -> list:
+    """Expand + consumer (add_rms_norm at o / down, silu_mul at gate/up) against the folded
+    kernel, on the same input sets; the folded output is checked against the pair's."""
+    g = torch.Generator(device="cpu").manual_seed(5)
+    x0 = torch.randn(T, N, generator=g).to("cuda", dtype)
+    w = (1 + 0.1 * torch.randn(N, generator=g)).to("cuda", dtype)
+    xs = [x0.clone() for _ in sets]
+
+    def pair(k):
+        s = sets[k]
+        y = ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"], s["layout"],
+                              s["starts"])
+        return ek.silu_mul(y) if site == "gate_up" else ek.add_rms_norm(xs[k], y, w, 1e-5)
+
+    def folded(k):
+        s = sets[k]
+        lora = (s["out"][:, N:], s["bt"], s["idx"], s["layout"])
+        if site == "gate_up":
+            return ek.stacked_silu_mul(s["out"][:, :N], *lora)
+        return ek.add_rms_norm(xs[k], s["out"][:, :N], w, 1e-5, lora)
+
+    keep, xk = sets[0]["out"].clone(), xs[0].clone()
+    want = pair(0).float()
+    sets[0]["out"].copy_(keep)
+    xs[0].copy_(xk)
+    got = folded(0).float()
+    xs[0].copy_(xk)
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    if err > 2e-2:
+        raise SystemExit(f"{site} T {T} folded: relative error {err:.2e} against the pair")
+    rows = []
+    for kind, fn in (("expand+" + ("silu_mul" if site == "gate_up" else "add_rms_norm"), pair),
+                     ("folded", folded)):
+        med, p20, p80 = time_graph(fn, len(sets), rep_ms=rep_ms)
+        rows.append(dict(T=T, site=site, kind=kind, block_n=None, num_warps=None,
+                         median_us=med, p20_us=p20, p80_us=p80, error=err))
+        print(f"T {T:5d} {site:8s} {kind:22s} {med:7.2f} us  (err {err:.1e})", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +89,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--folded", action="store_true",
+                   help="also time expand + elementwise kernel against the folded kernel")
     p.add_argument("--rep-ms", type=int, default=50)
     p.add_argument("--json", default=None, help="write the timings here")
     a = p.parse_args()
@@ -79,7 +124,7 @@ def main() -> None:
                 mask = ek.stacked_mask(s["idx"], s["col"], torch.float32)
                 ref = keep[:, :N].float() + (keep[:, N:].float() * mask) @ s["bt"].float()
                 fn(0)
-                got = s["out"][:, :N].float()
+                got = s["out"][:, :N].float().clone()     # a copy even in fp32
                 s["out"].copy_(keep)
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 if err > 2e-2:
@@ -89,6 +134,8 @@ def main() -> None:
                                  median_us=med, p20_us=p20, p80_us=p80, error=err))
                 print(f"T {T:5d} {site:8s} {kind:6s} block_n {str(bn):4s} warps {str(w):4s} "
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
+            if a.folded and site != "qkv":
+                rows += time_folded(site, T, sets, N, dtype, a.rep_ms)
     if a.json:
         write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))
         print(f"wrote {a.json}")

@@ -261,6 +261,41 @@ def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode, 
         me.MultiLoraEngine(base, lora, mode, max_batch=2, max_seq=16, fused_elementwise=1)
 
 
+@pytest.mark.parametrize("how", ["triton", "triton_separate"])
+def test_stacked_folded_expand_matches_torch_form(peft_setup, monkeypatch, how):
+    """Mode "stacked" in the fused decode step with the Triton expand (interpreter):
+    "triton" folds the o / down expands into add_rms_norm and gate/up's into
+    stacked_silu_mul, "triton_separate" launches stacked_expand at every site; both give
+    the torch form's greedy tokens, its last decode logits within fp32 rounding, and
+    PEFT's logits; sampled tokens equal too."""
+    base, pm, lora, prompts, adapter_idx = peft_setup
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, "torch")
+    ref_eng = me.MultiLoraEngine(base, lora, "stacked", max_batch=8, max_seq=64,
+                                 fused_elementwise=True, attention="triton")
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, how)
+    eng = me.MultiLoraEngine(base, lora, "stacked", max_batch=8, max_seq=64,
+                             fused_elementwise=True, attention="triton")
+    assert (ref_eng.stacked_expand, eng.stacked_expand) == ("torch", how)
+    calls = []
+    for name in ("stacked_expand", "stacked_silu_mul"):
+        orig = getattr(me.ek, name)
+        monkeypatch.setattr(me.ek, name,
+                            lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k))
+    kw = dict(max_new_tokens=4, ignore_eos=True, keep_logits=True)
+    t1, s1 = ref_eng.generate(prompts, adapter_idx, **kw)
+    assert not calls                                   # the torch form uses neither kernel
+    t2, s2 = eng.generate(prompts, adapter_idx, **kw)
+    assert ("stacked_silu_mul" in calls) == (how == "triton")    # folded only with "triton"
+    assert t1 == t2
+    assert relative_error(s2["last_logits"], s1["last_logits"]) <= 1e-5
+    seqs = [p + t[:-1] for p, t in zip(prompts, t2)]
+    ref, _ = peft_logits(pm, seqs, REQ_ADAPTERS)
+    assert relative_error(s2["last_logits"], ref[:, -1]) <= TOLERANCE[torch.float32]
+    kw = dict(max_new_tokens=3, ignore_eos=True, temperature=0.8, top_p=0.9, seed=3)
+    assert ref_eng.generate(prompts, adapter_idx, **kw)[0] == \
+        eng.generate(prompts, adapter_idx, **kw)[0]
+
+
 def test_split_sampler_equals_torch_across_chunks():
     """Many chunks per row (small block_v), a partial last chunk and a cross-chunk tie for
     the argmax: the split Triton sampler draws the torch sampler's tokens."""
@@ -505,6 +540,29 @@ def test_gpu_prefill_and_graph_decode_match_peft(gpu_setup, mode):
     ref, _ = peft_logits(pm, seqs, GPU_REQ)
     err = relative_error(stats["last_logits"], ref[:, -1])
     assert err <= GPU_GATE["bf16"], ("decode", mode, err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["triton_separate", "torch"])
+def test_gpu_stacked_expand_forms_match_peft(gpu_setup, monkeypatch, how):
+    """Mode "stacked" in graph mode at Llama-3-8B shapes with the other two expand forms
+    (the default "triton", which folds the o / down / gate/up expands into the fused
+    elementwise kernels, runs in the tests above): decode logits against PEFT, and the
+    same logits as the default within bf16 noise."""
+    base, pm, lora, prompts, adapter_idx = gpu_setup
+    kw = dict(max_new_tokens=12, ignore_eos=True, keep_logits=True)
+    folded = _gpu_engine(gpu_setup, "stacked")
+    assert folded.stacked_expand == "triton" and folded.fused_elementwise
+    t1, s1 = folded.generate(prompts, adapter_idx, **kw)
+    monkeypatch.setenv(me.STACKED_EXPAND_ENV, how)
+    eng = _gpu_engine(gpu_setup, "stacked")
+    t2, s2 = eng.generate(prompts, adapter_idx, **kw)
+    assert s1["graph"] and s2["graph"]
+    seqs = [p + t[:-1] for p, t in zip(prompts, t2)]
+    ref, _ = peft_logits(pm, seqs, GPU_REQ)
+    assert relative_error(s2["last_logits"], ref[:, -1]) <= GPU_GATE["bf16"]
+    if t1 == t2:        # same sequences: the logits differ only by the forms' rounding
+        assert relative_error(s1["last_logits"], s2["last_logits"]) <= GPU_GATE["bf16"]
 
 
 @pytest.mark.gpu
