@@ -258,6 +258,23 @@ def stacked_expand_torch(y: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tens
 
 if triton is not None:
     @triton.jit
+    def _masked_expand_acc(acc, v_ptr, bt_ptr, rows64, a_row, cols, cmask, e_lo, e_hi, L, R,
+                           stride_vt, stride_be, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+        # acc [rows, cols] += (v[rows, e] masked to each row's adapter) @ bt[e, cols] over the
+        # extra columns e in [e_lo, e_hi) (column e belongs to adapter (e // R) % L); a chunk
+        # no row uses is skipped (prefill tiles hold one or two adapters, decode tiles all).
+        for e0 in range(e_lo, e_hi, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            a_col = tl.where(e < e_hi, (e // R) % L, -2)               # adapter of column e
+            hit = a_row[:, None] == a_col[None, :]                     # [rows, BLOCK_E]
+            if tl.max(hit.to(tl.int32)) > 0:
+                v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :], mask=hit, other=0.0)
+                b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
+                            mask=(e < e_hi)[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, n_used, L, R, LR, OFF1, OFF2,
                                stride_yt, stride_vt, stride_be,
                                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -265,9 +282,8 @@ if triton is not None:
         # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over the extra
         # columns of the slices this tile's columns belong to (LR = L r per slice; slice 1
         # starts at column OFF1, slice 2 at OFF2) of (v masked to each row's adapter) @ bt.
-        # A chunk no row of the tile uses is skipped (prefill tiles hold one or two
-        # adapters; decode tiles all of them). L r <= BLOCK_E: one chunk per slice, so the
-        # B loads of a tile are one round trip, not a serial chain.
+        # L r <= BLOCK_E: one chunk per slice, so the B loads of a tile are one round trip,
+        # not a serial chain.
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -284,16 +300,9 @@ if triton is not None:
         s_lo = (c_first >= OFF1).to(tl.int32) + (c_first >= OFF2).to(tl.int32)
         s_hi = (c_last >= OFF1).to(tl.int32) + (c_last >= OFF2).to(tl.int32)
         e_hi = tl.minimum((s_hi + 1) * LR, n_used)
-        acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for e0 in range(s_lo * LR, e_hi, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            a_col = tl.where(e < e_hi, (e // R) % L, -2)               # adapter of column e
-            hit = a_row[:, None] == a_col[None, :]                     # [BLOCK_T, BLOCK_E]
-            if tl.max(hit.to(tl.int32)) > 0:
-                v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :], mask=hit, other=0.0)
-                b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
-                            mask=(e < e_hi)[:, None] & cmask[None, :], other=0.0)
-                acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
+        acc = _masked_expand_acc(tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32), v_ptr, bt_ptr,
+                                 rows64, a_row, cols, cmask, s_lo * LR, e_hi, L, R, stride_vt,
+                                 stride_be, BLOCK_E, PRECISION)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -365,24 +374,12 @@ if triton is not None:
         g = tl.load(gptrs, mask=m, other=0.0).to(tl.float32)            # in flight with bt
         u = tl.load(gptrs + I, mask=m, other=0.0).to(tl.float32)
         a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
-        acc_g = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for e0 in range(0, LR, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            a_col = tl.where(e < LR, (e // R) % L, -2)                 # adapter of column e
-            hit = a_row[:, None] == a_col[None, :]
-            if tl.max(hit.to(tl.int32)) > 0:
-                vp = v_ptr + rows64[:, None] * stride_vt + e[None, :]
-                bp = bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :]
-                bm = (e < LR)[:, None] & cmask[None, :]
-                vg = tl.load(vp, mask=hit, other=0.0)
-                vu = tl.load(vp + LR, mask=hit, other=0.0)
-                bg = tl.load(bp, mask=bm, other=0.0)
-                bu = tl.load(bp + LR * stride_be + I, mask=bm, other=0.0)
-                acc_g = tl.dot(vg.to(bg.dtype), bg, acc_g, input_precision=PRECISION)
-                acc_u = tl.dot(vu.to(bu.dtype), bu, acc_u, input_precision=PRECISION)
-        g = g + acc_g
-        h = g / (1.0 + tl.exp(-g)) * (u + acc_u)
+        zero = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        g += _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, 0, LR, L, R,
+                                stride_vt, stride_be, BLOCK_E, PRECISION)
+        u += _masked_expand_acc(zero, v_ptr, bt_ptr + I, rows64, a_row, cols, cmask, LR, 2 * LR,
+                                L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
+        h = g / (1.0 + tl.exp(-g)) * u
         tl.store(h_ptr + rows64[:, None] * stride_ht + cols[None, :],
                  h.to(h_ptr.dtype.element_ty), mask=m)
 
