@@ -59,10 +59,11 @@ gives y and x A^T for all adapters; a mask from idx keeps each token's own adapt
 y += (x A^T * mask) @ Bt, Bt every adapter's scale * B^T (block-diagonal over slices):
 engine_kernels.stacked_expand on CUDA (the mask computed in the kernel), on the CPU a
 mask built once per forward and column layout, a multiply and y.addmm_
-(MULTILORA_STACKED_EXPAND picks). In the fused decode step the Triton form goes one
-further: the o and down expands happen inside the residual add + RMSNorm kernel that
-consumes them, the gate/up expand inside the SiLU * up kernel (no expand launch and no
-round trip of y for 3 of the 4 sites per layer). The layer's W becomes a view of W_ext, so the other
+(MULTILORA_STACKED_EXPAND picks). "triton_folded" (opt-in until measured on a GPU) goes
+one further in the fused decode step: the o and down expands happen inside the residual
+add + RMSNorm kernel that consumes them, the gate/up expand inside the SiLU * up kernel
+(no expand launch and no round trip of y for 3 of the 4 sites per layer). The layer's W
+becomes a view of W_ext, so the other
 modes read the same numbers; y is a row-strided view of the wider output, which every
 consumer of it takes.
 
@@ -155,12 +156,12 @@ ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
 # How "stacked" adds its LoRA: "triton" (engine_kernels.stacked_expand: the mask in the
-# kernel, one launch per site, and in the fused decode step the o / down and gate/up
-# expands folded into add_rms_norm and stacked_silu_mul; the default on CUDA),
-# "triton_separate" (stacked_expand at every site, nothing folded) or "torch" (mask
-# multiply + addmm: two launches; the default on the CPU). Read by set_mode; for A/B runs.
+# kernel, one launch per site; the default on CUDA), "triton_folded" (the same, but in the
+# fused decode step the o / down and gate/up expands are folded into add_rms_norm and
+# stacked_silu_mul; CPU-checked, opt-in until measured on the H200, PERF_LOG v9c) or
+# "torch" (mask multiply + addmm: two launches; the default on the CPU). Read by set_mode.
 STACKED_EXPAND_ENV = "MULTILORA_STACKED_EXPAND"
-STACKED_EXPAND_CHOICES = ("triton", "triton_separate", "torch")
+STACKED_EXPAND_CHOICES = ("triton", "triton_folded", "torch")
 
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))$")
@@ -900,7 +901,7 @@ class MultiLoraEngine:
             how = os.environ.get(STACKED_EXPAND_ENV) or \
                 ("triton" if self.device.type == "cuda" and triton is not None else "torch")
             if how not in STACKED_EXPAND_CHOICES or (how != "torch" and triton is None):
-                _fail(STACKED_EXPAND_ENV, "'triton', 'triton_separate' (both need triton) or "
+                _fail(STACKED_EXPAND_ENV, "'triton', 'triton_folded' (both need triton) or "
                       "'torch'", repr(how))
             self._build_stacked()
             self.stacked_expand = how
@@ -1025,7 +1026,8 @@ class MultiLoraEngine:
         (v, bt, idx, layout)): the expand for the next fused kernel to add (add_rms_norm's
         lora for o / down, stacked_silu_mul for gate/up)."""
         s = layer.lora.get(site)
-        if not self._stacked or self.stacked_expand != "triton" or s is None or ctx is None:
+        if not self._stacked or self.stacked_expand != "triton_folded" or s is None \
+                or ctx is None:
             return self._linear_lora(x, w, b, layer, site, ctx), None
         st = layer.stacked[site]
         if st.layout[0] != slices:
@@ -1128,7 +1130,7 @@ class MultiLoraEngine:
                     s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
                     a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
                 a = a.reshape(Bb, H * d)                                   # [Bb, H d]
-            if fused:        # "stacked" + triton: each expand inside the next fused kernel
+            if fused:        # "stacked" + triton_folded: each expand inside the next kernel
                 o, o_lora = self._linear_lora_deferred(a, layer.wo, layer.bo, layer, "o", ctx, 1)
                 h = ek.add_rms_norm(x, o, layer.ln2, self.eps, o_lora)    # x += o
                 gu, gu_lora = self._linear_lora_deferred(h, layer.wgu, layer.bgu, layer,

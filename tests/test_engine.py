@@ -261,11 +261,11 @@ def test_fused_elementwise_and_split_sampler_match_plain_path(peft_setup, mode, 
         me.MultiLoraEngine(base, lora, mode, max_batch=2, max_seq=16, fused_elementwise=1)
 
 
-@pytest.mark.parametrize("how", ["triton", "triton_separate"])
+@pytest.mark.parametrize("how", ["triton_folded", "triton"])
 def test_stacked_folded_expand_matches_torch_form(peft_setup, monkeypatch, how):
     """Mode "stacked" in the fused decode step with the Triton expand (interpreter):
-    "triton" folds the o / down expands into add_rms_norm and gate/up's into
-    stacked_silu_mul, "triton_separate" launches stacked_expand at every site; both give
+    "triton_folded" folds the o / down expands into add_rms_norm and gate/up's into
+    stacked_silu_mul, "triton" launches stacked_expand at every site; both give
     the torch form's greedy tokens, its last decode logits within fp32 rounding, and
     PEFT's logits; sampled tokens equal too."""
     base, pm, lora, prompts, adapter_idx = peft_setup
@@ -285,7 +285,7 @@ def test_stacked_folded_expand_matches_torch_form(peft_setup, monkeypatch, how):
     t1, s1 = ref_eng.generate(prompts, adapter_idx, **kw)
     assert not calls                                   # the torch form uses neither kernel
     t2, s2 = eng.generate(prompts, adapter_idx, **kw)
-    assert ("stacked_silu_mul" in calls) == (how == "triton")    # folded only with "triton"
+    assert ("stacked_silu_mul" in calls) == (how == "triton_folded")     # folded only there
     assert t1 == t2
     assert relative_error(s2["last_logits"], s1["last_logits"]) <= 1e-5
     seqs = [p + t[:-1] for p, t in zip(prompts, t2)]
@@ -543,17 +543,17 @@ def test_gpu_prefill_and_graph_decode_match_peft(gpu_setup, mode):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("how", ["triton_separate", "torch"])
+@pytest.mark.parametrize("how", ["triton_folded", "torch"])
 def test_gpu_stacked_expand_forms_match_peft(gpu_setup, monkeypatch, how):
     """Mode "stacked" in graph mode at Llama-3-8B shapes with the other two expand forms
-    (the default "triton", which folds the o / down / gate/up expands into the fused
-    elementwise kernels, runs in the tests above): decode logits against PEFT, and the
-    same logits as the default within bf16 noise."""
+    (the default, "triton", runs in the tests above; "triton_folded" folds the o / down /
+    gate/up expands into the fused elementwise kernels): decode logits against PEFT, and
+    the same logits as the default within bf16 noise."""
     base, pm, lora, prompts, adapter_idx = gpu_setup
     kw = dict(max_new_tokens=12, ignore_eos=True, keep_logits=True)
-    folded = _gpu_engine(gpu_setup, "stacked")
-    assert folded.stacked_expand == "triton" and folded.fused_elementwise
-    t1, s1 = folded.generate(prompts, adapter_idx, **kw)
+    default = _gpu_engine(gpu_setup, "stacked")
+    assert default.stacked_expand == "triton" and default.fused_elementwise
+    t1, s1 = default.generate(prompts, adapter_idx, **kw)
     monkeypatch.setenv(me.STACKED_EXPAND_ENV, how)
     eng = _gpu_engine(gpu_setup, "stacked")
     t2, s2 = eng.generate(prompts, adapter_idx, **kw)

@@ -2,7 +2,7 @@
 # Prepared in session 5 for the next device session (PERF_LOG "Next", a and b): the v9c
 # GPU tests (folded stacked expands) with memcheck, beside the robustness sweep's
 # sgmv_triton chunks (which ran out of time twice in session 5); then, alone on the GPU,
-# the folded-vs-pair microbenchmark and stacked end to end against triton_separate.
+# the folded-vs-pair microbenchmark and stacked end to end, folded against the default.
 set -u
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -27,9 +27,10 @@ timeout 60 python3 run_stacked_expand.py --T 64 --folded --block-n 32 64 128 --n
   --json plots_gpu/stacked_folded_h200.json > $R/folded.log 2>&1
 echo "folded rc $? ($(( $(date +%s) - T0 )) s)"; grep -v Warn $R/folded.log | tail -24
 A="--model-config llama3-8b --batch-size 64 --max-new-tokens 512 --prompt-len 32 --num-adapters 7 --no-progress --out-dir plots_gpu"
-timeout 90 python3 benchmark_inference_multilora.py $A --modes none stacked --profile 3 > $R/e2e_folded.log 2>&1
+MULTILORA_STACKED_EXPAND=triton_folded timeout 90 python3 benchmark_inference_multilora.py $A --modes none stacked \
+  --profile 3 --name e2e_stacked_folded > $R/e2e_folded.log 2>&1
 echo "e2e folded rc $? ($(( $(date +%s) - T0 )) s)"; grep -E "^(none|stacked) |LoRA|base GEMMs|_stacked|_add_rms" $R/e2e_folded.log | head -20
-MULTILORA_STACKED_EXPAND=triton_separate timeout 60 python3 benchmark_inference_multilora.py $A --modes stacked \
-  --name e2e_stacked_separate > $R/e2e_separate.log 2>&1
+timeout 60 python3 benchmark_inference_multilora.py $A --modes stacked --name e2e_stacked_default \
+  > $R/e2e_separate.log 2>&1
 echo "e2e separate rc $? ($(( $(date +%s) - T0 )) s)"; grep -E "^stacked " $R/e2e_separate.log
 tar czf $OUT/r.tgz -C $OUT r; tar czf $OUT/plots_gpu.tgz plots_gpu; rm -rf $R
