@@ -27,7 +27,9 @@ bgmv_kernel.cuh); MULTILORA_PDL=0 turns it off.  Every expand (bgmv_lora, bgmv_e
 lora_expand) sizes its outputs per lane J by the grid (tile rule "residency", the default
 since PERF_LOG v5: the smallest J in {1, 4, 8} with at most ~640 blocks; bgmv_kernel.cuh,
 kBgmvExpandMaxBlocks); MULTILORA_EXPAND_TILES=classic brings back the rule before it (J = 1
-under 512 blocks, else 4). The results are bitwise the same, only the grid differs;
+under 512 blocks, else 4), =rank residency's J with each token's lanes per B row sized by
+its adapter's rank (mixed ranks; opt-in until measured). The results are bitwise the
+same, only the grid and the tiles differ;
 `tiles=` on those functions overrides the variable per call.  Both variables are
 read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
 every check of bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args /
@@ -110,13 +112,13 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency")   # tile_rule 0, 1 (kBgmvTileRule* in bgmv_params.h)
+EXPAND_TILE_RULES = ("classic", "residency", "rank")  # tile_rule 0-2 (kBgmvTileRule* in bgmv_params.h)
 DEFAULT_TILES = "residency"   # H200, PERF_LOG v5: bs 16 6.79 -> 4.48 us, bs 64 7.29 -> 6.52 us
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
-TILES_ENV = "MULTILORA_EXPAND_TILES"   # classic | residency (unset: DEFAULT_TILES)
+TILES_ENV = "MULTILORA_EXPAND_TILES"   # classic | residency | rank (unset: DEFAULT_TILES)
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -240,9 +242,10 @@ def pdl_enabled(device: torch.device) -> bool:
 
 
 def expand_tile_rule(tiles: Optional[str] = None) -> int:
-    """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic" or
-    "residency"; None reads MULTILORA_EXPAND_TILES at each call (unset or empty:
-    DEFAULT_TILES).
+    """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
+    "residency" or "rank" (residency's J; each token's lanes per B row from its adapter's
+    rank, for mixed ranks: PERF_LOG v10, not yet measured); None reads
+    MULTILORA_EXPAND_TILES at each call (unset or empty: DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
     a typo cannot silently measure the default rule."""
     name = "tiles"
@@ -350,10 +353,11 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     (bgmv_kernel.cuh) picks them; the kernel decides on its own, this mirror is for the
     tests and the sweep's report. Rule 0: J = 1 when the J = 4 grid has fewer than
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
-    1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest."""
+    1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
+    ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row)."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
-    if tile_rule == 1:
+    if tile_rule in (1, 2):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])
@@ -559,8 +563,8 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
     idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
     none of them).
-    tiles: outputs-per-lane rule, "classic" or "residency" (expand_outs); None =
-    $MULTILORA_EXPAND_TILES. Bitwise the same result either way.
+    tiles: outputs-per-lane rule, "classic", "residency" or "rank" (expand_outs); None =
+    $MULTILORA_EXPAND_TILES. Bitwise the same result every way.
     Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)

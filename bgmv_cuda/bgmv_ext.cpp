@@ -8,7 +8,8 @@
 //   expand(y, v, B, idx, scale, ranks, pdl, tile_rule) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
-//       kBgmvExpandMaxBlocks); the same values either way, only the grid differs
+//       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank);
+//       the same values every way, only the grid and the tiles differ
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
@@ -221,9 +222,11 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
                         const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
                         BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
-  BGMV_CHECK(tile_rule == kBgmvTileRuleClassic || tile_rule == kBgmvTileRuleResidency, op,
-             ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic) or ",
-             kBgmvTileRuleResidency, " (residency), got ", tile_rule);
+  BGMV_CHECK(tile_rule == kBgmvTileRuleClassic || tile_rule == kBgmvTileRuleResidency ||
+                 tile_rule == kBgmvTileRuleRank, op,
+             ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
+             kBgmvTileRuleResidency, " (residency) or ", kBgmvTileRuleRank, " (rank), got ",
+             tile_rule);
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));

@@ -314,7 +314,7 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
 // both counters to 0 for the next call.
 constexpr int kBgmvSpinLimit = 1 << 22;   // ~0.1-0.3 s: then NaN, never a hang
 
-template <typename T, int W, int NCHUNK, int J, bool FUSED>
+template <typename T, int W, int NCHUNK, int J, bool FUSED, bool RANK_TILES = false>
 __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, const int64_t t,
                                                   const int by, int* counters, const int need) {
   using Ty = BgmvType<T>;
@@ -326,10 +326,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 #pragma unroll
   for (int q = 1; q < kBgmvMaxSlices; ++q)
     if (q < p.S && by >= p.tile_begin[q]) s = q;
-  const int G = 1 << p.log2_group;                     // lanes per B row
-  const int groups = 32 >> p.log2_group;               // B rows per warp per step
-  const int tile = NWARPS * groups * J;                // output columns per block
-  const int j_tile = (by - p.tile_begin[s]) * tile;
+  int G = 1 << p.log2_group;                           // lanes per B row
+  int groups = 32 >> p.log2_group;                     // B rows per warp per step
+  int tile = NWARPS * groups * J;                      // output columns per block
+  int j_tile = (by - p.tile_begin[s]) * tile;
   const int h_out = p.h_out[s];
   T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
 
@@ -340,6 +340,25 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
     return;
   }
   const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if constexpr (RANK_TILES) {
+    // Rule "rank": the lanes per B row from this token's rank, not r_max, so a token of a
+    // small adapter covers more columns per block and leaves the grid's later tiles (sized
+    // for r_max) to exit at once. r_max's extra lanes would only add exact zeros: the same
+    // bits as the other rules.
+    if (rank > 0) {
+      const int lanes = (rank + W - 1) / W;
+      int log2g = 0;
+      while ((1 << log2g) < lanes && log2g < 5) ++log2g;  // <= p.log2_group: rank <= r_max
+      G = 1 << log2g;
+      groups = 32 >> log2g;
+      tile = NWARPS * groups * J;
+      j_tile = (by - p.tile_begin[s]) * tile;
+      if (j_tile >= h_out) {                           // a tile this token does not need
+        bgmv_wait_prior_grid();
+        return;
+      }
+    }
+  }
   if (rank < 0) {
     if constexpr (!FUSED) bgmv_wait_prior_grid();     // y may still be in use before it
     for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
@@ -353,7 +372,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int lig = lane & (G - 1);                     // lane within its group
-  const int grp = lane >> p.log2_group;
+  const int grp = RANK_TILES ? lane / G : lane >> p.log2_group;  // G: a power of two
 
   // This lane's rank positions r = (c * G + lig) * W + e.
   bool live[NCHUNK];                                   // chunk starts below the rank
@@ -496,12 +515,12 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   }
 }
 
-// Grid: x = token, y = output tile.
-template <typename T, int W, int NCHUNK, int J>
+// Grid: x = token, y = output tile. RANK_TILES: tile rule "rank" (16-byte loads only).
+template <typename T, int W, int NCHUNK, int J, bool RANK_TILES = false>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
 _bgmv_expand_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
-  bgmv_expand_block<T, W, NCHUNK, J, false>(p, blockIdx.x, blockIdx.y, nullptr, 0);
+  bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, blockIdx.x, blockIdx.y, nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -626,8 +645,9 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
-  if (p.tile_rule != kBgmvTileRuleClassic && p.tile_rule != kBgmvTileRuleResidency)
-    return "bgmv_expand: tile_rule must be 0 (classic) or 1 (residency)";
+  if (p.tile_rule != kBgmvTileRuleClassic && p.tile_rule != kBgmvTileRuleResidency &&
+      p.tile_rule != kBgmvTileRuleRank)
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency) or 2 (rank)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -651,7 +671,7 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
 // tiles fit).  vec: 16-byte B loads, the only path with a J = 8 kernel.
 inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
   const int64_t T = p.T;
-  if (p.tile_rule == kBgmvTileRuleResidency) {
+  if (p.tile_rule == kBgmvTileRuleResidency || p.tile_rule == kBgmvTileRuleRank) {
     constexpr int kOuts[] = {1, kBgmvExpandOuts, kBgmvExpandOutsMax};
     const int n = vec ? 3 : 2;
     for (int k = 0; k < n; ++k) {
@@ -678,7 +698,12 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
-  if (vec) {
+  if (vec && p.tile_rule == kBgmvTileRuleRank) {
+    constexpr int kJm = kBgmvExpandOutsMax;
+    err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true>>(grid, threads, stream, p)
+        : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true>>(grid, threads, stream, p)
+                     : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJm, true>>(grid, threads, stream, p);
+  } else if (vec) {
     err = outs == 1    ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1>>(grid, threads, stream, p)
         : outs == kJ   ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ>>(grid, threads, stream, p)
                        : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kBgmvExpandOutsMax>>(

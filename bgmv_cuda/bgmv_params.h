@@ -18,10 +18,13 @@ constexpr int kBgmvMaxRank = 128;     // r_max limit (MAX_RANK in bgmv_cuda.py)
 constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cuda.py)
 constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bgmv_cuda.py)
 // Expand tile rules, BgmvExpandParams::tile_rule (EXPAND_TILE_RULES in bgmv_cuda.py):
-// "classic" (J = 1 for small grids, else 4) or "residency", the default (J sized so the
-// grid fits; bgmv_kernel.cuh, kBgmvExpandMaxBlocks).
+// "classic" (J = 1 for small grids, else 4), "residency", the default (J sized so the
+// grid fits; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) or "rank" (residency's J, and each
+// token's lanes per B row from its adapter's rank instead of r_max: mixed ranks; with
+// 16-byte B loads only, 1-element loads run as residency).
 constexpr int kBgmvTileRuleClassic = 0;
 constexpr int kBgmvTileRuleResidency = 1;
+constexpr int kBgmvTileRuleRank = 2;
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
@@ -70,7 +73,8 @@ struct BgmvExpandParams {
   int log2_group;
   int tile_begin[kBgmvMaxSlices + 1];
   // Host only, last so the fields the kernels read keep their offsets (and their code):
-  // outputs-per-lane rule of the two-launch expand; the fused kernel ignores it.
+  // outputs-per-lane rule of the two-launch expand (rule "rank" also picks the kernel
+  // instance that sizes lane groups per token); the fused kernel ignores it.
   int tile_rule = kBgmvTileRuleResidency;
 };
 

@@ -181,7 +181,8 @@ def demangle_short(name: str) -> str:
     args = m.group(2)
     dtype = next((d for d in ("__half", "__nv_bfloat16") if d in args), "float")
     ints = re.findall(r"Li(\d+)E", args)
-    return f"{m.group(1)}<{', '.join([dtype] + ints)}>"
+    flags = ["true" if b == "1" else "false" for b in re.findall(r"Lb([01])E", args)]
+    return f"{m.group(1)}<{', '.join([dtype] + ints + flags)}>"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Settle the small-batch BGMV variants on the GPU in one short run (--variants).
 
 For each point, every variant (bgmv_cuda default / default without PDL / split / fused /
-with the "classic" and with the "residency" expand tile rule, bgmv_triton default) is
+with the "classic", the "residency" and the "rank" expand tile rule, bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
 bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of input sets
@@ -15,9 +15,11 @@ writes JSON.
 
     python bgmv_cuda/run_bgmv_cuda.py --variants --json plots/bgmv_variants_h200.json
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
+    python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_classic` and `cuda_tiles` fix the expand's tile rule ("classic", "residency"; see
-bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
+`cuda_classic`, `cuda_tiles` and `cuda_rank` fix the expand's tile rule ("classic",
+"residency", "rank": residency's J with each token's lane groups sized by its adapter's
+rank, PERF_LOG v10; see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "residency", the default since PERF_LOG v5). In
 plots/bgmv_tiles_h200.json (measured before the default changed) `cuda` is the classic rule.
 
@@ -36,7 +38,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_fused", "cuda_classic", "cuda_tiles",
-                 "triton"]
+                 "cuda_rank", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +94,7 @@ def main(args: argparse.Namespace) -> list:
            "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
            "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
+           "cuda_rank": lambda *a: bc.bgmv_lora(*a, tiles="rank"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}

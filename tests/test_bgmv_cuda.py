@@ -37,14 +37,15 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
-    # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} and 1-element x {J = 1, 4}, fused
-    # 16-byte / 1-element) x 2 archs
-    assert len(kernels) == 48 and len(names) == 48, sorted(names)
+    # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
+    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs
+    assert len(kernels) == 66 and len(names) == 66, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
-            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 5
-            assert (f"expand<{dt}, {vec}, 1, 8>", arch) in names
+            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 8
+            assert (f"expand<{dt}, {vec}, 1, 8, false>", arch) in names
+            assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
@@ -52,7 +53,7 @@ def test_compile_check_sm80_sm90_no_spills():
         limit = 128 if "fused" in k.kernel else 64
         assert 0 < k.registers <= limit, k
         if "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
-            dt, *_, j = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
+            dt, *_, j, _rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
             assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0), k
     assert cc.spill_lines(text) == []
 
@@ -839,6 +840,7 @@ def test_expand_tile_rule_argument_and_env(monkeypatch, no_build):
     assert bc.expand_tile_rule() == 1
     monkeypatch.setenv(bc.TILES_ENV, "classic")
     assert bc.expand_tile_rule() == 0 and bc.expand_tile_rule("residency") == 1  # argument wins
+    assert bc.expand_tile_rule("rank") == 2
     monkeypatch.setenv(bc.TILES_ENV, "residence")             # a typo fails, loudly
     with pytest.raises(ValueError, match=f"^{bc.TILES_ENV}: expected one of"):
         bc.expand_tile_rule()
@@ -871,6 +873,7 @@ def test_expand_outs_at_the_h200_points():
     for (h_out, T), rules in points.items():
         got = tuple(bc.expand_outs(_b_slices(h_out, 16), T, 16, k) for k in (0, 1))
         assert got == rules, (h_out, T, got)
+        assert bc.expand_outs(_b_slices(h_out, 16), T, 16, 2) == got[1]   # "rank": rule 1's J
     # 1-element loads (r_max 12 in bf16: rows not 16-byte aligned) have no J = 8 kernel
     assert bc.expand_outs(_b_slices(4096, 12), 256, 12, 1) == (4, 256 * 128)
     assert bc.expand_outs(_b_slices(4096, 12), 2, 12, 1) == (4, 2 * 128)  # J = 1: 2 x 512
@@ -907,9 +910,10 @@ def test_tile_cases_cover_every_expand_kernel():
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", TILE_CASES, ids=TILE_IDS)
 def test_tile_rules_bitwise_equal_and_match_reference(case):
-    """Both rules, plain and split-K shrink: within tolerance of the float64 reference,
-    -1 rows untouched, and the residency rule's output bitwise equal to the classic rule's
-    (each output's fp32 sum runs in the same order whatever J)."""
+    """Every rule, plain and split-K shrink: within tolerance of the float64 reference,
+    -1 rows untouched, and the residency and rank rules' outputs bitwise equal to the
+    classic rule's (each output's fp32 sum runs in the same order whatever J; rule "rank"'s
+    narrower lane groups only drop lanes that would add exact zeros)."""
     T, h_in, h_out, L, r_max, ranks, share = case
     for dtype in DTYPES:
         inp = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, "cuda", ranks=ranks,
@@ -923,13 +927,14 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
             for tiles in bc.EXPAND_TILE_RULES:
                 err, outs[tiles] = _variant_check(inp, idx, variant=variant, tiles=tiles)
                 assert err < TOLERANCE[dtype], f"{variant} {tiles} {dtype}: rel err {err:.2e}"
-            assert torch.equal(outs["classic"].view(bits), outs["residency"].view(bits)), \
-                f"{variant} {dtype}: the rules differ"
+            for tiles in bc.EXPAND_TILE_RULES[1:]:
+                assert torch.equal(outs["classic"].view(bits), outs[tiles].view(bits)), \
+                    f"{variant} {dtype} {tiles}: the rules differ"
 
 
-def _launched_expand_j(call) -> list:
-    """J (the last template argument) of every expand kernel `call` launches, from the
-    kernel names torch.profiler records."""
+def _launched_expand_j(call, rank_flag: bool = False) -> list:
+    """J (the last integer template argument) of every expand kernel `call` launches, from
+    the kernel names torch.profiler records; rank_flag: (J, the RANK_TILES flag) pairs."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
@@ -938,13 +943,16 @@ def _launched_expand_j(call) -> list:
              if str(getattr(e, "device_type", "")).endswith("CUDA")
              and "_bgmv_expand_kernel" in e.key for _ in range(e.count)]
     short = [cc.demangle_short(n) if n.startswith("_Z") else n for n in names]
-    return [int(re.findall(r"\d+", n.split("<", 1)[1].split(">")[0])[-1]) for n in short]
+    args = [n.split("<", 1)[1].split(">")[0] for n in short]
+    js = [int(re.findall(r"\d+", a)[-1]) for a in args]
+    return [(j, "true" in a) for j, a in zip(js, args)] if rank_flag else js
 
 
 @pytest.mark.gpu
 def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
-    """The J bgmv_expand_launch picks is the one expand_outs predicts, under both rules,
-    and MULTILORA_EXPAND_TILES reaches the registry half lora_expand."""
+    """The J bgmv_expand_launch picks is the one expand_outs predicts, under every rule
+    (rule "rank" through its own kernel instances when B rows take 16-byte loads), and
+    MULTILORA_EXPAND_TILES reaches the registry half lora_expand."""
     monkeypatch.delenv(bc.TILES_ENV, raising=False)
     bc.ensure_loaded()
     for T, h_out, r in [(16, 4096, 16), (64, 4096, 16), (256, 4096, 16), (8, 11008, 16),
@@ -953,9 +961,10 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
         idx = make_workload("uniform", T, 7, seed=T).cuda()
         args = (inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"])
         for k, tiles in enumerate(bc.EXPAND_TILE_RULES):
-            want = bc.expand_outs(_b_slices(h_out, r), T, r, k)[0]
-            assert _launched_expand_j(lambda: bc.bgmv_lora(*args, tiles=tiles)) == [want], \
-                (T, h_out, r, tiles)
+            want = (bc.expand_outs(_b_slices(h_out, r), T, r, k)[0],
+                    tiles == "rank" and r % 8 == 0)                  # bf16: 16-byte rows
+            got = _launched_expand_j(lambda: bc.bgmv_lora(*args, tiles=tiles), rank_flag=True)
+            assert got == [want], (T, h_out, r, tiles)
     inp = make_lora_inputs(64, 1024, 4096, 7, 16, torch.bfloat16, "cuda", seed=3)
     idx = make_workload("uniform", 64, 7, seed=3).cuda()
     v = bc.lora_shrink(inp["x"], inp["A"], idx)
