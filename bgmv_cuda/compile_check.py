@@ -199,10 +199,10 @@ def main(args: argparse.Namespace) -> int:
     except RuntimeError as e:
         print(e, file=sys.stderr)
         return 1
-    print(f"{'kernel':34s} {'arch':6s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} "
+    print(f"{'kernel':40s} {'arch':6s} {'regs':>5s} {'stack':>6s} {'spill st':>9s} "
           f"{'spill ld':>9s} {'smem':>5s}")
     for k in sorted(kernels, key=lambda k: (k.arch, demangle_short(k.kernel))):
-        print(f"{demangle_short(k.kernel):34s} {k.arch:6s} {k.registers:5d} {k.stack_bytes:6d} "
+        print(f"{demangle_short(k.kernel):40s} {k.arch:6s} {k.registers:5d} {k.stack_bytes:6d} "
               f"{k.spill_stores:9d} {k.spill_loads:9d} {k.smem_bytes:5d}")
     print(f"compile_check: {len(kernels)} kernels, no spills")
     return 0
