@@ -17,7 +17,7 @@ timeout 300 $P "tests/test_robustness.py::test_gpu_engine_load[stacked]" > $R/t_
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
   --print-limit 50 --target-processes all $P tests/test_engine_kernels.py -k "stacked or fused" \
   > $R/memcheck_kernels.log 2>&1 & pids+=($!)
-for i in 0 1 2 3; do
+for i in 0 1 2 3 4 5 6 7; do
   timeout 330 $P "tests/test_robustness.py::test_gpu_random_sweep[sgmv_triton-$i]" > $R/t_sweep_sgmv_$i.log 2>&1 & pids+=($!)
 done
 for p in "${pids[@]}"; do wait $p; done
