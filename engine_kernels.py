@@ -138,17 +138,31 @@ def rope_torch(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     return torch.addcmul(x * cos, flipped, sin_signed)
 
 
+def _stacked_delta(v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
+    """(v masked to each row's adapter) @ bt in fp32: mode "stacked"'s expand of one site,
+    v [T, E] (column s L r + a r + j: slice s, adapter a, rank row j), bt [E, N]."""
+    S, L, r, E = layout
+    col = torch.arange(E, device=v.device)
+    adapter = torch.where(col < S * L * r, col // r % L, -2)             # padding: no one's
+    mask = (idx[:, None] == adapter[None, :]).float()
+    return (v.float() * mask) @ bt.float()
+
+
 def rope_qkv_to_cache_torch(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
-                            k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int
-                            ) -> Tensor:
+                            k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int,
+                            lora: Optional[tuple] = None) -> Tensor:
     """qkv [T, (H + 2 Hkv) d] -> q [T, H, d] rotated; writes rotated k and v into
     k_cache / v_cache [>= T, Hkv, S, d] at slot (int64 [1]) for rows 0..T-1. cos,
     sin_signed [n_pos, d]: the engine's tables (first half of sin negated); pos [T] int64."""
     T = qkv.shape[0]
     d = k_cache.shape[-1]
+    dtype = qkv.dtype
+    if lora is not None:        # the expand added in fp32, rotated in fp32, rounded once
+        qkv = qkv.float() + _stacked_delta(*lora)
+        cos, sin_signed = cos.float(), sin_signed.float()
     qk = rope_torch(qkv[:, :(H + Hkv) * d].view(T, H + Hkv, d), cos[pos][:, None],
-                    sin_signed[pos][:, None])                             # [T, H + Hkv, d]
-    v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d)
+                    sin_signed[pos][:, None]).to(dtype)                   # [T, H + Hkv, d]
+    v = qkv[:, (H + Hkv) * d:].view(T, Hkv, d).to(dtype)
     k_cache[:T].index_copy_(2, slot, qk[:, H:, None, :])
     v_cache[:T].index_copy_(2, slot, v[:, :, None, :])
     return qk[:, :H]
@@ -158,18 +172,37 @@ if triton is not None:
     @triton.jit
     def _rope_qkv_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, kc_ptr, vc_ptr, slot_ptr,
                          stride_qkv, stride_q, stride_q_h, stride_c_b, stride_c_h, stride_c_s,
-                         H, Hkv, D: tl.constexpr):
+                         H, Hkv, v_ptr, bt_ptr, idx_ptr, stride_v, stride_be, L,
+                         D: tl.constexpr, HAS_LORA: tl.constexpr, RANK: tl.constexpr,
+                         RB: tl.constexpr):
         # Program (row t, head j): j < H a query head (rotated into q), H <= j < H + Hkv a
         # key head (rotated into the cache), then the value heads (copied into the cache).
+        # HAS_LORA: the head's columns first get the row's adapter's expand (mode "stacked":
+        # its RANK rows of bt in the head's slice, [RB, D] read once per program).
         t = tl.program_id(0).to(tl.int64)
         j = tl.program_id(1)
         offs = tl.arange(0, D)
         half: tl.constexpr = D // 2
         src = qkv_ptr + t * stride_qkv + j * D
         slot = tl.load(slot_ptr)
+        if HAS_LORA:
+            a = tl.load(idx_ptr + t).to(tl.int64)
+            s_i = (j >= H).to(tl.int64) + (j >= H + Hkv).to(tl.int64)    # slice q, k or v
+            rr = tl.arange(0, RB)
+            e = s_i * L * RANK + a * RANK + rr                            # its adapter's rows
+            a_rr = rr * 0 + a           # a as a vector: a scalar & a vector makes no mask
+            em = (rr < RANK) & (a_rr >= 0) & (a_rr < L)                   # (interpreter)
+            vv = tl.load(v_ptr + t * stride_v + e, mask=em, other=0.0).to(tl.float32)
+            brow = bt_ptr + e[:, None] * stride_be + j * D
+            d_x = tl.sum(vv[:, None] * tl.load(brow + offs[None, :], mask=em[:, None],
+                                               other=0.0).to(tl.float32), 0)
         if j < H + Hkv:
             x = tl.load(src + offs).to(tl.float32)
             xf = tl.load(src + (offs + half) % D).to(tl.float32)      # the other half
+            if HAS_LORA:
+                x += d_x
+                xf += tl.sum(vv[:, None] * tl.load(brow + ((offs + half) % D)[None, :],
+                                                   mask=em[:, None], other=0.0).to(tl.float32), 0)
             p = tl.load(pos_ptr + t)
             c = tl.load(cos_ptr + p * D + offs).to(tl.float32)
             s = tl.load(sin_ptr + p * D + offs).to(tl.float32)
@@ -181,15 +214,33 @@ if triton is not None:
                 tl.store(dst + offs, y.to(kc_ptr.dtype.element_ty))
         else:
             v = tl.load(src + offs)
+            if HAS_LORA:
+                v = (v.to(tl.float32) + d_x).to(vc_ptr.dtype.element_ty)
             dst = vc_ptr + t * stride_c_b + (j - H - Hkv) * stride_c_h + slot * stride_c_s
             tl.store(dst + offs, v)
 
 
 def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
-                      k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int) -> Tensor:
-    """Fused rope_qkv_to_cache_torch (same arguments and result); one launch."""
+                      k_cache: Tensor, v_cache: Tensor, slot: Tensor, H: int, Hkv: int,
+                      lora: Optional[tuple] = None) -> Tensor:
+    """Fused rope_qkv_to_cache_torch (same arguments and result); one launch.
+    lora (v, bt, idx, layout): mode "stacked"'s q/k/v expand folded in (as add_rms_norm's
+    lora: v [T, E] the GEMM's extra columns, bt [E, (H + 2 Hkv) d] block-diagonal over the
+    q, k, v slices, idx [T] int32, layout (3, L, r, E)); each (row, head) program reads
+    its adapter's r rows of bt at the head's columns. qkv is not written."""
     T = qkv.shape[0]
     d = k_cache.shape[-1]
+    rank, L = 1, 0
+    if lora is not None:
+        lv, lbt, lidx, (S, L, rank, E) = lora
+        if S != 3 or lv.shape != (T, E) or lv.stride(1) != 1 or lbt.shape != (E, qkv.shape[1]) \
+                or not lbt.is_contiguous() or lidx.shape != (T,) or lidx.dtype != torch.int32 \
+                or 3 * L * rank > E:
+            raise ValueError(f"rope_qkv_to_cache: lora (v [T, E] unit column stride, bt [E, "
+                             f"(H + 2 Hkv) d] contiguous, idx [T] int32, layout (3, L, r, E >= "
+                             f"3 L r)); got v {tuple(lv.shape)} {lv.stride()}, bt "
+                             f"{tuple(lbt.shape)}, idx {tuple(lidx.shape)} {lidx.dtype}, layout "
+                             f"{(S, L, rank, E)}")
     if qkv.shape[1] != (H + 2 * Hkv) * d or qkv.stride(1) != 1 or d & (d - 1) \
             or k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() \
             or k_cache.stride(-1) != 1 or cos.stride() != (d, 1) or sin_signed.stride() != (d, 1):
@@ -198,10 +249,14 @@ def rope_qkv_to_cache(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
                          f"{tuple(qkv.shape)}, H={H}, Hkv={Hkv}, cache {tuple(k_cache.shape)}")
     q = torch.empty(T, H, d, dtype=qkv.dtype, device=qkv.device)
     if T:
+        lv, lbt, lidx = lora[:3] if lora is not None else (qkv, qkv, pos)
         _rope_qkv_kernel[(T, H + 2 * Hkv)](
             qkv, cos, sin_signed, pos, q, k_cache, v_cache, slot,
             qkv.stride(0), q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, Hkv, D=d, num_warps=1)
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), H, Hkv,
+            lv, lbt, lidx, lv.stride(0), lbt.stride(0), L, D=d, HAS_LORA=lora is not None,
+            RANK=rank, RB=max(2, triton.next_power_of_2(rank)),
+            num_warps=1 if lora is None else 4)
     return q
 
 

@@ -60,9 +60,9 @@ y += (x A^T * mask) @ Bt, Bt every adapter's scale * B^T (block-diagonal over sl
 engine_kernels.stacked_expand on CUDA (the mask computed in the kernel), on the CPU a
 mask built once per forward and column layout, a multiply and y.addmm_
 (MULTILORA_STACKED_EXPAND picks). "triton_folded" (opt-in until measured on a GPU) goes
-one further in the fused decode step: the o and down expands happen inside the residual
-add + RMSNorm kernel that consumes them, the gate/up expand inside the SiLU * up kernel
-(no expand launch and no round trip of y for 3 of the 4 sites per layer). The layer's W
+one further in the fused decode step: each expand happens inside the kernel that consumes
+the site's output (q/k/v: RoPE + cache write; o and down: residual add + RMSNorm;
+gate/up: SiLU * up), so the LoRA adds no launch and no round trip of y. The layer's W
 becomes a view of W_ext, so the other
 modes read the same numbers; y is a row-strided view of the wider output, which every
 consumer of it takes.
@@ -157,8 +157,9 @@ ENGINE_ONLY_MODES = {"stacked": LoraMode(
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
 # How "stacked" adds its LoRA: "triton" (engine_kernels.stacked_expand: the mask in the
 # kernel, one launch per site; the default on CUDA), "triton_folded" (the same, but in the
-# fused decode step the o / down and gate/up expands are folded into add_rms_norm and
-# stacked_silu_mul; CPU-checked, opt-in until measured on the H200, PERF_LOG v9c) or
+# fused decode step every expand is folded into the fused kernel after it:
+# rope_qkv_to_cache, add_rms_norm, stacked_silu_mul; CPU-checked, opt-in until measured on
+# the H200, PERF_LOG v9c) or
 # "torch" (mask multiply + addmm: two launches; the default on the CPU). Read by set_mode.
 STACKED_EXPAND_ENV = "MULTILORA_STACKED_EXPAND"
 STACKED_EXPAND_CHOICES = ("triton", "triton_folded", "torch")
@@ -1023,8 +1024,9 @@ class MultiLoraEngine:
                               ) -> tuple[Tensor, Optional[tuple]]:
         """(y, None) as _linear_lora gives it, or, for mode "stacked" with the folded Triton
         expand (STACKED_EXPAND_ENV) at a site of `slices` slices, (y without its LoRA,
-        (v, bt, idx, layout)): the expand for the next fused kernel to add (add_rms_norm's
-        lora for o / down, stacked_silu_mul for gate/up)."""
+        (v, bt, idx, layout)): the expand for the next fused kernel to add
+        (rope_qkv_to_cache's lora for q/k/v, add_rms_norm's for o / down, stacked_silu_mul
+        for gate/up)."""
         s = layer.lora.get(site)
         if not self._stacked or self.stacked_expand != "triton_folded" or s is None \
                 or ctx is None:
@@ -1109,10 +1111,11 @@ class MultiLoraEngine:
         if fused:   # h: the next sublayer's normed input; x is updated in place
             h = ek.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for li, layer in enumerate(self.layers):
-            if fused:
-                qkv = self._linear_lora(h, layer.wqkv, layer.bqkv, layer, "qkv", ctx)
+            if fused:        # "stacked" + triton_folded: each expand inside the next kernel
+                qkv, qkv_lora = self._linear_lora_deferred(h, layer.wqkv, layer.bqkv, layer,
+                                                           "qkv", ctx, 3)
                 q = ek.rope_qkv_to_cache(qkv, self.cos, self.sin, pos, self.k_cache[li],
-                                         self.v_cache[li], st.cur, H, Hkv)   # [Bb, H, d]
+                                         self.v_cache[li], st.cur, H, Hkv, qkv_lora)  # [Bb, H, d]
             else:
                 q, k, v = self._qkv(x, layer, ctx, cos, sin)               # [Bb, H or Hkv, d]
                 self.k_cache[li, :Bb].index_copy_(2, st.cur, k[:, :, None, :])
@@ -1130,7 +1133,7 @@ class MultiLoraEngine:
                     s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scaling + bias
                     a = torch.matmul(torch.softmax(s, dim=-1).to(self.dtype), Vc)
                 a = a.reshape(Bb, H * d)                                   # [Bb, H d]
-            if fused:        # "stacked" + triton_folded: each expand inside the next kernel
+            if fused:
                 o, o_lora = self._linear_lora_deferred(a, layer.wo, layer.bo, layer, "o", ctx, 1)
                 h = ek.add_rms_norm(x, o, layer.ln2, self.eps, o_lora)    # x += o
                 gu, gu_lora = self._linear_lora_deferred(h, layer.wgu, layer.bgu, layer,

@@ -40,26 +40,44 @@ def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict
                 starts=tuple(torch.tensor(widths).cumsum(0)[:-1].tolist()))
 
 
+HEADS = (32, 8, 128)         # Llama-3-8B: query heads, KV heads, head dim (the qkv site)
+CONSUMER = {"qkv": "rope_qkv_to_cache", "o": "add_rms_norm", "gate_up": "silu_mul",
+            "down": "add_rms_norm"}
+
+
 def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int) -> list:
-    """Expand + consumer (add_rms_norm at o / down, silu_mul at gate/up) against the folded
-    kernel, on the same input sets; the folded output is checked against the pair's."""
+    """Expand + consumer (rope_qkv_to_cache at q/k/v, add_rms_norm at o / down, silu_mul at
+    gate/up) against the folded kernel, on the same input sets; the folded output is
+    checked against the pair's."""
     g = torch.Generator(device="cpu").manual_seed(5)
     x0 = torch.randn(T, N, generator=g).to("cuda", dtype)
     w = (1 + 0.1 * torch.randn(N, generator=g)).to("cuda", dtype)
     xs = [x0.clone() for _ in sets]
+    H, Hkv, d = HEADS
+    ang = torch.rand(64, d // 2, generator=g) * 6.28
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to("cuda", dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to("cuda", dtype)   # first half negated
+    pos = torch.randint(0, 64, (T,), generator=g).cuda()
+    slot = torch.tensor([7], device="cuda")
+    k_cache = torch.zeros(T, Hkv, 64, d, dtype=dtype, device="cuda")
+    v_cache = torch.zeros_like(k_cache)
+
+    def consume(k, y, lora=None):
+        if site == "qkv":       # q returned; k and v into the caches at `slot`
+            return ek.rope_qkv_to_cache(y, cos, sin, pos, k_cache, v_cache, slot, H, Hkv, lora)
+        if site == "gate_up":
+            return ek.stacked_silu_mul(y, *lora) if lora else ek.silu_mul(y)
+        return ek.add_rms_norm(xs[k], y, w, 1e-5, lora)
 
     def pair(k):
         s = sets[k]
         y = ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"], s["layout"],
                               s["starts"])
-        return ek.silu_mul(y) if site == "gate_up" else ek.add_rms_norm(xs[k], y, w, 1e-5)
+        return consume(k, y)
 
     def folded(k):
         s = sets[k]
-        lora = (s["out"][:, N:], s["bt"], s["idx"], s["layout"])
-        if site == "gate_up":
-            return ek.stacked_silu_mul(s["out"][:, :N], *lora)
-        return ek.add_rms_norm(xs[k], s["out"][:, :N], w, 1e-5, lora)
+        return consume(k, s["out"][:, :N], (s["out"][:, N:], s["bt"], s["idx"], s["layout"]))
 
     keep, xk = sets[0]["out"].clone(), xs[0].clone()
     want = pair(0).float()
@@ -71,12 +89,11 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int) -> li
     if err > 2e-2:
         raise SystemExit(f"{site} T {T} folded: relative error {err:.2e} against the pair")
     rows = []
-    for kind, fn in (("expand+" + ("silu_mul" if site == "gate_up" else "add_rms_norm"), pair),
-                     ("folded", folded)):
+    for kind, fn in (("expand+" + CONSUMER[site], pair), ("folded", folded)):
         med, p20, p80 = time_graph(fn, len(sets), rep_ms=rep_ms)
         rows.append(dict(T=T, site=site, kind=kind, block_n=None, num_warps=None,
                          median_us=med, p20_us=p20, p80_us=p80, error=err))
-        print(f"T {T:5d} {site:8s} {kind:22s} {med:7.2f} us  (err {err:.1e})", flush=True)
+        print(f"T {T:5d} {site:8s} {kind:26s} {med:7.2f} us  (err {err:.1e})", flush=True)
     return rows
 
 
@@ -134,7 +151,7 @@ def main() -> None:
                                  median_us=med, p20_us=p20, p80_us=p80, error=err))
                 print(f"T {T:5d} {site:8s} {kind:6s} block_n {str(bn):4s} warps {str(w):4s} "
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
-            if a.folded and site != "qkv":
+            if a.folded:
                 rows += time_folded(site, T, sets, N, dtype, a.rep_ms)
     if a.json:
         write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))

@@ -286,6 +286,11 @@ def test_stacked_folded_expand_matches_torch_form(peft_setup, monkeypatch, how):
     assert not calls                                   # the torch form uses neither kernel
     t2, s2 = eng.generate(prompts, adapter_idx, **kw)
     assert ("stacked_silu_mul" in calls) == (how == "triton_folded")     # folded only there
+    prefill = sum(len(layer.lora) for layer in eng.layers)      # one expand per site
+    if how == "triton_folded":      # the decode steps fold all of them: the prefill's only
+        assert calls.count("stacked_expand") == prefill
+    else:
+        assert calls.count("stacked_expand") > prefill
     assert t1 == t2
     assert relative_error(s2["last_logits"], s1["last_logits"]) <= 1e-5
     seqs = [p + t[:-1] for p, t in zip(prompts, t2)]

@@ -241,6 +241,65 @@ def _add_rms_norm_lora_check(dtype, device, T, L, r, N):
     assert torch.equal(x3[0].cpu(), plain[0].cpu())
 
 
+def _rope_lora_check(dtype, device, T, L, r, H, Hkv, d):
+    """rope_qkv_to_cache with a stacked q/k/v site's expand folded in, against its torch
+    form, against the unfused order (the expand into qkv first, then the plain kernel), and
+    with -1 rows equal to the plain kernel's."""
+    N = (H + 2 * Hkv) * d
+    out, bt, idx, col, layout = _stacked_fused_case(dtype, device, T, L, r, N, 1)
+    # q, k, v slices of widths H d, Hkv d, Hkv d: rebuild a block-diagonal bt over them
+    S3 = (3, L, r, -(-3 * L * r // 8) * 8)
+    g = torch.Generator(device="cpu").manual_seed(6)
+    E = S3[3]
+    bt = torch.zeros(E, N)
+    edges = [0, H * d, (H + Hkv) * d, N]
+    for s_i in range(3):
+        bt[s_i * L * r:(s_i + 1) * L * r, edges[s_i]:edges[s_i + 1]] = \
+            0.3 * torch.randn(L * r, edges[s_i + 1] - edges[s_i], generator=g)
+    bt = bt.to(device, dtype)
+    full = torch.randn(T, N + E, generator=g).to(device, dtype)
+    qkv, v = full[:, :N], full[:, N:]
+    col = torch.full((E,), -2, dtype=torch.int32, device=device)
+    col[:3 * L * r] = (torch.arange(3 * L * r, device=device) // r % L).to(torch.int32)
+    _, cos, sin, pos, slot, cache = _rope_case(T, H, Hkv, d, 9, dtype, device)
+    before = full.clone()
+    lora = (v, bt, idx, S3)
+    k1, v1, k2, v2 = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+    q1 = ek.rope_qkv_to_cache_torch(qkv, cos, sin, pos, k1, v1, slot, H, Hkv, lora)
+    q2 = ek.rope_qkv_to_cache(qkv, cos, sin, pos, k2, v2, slot, H, Hkv, lora)
+    assert torch.equal(full, before)                          # qkv and v only read
+    ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
+    mask = ek.stacked_mask(idx, col, torch.float32)
+    # the rotation mixes two entries of x + delta: bound by their summands' sizes
+    size = qkv.float().abs() + (v.float().abs() * mask) @ bt.float().abs()
+    size = (size + size.view(T, -1, 2, d // 2).flip(2).view(T, N)).clamp(min=1.0)
+    qs, ks, vs = size[:, :H * d], size[:, H * d:(H + Hkv) * d], size[:, (H + Hkv) * d:]
+    sl = slot.item()
+    assert ((q2.float() - q1.float()).reshape(T, -1).abs() <= 2 * ulp * qs).all()
+    for got, want, sz in ((k2, k1, ks), (v2, v1, vs)):
+        diff = (got[:T, :, sl].float() - want[:T, :, sl].float()).reshape(T, -1).abs()
+        assert (diff <= 2 * ulp * sz).all()
+    assert torch.equal(k2[T:], cache[T:]) and torch.equal(v2[T:], cache[T:])    # rows >= T
+    unfused = qkv.float().clone()                             # expand first, then rope
+    ek.stacked_expand_torch(unfused, v.float(), bt.float(), mask)
+    k3, v3 = cache.clone(), cache.clone()
+    q3 = ek.rope_qkv_to_cache_torch(unfused.to(dtype), cos, sin, pos, k3, v3, slot, H, Hkv)
+    assert ((q2.float() - q3.float()).reshape(T, -1).abs() <= 4 * ulp * qs).all()
+    plain_k, plain_v = cache.clone(), cache.clone()
+    plain_q = ek.rope_qkv_to_cache(qkv, cos, sin, pos, plain_k, plain_v, slot, H, Hkv)
+    lo = (idx >= 0).cpu()
+    assert torch.equal(q2[~lo].cpu(), plain_q[~lo].cpu())     # -1 rows: the plain kernel
+    assert torch.equal(v2[:T][~lo].cpu(), plain_v[:T][~lo].cpu())
+    assert not torch.equal(q2[lo].cpu(), plain_q[lo].cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,L,r,H,Hkv,d", [(5, 3, 8, 4, 2, 16), (19, 7, 16, 4, 1, 32),
+                                           (9, 2, 3, 2, 2, 16)])
+def test_rope_qkv_to_cache_with_stacked_lora(dtype, T, L, r, H, Hkv, d):
+    _rope_lora_check(dtype, "cpu", T, L, r, H, Hkv, d)
+
+
 def _stacked_silu_mul_check(dtype, device, T, L, r, inter):
     out, bt, idx, col, layout = _stacked_fused_case(dtype, device, T, L, r, 2 * inter, 2)
     gu, v = out[:, :2 * inter], out[:, 2 * inter:]
@@ -290,9 +349,11 @@ def test_stacked_fused_bad_arguments():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T", [1, 64, 300])
 def test_gpu_stacked_fused_elementwise(dtype, T):
-    """Llama-3-8B's o / down (N 4096) and gate/up (I 14336) with 7 adapters of rank 16."""
+    """Llama-3-8B's o / down (N 4096), gate/up (I 14336) and q/k/v (32 + 2 x 8 heads of
+    128) with 7 adapters of rank 16."""
     _add_rms_norm_lora_check(dtype, "cuda", T, 7, 16, 4096)
     _stacked_silu_mul_check(dtype, "cuda", T, 7, 16, 14336)
+    _rope_lora_check(dtype, "cuda", T, 7, 16, 32, 8, 128)
 
 
 @pytest.mark.gpu
