@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Prepared in session 5 for the next device session (PERF_LOG "Next", a and b): the v9c
-# GPU tests (folded stacked expands) with memcheck, beside the robustness sweep's
+# Prepared in session 5 for the next device session (PERF_LOG "Next", a): the v9c / v9d
+# GPU tests (folded stacked expands; all of test_engine.py) with memcheck, beside the robustness sweep's
 # sgmv_triton chunks (which ran out of time twice in session 5); then, alone on the GPU,
 # the folded-vs-pair microbenchmark and stacked end to end, folded against the default.
 set -u
@@ -12,7 +12,9 @@ python3 bgmv_cuda/bgmv_cuda.py > $R/build.log 2>&1
 P="python3 -m pytest -m gpu -q -rA -p no:cacheprovider"
 pids=()
 timeout 300 $P tests/test_engine_kernels.py -k "stacked or fused" > $R/t_kernels.log 2>&1 & pids+=($!)
-timeout 300 $P tests/test_engine.py -k "stacked or options" > $R/t_engine.log 2>&1 & pids+=($!)
+for i in 0 1; do   # all of it: the RoPE kernel every mode's fused step uses changed (v9d)
+  MULTILORA_SHARD=$i/2 timeout 300 $P tests/test_engine.py > $R/t_engine_$i.log 2>&1 & pids+=($!)
+done
 timeout 300 $P "tests/test_robustness.py::test_gpu_engine_load[stacked]" > $R/t_load_stacked.log 2>&1 & pids+=($!)
 PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
   --print-limit 50 --target-processes all $P tests/test_engine_kernels.py -k "stacked or fused" \
