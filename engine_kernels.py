@@ -32,6 +32,14 @@ except ImportError:  # pragma: no cover
     triton = None
 
 
+# Tile configs of the folded stacked kernels, from sm_90 ptxas output (the Triton 3.6 of
+# the H200 image, compiled ahead of time on a CPU machine; tests/test_engine_kernels.py
+# ::test_folded_kernels_compile_for_sm90_without_spills): add_rms_norm with a LoRA, one
+# rank row per unrolled step over 32 warps (64 registers, no spills; 8-16 warps spilled
+# 8-300 bytes); stacked_silu_mul, 32-column tiles over 8 warps (4 warps: 312-1,544 bytes
+# of spills; 64 columns: 72). Not yet timed on the GPU.
+LORA_NORM_WARPS = 32
+
 # ---------------------------------------------------------------------------------------
 # Residual add + RMSNorm
 # ---------------------------------------------------------------------------------------
@@ -122,8 +130,8 @@ def add_rms_norm(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float,
                                r.stride(0) if r is not None else 0, h.stride(0), eps,
                                v, bt, idx, v.stride(0), bt.stride(0), L,
                                HAS_R=r is not None, HAS_LORA=lora is not None, RANK=rank,
-                               RB=min(4, triton.next_power_of_2(rank)), BLOCK=block,
-                               num_warps=min(16, max(4, block // 512)))
+                               RB=1, BLOCK=block, num_warps=(min(16, max(4, block // 512))
+                                                             if lora is None else LORA_NORM_WARPS))
     return h
 
 
@@ -440,7 +448,7 @@ if triton is not None:
 
 
 def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
-                     block_n: Optional[int] = None, num_warps: int = 4) -> Tensor:
+                     block_n: Optional[int] = None, num_warps: int = 8) -> Tensor:
     """Mode "stacked"'s gate/up expand fused with silu_mul (one launch instead of two, and
     the [T, 2 I] GEMM output is read once, not read, written and read again):
     gu [T, 2 I] = [gate | up] and v [T, E] unit column stride (views of the site's GEMM
@@ -462,7 +470,7 @@ def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tup
     if T:
         lr = L * r
         block_t = 64 if T > 32 else 16 if T <= 16 else 32
-        block_n = block_n or (64 if inter >= 4096 else 32)
+        block_n = block_n or 32
         block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(inter, block_n), triton.cdiv(T, block_t))
         _stacked_silu_mul_kernel[grid](gu, v, bt, idx, h, T, inter, L, r, lr, gu.stride(0),

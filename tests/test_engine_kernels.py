@@ -1,5 +1,7 @@
 """engine_kernels: each fused Triton kernel against its torch form (CPU: interpreter, small
 shapes; GPU: Llama-3-8B shapes), and its argument checks."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -367,3 +369,26 @@ def test_gpu_stacked_expand_matches_torch_form(dtype, T, S, N, widths):
     engine calls them (block-diagonal bt, slice starts), a dense bt, and slice edges that
     fall inside a tile."""
     _stacked_check(dtype, "cuda", T, S, 7, 16, N, widths)
+
+
+def test_folded_kernels_compile_for_sm90_without_spills():
+    """The folded stacked kernels, compiled ahead of time for sm_90 with Triton's own ptxas
+    (no GPU needed) in the configs their wrappers launch at Llama-3-8B shapes, use no stack:
+    no register spills (their tile configs were picked for this; engine_kernels
+    LORA_NORM_WARPS)."""
+    import json
+    import subprocess
+    import sys
+    nv = pytest.importorskip("triton.backends.nvidia")
+    if not os.path.exists(os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")):
+        pytest.skip("this Triton ships no cuobjdump")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_sm90_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert {r["kernel"] for r in rows} == {"add_rms_norm_lora", "stacked_silu_mul",
+                                           "rope_qkv_lora"}
+    for r in rows:
+        assert r["stack"] == 0 and 0 < r["registers"] <= 255, r
