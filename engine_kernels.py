@@ -338,15 +338,36 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _per_adapter_acc(acc, v_ptr, bt_ptr, rows64, a_row, cols, cmask, e_lo, e_hi, L, R,
+                         stride_vt, stride_be, RB: tl.constexpr, PRECISION: tl.constexpr):
+        # The same sum as _masked_expand_acc, one adapter's R rank rows per step: a
+        # [rows, RB] v tile masked by a [rows] vector and an [RB, cols] bt tile (RB >= 16
+        # for tl.dot), instead of a [rows, BLOCK_E] mask and tile: far fewer registers.
+        j = tl.arange(0, RB)
+        jm = j < R
+        for e0 in range(e_lo, e_hi, R):
+            use = a_row == (e0 // R) % L                               # rows of this adapter
+            if tl.max(use.to(tl.int32)) > 0:
+                e = e0 + j
+                v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :],
+                            mask=use[:, None] & jm[None, :], other=0.0)
+                b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
+                            mask=jm[:, None] & cmask[None, :], other=0.0)
+                acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
     def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, n_used, L, R, LR, OFF1, OFF2,
                                stride_yt, stride_vt, stride_be,
                                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+                               BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
+                               PER_ADAPTER: tl.constexpr):
         # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over the extra
         # columns of the slices this tile's columns belong to (LR = L r per slice; slice 1
         # starts at column OFF1, slice 2 at OFF2) of (v masked to each row's adapter) @ bt.
-        # L r <= BLOCK_E: one chunk per slice, so the B loads of a tile are one round trip,
-        # not a serial chain.
+        # Chunked (the default): L r <= BLOCK_E, one chunk per slice, so the B loads of a
+        # tile are one round trip, with y loaded before them. PER_ADAPTER: one adapter per
+        # step (BLOCK_E = its rows, padded to >= 16), y loaded after the loop.
         pid_n = tl.program_id(0)
         pid_t = tl.program_id(1)
         rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -356,22 +377,28 @@ if triton is not None:
         rows64 = rows.to(tl.int64)
         ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
         m = rmask[:, None] & cmask[None, :]
-        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)           # in flight with bt
+        if not PER_ADAPTER:
+            y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)       # in flight with bt
         a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
         c_first = pid_n * BLOCK_N
         c_last = tl.minimum(c_first + BLOCK_N, N) - 1
         s_lo = (c_first >= OFF1).to(tl.int32) + (c_first >= OFF2).to(tl.int32)
         s_hi = (c_last >= OFF1).to(tl.int32) + (c_last >= OFF2).to(tl.int32)
         e_hi = tl.minimum((s_hi + 1) * LR, n_used)
-        acc = _masked_expand_acc(tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32), v_ptr, bt_ptr,
-                                 rows64, a_row, cols, cmask, s_lo * LR, e_hi, L, R, stride_vt,
-                                 stride_be, BLOCK_E, PRECISION)
+        zero = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        if PER_ADAPTER:
+            acc = _per_adapter_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
+                                   e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
+            y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
+        else:
+            acc = _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
+                                     e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
 
 
 def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
                    slice_starts: tuple = (), block_n: Optional[int] = None,
-                   num_warps: int = 4) -> Tensor:
+                   num_warps: Optional[int] = None, per_adapter: bool = False) -> Tensor:
     """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
     and v [T, E] with unit column stride (row strides free: both are views of the site's
     [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
@@ -379,8 +406,10 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
     S L r are padding). slice_starts: the first output column of slices 1 .. S-1 (q/k/v,
     gate/up); then bt must be block-diagonal, as multilora_engine.build_stacked_site
     builds it, and slice s's rows are read only for its own columns (1/S of bt). Empty:
-    every row of bt for every column. block_n (columns per program; default by N) and
-    num_warps are for tile sweeps (run_stacked_expand.py). Returns y."""
+    every row of bt for every column. block_n (columns per program; default by N),
+    num_warps and per_adapter (the loop form: one adapter's rank rows per step, no
+    spills in sm_90 ptxas, not yet timed; PERF_LOG "register check") are for sweeps
+    (run_stacked_expand.py). Returns y."""
     S, L, r, E = layout
     T, N = y.shape
     if y.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) or bt.shape != (E, N) \
@@ -400,13 +429,17 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
         block_t = 64 if T > 32 else 16 if T <= 16 else 32
         if block_n is None:     # H200 sweep, T 64 (plots/stacked_expand_sweep_h200.json)
             block_n = 128 if N >= 16384 else 64 if N > 4096 else 32
-        block_e = max(16, min(128, triton.next_power_of_2(lr)))
+        if per_adapter:
+            block_e = max(16, triton.next_power_of_2(r))
+        else:
+            block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
         _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
                                      y.stride(0), v.stride(0), bt.stride(0), BLOCK_T=block_t,
                                      BLOCK_N=block_n, BLOCK_E=block_e,
                                      PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
-                                     num_warps=num_warps)
+                                     PER_ADAPTER=per_adapter,
+                                     num_warps=num_warps or (8 if per_adapter else 4))
     return y
 
 

@@ -1,6 +1,7 @@
 """Time mode "stacked"'s expand (engine_kernels.stacked_expand) at the Llama-3-8B sites:
-each (block_n, num_warps) tile config of the Triton kernel and the torch form (mask
-multiply + cuBLAS addmm), CUDA-graph replay, bf16, 7 adapters of rank 16 by default.
+each (block_n, num_warps) tile config of the Triton kernel (and its per-adapter loop
+form at 8 warps), and the torch form (mask multiply + cuBLAS addmm), CUDA-graph replay,
+bf16, 7 adapters of rank 16 by default.
 Every config is checked against the torch form before it is timed. With --folded, also
 the decode step's pair at o / down and gate/up: the expand then the fused elementwise
 kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that does both
@@ -127,12 +128,14 @@ def main() -> None:
                 ek.stacked_expand_torch(s["out"][:, :N], s["out"][:, N:], s["bt"], mask)
 
             configs = [("torch", None, None)] + [("triton", bn, w) for bn in a.block_n
-                                                 for w in a.num_warps]
+                                                 for w in a.num_warps] \
+                + [("per_adapter", bn, 8) for bn in a.block_n]
             for kind, bn, w in configs:
-                def call(k, bn=bn, w=w):
+                def call(k, bn=bn, w=w, pa=kind == "per_adapter"):
                     s = sets[k]
                     ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"],
-                                      s["layout"], s["starts"], block_n=bn, num_warps=w)
+                                      s["layout"], s["starts"], block_n=bn, num_warps=w,
+                                      per_adapter=pa)
                 fn = torch_form if kind == "torch" else call
                 # correctness on set 0 as it is now (earlier timings added into it),
                 # against the torch form in fp32
@@ -149,7 +152,7 @@ def main() -> None:
                 med, p20, p80 = time_graph(fn, len(sets), rep_ms=a.rep_ms)
                 rows.append(dict(T=T, site=site, kind=kind, block_n=bn, num_warps=w,
                                  median_us=med, p20_us=p20, p80_us=p80, error=err))
-                print(f"T {T:5d} {site:8s} {kind:6s} block_n {str(bn):4s} warps {str(w):4s} "
+                print(f"T {T:5d} {site:8s} {kind:11s} block_n {str(bn):4s} warps {str(w):4s} "
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
             if a.folded:
                 rows += time_folded(site, T, sets, N, dtype, a.rep_ms)

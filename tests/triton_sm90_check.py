@@ -1,7 +1,7 @@
 """Compile engine_kernels' Triton kernels ahead of time for sm_90 (no GPU needed: Triton's
 own ptxas) and print each config's registers and stack bytes (spills) as JSON lines.
 
-    python tests/triton_sm90_check.py            # the folded stacked kernels' configs
+    python tests/triton_sm90_check.py            # the stacked kernels' configs
 
 Run without TRITON_INTERPRET (the interpreter's kernels have nothing to compile); the
 test tests/test_engine_kernels.py::test_folded_kernels_compile_for_sm90_without_spills
@@ -56,7 +56,15 @@ def configs() -> list:
     silu = dict(gu_ptr=P, v_ptr=P, bt_ptr=P, idx_ptr="*i32", h_ptr=P)
     rope = dict(qkv_ptr=P, cos_ptr=P, sin_ptr=P, pos_ptr="*i64", q_ptr=P, kc_ptr=P, vc_ptr=P,
                 slot_ptr="*i64", v_ptr=P, bt_ptr=P, idx_ptr="*i32")
+    expand = dict(y_ptr=P, v_ptr=P, bt_ptr=P, idx_ptr="*i32")
+    chunked = dict(BLOCK_T=64, BLOCK_E=128, PRECISION="tf32", PER_ADAPTER=False)
+    per_adapter = dict(BLOCK_T=64, BLOCK_E=16, PRECISION="tf32", PER_ADAPTER=True)
     return [
+        # stacked_expand's two loop forms at its column tiles (chunked: the measured default)
+        *[(f"stacked_expand_chunked_n{n}", ek._stacked_expand_kernel, expand,
+           dict(chunked, BLOCK_N=n), 4) for n in (32, 64, 128)],
+        *[(f"stacked_expand_per_adapter_n{n}", ek._stacked_expand_kernel, expand,
+           dict(per_adapter, BLOCK_N=n), 8) for n in (32, 64, 128)],
         ("add_rms_norm_lora", ek._add_rms_norm_kernel, norm,
          dict(HAS_R=True, HAS_LORA=True, RANK=16, RB=1, BLOCK=4096), ek.LORA_NORM_WARPS),
         ("stacked_silu_mul", ek._stacked_silu_mul_kernel, silu,

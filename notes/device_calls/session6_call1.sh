@@ -25,7 +25,7 @@ done
 for p in "${pids[@]}"; do wait $p; done
 echo "tests: $(( $(date +%s) - T0 )) s"
 for f in $R/t_*.log $R/memcheck_*.log; do echo "== $(basename $f): $(tail -1 $f)"; grep -E "^(FAILED|ERROR)|ERROR SUMMARY" $f | head -12; done
-timeout 60 python3 run_stacked_expand.py --T 64 --folded --block-n 32 64 128 --num-warps 4 \
+timeout 120 python3 run_stacked_expand.py --T 64 --folded --block-n 32 64 128 --num-warps 4 \
   --json plots_gpu/stacked_folded_h200.json > $R/folded.log 2>&1
 echo "folded rc $? ($(( $(date +%s) - T0 )) s)"; grep -v Warn $R/folded.log | tail -24
 A="--model-config llama3-8b --batch-size 64 --max-new-tokens 512 --prompt-len 32 --num-adapters 7 --no-progress --out-dir plots_gpu"
