@@ -176,9 +176,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def knob_settings() -> dict:
+    """The MULTILORA_* variables set for this run (kernel and engine switches such as
+    MULTILORA_EXPAND_TILES or MULTILORA_STACKED_EXPAND), so a JSON says what it measured."""
+    not_knobs = ("MULTILORA_COMMIT", "MULTILORA_SHARD", "MULTILORA_GPU_CASES")   # test plumbing
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith("MULTILORA_") and k not in not_knobs}
+
+
 def env_info() -> dict:
     info = {"torch": torch.__version__, "cuda": torch.version.cuda, "commit": git_commit(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "settings": knob_settings()}
     try:
         import triton
         info["triton"] = triton.__version__

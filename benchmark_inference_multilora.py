@@ -251,6 +251,7 @@ def environment(device) -> dict:
     commit = bench_utils.git_commit()        # $MULTILORA_COMMIT on a copied tree
     env["git_commit"] = commit.removesuffix("-dirty")
     env["git_dirty"] = commit.endswith("-dirty")
+    env["settings"] = bench_utils.knob_settings()     # e.g. MULTILORA_STACKED_EXPAND
     return env
 
 

@@ -34,7 +34,8 @@ def check_json(path, rows, B, n, tol):
     return data
 
 
-def test_benchmark_quick_cpu(tmp_path, capsys):
+def test_benchmark_quick_cpu(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MULTILORA_STACKED_EXPAND", "torch")   # the CPU default, made explicit
     modes = ["none", "cheat_bmm", "gbmm", "stacked", "peft"]
     data = run(["--quick", "--device", "cpu", "--modes", *modes, "--out-dir", str(tmp_path),
                 "--no-progress", "--engine", "fast", "hf"])
@@ -45,6 +46,7 @@ def test_benchmark_quick_cpu(tmp_path, capsys):
         + [("peft", "peft")]
     d = check_json(path, rows, 8, 8, TOLERANCE[torch.float32])
     assert d["validation"]["gate"] == TOLERANCE[torch.float32]     # fp32: the plain bound
+    assert d["env"]["settings"]["MULTILORA_STACKED_EXPAND"] == "torch"    # knobs recorded
     # "auto" engine options resolve to the torch forms on the CPU
     assert d["config"]["engine_options"] == dict(fused_elementwise=False, sampler="torch",
                                                  attention="sdpa")

@@ -21,7 +21,8 @@ def _check_point(pt, modes, tol):
     assert (pt["bytes"] > 0) == (pt["lora_rows"] > 0)
 
 
-def test_decode_script_cpu(tmp_path):
+def test_decode_script_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("MULTILORA_EXPAND_TILES", "classic")        # recorded in the JSON
     out = str(tmp_path)
     multilora_impl.main(["--device", "cpu", "--modes", *CPU_MODES, "--dtype", "fp32",
                          "--h-in", "40", "--h-out", "24", "--rank", "4", "--num-adapters", "3",
@@ -30,6 +31,7 @@ def test_decode_script_cpu(tmp_path):
                          "--out-dir", out])
     data = json.load(open(os.path.join(out, multilora_impl.DECODE_FIG + ".json")))
     assert data["config"]["h_in"] == 40 and data["env"]["torch"]
+    assert data["env"]["settings"]["MULTILORA_EXPAND_TILES"] == "classic"
     assert [(p["workload"], p["batch"]) for p in data["points"]] == [
         ("distinct", 1), ("distinct", 5), ("skewed", 1), ("skewed", 5)]
     for p in data["points"]:
