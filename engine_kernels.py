@@ -40,6 +40,17 @@ except ImportError:  # pragma: no cover
 # of spills; 64 columns: 72). Not yet timed on the GPU.
 LORA_NORM_WARPS = 32
 
+def _stacked_delta(v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
+    """(v masked to each row's adapter) @ bt in fp32: mode "stacked"'s expand of one site,
+    v [T, E] (column s L r + a r + j: slice s, adapter a, rank row j), bt [E, N]; the torch
+    form of the folded kernels' lora= argument (idx outside [0, L): no LoRA)."""
+    S, L, r, E = layout
+    col = torch.arange(E, device=v.device)
+    adapter = torch.where(col < S * L * r, col // r % L, -2)             # padding: no one's
+    mask = (idx[:, None] == adapter[None, :]).float()
+    return (v.float() * mask) @ bt.float()
+
+
 # ---------------------------------------------------------------------------------------
 # Residual add + RMSNorm
 # ---------------------------------------------------------------------------------------
@@ -48,11 +59,7 @@ def add_rms_norm_torch(x: Tensor, r: Optional[Tensor], w: Tensor, eps: float,
     """x += r (in place, x's dtype), returns F.rms_norm(x) with weight w. r None: no add.
     lora: see add_rms_norm (r is then required)."""
     if lora is not None:
-        v, bt, idx, (S, L, rank, E) = lora
-        col = torch.arange(E, device=x.device) // rank                    # adapter of column
-        col = torch.where(col < L, col, -2)                                # padding: no one's
-        mask = (idx[:, None] == col[None, :]).float()
-        x.copy_((x.float() + r.float() + (v.float() * mask) @ bt.float()).to(x.dtype))
+        x.copy_((x.float() + r.float() + _stacked_delta(*lora)).to(x.dtype))
     elif r is not None:
         x.add_(r)
     return F.rms_norm(x, (x.shape[-1],), w, eps)
@@ -144,16 +151,6 @@ def rope_torch(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
     T, n, d = x.shape
     flipped = x.view(T, n, 2, d // 2).flip(2).view(T, n, d)      # [x2, x1]
     return torch.addcmul(x * cos, flipped, sin_signed)
-
-
-def _stacked_delta(v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
-    """(v masked to each row's adapter) @ bt in fp32: mode "stacked"'s expand of one site,
-    v [T, E] (column s L r + a r + j: slice s, adapter a, rank row j), bt [E, N]."""
-    S, L, r, E = layout
-    col = torch.arange(E, device=v.device)
-    adapter = torch.where(col < S * L * r, col // r % L, -2)             # padding: no one's
-    mask = (idx[:, None] == adapter[None, :]).float()
-    return (v.float() * mask) @ bt.float()
 
 
 def rope_qkv_to_cache_torch(qkv: Tensor, cos: Tensor, sin_signed: Tensor, pos: Tensor,
