@@ -9,22 +9,29 @@ kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that doe
 
     python run_stacked_expand.py                       # T 64, the four sites, all configs
     python run_stacked_expand.py --T 1 16 64 256 --json plots/stacked_expand_sweep_h200.json
+    python run_stacked_expand.py --device cpu --tiny --folded   # the CPU test's run (checks
+                                                                # only: wall-clock times)
 """
 import argparse
+import os
 
 import torch
 
-import engine_kernels as ek
-from bench_utils import env_info, pool_size, time_graph, write_json
-from multilora_engine import STACK_ROWS
-
-# (site, slice widths) of Llama-3-8B: q/k/v, o, gate/up, down
+# (site, slice widths) of Llama-3-8B: q/k/v, o, gate/up, down; --tiny: small stand-ins
 SITES = {"qkv": (4096, 1024, 1024), "o": (4096,), "gate_up": (14336, 14336), "down": (4096,)}
+SITES_TINY = {"qkv": (64, 16, 16), "o": (64,), "gate_up": (48, 48), "down": (64,)}
+HEADS = (32, 8, 128)         # Llama-3-8B: query heads, KV heads, head dim (the qkv site)
+HEADS_TINY = (4, 1, 16)
+CONSUMER = {"qkv": "rope_qkv_to_cache", "o": "add_rms_norm", "gate_up": "silu_mul",
+            "down": "add_rms_norm"}
+DEV = "cuda"                 # set by main (--device)
+ek = None                    # engine_kernels, imported by main (after TRITON_INTERPRET on the CPU)
 
 
 def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict:
     """One input set as the engine holds it: out [T, N + E] (y and v are views), a
     block-diagonal bt [E, N], idx over the L adapters, the column-to-adapter map."""
+    from multilora_engine import STACK_ROWS
     g = torch.Generator(device="cpu").manual_seed(seed)
     S, N = len(widths), sum(widths)
     E = -(-S * L * r // STACK_ROWS) * STACK_ROWS
@@ -35,32 +42,36 @@ def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict
         c += w
     col = torch.full((E,), -2, dtype=torch.int32)
     col[:S * L * r] = (torch.arange(S * L * r) // r % L).to(torch.int32)
-    return dict(out=torch.randn(T, N + E, generator=g).to("cuda", dtype), bt=bt.to("cuda", dtype),
-                idx=torch.randint(0, L, (T,), generator=g, dtype=torch.int32).cuda(),
-                col=col.cuda(), layout=(S, L, r, E), N=N,
+    return dict(out=torch.randn(T, N + E, generator=g).to(DEV, dtype), bt=bt.to(DEV, dtype),
+                idx=torch.randint(0, L, (T,), generator=g, dtype=torch.int32).to(DEV),
+                col=col.to(DEV), layout=(S, L, r, E), N=N,
                 starts=tuple(torch.tensor(widths).cumsum(0)[:-1].tolist()))
 
 
-HEADS = (32, 8, 128)         # Llama-3-8B: query heads, KV heads, head dim (the qkv site)
-CONSUMER = {"qkv": "rope_qkv_to_cache", "o": "add_rms_norm", "gate_up": "silu_mul",
-            "down": "add_rms_norm"}
+def timer(fn, n_sets: int, rep_ms: int) -> tuple:
+    """CUDA-graph replay over the input sets on a GPU; wall clock on the CPU (checks only)."""
+    from bench_utils import time_fn, time_graph
+    if DEV == "cuda":
+        return time_graph(fn, n_sets, rep_ms=rep_ms)
+    return time_fn(lambda: fn(0), device="cpu")
 
 
-def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int) -> list:
+def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads: tuple
+                ) -> list:
     """Expand + consumer (rope_qkv_to_cache at q/k/v, add_rms_norm at o / down, silu_mul at
     gate/up) against the folded kernel, on the same input sets; the folded output is
     checked against the pair's."""
     g = torch.Generator(device="cpu").manual_seed(5)
-    x0 = torch.randn(T, N, generator=g).to("cuda", dtype)
-    w = (1 + 0.1 * torch.randn(N, generator=g)).to("cuda", dtype)
+    x0 = torch.randn(T, N, generator=g).to(DEV, dtype)
+    w = (1 + 0.1 * torch.randn(N, generator=g)).to(DEV, dtype)
     xs = [x0.clone() for _ in sets]
-    H, Hkv, d = HEADS
+    H, Hkv, d = heads
     ang = torch.rand(64, d // 2, generator=g) * 6.28
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to("cuda", dtype)
-    sin = torch.cat([-ang.sin(), ang.sin()], -1).to("cuda", dtype)   # first half negated
-    pos = torch.randint(0, 64, (T,), generator=g).cuda()
-    slot = torch.tensor([7], device="cuda")
-    k_cache = torch.zeros(T, Hkv, 64, d, dtype=dtype, device="cuda")
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(DEV, dtype)
+    sin = torch.cat([-ang.sin(), ang.sin()], -1).to(DEV, dtype)   # first half negated
+    pos = torch.randint(0, 64, (T,), generator=g).to(DEV)
+    slot = torch.tensor([7], device=DEV)
+    k_cache = torch.zeros(T, Hkv, 64, d, dtype=dtype, device=DEV)
     v_cache = torch.zeros_like(k_cache)
 
     def consume(k, y, lora=None):
@@ -91,14 +102,15 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int) -> li
         raise SystemExit(f"{site} T {T} folded: relative error {err:.2e} against the pair")
     rows = []
     for kind, fn in (("expand+" + CONSUMER[site], pair), ("folded", folded)):
-        med, p20, p80 = time_graph(fn, len(sets), rep_ms=rep_ms)
+        med, p20, p80 = timer(fn, len(sets), rep_ms)
         rows.append(dict(T=T, site=site, kind=kind, block_n=None, num_warps=None,
                          median_us=med, p20_us=p20, p80_us=p80, error=err))
         print(f"T {T:5d} {site:8s} {kind:26s} {med:7.2f} us  (err {err:.1e})", flush=True)
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> list:
+    global DEV
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--T", type=int, nargs="+", default=[64], help="tokens (decode batch)")
@@ -111,15 +123,27 @@ def main() -> None:
                    help="also time expand + elementwise kernel against the folded kernel")
     p.add_argument("--rep-ms", type=int, default=50)
     p.add_argument("--json", default=None, help="write the timings here")
-    a = p.parse_args()
-    dtype, rows = torch.bfloat16, []
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="cpu: the Triton interpreter, fp32 (checks the script and the kernels; "
+                        "its times mean nothing)")
+    p.add_argument("--tiny", action="store_true", help="small stand-in sites (for --device cpu)")
+    a = p.parse_args(argv)
+    DEV = a.device
+    if DEV == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")   # before engine_kernels imports triton
+    global ek
+    import engine_kernels as ek
+    from bench_utils import env_info, pool_size, write_json
+    sites, heads = (SITES_TINY, HEADS_TINY) if a.tiny else (SITES, HEADS)
+    dtype, rows = (torch.bfloat16 if DEV == "cuda" else torch.float32), []
     for T in a.T:
         for site in a.sites:
-            widths = SITES[site]
+            widths = sites[site]
             one = site_inputs(T, widths, a.num_adapters, a.rank, dtype, 0)
             per_set = one["out"].numel() * 2 + one["bt"].numel() * 2
+            n_sets = pool_size(per_set, max_sets=8) if DEV == "cuda" else 2
             sets = [one] + [site_inputs(T, widths, a.num_adapters, a.rank, dtype, k)
-                            for k in range(1, pool_size(per_set, max_sets=8))]
+                            for k in range(1, n_sets)]
             N = one["N"]
 
             def torch_form(k):
@@ -149,16 +173,16 @@ def main() -> None:
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 if err > 2e-2:
                     raise SystemExit(f"{site} T {T} {kind} {bn} {w}: relative error {err:.2e}")
-                med, p20, p80 = time_graph(fn, len(sets), rep_ms=a.rep_ms)
+                med, p20, p80 = timer(fn, len(sets), a.rep_ms)
                 rows.append(dict(T=T, site=site, kind=kind, block_n=bn, num_warps=w,
                                  median_us=med, p20_us=p20, p80_us=p80, error=err))
                 print(f"T {T:5d} {site:8s} {kind:11s} block_n {str(bn):4s} warps {str(w):4s} "
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
             if a.folded:
-                rows += time_folded(site, T, sets, N, dtype, a.rep_ms)
+                rows += time_folded(site, T, sets, N, dtype, a.rep_ms, heads)
     if a.json:
         write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))
-        print(f"wrote {a.json}")
+    return rows
 
 
 if __name__ == "__main__":

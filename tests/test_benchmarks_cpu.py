@@ -100,3 +100,19 @@ def test_public_flag_times_public_kernels_and_reports(tmp_path, capsys, monkeypa
     capsys.readouterr()
     multilora_impl.main(["--report", "--out-dir", out])
     assert "[6] ours at least as fast as the best public kernel at" in capsys.readouterr().out
+
+
+def test_stacked_expand_sweep_script_cpu(tmp_path):
+    """run_stacked_expand.py end to end on the CPU (--tiny sites, interpreter, fp32): every
+    config and folded pair checks out against the torch form and lands in the JSON (the
+    checks are the script's own: a wrong config or a stale reference exits)."""
+    import run_stacked_expand as rse
+    path = str(tmp_path / "sweep.json")
+    rows = rse.main(["--device", "cpu", "--tiny", "--folded", "--T", "5", "--block-n", "32",
+                     "--num-warps", "4", "--rep-ms", "1", "--json", path])
+    data = json.load(open(path))
+    assert data["rows"] == rows and data["config"]["tiny"]
+    for site, consumer in rse.CONSUMER.items():
+        kinds = {r["kind"] for r in rows if r["site"] == site}
+        assert kinds == {"torch", "triton", "per_adapter", "expand+" + consumer, "folded"}
+    assert all(r["error"] < 1e-5 and r["median_us"] > 0 for r in rows)
