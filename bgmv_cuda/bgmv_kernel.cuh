@@ -427,9 +427,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 
   // PDL: wait for the shrink's v (B and y in flight). J = 1: behind a branch the compiler
   // cannot fold (a launched grid has T >= 1): with the wait in the same basic block ptxas
-  // scheduled the one B load after it (SASS, CUDA 13.0, sm_90: LDG.E.128 after ACQBULK),
-  // so B's latency did not overlap the shrink; the branch keeps it before (checked in the
-  // SASS). J >= 4 already issue their B loads first; their code is left as it was.
+  // scheduled the one B load after it in the 16-bit kernels (SASS, CUDA 13.0, sm_90:
+  // LDG.E.128 after ACQBULK), so B's latency did not overlap the shrink; the branch keeps
+  // it before in every J = 1 instance (checked in the SASS). J >= 4 already issue their B
+  // loads first; their code is left as it was.
   if constexpr (!FUSED && J == 1) {
     if (p.T > 0) bgmv_wait_prior_grid();
   } else if constexpr (!FUSED) {
