@@ -40,17 +40,6 @@ except ImportError:  # pragma: no cover
 # of spills; 64 columns: 72). Not yet timed on the GPU.
 LORA_NORM_WARPS = 32
 
-def _stacked_delta(v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
-    """(v masked to each row's adapter) @ bt in fp32: mode "stacked"'s expand of one site,
-    v [T, E] (column s L r + a r + j: slice s, adapter a, rank row j), bt [E, N]; the torch
-    form of the folded kernels' lora= argument (idx outside [0, L): no LoRA)."""
-    S, L, r, E = layout
-    col = torch.arange(E, device=v.device)
-    adapter = torch.where(col < S * L * r, col // r % L, -2)             # padding: no one's
-    mask = (idx[:, None] == adapter[None, :]).float()
-    return (v.float() * mask) @ bt.float()
-
-
 # ---------------------------------------------------------------------------------------
 # Residual add + RMSNorm
 # ---------------------------------------------------------------------------------------
@@ -310,6 +299,23 @@ def stacked_mask(idx: Tensor, col_adapter: Tensor, dtype: torch.dtype) -> Tensor
     return (idx[:, None] == col_adapter[None, :]).to(dtype)
 
 
+def stacked_col_adapter(layout: tuple, device=None) -> Tensor:
+    """[E] int32: the adapter of each extra column of a stacked site with layout (S, L, r,
+    E): column s L r + a r + j belongs to adapter a (slice s, rank row j); the padding
+    columns past S L r to -2 (no one's)."""
+    S, L, r, E = layout
+    col = torch.arange(E, device=device)
+    return torch.where(col < S * L * r, col // r % L, -2).to(torch.int32)
+
+
+def _stacked_delta(v: Tensor, bt: Tensor, idx: Tensor, layout: tuple) -> Tensor:
+    """(v masked to each row's adapter) @ bt in fp32: mode "stacked"'s expand of one site,
+    v [T, E], bt [E, N]; the torch form of the folded kernels' lora= argument (idx outside
+    [0, L): no LoRA)."""
+    mask = stacked_mask(idx, stacked_col_adapter(layout, v.device), torch.float32)
+    return (v.float() * mask) @ bt.float()
+
+
 def stacked_expand_torch(y: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tensor:
     """y [T, N] += (v * mask) @ bt, in place; v [T, E] (x A^T of every adapter), mask [T, E]
     (stacked_mask), bt [E, N]. Two kernels: the multiply and cuBLAS's addmm."""
@@ -317,6 +323,14 @@ def stacked_expand_torch(y: Tensor, v: Tensor, bt: Tensor, mask: Tensor) -> Tens
 
 
 if triton is not None:
+    @triton.jit
+    def _stacked_tile(T, N, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        # Program (pid_n, pid_t) of a stacked kernel: its BLOCK_T rows (int64, masked at T)
+        # and BLOCK_N columns (masked at N).
+        rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        return rows.to(tl.int64), rows < T, cols, cols < N
+
     @triton.jit
     def _masked_expand_acc(acc, v_ptr, bt_ptr, rows64, a_row, cols, cmask, e_lo, e_hi, L, R,
                            stride_vt, stride_be, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
@@ -365,19 +379,13 @@ if triton is not None:
         # Chunked (the default): L r <= BLOCK_E, one chunk per slice, so the B loads of a
         # tile are one round trip, with y loaded before them. PER_ADAPTER: one adapter per
         # step (BLOCK_E = its rows, padded to >= 16), y loaded after the loop.
-        pid_n = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < T
-        cmask = cols < N
-        rows64 = rows.to(tl.int64)
+        rows64, rmask, cols, cmask = _stacked_tile(T, N, BLOCK_T, BLOCK_N)
         ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
         m = rmask[:, None] & cmask[None, :]
         if not PER_ADAPTER:
             y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)       # in flight with bt
-        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
-        c_first = pid_n * BLOCK_N
+        a_row = tl.load(idx_ptr + rows64, mask=rmask, other=-1)
+        c_first = tl.program_id(0) * BLOCK_N
         c_last = tl.minimum(c_first + BLOCK_N, N) - 1
         s_lo = (c_first >= OFF1).to(tl.int32) + (c_first >= OFF2).to(tl.int32)
         s_hi = (c_last >= OFF1).to(tl.int32) + (c_last >= OFF2).to(tl.int32)
@@ -391,6 +399,12 @@ if triton is not None:
             acc = _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
                                      e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision: IEEE fp32 for fp32 (TF32 broke the fp32 bound on the H200),
+    else the default (bf16 / fp16 inputs take the tensor cores either way)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
@@ -434,7 +448,7 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
         _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
                                      y.stride(0), v.stride(0), bt.stride(0), BLOCK_T=block_t,
                                      BLOCK_N=block_n, BLOCK_E=block_e,
-                                     PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+                                     PRECISION=_dot_precision(y.dtype),
                                      PER_ADAPTER=per_adapter,
                                      num_warps=num_warps or (8 if per_adapter else 4))
     return y
@@ -455,18 +469,12 @@ if triton is not None:
         # those columns get their slices' masked expands (gate: bt rows [0, LR) at columns
         # [0, I); up: rows [LR, 2 LR) at columns [I, 2 I)), then h = silu(gate) * up, all in
         # fp32; gu is read once and never written back.
-        pid_n = tl.program_id(0)
-        pid_t = tl.program_id(1)
-        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rmask = rows < T
-        cmask = cols < I
-        rows64 = rows.to(tl.int64)
+        rows64, rmask, cols, cmask = _stacked_tile(T, I, BLOCK_T, BLOCK_N)
         m = rmask[:, None] & cmask[None, :]
         gptrs = gu_ptr + rows64[:, None] * stride_gt + cols[None, :]
         g = tl.load(gptrs, mask=m, other=0.0).to(tl.float32)            # in flight with bt
         u = tl.load(gptrs + I, mask=m, other=0.0).to(tl.float32)
-        a_row = tl.load(idx_ptr + rows, mask=rmask, other=-1)
+        a_row = tl.load(idx_ptr + rows64, mask=rmask, other=-1)
         zero = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         g += _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, 0, LR, L, R,
                                 stride_vt, stride_be, BLOCK_E, PRECISION)
@@ -506,7 +514,7 @@ def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tup
         _stacked_silu_mul_kernel[grid](gu, v, bt, idx, h, T, inter, L, r, lr, gu.stride(0),
                                        v.stride(0), bt.stride(0), h.stride(0),
                                        BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_E=block_e,
-                                       PRECISION="ieee" if gu.dtype == torch.float32 else "tf32",
+                                       PRECISION=_dot_precision(gu.dtype),
                                        num_warps=num_warps)
     return h
 

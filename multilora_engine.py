@@ -394,9 +394,9 @@ def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> Stacke
         col += n_s
     if col != N:
         _fail("stacked site", f"B slices covering the {N} output columns", col)
-    col_adapter = torch.full((E,), -2, dtype=torch.int32, device=w.device)
-    col_adapter[:S * L * r] = (torch.arange(S * L * r, device=w.device) // r % L).to(torch.int32)
-    return StackedSite(w_ext, b_ext, bt, col_adapter, (S, L, r, E), tuple(starts))
+    layout = (S, L, r, E)
+    return StackedSite(w_ext, b_ext, bt, ek.stacked_col_adapter(layout, w.device), layout,
+                       tuple(starts))
 
 
 # ---------------------------------------------------------------------------------------
@@ -963,16 +963,13 @@ class MultiLoraEngine:
         if s is None or ctx is None or self._fn is None:
             return F.linear(x, w, b)
         if self._stacked:
-            st = layer.stacked[site]
-            N = w.shape[0]
-            out = F.linear(x, st.w_ext, st.b_ext)                        # [T, N + E]
-            y = out[:, :N]                   # row stride N + E: the consumers take strides
+            st, y, v = self._stacked_gemm(x, layer, site)
             if self.stacked_expand != "torch":                           # mask in the kernel
-                return ek.stacked_expand(y, out[:, N:], st.bt, ctx.idx, st.layout, st.slice_starts)
+                return ek.stacked_expand(y, v, st.bt, ctx.idx, st.layout, st.slice_starts)
             mask = ctx.masks.get(st.layout)
             if mask is None:                 # once per forward and layout, not per layer
-                mask = ctx.masks[st.layout] = ek.stacked_mask(ctx.idx, st.col_adapter, out.dtype)
-            return ek.stacked_expand_torch(y, out[:, N:], st.bt, mask)
+                mask = ctx.masks[st.layout] = ek.stacked_mask(ctx.idx, st.col_adapter, v.dtype)
+            return ek.stacked_expand_torch(y, v, st.bt, mask)
         meta = ctx.site_metas[s.key] if ctx.site_metas is not None else ctx.meta
         if self.overlap is None:
             y = F.linear(x, w, b)
@@ -1027,16 +1024,21 @@ class MultiLoraEngine:
         (v, bt, idx, layout)): the expand for the next fused kernel to add
         (rope_qkv_to_cache's lora for q/k/v, add_rms_norm's for o / down, stacked_silu_mul
         for gate/up)."""
-        s = layer.lora.get(site)
-        if not self._stacked or self.stacked_expand != "triton_folded" or s is None \
-                or ctx is None:
+        st = layer.stacked.get(site)
+        if not self._stacked or self.stacked_expand != "triton_folded" or st is None \
+                or ctx is None or st.layout[0] != slices:
             return self._linear_lora(x, w, b, layer, site, ctx), None
+        st, y, v = self._stacked_gemm(x, layer, site)
+        return y, (v, st.bt, ctx.idx, st.layout)
+
+    @staticmethod
+    def _stacked_gemm(x: Tensor, layer: _Layer, site: str) -> tuple:
+        """Mode "stacked": the site's one GEMM, x W_ext^T (+ b_ext) [T, N + E], as (its
+        StackedSite, y [T, N], v [T, E]): row-strided views of it, which the consumers take."""
         st = layer.stacked[site]
-        if st.layout[0] != slices:
-            return self._linear_lora(x, w, b, layer, site, ctx), None
-        N = w.shape[0]
-        out = F.linear(x, st.w_ext, st.b_ext)                            # [T, N + E]
-        return out[:, :N], (out[:, N:], st.bt, ctx.idx, st.layout)
+        out = F.linear(x, st.w_ext, st.b_ext)
+        N = st.bt.shape[1]
+        return st, out[:, :N], out[:, N:]
 
     def _mlp(self, x: Tensor, layer: _Layer, ctx) -> Tensor:
         h = _rms_norm(x, layer.ln2, self.eps)

@@ -40,11 +40,9 @@ def site_inputs(T: int, widths: tuple, L: int, r: int, dtype, seed: int) -> dict
     for s, w in enumerate(widths):
         bt[s * L * r:(s + 1) * L * r, c:c + w] = 0.1 * torch.randn(L * r, w, generator=g)
         c += w
-    col = torch.full((E,), -2, dtype=torch.int32)
-    col[:S * L * r] = (torch.arange(S * L * r) // r % L).to(torch.int32)
     return dict(out=torch.randn(T, N + E, generator=g).to(DEV, dtype), bt=bt.to(DEV, dtype),
                 idx=torch.randint(0, L, (T,), generator=g, dtype=torch.int32).to(DEV),
-                col=col.to(DEV), layout=(S, L, r, E), N=N,
+                col=ek.stacked_col_adapter((S, L, r, E), DEV), layout=(S, L, r, E), N=N,
                 starts=tuple(torch.tensor(widths).cumsum(0)[:-1].tolist()))
 
 
