@@ -59,10 +59,10 @@ gives y and x A^T for all adapters; a mask from idx keeps each token's own adapt
 y += (x A^T * mask) @ Bt, Bt every adapter's scale * B^T (block-diagonal over slices):
 engine_kernels.stacked_expand on CUDA (the mask computed in the kernel), on the CPU a
 mask built once per forward and column layout, a multiply and y.addmm_
-(MULTILORA_STACKED_EXPAND picks). "triton_folded" (opt-in until measured on a GPU) goes
-one further in the fused decode step: each expand happens inside the kernel that consumes
-the site's output (q/k/v: RoPE + cache write; o and down: residual add + RMSNorm;
-gate/up: SiLU * up), so the LoRA adds no launch and no round trip of y. The layer's W
+(MULTILORA_STACKED_EXPAND picks). In the fused decode step an expand can instead happen
+inside the kernel that consumes the site's output (o and down: residual add + RMSNorm,
+the CUDA default "triton_norm"; with "triton_folded" also q/k/v: RoPE + cache write and
+gate/up: SiLU * up), so it adds no launch and no round trip of y. The layer's W
 becomes a view of W_ext, so the other
 modes read the same numbers; y is a row-strided view of the wider output, which every
 consumer of it takes.
@@ -155,14 +155,17 @@ ENGINE_ONLY_MODES = {"stacked": LoraMode(
     "stacked", _engine_only, description="engine only: every adapter's A stacked under the "
     "base weight (one GEMM), masked by idx, then one GEMM with every adapter's B")}
 STACK_ROWS = 8        # E is padded to a multiple of 8 rows: 16-byte rows of the output in bf16
-# How "stacked" adds its LoRA: "triton" (engine_kernels.stacked_expand: the mask in the
-# kernel, one launch per site; the default on CUDA), "triton_folded" (the same, but in the
-# fused decode step every expand is folded into the fused kernel after it:
-# rope_qkv_to_cache, add_rms_norm, stacked_silu_mul; CPU-checked, opt-in until measured on
-# the H200, PERF_LOG v9c) or
-# "torch" (mask multiply + addmm: two launches; the default on the CPU). Read by set_mode.
+# How "stacked" adds its LoRA: "triton_norm" (the default on CUDA): in the fused decode step
+# the o and down expands are folded into the add_rms_norm after them; q/k/v and gate/up
+# launch engine_kernels.stacked_expand (the mask in the kernel); "triton" (stacked_expand at
+# every site), "triton_folded" (every site folded: q/k/v into rope_qkv_to_cache, gate/up
+# into stacked_silu_mul; slower on the H200: the per-token RoPE programs re-read B, PERF_LOG
+# v9c) or "torch" (mask multiply + addmm: two launches; the default on the CPU). Read by
+# set_mode. STACKED_FOLD_SITES: the sites each choice folds.
 STACKED_EXPAND_ENV = "MULTILORA_STACKED_EXPAND"
-STACKED_EXPAND_CHOICES = ("triton", "triton_folded", "torch")
+STACKED_EXPAND_CHOICES = ("triton_norm", "triton", "triton_folded", "torch")
+STACKED_FOLD_SITES = {"triton_norm": ("o", "down"), "triton": (), "torch": (),
+                      "triton_folded": ("qkv", "o", "gate_up", "down")}
 
 _KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.(q_proj|k_proj|v_proj|o_proj)"
                      r"|mlp\.(gate_proj|up_proj|down_proj))$")
@@ -900,10 +903,11 @@ class MultiLoraEngine:
         new_mode = None if mode == "none" else ENGINE_ONLY_MODES.get(mode) or get_mode(mode)
         if mode == "stacked":
             how = os.environ.get(STACKED_EXPAND_ENV) or \
-                ("triton" if self.device.type == "cuda" and triton is not None else "torch")
+                (STACKED_EXPAND_CHOICES[0] if self.device.type == "cuda" and triton is not None
+                 else "torch")
             if how not in STACKED_EXPAND_CHOICES or (how != "torch" and triton is None):
-                _fail(STACKED_EXPAND_ENV, "'triton', 'triton_folded' (both need triton) or "
-                      "'torch'", repr(how))
+                _fail(STACKED_EXPAND_ENV, "'triton_norm', 'triton', 'triton_folded' (all need "
+                      "triton) or 'torch'", repr(how))
             self._build_stacked()
             self.stacked_expand = how
         self.mode_name = mode
@@ -1019,14 +1023,14 @@ class MultiLoraEngine:
     def _linear_lora_deferred(self, x: Tensor, w: Tensor, b: Optional[Tensor], layer: _Layer,
                               site: str, ctx: Optional[_LoraCtx], slices: int
                               ) -> tuple[Tensor, Optional[tuple]]:
-        """(y, None) as _linear_lora gives it, or, for mode "stacked" with the folded Triton
-        expand (STACKED_EXPAND_ENV) at a site of `slices` slices, (y without its LoRA,
+        """(y, None) as _linear_lora gives it, or, for mode "stacked" at a site its expand
+        choice folds (STACKED_FOLD_SITES) with `slices` slices, (y without its LoRA,
         (v, bt, idx, layout)): the expand for the next fused kernel to add
         (rope_qkv_to_cache's lora for q/k/v, add_rms_norm's for o / down, stacked_silu_mul
         for gate/up)."""
         st = layer.stacked.get(site)
-        if not self._stacked or self.stacked_expand != "triton_folded" or st is None \
-                or ctx is None or st.layout[0] != slices:
+        if not self._stacked or site not in STACKED_FOLD_SITES[self.stacked_expand] \
+                or st is None or ctx is None or st.layout[0] != slices:
             return self._linear_lora(x, w, b, layer, site, ctx), None
         st, y, v = self._stacked_gemm(x, layer, site)
         return y, (v, st.bt, ctx.idx, st.layout)
@@ -1113,7 +1117,7 @@ class MultiLoraEngine:
         if fused:   # h: the next sublayer's normed input; x is updated in place
             h = ek.add_rms_norm(x, None, self.layers[0].ln1, self.eps)
         for li, layer in enumerate(self.layers):
-            if fused:        # "stacked" + triton_folded: each expand inside the next kernel
+            if fused:        # "stacked": a folded site's expand is inside the next kernel
                 qkv, qkv_lora = self._linear_lora_deferred(h, layer.wqkv, layer.bqkv, layer,
                                                            "qkv", ctx, 3)
                 q = ek.rope_qkv_to_cache(qkv, self.cos, self.sin, pos, self.k_cache[li],

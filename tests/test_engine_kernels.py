@@ -11,11 +11,14 @@ import engine_kernels as ek
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+def _close(a: torch.Tensor, b: torch.Tensor, dtype, carried=None) -> None:
     """fp32: rounding-order noise only; half types: the torch forms round after every op,
-    the kernels once, so allow two units in the last place of the values' size."""
+    the kernels once, so allow two units in the last place of the values' size (plus
+    those of `carried`, the size an inner sum's rounding reaches the value with)."""
     ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
     tol = 2 * ulp * b.float().abs().clamp(min=1.0)
+    if carried is not None:
+        tol = tol + 2 * ulp * carried
     err = (a.float() - b.float()).abs()
     assert (err <= tol).all(), (dtype, err.max().item())
 
@@ -311,10 +314,17 @@ def _stacked_silu_mul_check(dtype, device, T, L, r, inter):
     h = ek.stacked_silu_mul(gu, v, bt, idx, layout)
     assert torch.equal(out, before)                   # gu and v only read
     ref = ek.stacked_silu_mul_torch(gu, v, bt, mask)
-    _close(h, ref, dtype)
+    # fp32: the expand's dot order moves gate and up by ulps of their summands' sizes,
+    # which silu(g) * u carries over: bound by those sizes, not by the output's (the
+    # GPU's T = 1 case missed the output-only bound by 6x, session 6 call 1)
+    size = gu.float().abs() + (v.float().abs() * mask) @ bt.float().abs()
     y = gu.float().clone()                            # the unfused order: expand, silu_mul
     ek.stacked_expand_torch(y, v.float(), bt.float(), mask)
-    _close(h, ek.silu_mul_torch(y).to(dtype), dtype)
+    g_, u_ = y[:, :inter], y[:, inter:]
+    carried = 1.1 * size[:, :inter] * u_.abs() + F.silu(g_).abs() * size[:, inter:]
+    carried = carried if dtype == torch.float32 else None   # half types: their own ulps pass
+    _close(h, ref, dtype, carried)
+    _close(h, ek.silu_mul_torch(y).to(dtype), dtype, carried)
     lora = (idx >= 0).cpu()
     plain = ek.silu_mul_torch(gu.float()).to(dtype)
     _close(h[~lora], plain[~lora], dtype)             # -1 rows: plain silu_mul
