@@ -24,12 +24,12 @@ the process on the H200 image (torch 2.11 + g++ 13.3), so a bad direct op call r
 ValueError here instead. On sm_90+ bgmv_lora launches both kernels with programmatic
 dependent launch (PDL: the expand starts and loads its B tile while the shrink runs; see
 bgmv_kernel.cuh); MULTILORA_PDL=0 turns it off.  Every expand (bgmv_lora, bgmv_expand,
-lora_expand) sizes its outputs per lane J by the grid (tile rule "residency", the default
-since PERF_LOG v5: the smallest J in {1, 4, 8} with at most ~640 blocks; bgmv_kernel.cuh,
-kBgmvExpandMaxBlocks); MULTILORA_EXPAND_TILES=classic brings back the rule before it (J = 1
-under 512 blocks, else 4), =rank residency's J with each token's lanes per B row sized by
-its adapter's rank (mixed ranks; opt-in until measured). The results are bitwise the
-same, only the grid and the tiles differ;
+lora_expand) sizes its outputs per lane J by the grid (the smallest J in {1, 4, 8} with at
+most ~640 blocks; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) and, under tile rule "rank" (the
+default since PERF_LOG v10), each token's lanes per B row by its adapter's rank;
+MULTILORA_EXPAND_TILES=residency keeps J but sizes every token's lanes by the largest rank
+(the default from v5 to v10), =classic brings back the first rule (J = 1 under 512 blocks,
+else 4). The results are bitwise the same, only the grid and the tiles differ;
 `tiles=` on those functions overrides the variable per call.  Both variables are
 read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
 every check of bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args /
@@ -113,7 +113,7 @@ EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 1
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
 EXPAND_TILE_RULES = ("classic", "residency", "rank")  # tile_rule 0-2 (kBgmvTileRule* in bgmv_params.h)
-DEFAULT_TILES = "residency"   # H200, PERF_LOG v5: bs 16 6.79 -> 4.48 us, bs 64 7.29 -> 6.52 us
+DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder

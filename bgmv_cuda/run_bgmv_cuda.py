@@ -20,8 +20,9 @@ writes JSON.
 `cuda_classic`, `cuda_tiles` and `cuda_rank` fix the expand's tile rule ("classic",
 "residency", "rank": residency's J with each token's lane groups sized by its adapter's
 rank, PERF_LOG v10; see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
-`cuda` included, follow it (unset: "residency", the default since PERF_LOG v5). In
-plots/bgmv_tiles_h200.json (measured before the default changed) `cuda` is the classic rule.
+`cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
+before it, from v5). In plots/bgmv_tiles_h200.json `cuda` is the classic rule, in
+plots/bgmv_rank_j1_h200.json the residency rule.
 
 --table: the CUDA-vs-Triton decode grid instead (bf16, uniform over 7 adapters, batch 1, 4,
 16, 64, 256 x h_in = h_out in {4096, 14336} x r in {16, 64}; variants cuda, cuda_nopdl,

@@ -829,15 +829,15 @@ def test_variant_sweep_script_runs():
 
 
 # ---------------------------------------------------------------------------------------
-# Expand tile rules (tiles="classic" | "residency", MULTILORA_EXPAND_TILES): the same fp32
+# Expand tile rules (tiles="classic" | "residency" | "rank", MULTILORA_EXPAND_TILES): the same fp32
 # math per output, so bitwise equal results; only the outputs per lane J and the grid differ
 # ---------------------------------------------------------------------------------------
 def test_expand_tile_rule_argument_and_env(monkeypatch, no_build):
     monkeypatch.delenv(bc.TILES_ENV, raising=False)
-    assert bc.DEFAULT_TILES == "residency"                     # the default since PERF_LOG v5
-    assert bc.expand_tile_rule() == 1 and bc.expand_tile_rule("classic") == 0
+    assert bc.DEFAULT_TILES == "rank"                          # the default since PERF_LOG v10
+    assert bc.expand_tile_rule() == 2 and bc.expand_tile_rule("classic") == 0
     monkeypatch.setenv(bc.TILES_ENV, "")
-    assert bc.expand_tile_rule() == 1
+    assert bc.expand_tile_rule() == 2
     monkeypatch.setenv(bc.TILES_ENV, "classic")
     assert bc.expand_tile_rule() == 0 and bc.expand_tile_rule("residency") == 1  # argument wins
     assert bc.expand_tile_rule("rank") == 2
