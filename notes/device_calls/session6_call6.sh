@@ -24,7 +24,7 @@ for name, T, L, r, ranks in (("u7 bs64", 64, 7, 16, None), ("mixed bs64", 64, 32
     torch.cuda.synchronize()
 PY
 M=gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__warps_active.avg.pct_of_peak_sustained_active,launch__grid_size,launch__block_size,launch__registers_per_thread,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem,launch__waves_per_multiprocessor,lts__t_sector_hit_rate.pct
-timeout 200 ncu --clock-control none -k regex:bgmv --metrics $M --csv python3 /tmp/ncu_points.py > $R/ncu.csv 2> $R/ncu.err
+PYTHONPATH=$PWD timeout 200 ncu --clock-control none -k regex:bgmv --metrics $M --csv python3 /tmp/ncu_points.py > $R/ncu.csv 2> $R/ncu.err
 echo "ncu rc $?"; python3 - <<'PY'
 import csv, os
 rows = list(csv.DictReader(l for l in open(os.environ["OUT"] + "/r/ncu.csv") if l.startswith('"')))
