@@ -1,6 +1,8 @@
 """Settle the small-batch BGMV variants on the GPU in one short run (--variants).
 
-For each point, every variant (bgmv_cuda default / default without PDL / split / fused /
+For each point, every variant (bgmv_cuda default / default without PDL / split-K by shape /
+split-K in 2 (`cuda_split2`: one 16-byte step of x and A per shrink thread at h_in 4096,
+one DRAM round trip instead of two; PERF_LOG "Next") / fused /
 with the "classic", the "residency" and the "rank" expand tile rule, bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
@@ -38,8 +40,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_fused", "cuda_classic", "cuda_tiles",
-                 "cuda_rank", "triton"]
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
+                 "cuda_tiles", "cuda_rank", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +95,7 @@ def main(args: argparse.Namespace) -> list:
            "cuda_classic": lambda *a: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
+           "cuda_split2": lambda *a: bc.bgmv_lora(*a, variant="split", split_k=2),
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
            "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
            "cuda_rank": lambda *a: bc.bgmv_lora(*a, tiles="rank"),

@@ -813,7 +813,7 @@ def test_variant_sweep_script_help_and_points():
     names = [p[0] for p in points()]
     assert len(names) == 15 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
     assert {"u7 bs16", "u7 bs64", "u7 bs128", "punica 11008 bs8"} <= set(names)  # tile rule
-    assert "cuda_tiles" in VARIANT_NAMES
+    assert {"cuda_tiles", "cuda_rank", "cuda_split2"} <= set(VARIANT_NAMES)
     grid = {(T, h_in, r) for _, T, h_in, h_out, L, r, _, _ in table_points() if h_out == h_in}
     assert grid == {(T, h, r) for T in (1, 4, 16, 64, 256) for h in (4096, 14336)
                     for r in (16, 64)}        # issue 7's decode grid
