@@ -5,7 +5,7 @@ bf16, 7 adapters of rank 16 by default.
 Every config is checked against the torch form before it is timed. With --folded, also
 the decode step's pair at o / down and gate/up: the expand then the fused elementwise
 kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that does both
-(add_rms_norm with lora=, stacked_silu_mul).
+(add_rms_norm with lora=, stacked_silu_mul; the latter at every --block-n x --num-warps).
 
     python run_stacked_expand.py                       # T 64, the four sites, all configs
     python run_stacked_expand.py --T 1 16 64 256 --json plots/stacked_expand_sweep_h200.json
@@ -54,11 +54,13 @@ def timer(fn, n_sets: int, rep_ms: int) -> tuple:
     return time_fn(lambda: fn(0), device="cpu")
 
 
-def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads: tuple
-                ) -> list:
+def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads: tuple,
+                silu_configs: list) -> list:
     """Expand + consumer (rope_qkv_to_cache at q/k/v, add_rms_norm at o / down, silu_mul at
     gate/up) against the folded kernel, on the same input sets; the folded output is
-    checked against the pair's."""
+    checked against the pair's. At gate/up the folded kernel (stacked_silu_mul) runs at
+    each (block_n, num_warps) of silu_configs: its default tile came from a register
+    check, not from timing (session 6 measured it slower than the pair)."""
     g = torch.Generator(device="cpu").manual_seed(5)
     x0 = torch.randn(T, N, generator=g).to(DEV, dtype)
     w = (1 + 0.1 * torch.randn(N, generator=g)).to(DEV, dtype)
@@ -76,7 +78,7 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
         if site == "qkv":       # q returned; k and v into the caches at `slot`
             return ek.rope_qkv_to_cache(y, cos, sin, pos, k_cache, v_cache, slot, H, Hkv, lora)
         if site == "gate_up":
-            return ek.stacked_silu_mul(y, *lora) if lora else ek.silu_mul(y)
+            return ek.stacked_silu_mul(y, *lora, **cfg) if lora else ek.silu_mul(y)
         return ek.add_rms_norm(xs[k], y, w, 1e-5, lora)
 
     def pair(k):
@@ -89,21 +91,27 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
         s = sets[k]
         return consume(k, s["out"][:, :N], (s["out"][:, N:], s["bt"], s["idx"], s["layout"]))
 
+    cfg = {}
     keep, xk = sets[0]["out"].clone(), xs[0].clone()
     want = pair(0).float()
-    sets[0]["out"].copy_(keep)
-    xs[0].copy_(xk)
-    got = folded(0).float()
-    xs[0].copy_(xk)
-    err = ((got - want).abs().max() / want.abs().max()).item()
-    if err > 2e-2:
-        raise SystemExit(f"{site} T {T} folded: relative error {err:.2e} against the pair")
     rows = []
-    for kind, fn in (("expand+" + CONSUMER[site], pair), ("folded", folded)):
+    for kind, c in [("expand+" + CONSUMER[site], None)] + [
+            ("folded", c) for c in (silu_configs if site == "gate_up" else [None])]:
+        cfg = dict(block_n=c[0], num_warps=c[1]) if c else {}
+        fn = pair if c is None and kind != "folded" else folded
+        sets[0]["out"].copy_(keep)
+        xs[0].copy_(xk)
+        got = fn(0).float()
+        xs[0].copy_(xk)
+        err = ((got - want).abs().max() / want.abs().max()).item()
+        if err > 2e-2:
+            raise SystemExit(f"{site} T {T} {kind} {cfg}: relative error {err:.2e} against the pair")
         med, p20, p80 = timer(fn, len(sets), rep_ms)
-        rows.append(dict(T=T, site=site, kind=kind, block_n=None, num_warps=None,
-                         median_us=med, p20_us=p20, p80_us=p80, error=err))
-        print(f"T {T:5d} {site:8s} {kind:26s} {med:7.2f} us  (err {err:.1e})", flush=True)
+        rows.append(dict(T=T, site=site, kind=kind, block_n=cfg.get("block_n"),
+                         num_warps=cfg.get("num_warps"), median_us=med, p20_us=p20, p80_us=p80,
+                         error=err))
+        tag = f"{kind} {c[0]}x{c[1]}w" if c else kind
+        print(f"T {T:5d} {site:8s} {tag:26s} {med:7.2f} us  (err {err:.1e})", flush=True)
     return rows
 
 
@@ -177,7 +185,8 @@ def main(argv=None) -> list:
                 print(f"T {T:5d} {site:8s} {kind:11s} block_n {str(bn):4s} warps {str(w):4s} "
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
             if a.folded:
-                rows += time_folded(site, T, sets, N, dtype, a.rep_ms, heads)
+                rows += time_folded(site, T, sets, N, dtype, a.rep_ms, heads,
+                                    [(bn, nw) for nw in a.num_warps for bn in a.block_n])
     if a.json:
         write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))
     return rows
