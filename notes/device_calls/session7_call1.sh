@@ -36,4 +36,4 @@ for p in u7_bs64 mixed_bs64 distinct128_r64_bs256 punica_identical_bs64; do
   ncu --import $R/$p.ncu-rep --csv --page details > $R/$p.csv 2>/dev/null
   grep -E "Duration|DRAM Throughput|Achieved Occupancy|Stall|Registers Per|Waves Per" $R/$p.csv | cut -c1-200 | head -40
 done
-tar czf $OUT/r.tgz -C $OUT r; rm -rf $R
+tar czf $OUT/$(basename $0 .sh).tgz -C $OUT r; rm -rf $R

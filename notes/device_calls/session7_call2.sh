@@ -9,4 +9,4 @@ timeout 200 python3 bgmv_cuda/run_bgmv_cuda.py --variants --only cuda cuda_split
   --rep-ms 20 --json plots_gpu/bgmv_split2_h200.json > $R/variants.log 2>&1
 echo "variants rc $?"; grep -v Warn $R/variants.log | tail -22
 cp plots_gpu/bgmv_split2_h200.json $R/ 2>/dev/null
-tar czf $OUT/r.tgz -C $OUT r; rm -rf $R
+tar czf $OUT/$(basename $0 .sh).tgz -C $OUT r; rm -rf $R

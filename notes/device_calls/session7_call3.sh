@@ -8,4 +8,4 @@ timeout 240 python3 run_stacked_expand.py --T 1 64 256 --sites gate_up --folded 
   --num-warps 4 8 --json plots_gpu/stacked_silu_sweep_h200.json > $R/silu.log 2>&1
 echo "silu sweep rc $?"; grep -v Warn $R/silu.log | grep -E "expand\+|folded" | tail -24
 cp plots_gpu/stacked_silu_sweep_h200.json $R/ 2>/dev/null
-tar czf $OUT/r.tgz -C $OUT r; rm -rf $R
+tar czf $OUT/$(basename $0 .sh).tgz -C $OUT r; rm -rf $R
