@@ -409,9 +409,23 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+BLOCK_T_CHOICES = (16, 32, 64, 128)   # token rows per program of the stacked kernels (tl.dot: >= 16)
+
+
+def _block_t(T: int, block_t: Optional[int], name: str) -> int:
+    """Rows per program: block_t if given (a sweep's), else the smallest tile for T <= 32
+    and 64 above (all T rows of a decode batch of 64 in one program)."""
+    if block_t is None:
+        return 64 if T > 32 else 16 if T <= 16 else 32
+    if block_t not in BLOCK_T_CHOICES:
+        raise ValueError(f"{name}: block_t must be one of {BLOCK_T_CHOICES} or None, got {block_t!r}")
+    return block_t
+
+
 def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
                    slice_starts: tuple = (), block_n: Optional[int] = None,
-                   num_warps: Optional[int] = None, per_adapter: bool = False) -> Tensor:
+                   num_warps: Optional[int] = None, per_adapter: bool = False,
+                   block_t: Optional[int] = None) -> Tensor:
     """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
     and v [T, E] with unit column stride (row strides free: both are views of the site's
     [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
@@ -420,9 +434,10 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
     gate/up); then bt must be block-diagonal, as multilora_engine.build_stacked_site
     builds it, and slice s's rows are read only for its own columns (1/S of bt). Empty:
     every row of bt for every column. block_n (columns per program; default by N),
-    num_warps and per_adapter (the loop form: one adapter's rank rows per step, no
-    spills in sm_90 ptxas, not yet timed; PERF_LOG "register check") are for sweeps
-    (run_stacked_expand.py). Returns y."""
+    block_t (rows per program, one of BLOCK_T_CHOICES; default by T), num_warps and
+    per_adapter (the loop form: one adapter's rank rows per step, no spills in sm_90
+    ptxas, slower than the chunked form at every site on the H200, PERF_LOG v9c) are for
+    sweeps (run_stacked_expand.py). Returns y."""
     S, L, r, E = layout
     T, N = y.shape
     if y.stride(1) != 1 or v.stride(1) != 1 or v.shape != (T, E) or bt.shape != (E, N) \
@@ -435,11 +450,11 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
                          f"{tuple(v.shape)} {v.stride()}, bt {tuple(bt.shape)}, idx "
                          f"{tuple(idx.shape)} {idx.dtype}, layout {layout}, slice_starts "
                          f"{slice_starts}")
+    block_t = _block_t(T, block_t, "stacked_expand")
     if T:
         n_used = S * L * r
         lr = L * r if slice_starts else n_used         # rows per slice (all: one slice)
         off = list(slice_starts) + [N] * (2 - len(slice_starts))
-        block_t = 64 if T > 32 else 16 if T <= 16 else 32
         if block_n is None:     # H200 sweep, T 64 (plots/stacked_expand_sweep_h200.json)
             block_n = 128 if N >= 16384 else 64 if N > 4096 else 32
         if per_adapter:
@@ -488,14 +503,16 @@ if triton is not None:
 
 
 def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
-                     block_n: Optional[int] = None, num_warps: int = 8) -> Tensor:
+                     block_n: Optional[int] = None, num_warps: int = 8,
+                     block_t: Optional[int] = None) -> Tensor:
     """Mode "stacked"'s gate/up expand fused with silu_mul (one launch instead of two, and
     the [T, 2 I] GEMM output is read once, not read, written and read again):
     gu [T, 2 I] = [gate | up] and v [T, E] unit column stride (views of the site's GEMM
     output), bt [E, 2 I] contiguous and block-diagonal (gate rows s = 0 at columns [0, I),
     up rows s = 1 at [I, 2 I), as multilora_engine.build_stacked_site builds it), idx [T]
     int32, layout (2, L, r, E) -> h [T, I] = silu(gate') * up' with gate', up' the
-    LoRA-added halves, in fp32 (not rounded to gu's dtype in between)."""
+    LoRA-added halves, in fp32 (not rounded to gu's dtype in between). block_n, num_warps
+    and block_t (stacked_expand's) are for sweeps (run_stacked_expand.py --folded)."""
     S, L, r, E = layout
     T, two_i = gu.shape
     inter = two_i // 2
@@ -506,10 +523,10 @@ def stacked_silu_mul(gu: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tup
                          f"[E, 2 I] contiguous, idx [T] int32, layout (2, L, r, E >= 2 L r); got "
                          f"gu {tuple(gu.shape)} {gu.stride()}, v {tuple(v.shape)} {v.stride()}, "
                          f"bt {tuple(bt.shape)}, idx {tuple(idx.shape)} {idx.dtype}, layout {layout}")
+    block_t = _block_t(T, block_t, "stacked_silu_mul")
     h = torch.empty(T, inter, dtype=gu.dtype, device=gu.device)
     if T:
         lr = L * r
-        block_t = 64 if T > 32 else 16 if T <= 16 else 32
         block_n = block_n or 32
         block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(inter, block_n), triton.cdiv(T, block_t))

@@ -5,7 +5,8 @@ bf16, 7 adapters of rank 16 by default.
 Every config is checked against the torch form before it is timed. With --folded, also
 the decode step's pair at o / down and gate/up: the expand then the fused elementwise
 kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that does both
-(add_rms_norm with lora=, stacked_silu_mul; the latter at every --block-n x --num-warps).
+(add_rms_norm with lora=, stacked_silu_mul; the latter at every --block-n x --num-warps x
+--block-t).
 
     python run_stacked_expand.py                       # T 64, the four sites, all configs
     python run_stacked_expand.py --T 1 16 64 256 --json plots/stacked_expand_sweep_h200.json
@@ -59,8 +60,9 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
     """Expand + consumer (rope_qkv_to_cache at q/k/v, add_rms_norm at o / down, silu_mul at
     gate/up) against the folded kernel, on the same input sets; the folded output is
     checked against the pair's. At gate/up the folded kernel (stacked_silu_mul) runs at
-    each (block_n, num_warps) of silu_configs: its default tile came from a register
-    check, not from timing (session 6 measured it slower than the pair)."""
+    each (block_n, num_warps, block_t; 0 = the rule by T) of silu_configs: its default
+    tile came from a register check, not from timing (session 6 measured it slower than
+    the pair)."""
     g = torch.Generator(device="cpu").manual_seed(5)
     x0 = torch.randn(T, N, generator=g).to(DEV, dtype)
     w = (1 + 0.1 * torch.randn(N, generator=g)).to(DEV, dtype)
@@ -97,7 +99,7 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
     rows = []
     for kind, c in [("expand+" + CONSUMER[site], None)] + [
             ("folded", c) for c in (silu_configs if site == "gate_up" else [None])]:
-        cfg = dict(block_n=c[0], num_warps=c[1]) if c else {}
+        cfg = dict(block_n=c[0], num_warps=c[1], block_t=c[2] or None) if c else {}
         fn = pair if c is None and kind != "folded" else folded
         sets[0]["out"].copy_(keep)
         xs[0].copy_(xk)
@@ -108,9 +110,9 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
             raise SystemExit(f"{site} T {T} {kind} {cfg}: relative error {err:.2e} against the pair")
         med, p20, p80 = timer(fn, len(sets), rep_ms)
         rows.append(dict(T=T, site=site, kind=kind, block_n=cfg.get("block_n"),
-                         num_warps=cfg.get("num_warps"), median_us=med, p20_us=p20, p80_us=p80,
-                         error=err))
-        tag = f"{kind} {c[0]}x{c[1]}w" if c else kind
+                         num_warps=cfg.get("num_warps"), block_t=cfg.get("block_t"),
+                         median_us=med, p20_us=p20, p80_us=p80, error=err))
+        tag = (f"{kind} {c[0]}x{c[1]}w" + (f" t{c[2]}" if c[2] else "")) if c else kind
         print(f"T {T:5d} {site:8s} {tag:26s} {med:7.2f} us  (err {err:.1e})", flush=True)
     return rows
 
@@ -125,6 +127,8 @@ def main(argv=None) -> list:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--block-n", type=int, nargs="+", default=[32, 64, 128])
     p.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
+    p.add_argument("--block-t", type=int, nargs="+", default=[0],
+                   help="token rows per program (16, 32, 64, 128; 0: the kernels' rule by T)")
     p.add_argument("--folded", action="store_true",
                    help="also time expand + elementwise kernel against the folded kernel")
     p.add_argument("--rep-ms", type=int, default=50)
@@ -157,15 +161,15 @@ def main(argv=None) -> list:
                 mask = ek.stacked_mask(s["idx"], s["col"], dtype)
                 ek.stacked_expand_torch(s["out"][:, :N], s["out"][:, N:], s["bt"], mask)
 
-            configs = [("torch", None, None)] + [("triton", bn, w) for bn in a.block_n
-                                                 for w in a.num_warps] \
-                + [("per_adapter", bn, 8) for bn in a.block_n]
-            for kind, bn, w in configs:
-                def call(k, bn=bn, w=w, pa=kind == "per_adapter"):
+            configs = [("torch", None, None, None)] + [
+                ("triton", bn, w, bt) for bt in a.block_t for bn in a.block_n
+                for w in a.num_warps] + [("per_adapter", bn, 8, 0) for bn in a.block_n]
+            for kind, bn, w, bt in configs:
+                def call(k, bn=bn, w=w, bt=bt, pa=kind == "per_adapter"):
                     s = sets[k]
                     ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"],
                                       s["layout"], s["starts"], block_n=bn, num_warps=w,
-                                      per_adapter=pa)
+                                      per_adapter=pa, block_t=bt or None)
                 fn = torch_form if kind == "torch" else call
                 # correctness on set 0 as it is now (earlier timings added into it),
                 # against the torch form in fp32
@@ -178,15 +182,18 @@ def main(argv=None) -> list:
                 s["out"].copy_(keep)
                 err = ((got - ref).abs().max() / ref.abs().max()).item()
                 if err > 2e-2:
-                    raise SystemExit(f"{site} T {T} {kind} {bn} {w}: relative error {err:.2e}")
+                    raise SystemExit(f"{site} T {T} {kind} {bn} {w} {bt}: relative error {err:.2e}")
                 med, p20, p80 = timer(fn, len(sets), a.rep_ms)
                 rows.append(dict(T=T, site=site, kind=kind, block_n=bn, num_warps=w,
-                                 median_us=med, p20_us=p20, p80_us=p80, error=err))
+                                 block_t=bt or None, median_us=med, p20_us=p20, p80_us=p80,
+                                 error=err))
                 print(f"T {T:5d} {site:8s} {kind:11s} block_n {str(bn):4s} warps {str(w):4s} "
+                      + (f"block_t {bt:<4d}" if bt else "") +
                       f"{med:7.2f} us  (err {err:.1e})", flush=True)
             if a.folded:
                 rows += time_folded(site, T, sets, N, dtype, a.rep_ms, heads,
-                                    [(bn, nw) for nw in a.num_warps for bn in a.block_n])
+                                    [(bn, nw, bt) for bt in a.block_t for nw in a.num_warps
+                                     for bn in a.block_n])
     if a.json:
         write_json(a.json, dict(env=env_info(), config=vars(a), rows=rows))
     return rows

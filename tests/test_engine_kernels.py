@@ -128,7 +128,8 @@ def test_gpu_fused_kernels_match_torch_forms(dtype, T):
 # ---------------------------------------------------------------------------------------
 # Mode "stacked": the masked expand
 # ---------------------------------------------------------------------------------------
-def _stacked_check(dtype, device, T, S, L, r, N, widths=None, seed=0, per_adapter=False):
+def _stacked_check(dtype, device, T, S, L, r, N, widths=None, seed=0, per_adapter=False,
+                   block_t=None):
     """stacked_expand against its torch form on row-strided views of one wider output
     (as the engine calls it), with -1 rows, padding columns and every adapter present.
     widths: the S slices' column counts; then bt is block-diagonal over them (as the engine
@@ -159,7 +160,8 @@ def _stacked_check(dtype, device, T, S, L, r, N, widths=None, seed=0, per_adapte
     # a sum over E: the bound scales with |y| + |v * mask| @ |bt| (summation order differs)
     size = out[:, :N].float().abs() + (v.float() * mask).abs() @ bt.float().abs()
     before = out.clone()
-    y = ek.stacked_expand(out[:, :N], v, bt, idx, (S, L, r, E), starts, per_adapter=per_adapter)
+    y = ek.stacked_expand(out[:, :N], v, bt, idx, (S, L, r, E), starts, per_adapter=per_adapter,
+                          block_t=block_t)
     assert y.data_ptr() == out.data_ptr()                        # in place, in the view
     assert torch.equal(out[:, N:], before[:, N:])                # v and the rest untouched
     ulp = {torch.float32: 2.0 ** -22, torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6}[dtype]
@@ -179,6 +181,22 @@ def _stacked_check(dtype, device, T, S, L, r, N, widths=None, seed=0, per_adapte
 def test_stacked_expand_matches_torch_form(dtype, T, S, L, r, N, widths, per_adapter):
     # bf16 is left out on the CPU: the interpreter's bf16 tl.dot is wrong (GPU test below)
     _stacked_check(dtype, "cpu", T, S, L, r, N, widths, per_adapter=per_adapter)
+
+
+@pytest.mark.parametrize("block_t", [16, 128])
+def test_stacked_kernels_take_any_row_tile(block_t):
+    """The sweeps' block_t (run_stacked_expand.py --block-t): 70 rows in programs of 16
+    (the last one partial) or in one program of 128 give the torch forms' results; a tile
+    tl.dot cannot take is refused by name."""
+    _stacked_check(torch.float32, "cpu", 70, 3, 7, 16, 96, (40, 24, 32), block_t=block_t)
+    _stacked_silu_mul_check(torch.float32, "cpu", 70, 4, 4, 65, block_t=block_t)
+    y, v, bt = torch.randn(4, 8), torch.randn(4, 16), torch.randn(16, 8)
+    idx = torch.zeros(4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="^stacked_expand: block_t"):
+        ek.stacked_expand(y, v, bt, idx, (1, 2, 8, 16), block_t=8)
+    out, bt2, idx2, _, layout = _stacked_fused_case(torch.float32, "cpu", 4, 2, 8, 32, 2)
+    with pytest.raises(ValueError, match="^stacked_silu_mul: block_t"):
+        ek.stacked_silu_mul(out[:, :32], out[:, 32:], bt2, idx2, layout, block_t=48)
 
 
 def test_stacked_expand_bad_arguments():
@@ -306,12 +324,12 @@ def test_rope_qkv_to_cache_with_stacked_lora(dtype, T, L, r, H, Hkv, d):
     _rope_lora_check(dtype, "cpu", T, L, r, H, Hkv, d)
 
 
-def _stacked_silu_mul_check(dtype, device, T, L, r, inter):
+def _stacked_silu_mul_check(dtype, device, T, L, r, inter, block_t=None):
     out, bt, idx, col, layout = _stacked_fused_case(dtype, device, T, L, r, 2 * inter, 2)
     gu, v = out[:, :2 * inter], out[:, 2 * inter:]
     before = out.clone()
     mask = ek.stacked_mask(idx, col, torch.float32)
-    h = ek.stacked_silu_mul(gu, v, bt, idx, layout)
+    h = ek.stacked_silu_mul(gu, v, bt, idx, layout, block_t=block_t)
     assert torch.equal(out, before)                   # gu and v only read
     ref = ek.stacked_silu_mul_torch(gu, v, bt, mask)
     # fp32: the expand's dot order moves gate and up by ulps of their summands' sizes,
