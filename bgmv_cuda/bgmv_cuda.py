@@ -29,7 +29,9 @@ most ~640 blocks; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) and, under tile rule "r
 default since PERF_LOG v10), each token's lanes per B row by its adapter's rank;
 MULTILORA_EXPAND_TILES=residency keeps J but sizes every token's lanes by the largest rank
 (the default from v5 to v10), =classic brings back the first rule (J = 1 under 512 blocks,
-else 4). The results are bitwise the same, only the grid and the tiles differ;
+else 4), =pairs (opt-in, PERF_LOG v15) lets the tokens of one adapter share each block two
+by two, so B is read once per pair. The results are bitwise the same, only the grid and
+the tiles differ;
 `tiles=` on those functions overrides the variable per call.  Both variables are
 read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
 every check of bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args /
@@ -112,7 +114,8 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency", "rank")  # tile_rule 0-2 (kBgmvTileRule* in bgmv_params.h)
+EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
+PAIR_MAX_T = 4096           # kBgmvPairMaxT: rule "pairs" runs its own kernel up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
@@ -243,9 +246,11 @@ def pdl_enabled(device: torch.device) -> bool:
 
 def expand_tile_rule(tiles: Optional[str] = None) -> int:
     """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
-    "residency" or "rank" (residency's J; each token's lanes per B row from its adapter's
-    rank, for mixed ranks: PERF_LOG v10, not yet measured); None reads
-    MULTILORA_EXPAND_TILES at each call (unset or empty: DEFAULT_TILES).
+    "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
+    rank, for mixed ranks: PERF_LOG v10, the default) or "pairs" (J = 4, the tokens of one
+    adapter two per block, each B tile read once per pair: PERF_LOG v15, opt-in, not yet
+    measured); None reads MULTILORA_EXPAND_TILES at each call (unset or empty:
+    DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
     a typo cannot silently measure the default rule."""
     name = "tiles"
@@ -354,10 +359,15 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     tests and the sweep's report. Rule 0: J = 1 when the J = 4 grid has fewer than
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
     1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
-    ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row)."""
+    ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
+    Rule 3 ("pairs"): J = 4 with 16-byte B loads and T <= PAIR_MAX_T (the second token of
+    each pair exits at once), else rule 1; it also needs v in 16-byte vectors, which
+    bgmv_shrink's v always is."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
-    if tile_rule in (1, 2):
+    if tile_rule == 3 and _expand_layout(Bs, r_max)[0] and T <= PAIR_MAX_T:
+        return EXPAND_OUTS, blocks(EXPAND_OUTS)
+    if tile_rule in (1, 2, 3):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])

@@ -534,6 +534,198 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Expand, tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a
+// block two by two, so each B tile is read once per pair instead of once per token.  Why:
+// at r 64 with 128 adapters, batch 256 (two tokens each) took 61.0 us against 39.9 for
+// batch 128 (one each) on the same DRAM bytes: the second token's pass over B (L2 to SM
+// traffic, blocks, FMAs) cost the difference, not HBM.
+// Pairs: among the tokens with adapter i, in index order, the 1st and 2nd form a pair, the
+// 3rd and 4th, ...; every block scans idx (T <= kBgmvPairMaxT) for its token's ordinal and
+// the next token of the same adapter; a token of odd ordinal leaves its work to the block
+// of the one before it and exits (after the PDL wait, like every early exit).  16-byte B
+// loads only (NCHUNK = 1), J = kBgmvExpandOuts; the launcher runs rule 1 otherwise.
+// Each output's fp32 sum is the default kernel's, in the same order: the results are
+// bitwise those of the other rules.
+// Grid: x = token (the second of each pair exits), y = output tile.
+// ---------------------------------------------------------------------------------------
+constexpr int kBgmvPairMaxT = 4096;
+// 6 blocks / SM (up to 80 registers; ptxas sm_90: 78-80, no spills): at 8 (64 registers)
+// the 16-bit instances spilled 12 bytes, B, both tokens' v and both sums being live at once.
+constexpr int kBgmvPairMinBlocksPerSM = 6;
+
+// -2: token t is the second of its pair; else its partner's index, or -1 (no partner).
+// Called by every thread of the block (it syncs), after the block-uniform early exits.
+__device__ __forceinline__ int bgmv_pair_partner(const BgmvExpandParams& p, const int t,
+                                                 const int i) {
+  __shared__ int n_before, first_after;
+  if (threadIdx.x == 0) {
+    n_before = 0;
+    first_after = 0x7fffffff;
+  }
+  __syncthreads();
+  int before = 0, after = 0x7fffffff;
+  for (int u = threadIdx.x; u < p.T; u += kBgmvExpandThreads) {
+    if (u != t && bgmv_load_int(p.idx, p.idx_is_64, u) == i) {
+      if (u < t) ++before;
+      else after = min(after, u);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    before += __shfl_xor_sync(0xffffffffu, before, o);
+    after = min(after, __shfl_xor_sync(0xffffffffu, after, o));
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&n_before, before);
+    atomicMin(&first_after, after);
+  }
+  __syncthreads();
+  return (n_before & 1) ? -2 : (first_after == 0x7fffffff ? -1 : first_after);
+}
+
+template <typename T, int J>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvPairMinBlocksPerSM)
+_bgmv_expand_pair_kernel(const BgmvExpandParams p) {
+  bgmv_let_next_grid_launch();
+  using Ty = BgmvType<T>;
+  constexpr int W = Ty::kVec;
+  constexpr int NWARPS = kBgmvExpandThreads / 32;
+  const int t = blockIdx.x;                            // T <= kBgmvPairMaxT: 32-bit indices
+  const int by = blockIdx.y;
+  int s = 0;
+#pragma unroll
+  for (int q = 1; q < kBgmvMaxSlices; ++q)
+    if (q < p.S && by >= p.tile_begin[q]) s = q;
+  const int G = 1 << p.log2_group;
+  const int groups = 32 >> p.log2_group;
+  const int j_tile = (by - p.tile_begin[s]) * (NWARPS * groups * J);
+  const int h_out = p.h_out[s];
+  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+
+  // The default kernel's early exits, then the pairing.
+  const int64_t i64 = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (i64 == -1) {
+    bgmv_wait_prior_grid();
+    return;
+  }
+  const int rank = (i64 < -1 || i64 >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i64, p.r_max);
+  if (rank < 0) {
+    bgmv_wait_prior_grid();
+    const int tile = NWARPS * groups * J;
+    for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
+      yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+    return;
+  }
+  if (rank == 0) {
+    bgmv_wait_prior_grid();
+    return;
+  }
+  const int i = static_cast<int>(i64);                // in [0, L): an int
+  const int partner = bgmv_pair_partner(p, t, i);
+  if (partner == -2) {
+    bgmv_wait_prior_grid();
+    return;
+  }
+  const bool two = partner >= 0;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lig = lane & (G - 1);
+  const int grp = lane >> p.log2_group;
+  const int rb = lig * W;                              // this lane's rank positions rb + e
+  const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
+  const int64_t b_stride_o = p.b_stride_o[s];
+  const int j_lane = j_tile + warp * groups * J + grp;
+
+  // B once for both tokens, then both tokens' y (lane 0 of each group), then the wait.
+  uint4 raw[J];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    const int j = j_lane + u * groups;
+    const T* brow = b_rows + static_cast<int64_t>(j < h_out ? j : 0) * b_stride_o;
+    raw[u] = (j < h_out && rb < rank) ? __ldg(reinterpret_cast<const uint4*>(brow + rb))
+                                      : make_uint4(0u, 0u, 0u, 0u);
+  }
+  // y waits in shared memory (each thread reads back its own slots: no sync), as in the
+  // J = 8 default kernel: in registers, with B, both v rows and both sums, the 16-bit
+  // instances spilled 44 bytes under the 64-register cap (ptxas, sm_90).
+  __shared__ T y_stage[2][J][kBgmvExpandThreads];                // 2 KB (fp32: 4 KB)
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    const int j = j_lane + u * groups;
+    const bool st = lig == 0 && j < h_out;
+    y_stage[0][u][threadIdx.x] = st ? yrow[j] : Ty::from_float(0.f);
+    y_stage[1][u][threadIdx.x] =
+        (st && two) ? static_cast<T*>(p.y)[partner * p.y_stride_t + p.col_off[s] + j]
+                    : Ty::from_float(0.f);
+  }
+  bgmv_wait_prior_grid();
+
+  // v of both tokens at this lane's rank positions, in 16-byte vectors (the launcher
+  // checked v's alignment), the partial sums added in the default's order; entries past
+  // the rank were never written, so they are zeroed after the load.
+  float vr[2][W];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    const int tm = m == 0 ? t : (two ? partner : t);
+    const float4* pv = reinterpret_cast<const float4*>(p.v + tm * p.v_stride_t +
+                                                       s * p.v_stride_s + rb);
+    const int64_t zs = p.v_stride_split / 4;
+    const bool on = rb < rank && (m == 0 || two);
+#pragma unroll
+    for (int q = 0; q < W / 4; ++q) {
+      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (on) {
+        a = pv[q];
+#pragma unroll 4
+        for (int z = 1; z < p.n_split; ++z) {
+          const float4 b = pv[q + z * zs];
+          a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
+        }
+      }
+      vr[m][4 * q] = rb + 4 * q < rank ? a.x : 0.f;
+      vr[m][4 * q + 1] = rb + 4 * q + 1 < rank ? a.y : 0.f;
+      vr[m][4 * q + 2] = rb + 4 * q + 2 < rank ? a.z : 0.f;
+      vr[m][4 * q + 3] = rb + 4 * q + 3 < rank ? a.w : 0.f;
+    }
+  }
+
+  float acc[2][J];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    float bf[W];
+    Ty::unpack(raw[u], bf);
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      acc[m][u] = 0.f;
+#pragma unroll
+      for (int e = 0; e < W; ++e)  // select, not multiply: padded B may hold NaN
+        acc[m][u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[m][e], acc[m][u]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int u = 0; u < J; ++u)
+      for (int o = G >> 1; o > 0; o >>= 1)
+        acc[m][u] += __shfl_xor_sync(0xffffffffu, acc[m][u], o);
+
+  if (lig == 0) {  // scale and the row pointers here: kept live from the start, they spilled
+    const float sc = p.scale[i];
+    T* y0 = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+    T* y1 = static_cast<T*>(p.y) + (two ? partner : t) * p.y_stride_t + p.col_off[s];
+#pragma unroll
+    for (int u = 0; u < J; ++u) {
+      const int j = j_lane + u * groups;
+      if (j < h_out) {
+        y0[j] = Ty::from_float(fmaf(sc, acc[0][u], Ty::to_float(y_stage[0][u][threadIdx.x])));
+        if (two)
+          y1[j] = Ty::from_float(fmaf(sc, acc[1][u], Ty::to_float(y_stage[1][u][threadIdx.x])));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Fused single launch (decode, small T): one 1-D grid of 128-thread blocks,
 //   [0, T * P)            split-K shrink blocks, P = S * ceil(r_max / 4) * n_split per token
 //                         (token-major), each publishing its partial v then counters[t] += 1
@@ -656,8 +848,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
   if (p.tile_rule != kBgmvTileRuleClassic && p.tile_rule != kBgmvTileRuleResidency &&
-      p.tile_rule != kBgmvTileRuleRank)
-    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency) or 2 (rank)";
+      p.tile_rule != kBgmvTileRuleRank && p.tile_rule != kBgmvTileRulePairs)
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (pairs)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -679,9 +871,22 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
 // kBgmvExpandMaxBlocks), filling tile_begin for it; after bgmv_expand_prepare, so the J = 4
 // tiles fit grid.y (any larger J has fewer tiles, a smaller one is taken only when its
 // tiles fit).  vec: 16-byte B loads, the only path with a J = 8 kernel.
+// Rule "pairs" runs its own kernel only with 16-byte B loads, T <= kBgmvPairMaxT and v
+// readable in 16-byte vectors; otherwise it runs as rule 1.
+inline bool bgmv_pairs_ok(const BgmvExpandParams& p, bool vec) {
+  return p.tile_rule == kBgmvTileRulePairs && vec && p.T <= kBgmvPairMaxT &&
+         bgmv_aligned16(p.v) && p.v_stride_t % 4 == 0 && p.v_stride_s % 4 == 0 &&
+         p.v_stride_split % 4 == 0;
+}
+
 inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
   const int64_t T = p.T;
-  if (p.tile_rule == kBgmvTileRuleResidency || p.tile_rule == kBgmvTileRuleRank) {
+  if (bgmv_pairs_ok(p, vec)) {
+    bgmv_fill_tiles(p, kBgmvExpandOuts);               // the pair kernel's J
+    return kBgmvExpandOuts;
+  }
+  if (p.tile_rule == kBgmvTileRuleResidency || p.tile_rule == kBgmvTileRuleRank ||
+      p.tile_rule == kBgmvTileRulePairs) {
     constexpr int kOuts[] = {1, kBgmvExpandOuts, kBgmvExpandOutsMax};
     const int n = vec ? 3 : 2;
     for (int k = 0; k < n; ++k) {
@@ -708,7 +913,9 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
-  if (vec && p.tile_rule == kBgmvTileRuleRank) {
+  if (bgmv_pairs_ok(p, vec)) {
+    err = bgmv_launch<_bgmv_expand_pair_kernel<T, kJ>>(grid, threads, stream, p);
+  } else if (vec && p.tile_rule == kBgmvTileRuleRank) {
     constexpr int kJm = kBgmvExpandOutsMax;
     err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true>>(grid, threads, stream, p)
         : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true>>(grid, threads, stream, p)

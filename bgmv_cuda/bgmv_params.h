@@ -21,10 +21,13 @@ constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bg
 // "classic" (J = 1 for small grids, else 4), "residency", the default (J sized so the
 // grid fits; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) or "rank" (residency's J, and each
 // token's lanes per B row from its adapter's rank instead of r_max: mixed ranks; with
-// 16-byte B loads only, 1-element loads run as residency).
+// 16-byte B loads only, 1-element loads run as residency) or "pairs" (opt-in: J = 4 and
+// the tokens of one adapter two per block, B read once per pair; 16-byte loads and T <=
+// kBgmvPairMaxT only, else residency).
 constexpr int kBgmvTileRuleClassic = 0;
 constexpr int kBgmvTileRuleResidency = 1;
 constexpr int kBgmvTileRuleRank = 2;
+constexpr int kBgmvTileRulePairs = 3;
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };

@@ -19,9 +19,10 @@ writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_classic`, `cuda_tiles` and `cuda_rank` fix the expand's tile rule ("classic",
-"residency", "rank": residency's J with each token's lane groups sized by its adapter's
-rank, PERF_LOG v10; see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
+`cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_pairs` fix the expand's tile rule
+("classic", "residency", "rank": residency's J with each token's lane groups sized by its
+adapter's rank, PERF_LOG v10; "pairs": two tokens of one adapter per block, PERF_LOG v15;
+see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
 before it, from v5). In plots/bgmv_tiles_h200.json `cuda` is the classic rule, in
 plots/bgmv_rank_j1_h200.json the residency rule.
@@ -41,7 +42,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "triton"]
+                 "cuda_tiles", "cuda_rank", "cuda_pairs", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +100,7 @@ def main(args: argparse.Namespace) -> list:
            "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
            "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
            "cuda_rank": lambda *a: bc.bgmv_lora(*a, tiles="rank"),
+           "cuda_pairs": lambda *a: bc.bgmv_lora(*a, tiles="pairs"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}

@@ -38,8 +38,8 @@ def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs
-    assert len(kernels) == 66 and len(names) == 66, sorted(names)
+    # 1-element x {J = 1, 4}, rule "pairs" (J = 4), fused 16-byte / 1-element) x 2 archs
+    assert len(kernels) == 72 and len(names) == 72, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -47,12 +47,17 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, false>", arch) in names
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
+            assert (f"expand_pair<{dt}, 4>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
-        # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128
-        limit = 128 if "fused" in k.kernel else 64
+        # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
+        # the pair kernel (128, 6): 80 (the allocation granule below 85)
+        limit = 128 if "fused" in k.kernel else 80 if "pair" in k.kernel else 64
         assert 0 < k.registers <= limit, k
-        if "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
+        if "pair" in k.kernel:     # y of both tokens in shared memory, + 2 ints
+            size = 4 if "kernelIf" in k.kernel else 2
+            assert k.smem_bytes == 2 * 4 * 128 * size + 8, k
+        elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
             dt, *_, j, _rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
             assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0), k
     assert cc.spill_lines(text) == []
@@ -277,8 +282,10 @@ def test_python_limits_match_cpp_constants():
     assert (c["kBgmvExpandOuts"], c["kBgmvExpandOutsMax"]) == (bc.EXPAND_OUTS, bc.EXPAND_OUTS_MAX)
     assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
         (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
-    assert (c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"]) == \
-        (bc.EXPAND_TILE_RULES.index("classic"), bc.EXPAND_TILE_RULES.index("residency"))
+    assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
+            c["kBgmvTileRulePairs"]] == [bc.EXPAND_TILE_RULES.index(r) for r in
+                                         ("classic", "residency", "rank", "pairs")]
+    assert c["kBgmvPairMaxT"] == bc.PAIR_MAX_T
     # output columns per expand block, as bgmv_kernel.cuh's comment states them
     B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
     assert bc.expand_tiles(B(128), 128) == (32, 4)                  # 16-byte loads, G = 16
@@ -860,6 +867,19 @@ def _b_slices(h_out, r, dtype=torch.bfloat16, L=7):
                                                         else [h_out])]
 
 
+def test_expand_outs_rule_pairs():
+    """Rule "pairs" (3): J = 4 with 16-byte B loads up to PAIR_MAX_T tokens (the second of
+    each pair exits: the grid still has a block per token), else rule 1's J and grid."""
+    B = _b_slices(4096, 64)
+    for T in (1, 64, 256, bc.PAIR_MAX_T):
+        assert bc.expand_outs(B, T, 64, 3) == (4, T * bc.expand_tiles(B, 64, 4)[1])
+    T = bc.PAIR_MAX_T + 1
+    assert bc.expand_outs(B, T, 64, 3) == bc.expand_outs(B, T, 64, 1)
+    assert bc.expand_outs(_b_slices(4096, 12), 64, 12, 3) == \
+        bc.expand_outs(_b_slices(4096, 12), 64, 12, 1)            # 1-element loads: rule 1
+    assert bc.expand_tile_rule("pairs") == 3
+
+
 def test_expand_outs_at_the_h200_points():
     """The Python mirror of bgmv_expand_outs at the points that motivated the rule (bf16,
     h_in 4096, r 16, uniform 7; (J, blocks) under rule 0 and rule 1)."""
@@ -932,8 +952,8 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
                     f"{variant} {dtype} {tiles}: the rules differ"
 
 
-def _launched_expand_j(call, rank_flag: bool = False) -> list:
-    """J (the last integer template argument) of every expand kernel `call` launches, from
+def _launched_expand_j(call, rank_flag: bool = False, kernel: str = "_bgmv_expand_kernel") -> list:
+    """J (the last integer template argument) of every `kernel` launch `call` makes, from
     the kernel names torch.profiler records; rank_flag: (J, the RANK_TILES flag) pairs."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -941,7 +961,7 @@ def _launched_expand_j(call, rank_flag: bool = False) -> list:
         torch.cuda.synchronize()
     names = [e.key for e in prof.key_averages()
              if str(getattr(e, "device_type", "")).endswith("CUDA")
-             and "_bgmv_expand_kernel" in e.key for _ in range(e.count)]
+             and kernel in e.key for _ in range(e.count)]
     short = [cc.demangle_short(n) if n.startswith("_Z") else n for n in names]
     args = [n.split("<", 1)[1].split(">")[0] for n in short]
     js = [int(re.findall(r"\d+", a)[-1]) for a in args]
@@ -961,9 +981,14 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
         idx = make_workload("uniform", T, 7, seed=T).cuda()
         args = (inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"])
         for k, tiles in enumerate(bc.EXPAND_TILE_RULES):
+            call = lambda: bc.bgmv_lora(*args, tiles=tiles)          # noqa: E731
+            if tiles == "pairs" and r % 8 == 0:                      # its own kernel, J = 4
+                assert _launched_expand_j(call, kernel="_bgmv_expand_pair_kernel") == [4]
+                assert _launched_expand_j(call) == []
+                continue
             want = (bc.expand_outs(_b_slices(h_out, r), T, r, k)[0],
                     tiles == "rank" and r % 8 == 0)                  # bf16: 16-byte rows
-            got = _launched_expand_j(lambda: bc.bgmv_lora(*args, tiles=tiles), rank_flag=True)
+            got = _launched_expand_j(call, rank_flag=True)
             assert got == [want], (T, h_out, r, tiles)
     inp = make_lora_inputs(64, 1024, 4096, 7, 16, torch.bfloat16, "cuda", seed=3)
     idx = make_workload("uniform", 64, 7, seed=3).cuda()
@@ -975,6 +1000,54 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
     assert _launched_expand_j(lambda: bc.lora_expand(y, v, inp["B"], idx, inp["scale"])) == [4]
     ref = lora_reference(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"])
     assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["distinct", "identical", "odd", "twice", "bad_idx", "int64",
+                                  "past_max_t"])
+def test_pairs_rule_bitwise_equal_on_every_pairing(kind):
+    """Rule "pairs" (PERF_LOG v15) against rule "rank" on the same inputs, bitwise: no
+    token shares an adapter (distinct), all do (identical: 32 pairs), odd counts (an
+    unpaired last token per adapter), two each in random order (the 128-adapter point of
+    issue 3's target 2), idx = -1 / out of range (untouched / NaN rows, no pairing
+    across them), int64 idx, and T past PAIR_MAX_T (rule 1's kernel instead)."""
+    T, L, r = {"distinct": (48, 48, 64), "identical": (64, 7, 16), "odd": (63, 5, 16),
+               "twice": (256, 128, 64), "bad_idx": (40, 6, 32), "int64": (64, 9, 16),
+               "past_max_t": (bc.PAIR_MAX_T + 3, 7, 16)}[kind]
+    g = torch.Generator().manual_seed(T + r)
+    if kind == "distinct":
+        idx = torch.randperm(L, generator=g)[:T]
+    elif kind == "identical":
+        idx = torch.full((T,), 3)
+    elif kind == "twice":
+        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
+    else:
+        idx = torch.randint(0, L, (T,), generator=g)
+    if kind == "bad_idx":
+        idx[::7] = -1
+        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
+    idx = idx.to(torch.int64 if kind == "int64" else torch.int32).cuda()
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, 1024, [1024, 256, 256] if kind == "odd" else 2048, L, r,
+                               dtype, "cuda", seed=T)
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+        outs = {}
+        for tiles in ("rank", "pairs"):
+            outs[tiles] = inp["y"].clone()
+            bc.bgmv_lora(outs[tiles], *args, tiles=tiles)
+        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+        assert torch.equal(outs["rank"].view(bits), outs["pairs"].view(bits)), (kind, dtype)
+        ok = (idx >= 0) & (idx < L)
+        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                             inp["scale"], inp["ranks"])
+        assert relative_error(outs["pairs"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
+        if kind == "bad_idx":
+            assert torch.isnan(outs["pairs"][idx >= L]).all()
+            assert torch.equal(outs["pairs"][idx == -1], inp["y"][idx == -1])
+    if kind == "past_max_t":                             # rule 1's kernel, not the pair kernel
+        y = inp["y"].clone()
+        assert _launched_expand_j(lambda: bc.bgmv_lora(y, *args, tiles="pairs"),
+                                  kernel="_bgmv_expand_pair_kernel") == []
 
 
 @pytest.mark.skipif(cc.find_cuda_include() is None or shutil.which("g++") is None,
