@@ -199,8 +199,8 @@ def _run(fn: str, *args) -> None:
 # The custom ops (run under torch.compile and in CUDA graphs; the fakes say: in place only).
 @torch.library.custom_op("multilora::bgmv_cuda_shrink", mutates_args=("v",))
 def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor,
-               pdl: bool = False) -> None:
-    _run("shrink", x, A, idx, ranks, v, pdl)
+               pdl: bool = False, pairs: bool = False) -> None:
+    _run("shrink", x, A, idx, ranks, v, pdl, pairs)
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
@@ -216,7 +216,7 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
 
 
 @_shrink_op.register_fake
-def _(x, A, idx, ranks, v, pdl=False) -> None:
+def _(x, A, idx, ranks, v, pdl=False, pairs=False) -> None:
     return None
 
 
@@ -542,7 +542,7 @@ def _resolve_split(split_k: Optional[int], x: Tensor, A4: Tensor) -> int:
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 v: Optional[Tensor] = None, *, split_k: Optional[int] = 1,
-                pdl: Optional[bool] = None) -> Tensor:
+                pdl: Optional[bool] = None, pairs: bool = False) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
     split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
@@ -550,6 +550,8 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     fixed order (deterministic). A given v fixes n_split by its shape instead.
     pdl: None = pdl_enabled(device) (safe anywhere: the kernel waits for the previous
     kernel before reading anything).
+    pairs: tile rule "pairs"'s shrink (PERF_LOG v15): the first of each two tokens of one
+    adapter computes both tokens' v from one read of A (T <= PAIR_MAX_T; bitwise the same v).
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
@@ -561,7 +563,8 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
         v = torch.empty(((n_split,) + shape) if n_split > 1 else shape, dtype=torch.float32,
                         device=x.device)                              # [n_split, T, S, r_max]
     torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v,
-                                         pdl_enabled(x.device) if pdl is None else pdl)
+                                         pdl_enabled(x.device) if pdl is None else pdl,
+                                         bool(pairs))
     return v
 
 
@@ -631,14 +634,15 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
+    pairs = tiles == "pairs"       # its shrink too: both halves read each adapter once per pair
     if variant == "default":
-        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl)                # [T, S, r_max] fp32
+        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl, pairs=pairs)   # [T, S, r_max] fp32
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
         return
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
-        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)  # [n_split, T, S, r_max]
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, pairs=pairs)
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)   # [n_split, T, S, r]
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,

@@ -2,7 +2,7 @@
 //
 // Python functions of the module (bgmv_cuda.py wraps each in a torch custom op of the same
 // name, multilora::bgmv_cuda_*, with its fake impl; CUDA tensors only):
-//   shrink(x, A, idx, ranks, v, pdl) -> str
+//   shrink(x, A, idx, ranks, v, pdl, pairs) -> str   (pairs: tile rule "pairs"'s kernel)
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
 //   expand(y, v, B, idx, scale, ranks, pdl, tile_rule) -> str
@@ -134,7 +134,7 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 // Checks the shrink's tensors and fills *out; launches unless out_only.
 static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
-                        bool pdl, BgmvShrinkParams* out, const char* op) {
+                        bool pdl, bool pairs, BgmvShrinkParams* out, const char* op) {
   BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
@@ -206,6 +206,7 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
   p.pdl = pdl;
+  p.pairs = pairs;
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -214,8 +215,9 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
 }
 
 std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
-                             const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl) {
-  return shrink_impl(x, A, idx, ranks, v, pdl, nullptr, "multilora::bgmv_cuda_shrink");
+                             const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl,
+                             bool pairs) {
+  return shrink_impl(x, A, idx, ranks, v, pdl, pairs, nullptr, "multilora::bgmv_cuda_shrink");
 }
 
 static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
@@ -329,7 +331,7 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
                      const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, &p.s, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, false, &p.s, op));
   BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, &p.e, op));
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&

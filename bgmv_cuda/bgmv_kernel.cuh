@@ -534,8 +534,9 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Expand, tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a
-// block two by two, so each B tile is read once per pair instead of once per token.  Why:
+// Tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a block two
+// by two, in the expand (each B tile read once per pair instead of once per token) and in
+// the shrink (BgmvShrinkParams::pairs: each A row tile once per pair).  Why:
 // at r 64 with 128 adapters, batch 256 (two tokens each) took 61.0 us against 39.9 for
 // batch 128 (one each) on the same DRAM bytes: the second token's pass over B (L2 to SM
 // traffic, blocks, FMAs) cost the difference, not HBM.
@@ -546,17 +547,21 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 // loads only (NCHUNK = 1), J = kBgmvExpandOuts; the launcher runs rule 1 otherwise.
 // Each output's fp32 sum is the default kernel's, in the same order: the results are
 // bitwise those of the other rules.
-// Grid: x = token (the second of each pair exits), y = output tile.
+// Grids: the plain kernels' (x = token: the second of each pair exits at once).
 // ---------------------------------------------------------------------------------------
 constexpr int kBgmvPairMaxT = 4096;
-// 6 blocks / SM (up to 80 registers; ptxas sm_90: 78-80, no spills): at 8 (64 registers)
-// the 16-bit instances spilled 12 bytes, B, both tokens' v and both sums being live at once.
+// 6 blocks / SM (up to 80 registers; ptxas sm_90: expand 78-80, shrink 71-72, no spills):
+// at 8 (64 registers) the 16-bit expand spilled 12 bytes, B, both tokens' v and both sums
+// being live at once; the shrink keeps x of both tokens with its A rows (12 loads a step).
 constexpr int kBgmvPairMinBlocksPerSM = 6;
 
 // -2: token t is the second of its pair; else its partner's index, or -1 (no partner).
-// Called by every thread of the block (it syncs), after the block-uniform early exits.
-__device__ __forceinline__ int bgmv_pair_partner(const BgmvExpandParams& p, const int t,
-                                                 const int i) {
+// idx [T] (int32 / int64), i = idx[t] in [0, L).  Called by every thread of a 128-thread
+// block (it syncs), after the block-uniform early exits.  The shrink's and the expand's
+// pair kernels use it alike, so both pair the same tokens.
+__device__ __forceinline__ int bgmv_pair_partner(const void* idx, const int idx_is_64,
+                                                 const int T, const int t, const int i) {
+  static_assert(kBgmvShrinkThreads == kBgmvExpandThreads, "one block size for the scan");
   __shared__ int n_before, first_after;
   if (threadIdx.x == 0) {
     n_before = 0;
@@ -564,8 +569,8 @@ __device__ __forceinline__ int bgmv_pair_partner(const BgmvExpandParams& p, cons
   }
   __syncthreads();
   int before = 0, after = 0x7fffffff;
-  for (int u = threadIdx.x; u < p.T; u += kBgmvExpandThreads) {
-    if (u != t && bgmv_load_int(p.idx, p.idx_is_64, u) == i) {
+  for (int u = threadIdx.x; u < T; u += kBgmvExpandThreads) {
+    if (u != t && bgmv_load_int(idx, idx_is_64, u) == i) {
       if (u < t) ++before;
       else after = min(after, u);
     }
@@ -581,6 +586,127 @@ __device__ __forceinline__ int bgmv_pair_partner(const BgmvExpandParams& p, cons
   }
   __syncthreads();
   return (n_before & 1) ? -2 : (first_after == 0x7fffffff ? -1 : first_after);
+}
+
+// Shrink of rule "pairs": the block of a pair's first token computes both tokens' v from
+// one read of its A rows (x of both tokens in registers); the second token's block exits.
+// The same K steps, FMAs and reduction order per token as bgmv_shrink_block: bitwise the
+// same v.  Grid as _bgmv_shrink_kernel's.
+template <typename T>
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvPairMinBlocksPerSM)
+_bgmv_shrink_pair_kernel(const BgmvShrinkParams p) {
+  bgmv_wait_prior_grid();
+  bgmv_let_next_grid_launch();
+  using Ty = BgmvType<T>;
+  constexpr int VEC = Ty::kVec;
+  constexpr int ROWS = kBgmvShrinkRows;
+  constexpr int U = kBgmvShrinkUnroll;
+  constexpr int NT = kBgmvShrinkThreads;
+  constexpr int NWARPS = NT / 32;
+  const int row_tiles = (p.r_max + ROWS - 1) / ROWS;
+  const int t = blockIdx.x;                            // T <= kBgmvPairMaxT
+  const int s = blockIdx.y / row_tiles;
+  const int r0 = (blockIdx.y % row_tiles) * ROWS;
+  const int c = blockIdx.z;
+
+  const int64_t i64 = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (i64 < 0 || i64 >= p.L) return;
+  const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i64, p.r_max);
+  if (rank <= 0 || r0 >= rank) return;
+  const int i = static_cast<int>(i64);
+  const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, t, i);
+  if (partner == -2) return;
+  const bool two = partner >= 0;
+  const int nrows = min(ROWS, rank - r0);
+
+  const uint4* xv0 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
+  const uint4* xv1 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
+                                                    (two ? partner : t) * p.x_stride_t);
+  const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
+                    static_cast<int64_t>(r0) * p.a_stride_r;
+  const uint4* av[ROWS];
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q)
+    av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * p.a_stride_r);
+
+  float acc[2][ROWS];
+#pragma unroll
+  for (int q = 0; q < ROWS; ++q) acc[0][q] = acc[1][q] = 0.f;
+
+  const int nvec_all = p.h_in / VEC;
+  const int per_split = (nvec_all + p.n_split - 1) / p.n_split;
+  const int k_begin = c * per_split;
+  const int nvec = min(nvec_all, k_begin + per_split);
+  int kv = k_begin + threadIdx.x;
+  for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
+    uint4 xr[2][U], ar[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      xr[0][u] = __ldg(xv0 + kv + u * NT);
+      xr[1][u] = two ? __ldg(xv1 + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q)
+        ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float xf0[VEC], xf1[VEC];
+      Ty::unpack(xr[0][u], xf0);
+      Ty::unpack(xr[1][u], xf1);
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q) {
+        float af[VEC];
+        Ty::unpack(ar[u][q], af);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          acc[0][q] = fmaf(xf0[e], af[e], acc[0][q]);
+          acc[1][q] = fmaf(xf1[e], af[e], acc[1][q]);
+        }
+      }
+    }
+  }
+  for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
+    float xf0[VEC], xf1[VEC];
+    Ty::unpack(__ldg(xv0 + kv), xf0);
+    Ty::unpack(two ? __ldg(xv1 + kv) : make_uint4(0u, 0u, 0u, 0u), xf1);
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) {
+      if (q < nrows) {
+        float af[VEC];
+        Ty::unpack(__ldg(av[q] + kv), af);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) {
+          acc[0][q] = fmaf(xf0[e], af[e], acc[0][q]);
+          acc[1][q] = fmaf(xf1[e], af[e], acc[1][q]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m][q] += __shfl_xor_sync(0xffffffffu, acc[m][q], o);
+  __shared__ float partial[2][NWARPS][ROWS];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) {
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) {
+      partial[0][warp][q] = acc[0][q];
+      partial[1][warp][q] = acc[1][q];
+    }
+  }
+  __syncthreads();
+  const int m = threadIdx.x / ROWS, q = threadIdx.x % ROWS;   // threads 0..2 ROWS - 1
+  if (q < nrows && (m == 0 || (m == 1 && two))) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) sum += partial[m][w][q];
+    const int tm = m == 0 ? t : partner;
+    p.v[c * p.v_stride_split + tm * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
+  }
 }
 
 template <typename T, int J>
@@ -621,7 +747,7 @@ _bgmv_expand_pair_kernel(const BgmvExpandParams p) {
     return;
   }
   const int i = static_cast<int>(i64);                // in [0, L): an int
-  const int partner = bgmv_pair_partner(p, t, i);
+  const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, t, i);
   if (partner == -2) {
     bgmv_wait_prior_grid();
     return;
@@ -823,7 +949,10 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   if (p.T == 0) return nullptr;
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  const cudaError_t err = bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
+  const cudaError_t err =
+      p.pairs && p.T <= kBgmvPairMaxT
+          ? bgmv_launch<_bgmv_shrink_pair_kernel<T>>(grid, kBgmvShrinkThreads, stream, p)
+          : bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

@@ -53,6 +53,7 @@ struct BgmvShrinkParams {
   int n_split = 1;
   int64_t v_stride_split = 0;
   int pdl = 0;            // host only: launch with programmatic dependent launch (sm_90+)
+  int pairs = 0;          // host only: the pair kernel (tile rule "pairs"; T <= kBgmvPairMaxT)
 };
 
 struct BgmvExpandParams {

@@ -175,7 +175,7 @@ def binding_check(cxx: Optional[str] = None, nvcc: Optional[str] = None,
 
 def demangle_short(name: str) -> str:
     """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>."""
-    m = re.match(r"_Z\d+_bgmv_(shrink|expand|expand_pair|fused)_kernelI(.*)Ev", name)
+    m = re.match(r"_Z\d+_bgmv_(shrink|shrink_pair|expand|expand_pair|fused)_kernelI(.*)Ev", name)
     if not m:
         return name
     args = m.group(2)

@@ -38,8 +38,9 @@ def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, rule "pairs" (J = 4), fused 16-byte / 1-element) x 2 archs
-    assert len(kernels) == 72 and len(names) == 72, sorted(names)
+    # 1-element x {J = 1, 4}, rule "pairs" (shrink, expand J = 4), fused 16-byte /
+    # 1-element) x 2 archs
+    assert len(kernels) == 78 and len(names) == 78, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -48,13 +49,16 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
             assert (f"expand_pair<{dt}, 4>", arch) in names
+            assert (f"shrink_pair<{dt}>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
         # the pair kernel (128, 6): 80 (the allocation granule below 85)
         limit = 128 if "fused" in k.kernel else 80 if "pair" in k.kernel else 64
         assert 0 < k.registers <= limit, k
-        if "pair" in k.kernel:     # y of both tokens in shared memory, + 2 ints
+        if "shrink_pair" in k.kernel:   # both tokens' per-warp sums, + the scan's 2 ints
+            assert k.smem_bytes == 2 * 4 * 4 * 4 + 8, k
+        elif "pair" in k.kernel:        # y of both tokens in shared memory, + 2 ints
             size = 4 if "kernelIf" in k.kernel else 2
             assert k.smem_bytes == 2 * 4 * 128 * size + 8, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
