@@ -1048,6 +1048,15 @@ def test_pairs_rule_bitwise_equal_on_every_pairing(kind):
         if kind == "bad_idx":
             assert torch.isnan(outs["pairs"][idx >= L]).all()
             assert torch.equal(outs["pairs"][idx == -1], inp["y"][idx == -1])
+        A4 = inp["A"] if inp["A"].dim() == 4 else inp["A"][None]
+        for split in (1, 2):                             # the shrink alone, plain and split-K
+            vs = []
+            for pairs in (False, True):
+                shape = ((split,) if split > 1 else ()) + (T, A4.shape[0], r)
+                v = torch.full(shape, float("nan"), device="cuda")   # unwritten: stays NaN
+                bc.bgmv_shrink(inp["x"], A4, idx, inp["ranks"], v, pairs=pairs)
+                vs.append(v.view(torch.int32))
+            assert torch.equal(vs[0], vs[1]), (kind, dtype, split)
     if kind == "past_max_t":                             # rule 1's kernel, not the pair kernel
         y = inp["y"].clone()
         assert _launched_expand_j(lambda: bc.bgmv_lora(y, *args, tiles="pairs"),
