@@ -576,8 +576,8 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
     idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
     none of them).
-    tiles: outputs-per-lane rule, "classic", "residency" or "rank" (expand_outs); None =
-    $MULTILORA_EXPAND_TILES. Bitwise the same result every way.
+    tiles: outputs-per-lane rule, "classic", "residency", "rank" or "pairs" (expand_outs);
+    None = $MULTILORA_EXPAND_TILES. Bitwise the same result every way.
     Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
@@ -627,7 +627,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  overlaps the B reads with the shrink. Deterministic. Uses a per-device
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
-    None = $MULTILORA_EXPAND_TILES); "fused" keeps its own (J = 4) and ignores it."""
+    None = $MULTILORA_EXPAND_TILES; "pairs" pairs the shrink's tokens too); "fused" keeps
+    its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
     tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building
