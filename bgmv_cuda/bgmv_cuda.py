@@ -115,7 +115,7 @@ EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 1
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
 EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
-PAIR_MAX_T = 4096           # kBgmvPairMaxT: rule "pairs" runs its own kernel up to this T
+PAIR_MAX_T = 1024           # kBgmvPairMaxT: rule "pairs" runs its own kernels up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v

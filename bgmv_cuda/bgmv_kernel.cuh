@@ -549,7 +549,10 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 // bitwise those of the other rules.
 // Grids: the plain kernels' (x = token: the second of each pair exits at once).
 // ---------------------------------------------------------------------------------------
-constexpr int kBgmvPairMaxT = 4096;
+// Every block scans all of idx (T int loads from L2), so the scan's traffic grows as T x
+// blocks: at T 256, r 64 it is ~16 MB against the 67 MB of B it saves; at T 4096 it would
+// exceed it.  Above this T the plain kernels run.
+constexpr int kBgmvPairMaxT = 1024;
 // 6 blocks / SM (up to 80 registers; ptxas sm_90: expand 78-80, shrink 71-72, no spills):
 // at 8 (64 registers) the 16-bit expand spilled 12 bytes, B, both tokens' v and both sums
 // being live at once; the shrink keeps x of both tokens with its A rows (12 loads a step).
