@@ -189,13 +189,74 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 }
 
 // ---------------------------------------------------------------------------------------
+// Tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a block two
+// by two, in the expand (each B tile read once per pair instead of once per token) and in
+// the shrink (BgmvShrinkParams::pairs: each A row tile once per pair).  Why:
+// at r 64 with 128 adapters, batch 256 (two tokens each) took 61.0 us against 39.9 for
+// batch 128 (one each) on the same DRAM bytes: the second token's pass over B (L2 to SM
+// traffic, blocks, FMAs) cost the difference, not HBM.
+// Pairs: among the tokens with adapter i, in index order, the 1st and 2nd form a pair, the
+// 3rd and 4th, ...; every block scans idx (T <= kBgmvPairMaxT) for its token's ordinal and
+// the next token of the same adapter; a token of odd ordinal leaves its work to the block
+// of the one before it and exits (after the PDL wait, like every early exit).  16-byte B
+// loads only (NCHUNK = 1), J = kBgmvExpandOuts; the launcher runs rule 1 otherwise.
+// Each output's fp32 sum is the default kernel's, in the same order: the results are
+// bitwise those of the other rules.
+// Grids: the plain kernels' (x = token: the second of each pair exits at once).
+// ---------------------------------------------------------------------------------------
+// Every block scans all of idx (T int loads from L2), so the scan's traffic grows as T x
+// blocks: at T 256, r 64 it is ~16 MB against the 67 MB of B it saves; at T 4096 it would
+// exceed it.  Above this T the plain kernels run.
+constexpr int kBgmvPairMaxT = 1024;
+// 6 blocks / SM (up to 80 registers; ptxas sm_90: expand 78-80, shrink 72-76, no spills):
+// at 8 (64 registers) the 16-bit expand spilled 12 bytes, B, both tokens' v and both sums
+// being live at once; the shrink keeps x of both tokens with its A rows (12 loads a step).
+constexpr int kBgmvPairMinBlocksPerSM = 6;
+
+// -2: token t is the second of its pair; else its partner's index, or -1 (no partner).
+// idx [T] (int32 / int64), i = idx[t] in [0, L).  Called by every thread of a 128-thread
+// block (it syncs), after the block-uniform early exits.  The shrink's and the expand's
+// pair kernels use it alike, so both pair the same tokens.
+__device__ __forceinline__ int bgmv_pair_partner(const void* idx, const int idx_is_64,
+                                                 const int T, const int t, const int i) {
+  static_assert(kBgmvShrinkThreads == kBgmvExpandThreads, "one block size for the scan");
+  __shared__ int n_before, first_after;
+  if (threadIdx.x == 0) {
+    n_before = 0;
+    first_after = 0x7fffffff;
+  }
+  __syncthreads();
+  int before = 0, after = 0x7fffffff;
+  for (int u = threadIdx.x; u < T; u += kBgmvExpandThreads) {
+    if (u != t && bgmv_load_int(idx, idx_is_64, u) == i) {
+      if (u < t) ++before;
+      else after = min(after, u);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    before += __shfl_xor_sync(0xffffffffu, before, o);
+    after = min(after, __shfl_xor_sync(0xffffffffu, after, o));
+  }
+  if ((threadIdx.x & 31) == 0) {
+    atomicAdd(&n_before, before);
+    atomicMin(&first_after, after);
+  }
+  __syncthreads();
+  return (n_before & 1) ? -2 : (first_after == 0x7fffffff ? -1 : first_after);
+}
+
+// ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
 // One block's work: token t, slice s, rank rows [r0, r0 + ROWS), K chunk c of n_split.
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
-template <typename T>
+// PAIR (tile rule "pairs"): the first token of a pair also computes its partner's v from
+// the same A loads (x of both in registers: 12 loads a step); the second one's block
+// returns.  Per token the same K steps, FMAs and reduction order: bitwise the same v.
+template <typename T, bool PAIR = false>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
                                                   const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
@@ -204,6 +265,7 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   constexpr int U = kBgmvShrinkUnroll;
   constexpr int NT = kBgmvShrinkThreads;
   constexpr int NWARPS = NT / 32;
+  constexpr int M = PAIR ? 2 : 1;                      // tokens per block
 
   // Early exits: no LoRA, an index or rank the expand will flag with NaN, or a tile past
   // this adapter's rank (the grid is sized by r_max; such tiles cost one idx/rank load).
@@ -212,9 +274,21 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank <= 0) return false;
   if (r0 >= rank) return true;
+  int64_t tm[M] = {t};                                 // the block's tokens
+  bool two = false;
+  if constexpr (PAIR) {
+    const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, static_cast<int>(t),
+                                          static_cast<int>(i));
+    if (partner == -2) return true;                    // its pair's first token does it
+    two = partner >= 0;
+    tm[M - 1] = two ? partner : t;
+  }
   const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
 
-  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
+  const uint4* xv[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m)
+    xv[m] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + tm[m] * p.x_stride_t);
   const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
                     static_cast<int64_t>(r0) * p.a_stride_r;
   const uint4* av[ROWS];
@@ -222,9 +296,11 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   for (int q = 0; q < ROWS; ++q)  // rows past nrows point at row 0 but are never loaded
     av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * p.a_stride_r);
 
-  float acc[ROWS];
+  float acc[M][ROWS];
 #pragma unroll
-  for (int q = 0; q < ROWS; ++q) acc[q] = 0.f;
+  for (int m = 0; m < M; ++m)
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) acc[m][q] = 0.f;
 
   // K loop over the 16-byte chunks [k_begin, nvec) of this split (h_in % VEC == 0, so no
   // element tail): U chunks per step, every load of a step issued before the first FMA.
@@ -234,58 +310,74 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   const int nvec = min(nvec_all, k_begin + per_split);
   int kv = k_begin + threadIdx.x;
   for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
-    uint4 xr[U], ar[U][ROWS];
+    uint4 xr[M][U], ar[U][ROWS];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      xr[u] = __ldg(xv + kv + u * NT);
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        xr[m][u] = (m == 0 || two) ? __ldg(xv[m] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
       for (int q = 0; q < ROWS; ++q)
         ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float xf[VEC];
-      Ty::unpack(xr[u], xf);
+      float xf[M][VEC];
+#pragma unroll
+      for (int m = 0; m < M; ++m) Ty::unpack(xr[m][u], xf[m]);
 #pragma unroll
       for (int q = 0; q < ROWS; ++q) {
         float af[VEC];
         Ty::unpack(ar[u][q], af);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+        for (int e = 0; e < VEC; ++e)
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m][q] = fmaf(xf[m][e], af[e], acc[m][q]);
       }
     }
   }
   for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
-    float xf[VEC];
-    Ty::unpack(__ldg(xv + kv), xf);
+    float xf[M][VEC];
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+      Ty::unpack((m == 0 || two) ? __ldg(xv[m] + kv) : make_uint4(0u, 0u, 0u, 0u), xf[m]);
 #pragma unroll
     for (int q = 0; q < ROWS; ++q) {
       if (q < nrows) {
         float af[VEC];
         Ty::unpack(__ldg(av[q] + kv), af);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+        for (int e = 0; e < VEC; ++e)
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m][q] = fmaf(xf[m][e], af[e], acc[m][q]);
       }
     }
   }
 
   // Reduce: xor shuffles within each warp, then the NWARPS partial sums via shared memory.
 #pragma unroll
-  for (int q = 0; q < ROWS; ++q)
+  for (int m = 0; m < M; ++m)
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
-  __shared__ float partial[NWARPS][ROWS];
+    for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[m][q] += __shfl_xor_sync(0xffffffffu, acc[m][q], o);
+  __shared__ float partial[M][NWARPS][ROWS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
 #pragma unroll
-    for (int q = 0; q < ROWS; ++q) partial[warp][q] = acc[q];
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q) partial[m][warp][q] = acc[m][q];
   }
   __syncthreads();
-  if (threadIdx.x < nrows) {
+  // Threads [0, M ROWS): token m = threadIdx.x / ROWS, row q = threadIdx.x % ROWS.
+  const int m = PAIR ? threadIdx.x / ROWS : 0, q = PAIR ? threadIdx.x % ROWS : threadIdx.x;
+  if (q < nrows && m < M && (m == 0 || two)) {
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < NWARPS; ++w) sum += partial[w][threadIdx.x];
-    p.v[c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0 + threadIdx.x] = sum;
+    for (int w = 0; w < NWARPS; ++w) sum += partial[m][w][q];
+    const int64_t tv = m == 0 ? tm[0] : tm[M - 1];   // static indices: tm stays in registers
+    p.v[c * p.v_stride_split + tv * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
   }
   return true;
 }
@@ -299,6 +391,17 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   bgmv_shrink_block<T>(p, blockIdx.x, blockIdx.y / row_tiles,
                        (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
+}
+
+// Tile rule "pairs" (BgmvShrinkParams::pairs, T <= kBgmvPairMaxT): the same grid.
+template <typename T>
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvPairMinBlocksPerSM)
+_bgmv_shrink_pair_kernel(const BgmvShrinkParams p) {
+  bgmv_wait_prior_grid();
+  bgmv_let_next_grid_launch();
+  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  bgmv_shrink_block<T, true>(p, blockIdx.x, blockIdx.y / row_tiles,
+                             (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -531,185 +634,6 @@ __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
 _bgmv_expand_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
   bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, blockIdx.x, blockIdx.y, nullptr, 0);
-}
-
-// ---------------------------------------------------------------------------------------
-// Tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a block two
-// by two, in the expand (each B tile read once per pair instead of once per token) and in
-// the shrink (BgmvShrinkParams::pairs: each A row tile once per pair).  Why:
-// at r 64 with 128 adapters, batch 256 (two tokens each) took 61.0 us against 39.9 for
-// batch 128 (one each) on the same DRAM bytes: the second token's pass over B (L2 to SM
-// traffic, blocks, FMAs) cost the difference, not HBM.
-// Pairs: among the tokens with adapter i, in index order, the 1st and 2nd form a pair, the
-// 3rd and 4th, ...; every block scans idx (T <= kBgmvPairMaxT) for its token's ordinal and
-// the next token of the same adapter; a token of odd ordinal leaves its work to the block
-// of the one before it and exits (after the PDL wait, like every early exit).  16-byte B
-// loads only (NCHUNK = 1), J = kBgmvExpandOuts; the launcher runs rule 1 otherwise.
-// Each output's fp32 sum is the default kernel's, in the same order: the results are
-// bitwise those of the other rules.
-// Grids: the plain kernels' (x = token: the second of each pair exits at once).
-// ---------------------------------------------------------------------------------------
-// Every block scans all of idx (T int loads from L2), so the scan's traffic grows as T x
-// blocks: at T 256, r 64 it is ~16 MB against the 67 MB of B it saves; at T 4096 it would
-// exceed it.  Above this T the plain kernels run.
-constexpr int kBgmvPairMaxT = 1024;
-// 6 blocks / SM (up to 80 registers; ptxas sm_90: expand 78-80, shrink 71-72, no spills):
-// at 8 (64 registers) the 16-bit expand spilled 12 bytes, B, both tokens' v and both sums
-// being live at once; the shrink keeps x of both tokens with its A rows (12 loads a step).
-constexpr int kBgmvPairMinBlocksPerSM = 6;
-
-// -2: token t is the second of its pair; else its partner's index, or -1 (no partner).
-// idx [T] (int32 / int64), i = idx[t] in [0, L).  Called by every thread of a 128-thread
-// block (it syncs), after the block-uniform early exits.  The shrink's and the expand's
-// pair kernels use it alike, so both pair the same tokens.
-__device__ __forceinline__ int bgmv_pair_partner(const void* idx, const int idx_is_64,
-                                                 const int T, const int t, const int i) {
-  static_assert(kBgmvShrinkThreads == kBgmvExpandThreads, "one block size for the scan");
-  __shared__ int n_before, first_after;
-  if (threadIdx.x == 0) {
-    n_before = 0;
-    first_after = 0x7fffffff;
-  }
-  __syncthreads();
-  int before = 0, after = 0x7fffffff;
-  for (int u = threadIdx.x; u < T; u += kBgmvExpandThreads) {
-    if (u != t && bgmv_load_int(idx, idx_is_64, u) == i) {
-      if (u < t) ++before;
-      else after = min(after, u);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    before += __shfl_xor_sync(0xffffffffu, before, o);
-    after = min(after, __shfl_xor_sync(0xffffffffu, after, o));
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&n_before, before);
-    atomicMin(&first_after, after);
-  }
-  __syncthreads();
-  return (n_before & 1) ? -2 : (first_after == 0x7fffffff ? -1 : first_after);
-}
-
-// Shrink of rule "pairs": the block of a pair's first token computes both tokens' v from
-// one read of its A rows (x of both tokens in registers); the second token's block exits.
-// The same K steps, FMAs and reduction order per token as bgmv_shrink_block: bitwise the
-// same v.  Grid as _bgmv_shrink_kernel's.
-template <typename T>
-__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvPairMinBlocksPerSM)
-_bgmv_shrink_pair_kernel(const BgmvShrinkParams p) {
-  bgmv_wait_prior_grid();
-  bgmv_let_next_grid_launch();
-  using Ty = BgmvType<T>;
-  constexpr int VEC = Ty::kVec;
-  constexpr int ROWS = kBgmvShrinkRows;
-  constexpr int U = kBgmvShrinkUnroll;
-  constexpr int NT = kBgmvShrinkThreads;
-  constexpr int NWARPS = NT / 32;
-  const int row_tiles = (p.r_max + ROWS - 1) / ROWS;
-  const int t = blockIdx.x;                            // T <= kBgmvPairMaxT
-  const int s = blockIdx.y / row_tiles;
-  const int r0 = (blockIdx.y % row_tiles) * ROWS;
-  const int c = blockIdx.z;
-
-  const int64_t i64 = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i64 < 0 || i64 >= p.L) return;
-  const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i64, p.r_max);
-  if (rank <= 0 || r0 >= rank) return;
-  const int i = static_cast<int>(i64);
-  const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, t, i);
-  if (partner == -2) return;
-  const bool two = partner >= 0;
-  const int nrows = min(ROWS, rank - r0);
-
-  const uint4* xv0 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
-  const uint4* xv1 = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
-                                                    (two ? partner : t) * p.x_stride_t);
-  const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
-                    static_cast<int64_t>(r0) * p.a_stride_r;
-  const uint4* av[ROWS];
-#pragma unroll
-  for (int q = 0; q < ROWS; ++q)
-    av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * p.a_stride_r);
-
-  float acc[2][ROWS];
-#pragma unroll
-  for (int q = 0; q < ROWS; ++q) acc[0][q] = acc[1][q] = 0.f;
-
-  const int nvec_all = p.h_in / VEC;
-  const int per_split = (nvec_all + p.n_split - 1) / p.n_split;
-  const int k_begin = c * per_split;
-  const int nvec = min(nvec_all, k_begin + per_split);
-  int kv = k_begin + threadIdx.x;
-  for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
-    uint4 xr[2][U], ar[U][ROWS];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      xr[0][u] = __ldg(xv0 + kv + u * NT);
-      xr[1][u] = two ? __ldg(xv1 + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-      for (int q = 0; q < ROWS; ++q)
-        ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      float xf0[VEC], xf1[VEC];
-      Ty::unpack(xr[0][u], xf0);
-      Ty::unpack(xr[1][u], xf1);
-#pragma unroll
-      for (int q = 0; q < ROWS; ++q) {
-        float af[VEC];
-        Ty::unpack(ar[u][q], af);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          acc[0][q] = fmaf(xf0[e], af[e], acc[0][q]);
-          acc[1][q] = fmaf(xf1[e], af[e], acc[1][q]);
-        }
-      }
-    }
-  }
-  for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
-    float xf0[VEC], xf1[VEC];
-    Ty::unpack(__ldg(xv0 + kv), xf0);
-    Ty::unpack(two ? __ldg(xv1 + kv) : make_uint4(0u, 0u, 0u, 0u), xf1);
-#pragma unroll
-    for (int q = 0; q < ROWS; ++q) {
-      if (q < nrows) {
-        float af[VEC];
-        Ty::unpack(__ldg(av[q] + kv), af);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          acc[0][q] = fmaf(xf0[e], af[e], acc[0][q]);
-          acc[1][q] = fmaf(xf1[e], af[e], acc[1][q]);
-        }
-      }
-    }
-  }
-
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int q = 0; q < ROWS; ++q)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[m][q] += __shfl_xor_sync(0xffffffffu, acc[m][q], o);
-  __shared__ float partial[2][NWARPS][ROWS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) {
-#pragma unroll
-    for (int q = 0; q < ROWS; ++q) {
-      partial[0][warp][q] = acc[0][q];
-      partial[1][warp][q] = acc[1][q];
-    }
-  }
-  __syncthreads();
-  const int m = threadIdx.x / ROWS, q = threadIdx.x % ROWS;   // threads 0..2 ROWS - 1
-  if (q < nrows && (m == 0 || (m == 1 && two))) {
-    float sum = 0.f;
-#pragma unroll
-    for (int w = 0; w < NWARPS; ++w) sum += partial[m][w][q];
-    const int tm = m == 0 ? t : partner;
-    p.v[c * p.v_stride_split + tm * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
-  }
 }
 
 template <typename T, int J>
