@@ -351,41 +351,19 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _per_adapter_acc(acc, v_ptr, bt_ptr, rows64, a_row, cols, cmask, e_lo, e_hi, L, R,
-                         stride_vt, stride_be, RB: tl.constexpr, PRECISION: tl.constexpr):
-        # The same sum as _masked_expand_acc, one adapter's R rank rows per step: a
-        # [rows, RB] v tile masked by a [rows] vector and an [RB, cols] bt tile (RB >= 16
-        # for tl.dot), instead of a [rows, BLOCK_E] mask and tile: far fewer registers.
-        j = tl.arange(0, RB)
-        jm = j < R
-        for e0 in range(e_lo, e_hi, R):
-            use = a_row == (e0 // R) % L                               # rows of this adapter
-            if tl.max(use.to(tl.int32)) > 0:
-                e = e0 + j
-                v = tl.load(v_ptr + rows64[:, None] * stride_vt + e[None, :],
-                            mask=use[:, None] & jm[None, :], other=0.0)
-                b = tl.load(bt_ptr + e[:, None].to(tl.int64) * stride_be + cols[None, :],
-                            mask=jm[:, None] & cmask[None, :], other=0.0)
-                acc = tl.dot(v.to(b.dtype), b, acc, input_precision=PRECISION)
-        return acc
-
-    @triton.jit
     def _stacked_expand_kernel(y_ptr, v_ptr, bt_ptr, idx_ptr, T, N, n_used, L, R, LR, OFF1, OFF2,
                                stride_yt, stride_vt, stride_be,
                                BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_E: tl.constexpr, PRECISION: tl.constexpr,
-                               PER_ADAPTER: tl.constexpr):
+                               BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
         # One program per (BLOCK_T rows, BLOCK_N columns) of y: acc = sum over the extra
         # columns of the slices this tile's columns belong to (LR = L r per slice; slice 1
         # starts at column OFF1, slice 2 at OFF2) of (v masked to each row's adapter) @ bt.
-        # Chunked (the default): L r <= BLOCK_E, one chunk per slice, so the B loads of a
-        # tile are one round trip, with y loaded before them. PER_ADAPTER: one adapter per
-        # step (BLOCK_E = its rows, padded to >= 16), y loaded after the loop.
+        # L r <= BLOCK_E (one chunk per slice), so the B loads of a
+        # tile are one round trip, with y loaded before them.
         rows64, rmask, cols, cmask = _stacked_tile(T, N, BLOCK_T, BLOCK_N)
         ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
         m = rmask[:, None] & cmask[None, :]
-        if not PER_ADAPTER:
-            y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)       # in flight with bt
+        y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)           # in flight with bt
         a_row = tl.load(idx_ptr + rows64, mask=rmask, other=-1)
         c_first = tl.program_id(0) * BLOCK_N
         c_last = tl.minimum(c_first + BLOCK_N, N) - 1
@@ -393,13 +371,8 @@ if triton is not None:
         s_hi = (c_last >= OFF1).to(tl.int32) + (c_last >= OFF2).to(tl.int32)
         e_hi = tl.minimum((s_hi + 1) * LR, n_used)
         zero = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        if PER_ADAPTER:
-            acc = _per_adapter_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
-                                   e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
-            y = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
-        else:
-            acc = _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
-                                     e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
+        acc = _masked_expand_acc(zero, v_ptr, bt_ptr, rows64, a_row, cols, cmask, s_lo * LR,
+                                 e_hi, L, R, stride_vt, stride_be, BLOCK_E, PRECISION)
         tl.store(ptrs, (y + acc).to(y_ptr.dtype.element_ty), mask=m)
 
 
@@ -424,8 +397,7 @@ def _block_t(T: int, block_t: Optional[int], name: str) -> int:
 
 def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
                    slice_starts: tuple = (), block_n: Optional[int] = None,
-                   num_warps: Optional[int] = None, per_adapter: bool = False,
-                   block_t: Optional[int] = None) -> Tensor:
+                   num_warps: Optional[int] = None, block_t: Optional[int] = None) -> Tensor:
     """Fused stacked_expand_torch (one launch, the mask computed in the kernel): y [T, N]
     and v [T, E] with unit column stride (row strides free: both are views of the site's
     [T, N + E] GEMM output), bt [E, N] contiguous, idx [T] int32, layout (S, L, r, E) of
@@ -434,9 +406,7 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
     gate/up); then bt must be block-diagonal, as multilora_engine.build_stacked_site
     builds it, and slice s's rows are read only for its own columns (1/S of bt). Empty:
     every row of bt for every column. block_n (columns per program; default by N),
-    block_t (rows per program, one of BLOCK_T_CHOICES; default by T), num_warps and
-    per_adapter (the loop form: one adapter's rank rows per step, no spills in sm_90
-    ptxas, slower than the chunked form at every site on the H200, PERF_LOG v9c) are for
+    block_t (rows per program, one of BLOCK_T_CHOICES; default by T) and num_warps are for
     sweeps (run_stacked_expand.py). Returns y."""
     S, L, r, E = layout
     T, N = y.shape
@@ -457,17 +427,13 @@ def stacked_expand(y: Tensor, v: Tensor, bt: Tensor, idx: Tensor, layout: tuple,
         off = list(slice_starts) + [N] * (2 - len(slice_starts))
         if block_n is None:     # H200 sweep, T 64 (plots/stacked_expand_sweep_h200.json)
             block_n = 128 if N >= 16384 else 64 if N > 4096 else 32
-        if per_adapter:
-            block_e = max(16, triton.next_power_of_2(r))
-        else:
-            block_e = max(16, min(128, triton.next_power_of_2(lr)))
+        block_e = max(16, min(128, triton.next_power_of_2(lr)))
         grid = (triton.cdiv(N, block_n), triton.cdiv(T, block_t))
         _stacked_expand_kernel[grid](y, v, bt, idx, T, N, n_used, L, r, lr, off[0], off[1],
                                      y.stride(0), v.stride(0), bt.stride(0), BLOCK_T=block_t,
                                      BLOCK_N=block_n, BLOCK_E=block_e,
                                      PRECISION=_dot_precision(y.dtype),
-                                     PER_ADAPTER=per_adapter,
-                                     num_warps=num_warps or (8 if per_adapter else 4))
+                                     num_warps=num_warps or 4)
     return y
 
 

@@ -1,7 +1,6 @@
 """Time mode "stacked"'s expand (engine_kernels.stacked_expand) at the Llama-3-8B sites:
-each (block_n, num_warps) tile config of the Triton kernel (and its per-adapter loop
-form at 8 warps), and the torch form (mask multiply + cuBLAS addmm), CUDA-graph replay,
-bf16, 7 adapters of rank 16 by default.
+each (block_n, num_warps, block_t) tile config of the Triton kernel and the torch form
+(mask multiply + cuBLAS addmm), CUDA-graph replay, bf16, 7 adapters of rank 16 by default.
 Every config is checked against the torch form before it is timed. With --folded, also
 the decode step's pair at o / down and gate/up: the expand then the fused elementwise
 kernel that consumes it (add_rms_norm, silu_mul) against the one kernel that does both
@@ -163,13 +162,13 @@ def main(argv=None) -> list:
 
             configs = [("torch", None, None, None)] + [
                 ("triton", bn, w, bt) for bt in a.block_t for bn in a.block_n
-                for w in a.num_warps] + [("per_adapter", bn, 8, 0) for bn in a.block_n]
+                for w in a.num_warps]
             for kind, bn, w, bt in configs:
-                def call(k, bn=bn, w=w, bt=bt, pa=kind == "per_adapter"):
+                def call(k, bn=bn, w=w, bt=bt):
                     s = sets[k]
                     ek.stacked_expand(s["out"][:, :N], s["out"][:, N:], s["bt"], s["idx"],
                                       s["layout"], s["starts"], block_n=bn, num_warps=w,
-                                      per_adapter=pa, block_t=bt or None)
+                                      block_t=bt or None)
                 fn = torch_form if kind == "torch" else call
                 # correctness on set 0 as it is now (earlier timings added into it),
                 # against the torch form in fp32

@@ -114,5 +114,5 @@ def test_stacked_expand_sweep_script_cpu(tmp_path):
     assert data["rows"] == rows and data["config"]["tiny"]
     for site, consumer in rse.CONSUMER.items():
         kinds = {r["kind"] for r in rows if r["site"] == site}
-        assert kinds == {"torch", "triton", "per_adapter", "expand+" + consumer, "folded"}
+        assert kinds == {"torch", "triton", "expand+" + consumer, "folded"}
     assert all(r["error"] < 1e-5 and r["median_us"] > 0 for r in rows)
