@@ -31,7 +31,9 @@ MULTILORA_EXPAND_TILES=residency keeps J but sizes every token's lanes by the la
 (the default from v5 to v10), =classic brings back the first rule (J = 1 under 512 blocks,
 else 4), =pairs (opt-in, PERF_LOG v15) lets the tokens of one adapter share each block two
 by two, so B is read once per pair. The results are bitwise the same, only the grid and
-the tiles differ;
+the tiles differ; =mma (opt-in, PERF_LOG v16) runs the bf16 expand on the tensor cores
+(mma.sync, v split into three bf16 parts so it stays fp32-exact): the same values up to
+the order of the fp32 sum (half and float run as "rank");
 `tiles=` on those functions overrides the variable per call.  Both variables are
 read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
 every check of bgmv_ext.cpp and bgmv.cu first, in Python (check_shrink_args /
@@ -114,14 +116,15 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
+EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs", "mma")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
+MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 PAIR_MAX_T = 1024           # kBgmvPairMaxT: rule "pairs" runs its own kernels up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
-TILES_ENV = "MULTILORA_EXPAND_TILES"   # classic | residency | rank (unset: DEFAULT_TILES)
+TILES_ENV = "MULTILORA_EXPAND_TILES"   # a name in EXPAND_TILE_RULES (unset: DEFAULT_TILES)
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -247,9 +250,10 @@ def pdl_enabled(device: torch.device) -> bool:
 def expand_tile_rule(tiles: Optional[str] = None) -> int:
     """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
     "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
-    rank, for mixed ranks: PERF_LOG v10, the default) or "pairs" (J = 4, the tokens of one
-    adapter two per block, each B tile read once per pair: PERF_LOG v15, opt-in, not yet
-    measured); None reads MULTILORA_EXPAND_TILES at each call (unset or empty:
+    rank, for mixed ranks: PERF_LOG v10, the default), "pairs" (J = 4, the tokens of one
+    adapter two per block, each B tile read once per pair: PERF_LOG v15, opt-in, measured
+    slower) or "mma" (bf16 on the tensor cores: PERF_LOG v16, see expand_mma_tiles); None
+    reads MULTILORA_EXPAND_TILES at each call (unset or empty:
     DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
     a typo cannot silently measure the default rule."""
@@ -352,6 +356,24 @@ def expand_tiles(Bs: Sequence[Tensor], r_max: int, outs: int = EXPAND_OUTS) -> t
     return tile, sum(-(-b.shape[1] // tile) for b in Bs)
 
 
+def expand_mma_tiles(Bs: Sequence[Tensor], T: int, r_max: int) -> Optional[tuple[int, int]]:
+    """(NT 16-row tiles per warp, blocks T * tiles) of rule "mma", as bgmv_expand_mma_run
+    (bgmv_kernel.cuh) picks them, or None where the rule runs as "rank" (not bf16, or B
+    rows not 16-byte loadable; the kernel also needs sm_80+). KB = 32-wide rank blocks
+    (1, 2 or 4), NT <= 4 / KB: the smallest NT in {1, 2, 4} whose grid has at most
+    EXPAND_MAX_BLOCKS blocks, else the largest."""
+    if Bs[0].dtype != torch.bfloat16 or not _expand_layout(Bs, r_max)[0]:
+        return None
+    kb = 1 if r_max <= 32 else 2 if r_max <= 64 else 4
+    def blocks(nt: int) -> int:
+        tile = EXPAND_WARPS * MMA_ROWS_PER_WARP * nt
+        return T * sum(-(-b.shape[1] // tile) for b in Bs)
+    nt = 1
+    while nt < 4 // kb and blocks(nt) > EXPAND_MAX_BLOCKS:
+        nt *= 2
+    return nt, blocks(nt)
+
+
 def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
                 ) -> tuple[int, int]:
     """(J outputs per lane, blocks T * tiles) of the two-launch expand, as bgmv_expand_outs
@@ -362,12 +384,13 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
     Rule 3 ("pairs"): J = 4 with 16-byte B loads and T <= PAIR_MAX_T (the second token of
     each pair exits at once), else rule 1; it also needs v in 16-byte vectors, which
-    bgmv_shrink's v always is."""
+    bgmv_shrink's v always is. Rule 4 ("mma") has no J (see expand_mma_tiles); where it
+    runs as "rank", rule 2's."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
     if tile_rule == 3 and _expand_layout(Bs, r_max)[0] and T <= PAIR_MAX_T:
         return EXPAND_OUTS, blocks(EXPAND_OUTS)
-    if tile_rule in (1, 2, 3):
+    if tile_rule in (1, 2, 3, 4):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])

@@ -10,7 +10,8 @@
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
 //       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank),
 //       3 = pairs (two tokens of one adapter per block); the same values every way, only
-//       the grid and the tiles differ
+//       the grid and the tiles differ; 4 = mma (tensor cores, bf16; the same values up to
+//       the order of the fp32 sum)
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
@@ -225,11 +226,10 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
                         const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
                         BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
-  BGMV_CHECK(tile_rule == kBgmvTileRuleClassic || tile_rule == kBgmvTileRuleResidency ||
-                 tile_rule == kBgmvTileRuleRank || tile_rule == kBgmvTileRulePairs, op,
+  BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMma, op,
              ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
-             kBgmvTileRuleResidency, " (residency), ", kBgmvTileRuleRank, " (rank) or ",
-             kBgmvTileRulePairs, " (pairs), got ", tile_rule);
+             kBgmvTileRuleResidency, " (residency), ", kBgmvTileRuleRank, " (rank), ",
+             kBgmvTileRulePairs, " (pairs) or ", kBgmvTileRuleMma, " (mma), got ", tile_rule);
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));

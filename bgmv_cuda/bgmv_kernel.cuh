@@ -636,6 +636,170 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
   bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, blockIdx.x, blockIdx.y, nullptr, 0);
 }
 
+// ---------------------------------------------------------------------------------------
+// Tile rule "mma" (PERF_LOG v16): the expand on the tensor cores, bf16 only.  Why: ncu
+// (H200, 128 distinct adapters, r 64, T 256) found the FMA expand issue-bound, not memory
+// bound: 78% of issue slots, 32 M warp instructions for 2.4 M FMAs (bf16 unpacking, the
+// rank select, shuffles), DRAM at 37%.  One mma.sync m16n8k16 does a warp's 16 rows x 16
+// ranks with no unpacking, so the same bytes take ~10x fewer instructions.
+// Each warp owns NT tiles of 16 output rows j; per 32-wide rank block kb, lane (g, q)
+// (g = lane / 4, q = lane % 4) loads 16 bytes = ranks kb*32 + 8q .. +7 of rows g and g + 8
+// of the tile, and these are the A fragments of two MMAs: the mma's k slots 2q, 2q+1,
+// 2q+8, 2q+9 (the ones this lane supplies) stand for ranks 8q+0..3 in the first, 8q+4..7
+// in the second.  The sum over k does not care which rank a slot stands for, as long as
+// the B fragment (v) uses the same map, and lane (g, q) supplies exactly those slots of
+// column g.  So no shuffle or shared memory is needed to build fragments.
+// v stays fp32-exact: column 0 holds bf16(v), column 1 bf16 of the remainder, column 2
+// bf16 of what is left (3 x 8 bits of mantissa: v to about 2^-24 relative, like fp32), the
+// products are exact and the tensor core adds them in fp32; columns 3-7 are zero.  So the
+// result differs from the FMA rules only in the order and rounding of the fp32 sum.
+// fp16 would overflow the split where |v| > 65504, so half and float run as rule "rank".
+// KB: rank blocks of 32 (r_max <= 32 KB); B fragments take 8 NT KB registers.
+// ---------------------------------------------------------------------------------------
+__device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1,
+                                                    uint32_t a2, uint32_t a3, uint32_t b0,
+                                                    uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // never launched: the launcher requires PTX >= sm_80 for this rule
+#endif
+}
+
+// bf16 pair (lo = element k, hi = element k + 1) as one 32-bit MMA operand register.
+__device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+constexpr int kBgmvMmaRowsPerWarp = 16;
+// 6 blocks / SM (80 registers): at 8 (64) the 32 registers of B fragments spilled 36-44
+// bytes (ptxas, sm_90).  6 x 128 threads x 128 bytes of B is still ~96 KB in flight per SM.
+constexpr int kBgmvMmaMinBlocksPerSM = 6;
+
+template <int KB, int NT>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMmaMinBlocksPerSM)
+_bgmv_expand_mma_kernel(const BgmvExpandParams p) {
+  bgmv_let_next_grid_launch();
+  using T = __nv_bfloat16;
+  using Ty = BgmvType<T>;
+  constexpr int NWARPS = kBgmvExpandThreads / 32;
+  constexpr int kTile = NWARPS * kBgmvMmaRowsPerWarp * NT;   // output columns per block
+  const int64_t t = blockIdx.x;
+  const int by = blockIdx.y;
+  int s = 0;
+#pragma unroll
+  for (int q = 1; q < kBgmvMaxSlices; ++q)
+    if (q < p.S && by >= p.tile_begin[q]) s = q;
+  const int j_tile = (by - p.tile_begin[s]) * kTile;
+  const int h_out = p.h_out[s];
+  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+
+  // The early exits of the FMA rules.
+  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (i == -1) {
+    bgmv_wait_prior_grid();
+    return;
+  }
+  const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if (rank <= 0) {
+    bgmv_wait_prior_grid();
+    if (rank < 0)
+      for (int j = j_tile + threadIdx.x; j < min(j_tile + kTile, h_out); j += kBgmvExpandThreads)
+        yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+    return;
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const int j0 = j_tile + warp * kBgmvMmaRowsPerWarp * NT + g;   // row of half 0, tile 0
+  const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
+  const int64_t b_stride_o = p.b_stride_o[s];
+
+  // B fragments first (every load in flight), masked past the rank: padded B may hold NaN.
+  uint4 a[NT][KB][2];
+#pragma unroll
+  for (int m = 0; m < NT; ++m)
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = j0 + m * kBgmvMmaRowsPerWarp + 8 * h;
+        const int rb = kb * 32 + 8 * q;
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (j < h_out && rb < rank)
+          u = __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * b_stride_o + rb));
+        if (rb + 8 > rank) {                          // the rank ends inside this vector
+          const int n = rank - rb;                      // elements to keep, < 8
+          uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            w[e] = 2 * e + 2 <= n ? w[e] : (2 * e + 1 == n ? (w[e] & 0xffffu) : 0u);
+        }
+        a[m][kb][h] = u;
+      }
+  // y of rows g and g + 8 of each tile (lane q == 0 stores them), before the wait.
+  float yv[NT][2];
+#pragma unroll
+  for (int m = 0; m < NT; ++m)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = j0 + m * kBgmvMmaRowsPerWarp + 8 * h;
+      yv[m][h] = (q == 0 && j < h_out) ? Ty::to_float(yrow[j]) : 0.f;
+    }
+  const float sc = p.scale[i];
+  bgmv_wait_prior_grid();
+
+  // v fragments, built once per block in shared memory: component c (c < 3) of v at the
+  // 8 ranks of chunk k (the n_split partial sums added in the FMA rules' order, 0 past the
+  // rank) as 4 bf16 pairs; lane (g, q) then reads component g at chunk 4 kb + q.
+  __shared__ uint4 v_frag[3][4 * KB];
+  for (int w = threadIdx.x; w < 3 * 4 * KB; w += kBgmvExpandThreads) {
+    const int c = w / (4 * KB), k = w % (4 * KB);
+    const float* pv = p.v + t * p.v_stride_t + s * p.v_stride_s + 8 * k;
+    float f[8];                                         // 8 loads in flight, then the rest
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = 8 * k + e < rank ? pv[e] : 0.f;
+    for (int z = 1; z < p.n_split; ++z)
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        if (8 * k + e < rank) f[e] += pv[e + z * p.v_stride_split];
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      for (int cc = 0; cc < c; ++cc) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
+    v_frag[c][k] = make_uint4(bgmv_pack_bf16x2(f[0], f[1]), bgmv_pack_bf16x2(f[2], f[3]),
+                              bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
+  }
+  __syncthreads();
+
+  // MMAs (fp32 accumulators: rows g / g + 8, columns 2q / 2q + 1), then the column sum
+  // 0 + 1 + 2 + 3 (lanes q = 0, 1; the rest are zero), then y += scale * sum.
+#pragma unroll
+  for (int m = 0; m < NT; ++m) {
+    float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      const uint4 bv = g < 3 ? v_frag[g][4 * kb + q] : make_uint4(0u, 0u, 0u, 0u);
+      const uint4& r0 = a[m][kb][0];
+      const uint4& r1 = a[m][kb][1];
+      bgmv_mma_bf16_16816(d, r0.x, r1.x, r0.y, r1.y, bv.x, bv.y);
+      bgmv_mma_bf16_16816(d, r0.z, r1.z, r0.w, r1.w, bv.z, bv.w);
+    }
+    float s0 = d[0] + d[1], s1 = d[2] + d[3];
+    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+    if (q == 0) {
+      const int j = j0 + m * kBgmvMmaRowsPerWarp;
+      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, s0, yv[m][0]));
+      if (j + 8 < h_out) yrow[j + 8] = Ty::from_float(fmaf(sc, s1, yv[m][1]));
+    }
+  }
+}
+
 template <typename T, int J>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvPairMinBlocksPerSM)
 _bgmv_expand_pair_kernel(const BgmvExpandParams p) {
@@ -883,13 +1047,17 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// Fills tile_begin for J = outs output columns per lane; returns the total tile count.
-inline int bgmv_fill_tiles(BgmvExpandParams& p, int outs) {
-  const int tile = (kBgmvExpandThreads / 32) * (32 >> p.log2_group) * outs;
+// Fills tile_begin for tiles of `tile` output columns; returns the total tile count.
+inline int bgmv_fill_tiles_of(BgmvExpandParams& p, int tile) {
   p.tile_begin[0] = 0;
   for (int s = 0; s < p.S; ++s) p.tile_begin[s + 1] = p.tile_begin[s] + (p.h_out[s] + tile - 1) / tile;
   for (int s = p.S; s < kBgmvMaxSlices; ++s) p.tile_begin[s + 1] = p.tile_begin[s];
   return p.tile_begin[p.S];
+}
+
+// The same for J = outs output columns per lane of the FMA expand.
+inline int bgmv_fill_tiles(BgmvExpandParams& p, int outs) {
+  return bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * (32 >> p.log2_group) * outs);
 }
 
 // Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin
@@ -903,9 +1071,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
-  if (p.tile_rule != kBgmvTileRuleClassic && p.tile_rule != kBgmvTileRuleResidency &&
-      p.tile_rule != kBgmvTileRuleRank && p.tile_rule != kBgmvTileRulePairs)
-    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (pairs)";
+  if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMma)
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank), 3 (pairs) or 4 (mma)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -958,12 +1125,66 @@ inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
   return kBgmvExpandOuts;
 }
 
+// PTX version of Kernel's code (e.g. 90), queried once; 0 if the query fails.
+template <auto Kernel>
+int bgmv_kernel_ptx() {
+  static const int ptx_version = [] {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
+    (void)cudaGetLastError();
+    return 0;
+  }();
+  return ptx_version;
+}
+
+// Rule "mma": bf16 with 16-byte B loads on sm_80+ code; anything else runs as rule "rank".
+// KB = 32-wide rank blocks of r_max; NT (16-row tiles per warp, <= 4 / KB: 32 registers of
+// B fragments) as rule "residency" sizes J: the smallest whose grid has at most
+// kBgmvExpandMaxBlocks blocks, else the largest.
+constexpr int bgmv_mma_tile(int nt) { return (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * nt; }
+
+template <int KB>
+const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
+  constexpr int kMaxNT = 4 / KB;
+  int nt = 1;
+  while (nt < kMaxNT &&
+         static_cast<int64_t>(p.T) * bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)) > kBgmvExpandMaxBlocks)
+    nt *= 2;
+  const dim3 grid(p.T, bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)));
+  constexpr int kThreads = kBgmvExpandThreads, kNT2 = kMaxNT < 2 ? kMaxNT : 2;
+  const cudaError_t err =
+      nt == 1   ? bgmv_launch<_bgmv_expand_mma_kernel<KB, 1>>(grid, kThreads, stream, p)
+      : nt == 2 ? bgmv_launch<_bgmv_expand_mma_kernel<KB, kNT2>>(grid, kThreads, stream, p)
+                : bgmv_launch<_bgmv_expand_mma_kernel<KB, kMaxNT>>(grid, kThreads, stream, p);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <typename T>
+const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t stream,
+                                   bool* launched) {
+  *launched = false;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1, 1>>() < 80) return nullptr;
+    *launched = true;
+    if (p.r_max <= 32) return bgmv_expand_mma_run<1>(p, stream);
+    if (p.r_max <= 64) return bgmv_expand_mma_run<2>(p, stream);
+    return bgmv_expand_mma_run<4>(p, stream);
+  }
+  return nullptr;
+}
+
 template <typename T>
 const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int VEC = BgmvType<T>::kVec;
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
+  if (p.tile_rule == kBgmvTileRuleMma) {
+    bool launched = false;
+    const char* err = bgmv_expand_mma_launch<T>(p, vec, stream, &launched);
+    if (launched || err) return err;
+    p.tile_rule = kBgmvTileRuleRank;
+  }
   const int outs = bgmv_expand_outs(p, vec);
   const dim3 grid(p.T, p.tile_begin[p.S]);
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK

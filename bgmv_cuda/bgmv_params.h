@@ -28,6 +28,9 @@ constexpr int kBgmvTileRuleClassic = 0;
 constexpr int kBgmvTileRuleResidency = 1;
 constexpr int kBgmvTileRuleRank = 2;
 constexpr int kBgmvTileRulePairs = 3;
+// "mma" (opt-in, PERF_LOG v16): the expand on the tensor cores (bf16, 16-byte B loads,
+// sm_80+; anything else runs as "rank"), v split in three bf16 parts (fp32-exact).
+constexpr int kBgmvTileRuleMma = 4;
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };

@@ -174,15 +174,18 @@ def binding_check(cxx: Optional[str] = None, nvcc: Optional[str] = None,
 
 
 def demangle_short(name: str) -> str:
-    """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>."""
-    m = re.match(r"_Z\d+_bgmv_(shrink|shrink_pair|expand|expand_pair|fused)_kernelI(.*)Ev", name)
+    """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>;
+    the bf16-only tensor-core expand has no dtype argument: expand_mma<KB, NT>."""
+    m = re.match(r"_Z\d+_bgmv_(shrink|shrink_pair|expand|expand_pair|expand_mma|fused)_kernelI(.*)Ev",
+                 name)
     if not m:
         return name
     args = m.group(2)
-    dtype = next((d for d in ("__half", "__nv_bfloat16") if d in args), "float")
+    dtype = [] if m.group(1) == "expand_mma" else \
+        [next((d for d in ("__half", "__nv_bfloat16") if d in args), "float")]
     ints = re.findall(r"Li(\d+)E", args)
     flags = ["true" if b == "1" else "false" for b in re.findall(r"Lb([01])E", args)]
-    return f"{m.group(1)}<{', '.join([dtype] + ints + flags)}>"
+    return f"{m.group(1)}<{', '.join(dtype + ints + flags)}>"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,9 +19,10 @@ writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_pairs` fix the expand's tile rule
-("classic", "residency", "rank": residency's J with each token's lane groups sized by its
-adapter's rank, PERF_LOG v10; "pairs": two tokens of one adapter per block, PERF_LOG v15;
+`cuda_classic`, `cuda_tiles`, `cuda_rank`, `cuda_pairs` and `cuda_mma` fix the expand's tile
+rule ("classic", "residency", "rank": residency's J with each token's lane groups sized by
+its adapter's rank, PERF_LOG v10; "pairs": two tokens of one adapter per block, PERF_LOG
+v15; "mma": the bf16 expand on the tensor cores, PERF_LOG v16;
 see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
 before it, from v5). In plots/bgmv_tiles_h200.json `cuda` is the classic rule, in
@@ -42,7 +43,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_pairs", "triton"]
+                 "cuda_tiles", "cuda_rank", "cuda_pairs", "cuda_mma", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +102,7 @@ def main(args: argparse.Namespace) -> list:
            "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
            "cuda_rank": lambda *a: bc.bgmv_lora(*a, tiles="rank"),
            "cuda_pairs": lambda *a: bc.bgmv_lora(*a, tiles="pairs"),
+           "cuda_mma": lambda *a: bc.bgmv_lora(*a, tiles="mma"),
            "triton": lambda *a: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}

@@ -39,8 +39,8 @@ def test_compile_check_sm80_sm90_no_spills():
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
     # 1-element x {J = 1, 4}, rule "pairs" (shrink, expand J = 4), fused 16-byte /
-    # 1-element) x 2 archs
-    assert len(kernels) == 78 and len(names) == 78, sorted(names)
+    # 1-element) x 2 archs, + rule "mma"'s 6 (bf16 only: KB x NT with KB NT <= 4) x 2 archs
+    assert len(kernels) == 90 and len(names) == 90, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -50,14 +50,20 @@ def test_compile_check_sm80_sm90_no_spills():
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
             assert (f"expand_pair<{dt}, 4>", arch) in names
             assert (f"shrink_pair<{dt}>", arch) in names
+        assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
+            {f"expand_mma<{kb}, {nt}>" for kb in (1, 2, 4) for nt in (1, 2, 4) if kb * nt <= 4}
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
-        # the pair kernel (128, 6): 80 (the allocation granule below 85)
-        limit = 128 if "fused" in k.kernel else 80 if "pair" in k.kernel else 64
+        # the pair and mma kernels (128, 6): 80 (the allocation granule below 85)
+        limit = 128 if "fused" in k.kernel else 80 if "pair" in k.kernel or "mma" in k.kernel \
+            else 64
         assert 0 < k.registers <= limit, k
         if "shrink_pair" in k.kernel:   # both tokens' per-warp sums, + the scan's 2 ints
             assert k.smem_bytes == 2 * 4 * 4 * 4 + 8, k
+        elif "mma" in k.kernel:         # v's 3 bf16 parts: 3 x 4 KB 16-byte fragments
+            kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])
+            assert k.smem_bytes == 3 * 4 * kb * 16, k
         elif "pair" in k.kernel:        # y of both tokens in shared memory, + 2 ints
             size = 4 if "kernelIf" in k.kernel else 2
             assert k.smem_bytes == 2 * 4 * 128 * size + 8, k
@@ -287,8 +293,9 @@ def test_python_limits_match_cpp_constants():
     assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
         (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
-            c["kBgmvTileRulePairs"]] == [bc.EXPAND_TILE_RULES.index(r) for r in
-                                         ("classic", "residency", "rank", "pairs")]
+            c["kBgmvTileRulePairs"], c["kBgmvTileRuleMma"]] == \
+        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "pairs", "mma")]
+    assert c["kBgmvMmaRowsPerWarp"] == bc.MMA_ROWS_PER_WARP
     assert c["kBgmvPairMaxT"] == bc.PAIR_MAX_T
     # output columns per expand block, as bgmv_kernel.cuh's comment states them
     B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
@@ -952,8 +959,24 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
                 err, outs[tiles] = _variant_check(inp, idx, variant=variant, tiles=tiles)
                 assert err < TOLERANCE[dtype], f"{variant} {tiles} {dtype}: rel err {err:.2e}"
             for tiles in bc.EXPAND_TILE_RULES[1:]:
+                if tiles == "mma" and dtype == torch.bfloat16:   # another fp32 sum order
+                    assert_mma_close(outs[tiles], outs["classic"], inp["y"])
+                    continue
                 assert torch.equal(outs["classic"].view(bits), outs[tiles].view(bits)), \
                     f"{variant} {dtype} {tiles}: the rules differ"
+
+
+def assert_mma_close(got: torch.Tensor, fma: torch.Tensor, y0: torch.Tensor) -> None:
+    """Rule "mma" against an FMA rule on the same inputs: both are fp32 sums of the same
+    exact products in another order, rounded once to bf16, so they may differ by one bf16
+    rounding step (2^-8 relative) where the fp32 sums straddle a rounding boundary, plus
+    the fp32 reordering error (~2^-20 of the terms' size), never more; NaN rows match."""
+    assert torch.equal(torch.isnan(got), torch.isnan(fma))
+    ok = ~torch.isnan(fma)
+    a, b, y = got[ok].double(), fma[ok].double(), y0[ok].double()
+    bound = 2.0**-8 * b.abs() + 2.0**-16 * (y.abs() + (b - y).abs()) + 1e-30
+    assert ((a - b).abs() <= bound).all(), float(((a - b).abs() / bound).max())
+    assert (a != b).double().mean() < 0.05                  # most sums round the same
 
 
 def _launched_expand_j(call, rank_flag: bool = False, kernel: str = "_bgmv_expand_kernel") -> list:
@@ -986,6 +1009,11 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
         args = (inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"])
         for k, tiles in enumerate(bc.EXPAND_TILE_RULES):
             call = lambda: bc.bgmv_lora(*args, tiles=tiles)          # noqa: E731
+            if tiles == "mma" and r % 8 == 0:                        # bf16: its own kernel
+                nt, _ = bc.expand_mma_tiles(_b_slices(h_out, r), T, r)
+                assert _launched_expand_j(call, kernel="_bgmv_expand_mma_kernel") == [nt]
+                assert _launched_expand_j(call) == []
+                continue
             if tiles == "pairs" and r % 8 == 0:                      # its own kernel, J = 4
                 assert _launched_expand_j(call, kernel="_bgmv_expand_pair_kernel") == [4]
                 assert _launched_expand_j(call) == []
@@ -1061,6 +1089,72 @@ def test_pairs_rule_bitwise_equal_on_every_pairing(kind):
         y = inp["y"].clone()
         assert _launched_expand_j(lambda: bc.bgmv_lora(y, *args, tiles="pairs"),
                                   kernel="_bgmv_expand_pair_kernel") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["distinct", "identical", "slices", "ranks", "bad_idx",
+                                  "int64", "r128", "r96", "r8", "split"])
+def test_mma_rule_matches_rank_rule(kind):
+    """Rule "mma" (PERF_LOG v16) against rule "rank" on the same inputs and against the
+    float64 reference: one token per adapter, all on one adapter, q/k/v slices with h_out
+    not a multiple of 16 (partial m16 tiles), mixed ranks not multiples of 8 with NaN in
+    the padding (the masks), idx = -1 / out of range (untouched / NaN rows), int64 idx,
+    r_max 128 / 96 / 8 (KB = 4, 4 with a dead block, 1), split-K partial sums of v; half
+    and float run as "rank" (bitwise equal)."""
+    T, L, r, ranks, h_out = {
+        "distinct": (48, 48, 64, None, 2048), "identical": (64, 7, 16, None, 2048),
+        "slices": (33, 5, 32, None, [1000, 136, 136]),
+        "ranks": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032), "bad_idx": (40, 6, 32, None, 2048),
+        "int64": (64, 9, 16, None, 2048), "r128": (16, 4, 128, [128, 100, 7, 128], 4096),
+        "r96": (16, 4, 96, None, 512), "r8": (64, 7, 8, None, 4096),
+        "split": (24, 4, 64, [64, 40, 9, 64], 2048)}[kind]
+    g = torch.Generator().manual_seed(T + r)
+    if kind == "distinct":
+        idx = torch.randperm(L, generator=g)[:T]
+    elif kind == "identical":
+        idx = torch.full((T,), 3)
+    else:
+        idx = torch.randint(0, L, (T,), generator=g)
+    if kind == "bad_idx":
+        idx[::7] = -1
+        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
+    idx = idx.to(torch.int64 if kind == "int64" else torch.int32).cuda()
+    kw = {"variant": "split", "split_k": 4} if kind == "split" else {}
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+        outs = {}
+        for tiles in ("rank", "mma"):
+            outs[tiles] = inp["y"].clone()
+            bc.bgmv_lora(outs[tiles], *args, tiles=tiles, **kw)
+        if dtype == torch.bfloat16:
+            assert_mma_close(outs["mma"], outs["rank"], inp["y"])
+        else:
+            bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+            assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
+        ok = (idx >= 0) & (idx < L)
+        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                             inp["scale"], inp["ranks"])
+        assert relative_error(outs["mma"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
+        assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
+        if kind == "bad_idx":
+            assert torch.isnan(outs["mma"][idx >= L]).all()
+
+
+def test_expand_mma_tiles_mirror():
+    """Rule "mma"'s tiles (CPU mirror of bgmv_expand_mma_run): bf16 with 16-byte B rows only
+    (else None: the launcher runs rule "rank"); NT <= 4 / KB, the smallest whose grid has
+    at most EXPAND_MAX_BLOCKS blocks, else the largest."""
+    assert bc.expand_mma_tiles(_b_slices(4096, 64), 256, 64) == (2, 256 * 32)   # KB 2: NT <= 2
+    assert bc.expand_mma_tiles(_b_slices(4096, 16), 64, 16) == (4, 64 * 16)     # KB 1: NT <= 4
+    assert bc.expand_mma_tiles(_b_slices(4096, 16), 8, 16) == (1, 8 * 64)       # 512 blocks fit
+    assert bc.expand_mma_tiles(_b_slices(4096, 16), 16, 16) == (2, 16 * 32)
+    assert bc.expand_mma_tiles(_b_slices(4096, 128), 256, 128) == (1, 256 * 64)  # KB 4: NT 1
+    assert bc.expand_mma_tiles(_b_slices([4096, 1024, 1024], 16), 1, 16) == (1, 64 + 16 + 16)
+    assert bc.expand_mma_tiles(_b_slices(4096, 16, torch.float16), 64, 16) is None
+    assert bc.expand_mma_tiles(_b_slices(4096, 12), 64, 12) is None             # 24-byte rows
+    assert bc.expand_outs(_b_slices(4096, 16), 64, 16, 4) == bc.expand_outs(_b_slices(4096, 16), 64, 16, 2)
+    assert bc.expand_tile_rule("mma") == 4
 
 
 @pytest.mark.skipif(cc.find_cuda_include() is None or shutil.which("g++") is None,
