@@ -260,6 +260,25 @@ def build_segments(idx: Tensor) -> tuple[Tensor, Tensor]:
     return seg_starts.to(idx.device), seg_adapter.to(idx.device)
 
 
+def build_chunks(idx: Tensor, size: int = 8) -> Tensor:
+    """Tokens grouped by adapter for bgmv_cuda's rule "mma": int32 [n_chunks, size] on idx's
+    device, each row up to `size` tokens (in index order) that share one idx value, -1
+    padded; every token with idx != -1 is in exactly one row. Reads idx on the host: call
+    it where the assignment is known (make_meta does)."""
+    idx_h = idx.detach().to("cpu", torch.int64)
+    rows = []
+    for a in torch.unique(idx_h).tolist():
+        if a == -1:
+            continue
+        tok = torch.nonzero(idx_h == a).flatten()
+        for c in range(0, tok.numel(), size):
+            row = torch.full((size,), -1, dtype=torch.int32)
+            row[:min(size, tok.numel() - c)] = tok[c:c + size].to(torch.int32)
+            rows.append(row)
+    out = torch.stack(rows) if rows else torch.empty((0, size), dtype=torch.int32)
+    return out.to(idx.device)
+
+
 def idx_from_segments(seg_starts: Tensor, seg_adapter: Tensor) -> Tensor:
     """Inverse of build_segments: idx [T] int64 (SGMV's semantics are BGMV's on this idx)."""
     lens = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
@@ -278,6 +297,8 @@ class LoraMeta:
     groups: list[tuple[int, Tensor]] = field(default_factory=list)
     # cheat_bmm: A[idx], B[idx] gathered outside the timed region
     gathered: Optional[tuple] = None
+    # bgmv_cuda (tile rule "mma"): tokens grouped by adapter, build_chunks(idx)
+    chunks: Optional[Tensor] = None
 
 
 def make_meta(idx: Tensor) -> LoraMeta:
@@ -290,7 +311,7 @@ def make_meta(idx: Tensor) -> LoraMeta:
             groups.append((a, torch.nonzero(idx_h == a).flatten().to(idx.device)))
     return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts, seg_adapter=seg_adapter,
                     num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
-                    groups=groups)
+                    groups=groups, chunks=build_chunks(idx))
 
 
 def make_static_meta(T: int, device: Union[str, torch.device], max_seg_len: Optional[int] = None,

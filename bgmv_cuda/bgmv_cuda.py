@@ -118,6 +118,8 @@ EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 b
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
 EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs", "mma")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
+CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
+MMA_MAX_SPLIT = 8           # rule "mma"'s chunked shrink: at most this many K splits
 PAIR_MAX_T = 1024           # kBgmvPairMaxT: rule "pairs" runs its own kernels up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -202,14 +204,15 @@ def _run(fn: str, *args) -> None:
 # The custom ops (run under torch.compile and in CUDA graphs; the fakes say: in place only).
 @torch.library.custom_op("multilora::bgmv_cuda_shrink", mutates_args=("v",))
 def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor,
-               pdl: bool = False, pairs: bool = False) -> None:
-    _run("shrink", x, A, idx, ranks, v, pdl, pairs)
+               pdl: bool = False, pairs: bool = False, chunks: Optional[Tensor] = None) -> None:
+    _run("shrink", x, A, idx, ranks, v, pdl, pairs, chunks)
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
 def _expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-               ranks: Optional[Tensor], pdl: bool = False, tile_rule: int = 1) -> None:
-    _run("expand", y, v, list(B), idx, scale, ranks, pdl, tile_rule)
+               ranks: Optional[Tensor], pdl: bool = False, tile_rule: int = 1,
+               chunks: Optional[Tensor] = None) -> None:
+    _run("expand", y, v, list(B), idx, scale, ranks, pdl, tile_rule, chunks)
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_fused", mutates_args=("y", "v", "counters"))
@@ -219,12 +222,12 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
 
 
 @_shrink_op.register_fake
-def _(x, A, idx, ranks, v, pdl=False, pairs=False) -> None:
+def _(x, A, idx, ranks, v, pdl=False, pairs=False, chunks=None) -> None:
     return None
 
 
 @_expand_op.register_fake
-def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1) -> None:
+def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1, chunks=None) -> None:
     return None
 
 
@@ -563,9 +566,45 @@ def _resolve_split(split_k: Optional[int], x: Tensor, A4: Tensor) -> int:
                         num_sms)
 
 
+def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
+    """chunks (rule "mma"): None, or int32 [n_chunks, CHUNK_TOKENS] contiguous on idx's
+    device; with MULTILORA_CHECK=1 also its values (a host sync): every token with
+    idx != -1 in exactly one row, the rows' tokens sharing one idx value, -1 padding last."""
+    if chunks is None:
+        return
+    if not isinstance(chunks, Tensor) or chunks.dtype != torch.int32 or chunks.dim() != 2 \
+            or chunks.shape[1] != CHUNK_TOKENS or not chunks.is_contiguous() \
+            or chunks.device != idx.device:
+        _fail("chunks", f"a contiguous int32 [n_chunks, {CHUNK_TOKENS}] tensor on {idx.device}",
+              chunks if not isinstance(chunks, Tensor) else
+              f"{chunks.dtype} {tuple(chunks.shape)} on {chunks.device}")
+    if debug_checks():
+        c, i = chunks.cpu().long(), idx.cpu().long()
+        live = c >= 0
+        toks = c[live]
+        want = torch.nonzero(i != -1).flatten()
+        ok = toks.numel() == want.numel() and torch.equal(toks.sort().values, want) and \
+            bool((live.int().diff(dim=1) <= 0).all()) and bool(live[:, 0].all())
+        ok = ok and all(int(torch.unique(i[row[row >= 0]]).numel()) == 1 for row in c)
+        if not ok:
+            _fail("chunks", "each token with idx != -1 once, one idx value per row, -1 padding "
+                  "last (multilora_impl.build_chunks)", c.tolist())
+
+
+def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
+    """K splits of rule "mma"'s chunked shrink: enough blocks for SPLIT_BLOCKS_PER_SM per SM
+    (grid n_chunks x S ceil(r_max / 16) x split), each warp at least one 32-wide K step
+    (h_in / 128 splits at most) and at most MMA_MAX_SPLIT (the expand adds the partial
+    sums, MMA_MAX_SPLIT loads in flight per v element)."""
+    blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
+    want = -(-SPLIT_BLOCKS_PER_SM * num_sms // blocks)
+    return max(1, min(want, MMA_MAX_SPLIT, h_in // 128))
+
+
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 v: Optional[Tensor] = None, *, split_k: Optional[int] = 1,
-                pdl: Optional[bool] = None, pairs: bool = False) -> Tensor:
+                pdl: Optional[bool] = None, pairs: bool = False,
+                chunks: Optional[Tensor] = None) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
     split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
@@ -575,8 +614,12 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     kernel before reading anything).
     pairs: tile rule "pairs"'s shrink (PERF_LOG v15): the first of each two tokens of one
     adapter computes both tokens' v from one read of A (T <= PAIR_MAX_T; bitwise the same v).
+    chunks: tokens grouped by adapter (multilora_impl.build_chunks): in bf16 on sm_80+ the
+    tensor-core shrink of rule "mma" (one read of A per chunk, 16 rank rows per block);
+    other dtypes ignore it.
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
+    check_chunks(chunks, idx)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, A4.shape[1], ranks, A4.shape[2])
     n_split = _resolve_split(split_k, x, A4)
@@ -587,28 +630,34 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
                         device=x.device)                              # [n_split, T, S, r_max]
     torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v,
                                          pdl_enabled(x.device) if pdl is None else pdl,
-                                         bool(pairs))
+                                         bool(pairs), chunks)
     return v
 
 
 def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
                 ranks: Optional[Tensor] = None, *, pdl: bool = False,
-                tiles: Optional[str] = None) -> None:
+                tiles: Optional[str] = None, chunks: Optional[Tensor] = None) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
     idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
     none of them).
-    tiles: outputs-per-lane rule, "classic", "residency", "rank" or "pairs" (expand_outs);
-    None = $MULTILORA_EXPAND_TILES. Bitwise the same result every way.
+    tiles: outputs-per-lane rule, "classic", "residency", "rank" or "pairs" (expand_outs),
+    bitwise the same result every way, or "mma" (tensor cores, bf16; the same up to the
+    order of the fp32 sum); None = $MULTILORA_EXPAND_TILES.
+    chunks (rule "mma" only): tokens grouped by adapter (build_chunks): one block per
+    (chunk, tile), each B tile read once per chunk.
     Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
     tile_rule = expand_tile_rule(tiles)
+    if chunks is not None and EXPAND_TILE_RULES[tile_rule] != "mma":
+        _fail("chunks", 'None unless tiles is "mma"', "a tensor")
+    check_chunks(chunks, idx)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
     ensure_loaded()
-    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl, tile_rule)
+    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl, tile_rule, chunks)
 
 
 _COUNTERS: dict = {}
@@ -633,7 +682,10 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
               split_k: Optional[int] = None, pdl: Optional[bool] = None,
               tiles: Optional[str] = None) -> None:
     """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
-    reads idx directly) and is ignored.
+    reads idx directly); under tile rule "mma" its `chunks` (multilora_impl.build_chunks,
+    built by make_meta), when present, group the tokens by adapter: both kernels then run
+    one block per chunk of up to 8 tokens of one adapter on the tensor cores (bf16; the
+    shrink split along h_in by mma_split), each adapter's weights read once per chunk.
 
     variant (the registry uses "default"). Measured on the H200 (bf16, h 4096, r 16;
     plots/bgmv_variants_h200.json, `python bgmv_cuda/run_bgmv_cuda.py --variants`),
@@ -659,6 +711,17 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     pairs = tiles == "pairs"       # its shrink too: both halves read each adapter once per pair
+    chunks = getattr(meta, "chunks", None) if tiles == "mma" else None
+    if chunks is not None and variant in ("default", "split"):   # tokens grouped by adapter
+        if variant == "default" or not split_k:
+            num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
+                       if x.device.type == "cuda" else DEFAULT_NUM_SMS)
+            n_split = mma_split(chunks.shape[0], A4.shape[0], A4.shape[2], x.shape[1], num_sms)
+        else:
+            n_split = _resolve_split(split_k, x, A4)
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, chunks=chunks)
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, chunks=chunks)
+        return
     if variant == "default":
         v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl, pairs=pairs)   # [T, S, r_max] fp32
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)

@@ -2,10 +2,11 @@
 //
 // Python functions of the module (bgmv_cuda.py wraps each in a torch custom op of the same
 // name, multilora::bgmv_cuda_*, with its fake impl; CUDA tensors only):
-//   shrink(x, A, idx, ranks, v, pdl, pairs) -> str   (pairs: tile rule "pairs"'s kernel)
+//   shrink(x, A, idx, ranks, v, pdl, pairs, chunks) -> str   (pairs: tile rule "pairs"'s
+//       kernel; chunks: rule "mma"'s tokens grouped by adapter, bf16 on the tensor cores)
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
-//   expand(y, v, B, idx, scale, ranks, pdl, tile_rule) -> str
+//   expand(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
 //       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank),
@@ -215,10 +216,40 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   return {};
 }
 
+// chunks (rule "mma"): int32 [n_chunks, 8] on x's device, contiguous; the tokens of each
+// chunk share one idx value and every token with idx != -1 is in one chunk (not checked
+// here: bgmv_cuda.py builds and, with MULTILORA_CHECK=1, checks them).
+static std::string check_chunks(const char* op, const std::optional<at::Tensor>& chunks,
+                                const at::Tensor& like, const int** ptr, int* n) {
+  *ptr = nullptr;
+  *n = 0;
+  if (!chunks.has_value()) return {};
+  BGMV_TRY(check_device(op, "chunks", *chunks, like));
+  BGMV_CHECK(chunks->scalar_type() == at::kInt && chunks->dim() == 2 &&
+                 chunks->size(1) == kBgmvChunkTokens && chunks->is_contiguous() &&
+                 chunks->size(0) <= kIntMax, op,
+             ": chunks: expected a contiguous int32 [n_chunks, ", kBgmvChunkTokens, "], got ",
+             chunks->scalar_type(), " sizes ", dims_str(chunks->sizes()));
+  *ptr = chunks->data_ptr<int>();
+  *n = static_cast<int>(chunks->size(0));
+  return {};
+}
+
 std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                              const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl,
-                             bool pairs) {
-  return shrink_impl(x, A, idx, ranks, v, pdl, pairs, nullptr, "multilora::bgmv_cuda_shrink");
+                             bool pairs, const std::optional<at::Tensor>& chunks) {
+  const char* op = "multilora::bgmv_cuda_shrink";
+  if (!chunks.has_value()) return shrink_impl(x, A, idx, ranks, v, pdl, pairs, nullptr, op);
+  BgmvShrinkParams p{};
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, pdl, pairs, &p, op));
+  BGMV_TRY(check_chunks(op, chunks, x, &p.chunks, &p.n_chunks));
+  if (x.size(0) == 0) return {};
+  BgmvDtype dt;
+  BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
+  const c10::cuda::CUDAGuard guard(x.device());
+  const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
+  BGMV_CHECK(err.empty(), op, ": ", err);
+  return {};
 }
 
 static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
@@ -318,9 +349,21 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
 std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vector<at::Tensor>& B,
                              const at::Tensor& idx, const at::Tensor& scale,
                              const std::optional<at::Tensor>& ranks, bool pdl,
-                             int64_t tile_rule) {
-  return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, nullptr,
-                     "multilora::bgmv_cuda_expand");
+                             int64_t tile_rule, const std::optional<at::Tensor>& chunks) {
+  const char* op = "multilora::bgmv_cuda_expand";
+  if (!chunks.has_value()) return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, nullptr, op);
+  BGMV_CHECK(tile_rule == kBgmvTileRuleMma, op, ": chunks: only with tile_rule ",
+             kBgmvTileRuleMma, " (mma), got ", tile_rule);
+  BgmvExpandParams p{};
+  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, &p, op));
+  BGMV_TRY(check_chunks(op, chunks, y, &p.chunks, &p.n_chunks));
+  if (y.size(0) == 0) return {};
+  BgmvDtype dt;
+  BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
+  const c10::cuda::CUDAGuard guard(y.device());
+  const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
+  BGMV_CHECK(err.empty(), op, ": ", err);
+  return {};
 }
 
 // One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid

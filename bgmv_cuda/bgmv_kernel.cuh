@@ -637,25 +637,28 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Tile rule "mma" (PERF_LOG v16): the expand on the tensor cores, bf16 only.  Why: ncu
-// (H200, 128 distinct adapters, r 64, T 256) found the FMA expand issue-bound, not memory
-// bound: 78% of issue slots, 32 M warp instructions for 2.4 M FMAs (bf16 unpacking, the
-// rank select, shuffles), DRAM at 37%.  One mma.sync m16n8k16 does a warp's 16 rows x 16
-// ranks with no unpacking, so the same bytes take ~10x fewer instructions.
-// Each warp owns NT tiles of 16 output rows j; per 32-wide rank block kb, lane (g, q)
-// (g = lane / 4, q = lane % 4) loads 16 bytes = ranks kb*32 + 8q .. +7 of rows g and g + 8
-// of the tile, and these are the A fragments of two MMAs: the mma's k slots 2q, 2q+1,
-// 2q+8, 2q+9 (the ones this lane supplies) stand for ranks 8q+0..3 in the first, 8q+4..7
-// in the second.  The sum over k does not care which rank a slot stands for, as long as
-// the B fragment (v) uses the same map, and lane (g, q) supplies exactly those slots of
-// column g.  So no shuffle or shared memory is needed to build fragments.
-// v stays fp32-exact: column 0 holds bf16(v), column 1 bf16 of the remainder, column 2
-// bf16 of what is left (3 x 8 bits of mantissa: v to about 2^-24 relative, like fp32), the
-// products are exact and the tensor core adds them in fp32; columns 3-7 are zero.  So the
-// result differs from the FMA rules only in the order and rounding of the fp32 sum.
-// fp16 would overflow the split where |v| > 65504, so half and float run as rule "rank".
-// KB: rank blocks of 32 (r_max <= 32 KB); B fragments take 8 NT KB registers.
+// Tile rule "mma" (PERF_LOG v16, v17): bf16 on the tensor cores, per chunk of tokens that
+// share an adapter.  Why: ncu (H200, 128 distinct adapters, r 64, T 256) found the FMA
+// expand issue-bound (78% of issue slots, 32 M warp instructions for 2.4 M FMAs), and the
+// batch-256 point (two tokens per adapter) 1.5x slower than batch 128 (one each) on the
+// same DRAM bytes: every token re-reads its adapter from L2.  mma.sync m16n8k16 needs no
+// unpacking, and its 8 columns serve several tokens from one load of the weights.
+// Chunks (BgmvShrinkParams / BgmvExpandParams::chunks): chunks[c * 8 + k], k < 8, are the
+// tokens of chunk c, all with one idx value, -1 padded (host-built, once per batch:
+// bgmv_cuda.mma_chunks); nullptr: chunk c is token c alone.
+// Fragments: lane (g, q) (g = lane / 4, q = lane % 4) loads 16 bytes = elements 8q .. 8q+7
+// of a 32-wide K step, of two rows (g and g + 8) of the MMA's A operand; these are its A
+// fragments for two MMAs: the k slots 2q, 2q+1, 2q+8, 2q+9 (the ones this lane supplies)
+// stand for elements 8q+0..3 in the first, 8q+4..7 in the second.  The sum over k does
+// not care which element a slot stands for as long as the B operand uses the same map, and
+// lane (g, q) supplies exactly those slots of B's column g: no shuffle, no shared memory.
 // ---------------------------------------------------------------------------------------
+constexpr int kBgmvMmaRowsPerWarp = 16;   // the MMA's 16 rows
+// 6 blocks / SM (80 registers): at 8 (64) the 32 registers of B fragments spilled 36-44
+// bytes (ptxas, sm_90).  6 x 128 threads x 128 bytes of B is still ~96 KB in flight per SM.
+constexpr int kBgmvMmaMinBlocksPerSM = 6;
+constexpr int kBgmvMmaShrinkUnroll = 4;   // 32-wide K steps in flight per warp (12 loads)
+
 __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1,
                                                     uint32_t a2, uint32_t a3, uint32_t b0,
                                                     uint32_t b1) {
@@ -666,7 +669,7 @@ __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
-  __trap();  // never launched: the launcher requires PTX >= sm_80 for this rule
+  __trap();  // never launched: the launchers require PTX >= sm_80 for these kernels
 #endif
 }
 
@@ -676,11 +679,99 @@ __device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-constexpr int kBgmvMmaRowsPerWarp = 16;
-// 6 blocks / SM (80 registers): at 8 (64) the 32 registers of B fragments spilled 36-44
-// bytes (ptxas, sm_90).  6 x 128 threads x 128 bytes of B is still ~96 KB in flight per SM.
-constexpr int kBgmvMmaMinBlocksPerSM = 6;
+// Token k of chunk c (-1 past its count), and the count (>= 1 for chunk lists built by
+// mma_chunks; 0 for padding chunks).  Read where needed (L1 hits): an array indexed by
+// lane-dependent k would live in local memory.
+__device__ __forceinline__ int bgmv_chunk_token(const int* chunks, int c, int k) {
+  return chunks ? __ldg(chunks + c * kBgmvChunkTokens + k) : (k == 0 ? c : -1);
+}
 
+__device__ __forceinline__ int bgmv_chunk_size(const int* chunks, int c) {
+  int n = 0;
+#pragma unroll
+  for (int k = 0; k < kBgmvChunkTokens; ++k) n += bgmv_chunk_token(chunks, c, k) >= 0;
+  return n;
+}
+
+// Shrink: v[t, s, r0 + row] for the tokens t of chunk c (the MMA's columns, x exact in
+// bf16), 16 rank rows per block (the MMA's rows: A rows past the rank are never loaded);
+// the 4 warps split the block's K range in 32-wide steps, their partial sums are added in
+// warp order through shared memory.  Grid: x = chunk, y = (slice, 16-row tile), z = split.
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMmaMinBlocksPerSM)
+_bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
+  bgmv_wait_prior_grid();
+  bgmv_let_next_grid_launch();
+  using T = __nv_bfloat16;
+  constexpr int U = kBgmvMmaShrinkUnroll, NWARPS = kBgmvShrinkThreads / 32;
+  const int row_tiles = (p.r_max + kBgmvMmaRowsPerWarp - 1) / kBgmvMmaRowsPerWarp;
+  const int s = blockIdx.y / row_tiles, r0 = (blockIdx.y % row_tiles) * kBgmvMmaRowsPerWarp;
+  const int c = blockIdx.x;
+  const int n = bgmv_chunk_size(p.chunks, c);
+  if (n == 0) return;
+  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, bgmv_chunk_token(p.chunks, c, 0));
+  if (i < 0 || i >= p.L) return;                       // the expand flags bad ones with NaN
+  const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if (rank <= r0) return;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, q = lane & 3;
+  const bool row0 = r0 + g < rank, row1 = r0 + g + 8 < rank;
+  const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l;
+  const uint4* a0 = reinterpret_cast<const uint4*>(a_tile + (row0 ? r0 + g : 0) * p.a_stride_r);
+  const uint4* a1 = reinterpret_cast<const uint4*>(a_tile + (row1 ? r0 + g + 8 : 0) * p.a_stride_r);
+  const bool has_x = g < n;
+  const uint4* xg = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) +
+                                                   static_cast<int64_t>(has_x ? bgmv_chunk_token(p.chunks, c, g) : 0) * p.x_stride_t);
+
+  // This split's 16-byte vectors [vb, ve) of h_in; warp w takes steps w, w + 4, ... of 4.
+  const int nvec_all = p.h_in / 8;
+  const int per_split = (nvec_all + p.n_split - 1) / p.n_split;
+  const int vb = blockIdx.z * per_split, ve = min(nvec_all, vb + per_split);
+  const int nsteps = (ve - vb + 3) / 4;
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int st = warp; st < nsteps; st += NWARPS * U) {
+    uint4 ra0[U], ra1[U], rx[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = vb + 4 * (st + NWARPS * u) + q;
+      const bool ok = st + NWARPS * u < nsteps && v < ve;
+      const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+      ra0[u] = ok && row0 ? __ldg(a0 + v) : z;
+      ra1[u] = ok && row1 ? __ldg(a1 + v) : z;
+      rx[u] = ok && has_x ? __ldg(xg + v) : z;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      bgmv_mma_bf16_16816(d, ra0[u].x, ra1[u].x, ra0[u].y, ra1[u].y, rx[u].x, rx[u].y);
+      bgmv_mma_bf16_16816(d, ra0[u].z, ra1[u].z, ra0[u].w, ra1[u].w, rx[u].z, rx[u].w);
+    }
+  }
+  // d: rows g / g + 8, columns (tokens) 2q / 2q + 1.
+  __shared__ float partial[NWARPS][kBgmvMmaRowsPerWarp][kBgmvChunkTokens];
+  partial[warp][g][2 * q] = d[0];
+  partial[warp][g][2 * q + 1] = d[1];
+  partial[warp][g + 8][2 * q] = d[2];
+  partial[warp][g + 8][2 * q + 1] = d[3];
+  __syncthreads();
+  const int row = threadIdx.x / kBgmvChunkTokens, k = threadIdx.x % kBgmvChunkTokens;
+  if (r0 + row < rank && k < n) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) sum += partial[w][row][k];
+    p.v[blockIdx.z * p.v_stride_split + static_cast<int64_t>(bgmv_chunk_token(p.chunks, c, k)) * p.v_stride_t +
+        s * p.v_stride_s + r0 + row] = sum;
+  }
+}
+
+// Expand: y[t, off_s + j] += scale[i] * v[t, s, :rank] @ B_s[i, j, :rank] for the tokens t
+// of chunk c.  B's 16-row tiles are the MMA's A operand, loaded once per block (NT tiles
+// per warp, KB 32-wide rank blocks); the tokens go through the B operand two at a time:
+// v stays fp32-exact as three bf16 parts (bf16(v), bf16 of the remainder, bf16 of what is
+// left: 3 x 8 bits of mantissa), columns 0-2 for the pair's first token, 4-6 for its
+// second, 3 and 7 zero; the products are exact and the tensor core adds them in fp32.  So
+// the result differs from the FMA rules only in the order and rounding of the fp32 sum.
+// (fp16 would overflow the split where |v| > 65504: half and float run as rule "rank".)
+// Grid: x = chunk, y = output tile of 64 NT columns.
 template <int KB, int NT>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMmaMinBlocksPerSM)
 _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
@@ -689,7 +780,6 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   using Ty = BgmvType<T>;
   constexpr int NWARPS = kBgmvExpandThreads / 32;
   constexpr int kTile = NWARPS * kBgmvMmaRowsPerWarp * NT;   // output columns per block
-  const int64_t t = blockIdx.x;
   const int by = blockIdx.y;
   int s = 0;
 #pragma unroll
@@ -697,10 +787,12 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
     if (q < p.S && by >= p.tile_begin[q]) s = q;
   const int j_tile = (by - p.tile_begin[s]) * kTile;
   const int h_out = p.h_out[s];
-  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+  T* y_s = static_cast<T*>(p.y) + p.col_off[s];
 
-  // The early exits of the FMA rules.
-  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
+  // The early exits of the FMA rules (one idx value per chunk).
+  const int c = blockIdx.x;
+  const int n = bgmv_chunk_size(p.chunks, c);
+  const int64_t i = n ? bgmv_load_int(p.idx, p.idx_is_64, bgmv_chunk_token(p.chunks, c, 0)) : -1;
   if (i == -1) {
     bgmv_wait_prior_grid();
     return;
@@ -709,14 +801,18 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   if (rank <= 0) {
     bgmv_wait_prior_grid();
     if (rank < 0)
-      for (int j = j_tile + threadIdx.x; j < min(j_tile + kTile, h_out); j += kBgmvExpandThreads)
-        yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+      for (int w = threadIdx.x; w < n * kTile; w += kBgmvExpandThreads) {
+        const int j = j_tile + w % kTile;
+        if (j < h_out)
+          y_s[bgmv_chunk_token(p.chunks, c, w / kTile) * p.y_stride_t + j] =
+              Ty::from_float(__int_as_float(0x7fffffff));
+      }
     return;
   }
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int j0 = j_tile + warp * kBgmvMmaRowsPerWarp * NT + g;   // row of half 0, tile 0
+  const int jw = warp * kBgmvMmaRowsPerWarp * NT + g;    // block row of half 0, tile 0
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
 
@@ -728,74 +824,82 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
     for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int j = j0 + m * kBgmvMmaRowsPerWarp + 8 * h;
+        const int j = j_tile + jw + m * kBgmvMmaRowsPerWarp + 8 * h;
         const int rb = kb * 32 + 8 * q;
         uint4 u = make_uint4(0u, 0u, 0u, 0u);
         if (j < h_out && rb < rank)
           u = __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * b_stride_o + rb));
         if (rb + 8 > rank) {                          // the rank ends inside this vector
-          const int n = rank - rb;                      // elements to keep, < 8
+          const int keep = rank - rb;                   // elements to keep, < 8
           uint32_t* w = reinterpret_cast<uint32_t*>(&u);
 #pragma unroll
           for (int e = 0; e < 4; ++e)
-            w[e] = 2 * e + 2 <= n ? w[e] : (2 * e + 1 == n ? (w[e] & 0xffffu) : 0u);
+            w[e] = 2 * e + 2 <= keep ? w[e] : (2 * e + 1 == keep ? (w[e] & 0xffffu) : 0u);
         }
         a[m][kb][h] = u;
       }
-  // y of rows g and g + 8 of each tile (lane q == 0 stores them), before the wait.
-  float yv[NT][2];
-#pragma unroll
-  for (int m = 0; m < NT; ++m)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int j = j0 + m * kBgmvMmaRowsPerWarp + 8 * h;
-      yv[m][h] = (q == 0 && j < h_out) ? Ty::to_float(yrow[j]) : 0.f;
-    }
+  // y of the chunk's tokens over this tile, staged in shared memory before the wait.
+  __shared__ T y_stage[kBgmvChunkTokens][kTile];
+  for (int w = threadIdx.x; w < n * kTile; w += kBgmvExpandThreads) {
+    const int j = j_tile + w % kTile;
+    y_stage[w / kTile][w % kTile] =
+        j < h_out ? y_s[bgmv_chunk_token(p.chunks, c, w / kTile) * p.y_stride_t + j] : Ty::from_float(0.f);
+  }
   const float sc = p.scale[i];
   bgmv_wait_prior_grid();
 
-  // v fragments, built once per block in shared memory: component c (c < 3) of v at the
-  // 8 ranks of chunk k (the n_split partial sums added in the FMA rules' order, 0 past the
-  // rank) as 4 bf16 pairs; lane (g, q) then reads component g at chunk 4 kb + q.
-  __shared__ uint4 v_frag[3][4 * KB];
-  for (int w = threadIdx.x; w < 3 * 4 * KB; w += kBgmvExpandThreads) {
-    const int c = w / (4 * KB), k = w % (4 * KB);
-    const float* pv = p.v + t * p.v_stride_t + s * p.v_stride_s + 8 * k;
-    float f[8];                                         // 8 loads in flight, then the rest
+  // v fragments, built once per block in shared memory: part c (c < 3) of token k's v at
+  // the 8 ranks of chunk e8 (the n_split partial sums added in the FMA rules' order, 0 past
+  // the rank) as 4 bf16 pairs.
+  __shared__ uint4 v_frag[kBgmvChunkTokens][4][4 * KB];   // part 3: zero
+  for (int w = threadIdx.x; w < kBgmvChunkTokens * 4 * 4 * KB; w += kBgmvExpandThreads) {
+    const int k = w / (16 * KB), part = (w / (4 * KB)) % 4, e8 = w % (4 * KB);
+    float f[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = 8 * k + e < rank ? pv[e] : 0.f;
-    for (int z = 1; z < p.n_split; ++z)
+    for (int e = 0; e < 8; ++e) f[e] = 0.f;
+    if (k < n && part < 3) {
+      const float* pv = p.v + static_cast<int64_t>(bgmv_chunk_token(p.chunks, c, k)) * p.v_stride_t +
+                        s * p.v_stride_s + 8 * e8;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) f[e] = 8 * e8 + e < rank ? pv[e] : 0.f;   // 8 loads in flight
+      for (int z = 1; z < p.n_split; ++z)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          if (8 * e8 + e < rank) f[e] += pv[e + z * p.v_stride_split];
 #pragma unroll
       for (int e = 0; e < 8; ++e)
-        if (8 * k + e < rank) f[e] += pv[e + z * p.v_stride_split];
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-      for (int cc = 0; cc < c; ++cc) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
-    v_frag[c][k] = make_uint4(bgmv_pack_bf16x2(f[0], f[1]), bgmv_pack_bf16x2(f[2], f[3]),
-                              bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
+        for (int pp = 0; pp < part; ++pp) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
+    }
+    v_frag[k][part][e8] = make_uint4(bgmv_pack_bf16x2(f[0], f[1]), bgmv_pack_bf16x2(f[2], f[3]),
+                                  bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
   }
   __syncthreads();
 
-  // MMAs (fp32 accumulators: rows g / g + 8, columns 2q / 2q + 1), then the column sum
-  // 0 + 1 + 2 + 3 (lanes q = 0, 1; the rest are zero), then y += scale * sum.
+  // Token pairs: lane (g, q) supplies column g = part g % 4 of the pair's token g / 4.
+  // Accumulators: rows g / g + 8, columns 2q / 2q + 1; lanes q = 0, 1 hold the first
+  // token's parts, q = 2, 3 the second's: one xor shuffle adds them.
+  for (int k0 = 0; k0 < n; k0 += 2) {
 #pragma unroll
-  for (int m = 0; m < NT; ++m) {
-    float d[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int m = 0; m < NT; ++m) {
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb) {
-      const uint4 bv = g < 3 ? v_frag[g][4 * kb + q] : make_uint4(0u, 0u, 0u, 0u);
-      const uint4& r0 = a[m][kb][0];
-      const uint4& r1 = a[m][kb][1];
-      bgmv_mma_bf16_16816(d, r0.x, r1.x, r0.y, r1.y, bv.x, bv.y);
-      bgmv_mma_bf16_16816(d, r0.z, r1.z, r0.w, r1.w, bv.z, bv.w);
-    }
-    float s0 = d[0] + d[1], s1 = d[2] + d[3];
-    s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
-    s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
-    if (q == 0) {
-      const int j = j0 + m * kBgmvMmaRowsPerWarp;
-      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, s0, yv[m][0]));
-      if (j + 8 < h_out) yrow[j + 8] = Ty::from_float(fmaf(sc, s1, yv[m][1]));
+      for (int kb = 0; kb < KB; ++kb) {
+        const uint4 bv = v_frag[k0 + (g >> 2)][g & 3][4 * kb + q];   // k0 + 1 < 8 always
+        bgmv_mma_bf16_16816(d, a[m][kb][0].x, a[m][kb][1].x, a[m][kb][0].y, a[m][kb][1].y, bv.x, bv.y);
+        bgmv_mma_bf16_16816(d, a[m][kb][0].z, a[m][kb][1].z, a[m][kb][0].w, a[m][kb][1].w, bv.z, bv.w);
+      }
+      float s0 = d[0] + d[1], s1 = d[2] + d[3];
+      s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
+      s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
+      const int k = k0 + (q >> 1);
+      if ((q & 1) == 0 && k < n) {
+        const int jb = jw + m * kBgmvMmaRowsPerWarp;       // block row
+        T* yrow = y_s + bgmv_chunk_token(p.chunks, c, k) * p.y_stride_t + j_tile;
+        if (j_tile + jb < h_out)
+          yrow[jb] = Ty::from_float(fmaf(sc, s0, Ty::to_float(y_stage[k][jb])));
+        if (j_tile + jb + 8 < h_out)
+          yrow[jb + 8] = Ty::from_float(fmaf(sc, s1, Ty::to_float(y_stage[k][jb + 8])));
+      }
     }
   }
 }
@@ -1011,6 +1115,19 @@ inline bool bgmv_aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
 
+// PTX version of Kernel's code (e.g. 90), queried once; 0 if the query fails.
+template <auto Kernel>
+int bgmv_kernel_ptx() {
+  static const int ptx_version = [] {
+    cudaFuncAttributes fa{};
+    if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
+    (void)cudaGetLastError();
+    return 0;
+  }();
+  return ptx_version;
+}
+
+
 // Shared by the shrink and fused launchers: what the shrink blocks rely on.
 template <typename T>
 const char* bgmv_shrink_check(const BgmvShrinkParams& p) {
@@ -1038,6 +1155,14 @@ template <typename T>
 const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   if (const char* err = bgmv_shrink_check<T>(p)) return err;
   if (p.T == 0) return nullptr;
+  if (std::is_same<T, __nv_bfloat16>::value && p.chunks != nullptr &&
+      bgmv_kernel_ptx<_bgmv_shrink_mma_kernel>() >= 80) {   // rule "mma" with chunks
+    if (p.n_chunks == 0) return nullptr;
+    const int tiles = (p.r_max + kBgmvMmaRowsPerWarp - 1) / kBgmvMmaRowsPerWarp;
+    const cudaError_t err = bgmv_launch<_bgmv_shrink_mma_kernel>(
+        dim3(p.n_chunks, p.S * tiles, p.n_split), kBgmvShrinkThreads, stream, p);
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  }
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
   const cudaError_t err =
@@ -1125,18 +1250,6 @@ inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
   return kBgmvExpandOuts;
 }
 
-// PTX version of Kernel's code (e.g. 90), queried once; 0 if the query fails.
-template <auto Kernel>
-int bgmv_kernel_ptx() {
-  static const int ptx_version = [] {
-    cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
-    (void)cudaGetLastError();
-    return 0;
-  }();
-  return ptx_version;
-}
-
 // Rule "mma": bf16 with 16-byte B loads on sm_80+ code; anything else runs as rule "rank".
 // KB = 32-wide rank blocks of r_max; NT (16-row tiles per warp, <= 4 / KB: 32 registers of
 // B fragments) as rule "residency" sizes J: the smallest whose grid has at most
@@ -1146,11 +1259,11 @@ constexpr int bgmv_mma_tile(int nt) { return (kBgmvExpandThreads / 32) * kBgmvMm
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   constexpr int kMaxNT = 4 / KB;
+  const int64_t rows = p.chunks ? p.n_chunks : p.T;      // grid.x: chunks, or tokens
   int nt = 1;
-  while (nt < kMaxNT &&
-         static_cast<int64_t>(p.T) * bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)) > kBgmvExpandMaxBlocks)
+  while (nt < kMaxNT && rows * bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)) > kBgmvExpandMaxBlocks)
     nt *= 2;
-  const dim3 grid(p.T, bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)));
+  const dim3 grid(static_cast<unsigned>(rows), bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)));
   constexpr int kThreads = kBgmvExpandThreads, kNT2 = kMaxNT < 2 ? kMaxNT : 2;
   const cudaError_t err =
       nt == 1   ? bgmv_launch<_bgmv_expand_mma_kernel<KB, 1>>(grid, kThreads, stream, p)

@@ -17,6 +17,7 @@
 constexpr int kBgmvMaxRank = 128;     // r_max limit (MAX_RANK in bgmv_cuda.py)
 constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cuda.py)
 constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bgmv_cuda.py)
+constexpr int kBgmvChunkTokens = 8;   // tokens per chunk of rule "mma" (CHUNK_TOKENS in bgmv_cuda.py)
 // Expand tile rules, BgmvExpandParams::tile_rule (EXPAND_TILE_RULES in bgmv_cuda.py):
 // "classic" (J = 1 for small grids, else 4), "residency", the default (J sized so the
 // grid fits; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) or "rank" (residency's J, and each
@@ -57,6 +58,10 @@ struct BgmvShrinkParams {
   int64_t v_stride_split = 0;
   int pdl = 0;            // host only: launch with programmatic dependent launch (sm_90+)
   int pairs = 0;          // host only: the pair kernel (tile rule "pairs"; T <= kBgmvPairMaxT)
+  // Rule "mma" (bgmv_kernel.cuh): tokens grouped by adapter, [n_chunks, 8] int32, -1 padded
+  // (nullptr: no grouping); with chunks the shrink runs on the tensor cores (bf16 only).
+  const int* chunks = nullptr;
+  int n_chunks = 0;
 };
 
 struct BgmvExpandParams {
@@ -83,6 +88,10 @@ struct BgmvExpandParams {
   // outputs-per-lane rule of the two-launch expand (rule "rank" also picks the kernel
   // instance that sizes lane groups per token); the fused kernel ignores it.
   int tile_rule = kBgmvTileRuleResidency;
+  // Rule "mma" only: tokens grouped by adapter, as in BgmvShrinkParams (nullptr: one chunk
+  // per token).
+  const int* chunks = nullptr;
+  int n_chunks = 0;
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.

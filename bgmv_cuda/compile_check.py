@@ -175,7 +175,10 @@ def binding_check(cxx: Optional[str] = None, nvcc: Optional[str] = None,
 
 def demangle_short(name: str) -> str:
     """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>;
-    the bf16-only tensor-core expand has no dtype argument: expand_mma<KB, NT>."""
+    the bf16-only tensor-core kernels have no dtype argument: expand_mma<KB, NT>,
+    shrink_mma<>."""
+    if re.match(r"_Z\d+_bgmv_shrink_mma_kernel\d", name):       # not a template
+        return "shrink_mma<>"
     m = re.match(r"_Z\d+_bgmv_(shrink|shrink_pair|expand|expand_pair|expand_mma|fused)_kernelI(.*)Ev",
                  name)
     if not m:

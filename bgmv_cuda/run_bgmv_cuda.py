@@ -22,7 +22,8 @@ writes JSON.
 `cuda_classic`, `cuda_tiles`, `cuda_rank`, `cuda_pairs` and `cuda_mma` fix the expand's tile
 rule ("classic", "residency", "rank": residency's J with each token's lane groups sized by
 its adapter's rank, PERF_LOG v10; "pairs": two tokens of one adapter per block, PERF_LOG
-v15; "mma": the bf16 expand on the tensor cores, PERF_LOG v16;
+v15; "mma": the bf16 expand on the tensor cores, PERF_LOG v16, and `cuda_mma_chunks` the
+same with make_meta's chunks, both kernels per chunk of tokens of one adapter, v17;
 see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
 before it, from v5). In plots/bgmv_tiles_h200.json `cuda` is the classic rule, in
@@ -43,7 +44,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_pairs", "cuda_mma", "triton"]
+                 "cuda_tiles", "cuda_rank", "cuda_pairs", "cuda_mma", "cuda_mma_chunks", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +86,7 @@ def main(args: argparse.Namespace) -> list:
     import time
     import torch
     import bench_utils as bu
-    from multilora_impl import (TOLERANCE, lora_reference, make_lora_inputs, make_workload,
+    from multilora_impl import (TOLERANCE, lora_reference, make_lora_inputs, make_meta, make_workload,
                                 relative_error)
     from bgmv_cuda import bgmv_cuda as bc
     from bgmv_triton import bgmv_triton as bt
@@ -93,17 +94,18 @@ def main(args: argparse.Namespace) -> list:
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
-    fns = {"cuda": lambda *a: bc.bgmv_lora(*a),
-           "cuda_classic": lambda *a: bc.bgmv_lora(*a, tiles="classic"),
-           "cuda_nopdl": lambda *a: bc.bgmv_lora(*a, pdl=False),
-           "cuda_split": lambda *a: bc.bgmv_lora(*a, variant="split"),
-           "cuda_split2": lambda *a: bc.bgmv_lora(*a, variant="split", split_k=2),
-           "cuda_fused": lambda *a: bc.bgmv_lora(*a, variant="fused"),
-           "cuda_tiles": lambda *a: bc.bgmv_lora(*a, tiles="residency"),
-           "cuda_rank": lambda *a: bc.bgmv_lora(*a, tiles="rank"),
-           "cuda_pairs": lambda *a: bc.bgmv_lora(*a, tiles="pairs"),
-           "cuda_mma": lambda *a: bc.bgmv_lora(*a, tiles="mma"),
-           "triton": lambda *a: bt.bgmv_lora(*a)}
+    fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
+           "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
+           "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
+           "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),
+           "cuda_split2": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split", split_k=2),
+           "cuda_fused": lambda *a, meta=None: bc.bgmv_lora(*a, variant="fused"),
+           "cuda_tiles": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="residency"),
+           "cuda_rank": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="rank"),
+           "cuda_pairs": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="pairs"),
+           "cuda_mma": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="mma"),
+           "cuda_mma_chunks": lambda *a, meta=None: bc.bgmv_lora(*a, meta, tiles="mma"),
+           "triton": lambda *a, meta=None: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}
     copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
@@ -120,6 +122,7 @@ def main(args: argparse.Namespace) -> list:
         else:
             idx_h = make_workload(kind, T, L, seed=args.seed + T)
         idx = idx_h.to(dev)
+        meta = make_meta(idx)           # host-built once per batch (cuda_mma_chunks reads it)
         set0 = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks, seed=args.seed)
         nbytes = bu.lora_bytes(idx, h_in, [h_out], r_max, dtype, set0["ranks"])
         n_sets = bu.pool_size(nbytes, max_sets=32)
@@ -137,7 +140,7 @@ def main(args: argparse.Namespace) -> list:
         for vname, fn in fns.items():
             y = set0["y"].clone()
             try:
-                fn(y, set0["x"], set0["A"], set0["B"], idx, set0["scale"], set0["ranks"])
+                fn(y, set0["x"], set0["A"], set0["B"], idx, set0["scale"], set0["ranks"], meta=meta)
                 torch.cuda.synchronize()
                 err = relative_error(y, ref)
             except Exception as e:                          # report, do not time
@@ -150,7 +153,7 @@ def main(args: argparse.Namespace) -> list:
 
             def call(k, fn=fn):
                 s = sets[k]
-                fn(ys[k], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"])
+                fn(ys[k], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], meta=meta)
             row["us"][vname] = bu.time_graph(call, n_sets, rep_ms=args.rep_ms)
         results.append(row)
         sets = None       # free the input sets before the next point

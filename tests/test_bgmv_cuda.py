@@ -21,8 +21,8 @@ import sys
 import pytest
 import torch
 
-from multilora_impl import (TOLERANCE, check_mode, get_mode, lora_reference, make_lora_inputs,
-                            make_workload, relative_error)
+from multilora_impl import (TOLERANCE, build_chunks, check_mode, get_mode, lora_reference,
+                            make_lora_inputs, make_meta, make_workload, relative_error)
 from bgmv_cuda import bgmv_cuda as bc
 from bgmv_cuda import compile_check as cc
 
@@ -39,8 +39,9 @@ def test_compile_check_sm80_sm90_no_spills():
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
     # 1-element x {J = 1, 4}, rule "pairs" (shrink, expand J = 4), fused 16-byte /
-    # 1-element) x 2 archs, + rule "mma"'s 6 (bf16 only: KB x NT with KB NT <= 4) x 2 archs
-    assert len(kernels) == 90 and len(names) == 90, sorted(names)
+    # 1-element) x 2 archs, + rule "mma"'s 6 expands (bf16 only: KB x NT with KB NT <= 4)
+    # and 1 shrink x 2 archs
+    assert len(kernels) == 92 and len(names) == 92, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -52,6 +53,7 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"shrink_pair<{dt}>", arch) in names
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}, {nt}>" for kb in (1, 2, 4) for nt in (1, 2, 4) if kb * nt <= 4}
+        assert ("shrink_mma<>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
@@ -61,9 +63,11 @@ def test_compile_check_sm80_sm90_no_spills():
         assert 0 < k.registers <= limit, k
         if "shrink_pair" in k.kernel:   # both tokens' per-warp sums, + the scan's 2 ints
             assert k.smem_bytes == 2 * 4 * 4 * 4 + 8, k
-        elif "mma" in k.kernel:         # v's 3 bf16 parts: 3 x 4 KB 16-byte fragments
-            kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])
-            assert k.smem_bytes == 3 * 4 * kb * 16, k
+        elif "shrink_mma" in k.kernel:  # the 4 warps' fp32 sums, 16 rows x 8 tokens
+            assert k.smem_bytes == 4 * 16 * 8 * 4, k
+        elif "mma" in k.kernel:         # v fragments (8 tokens x 4 parts x 4 KB) + y (8 x 64 NT)
+            kb, nt = map(int, cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", "))
+            assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 64 * nt * 2, k
         elif "pair" in k.kernel:        # y of both tokens in shared memory, + 2 ints
             size = 4 if "kernelIf" in k.kernel else 2
             assert k.smem_bytes == 2 * 4 * 128 * size + 8, k
@@ -1139,6 +1143,96 @@ def test_mma_rule_matches_rank_rule(kind):
         assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
         if kind == "bad_idx":
             assert torch.isnan(outs["mma"][idx >= L]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["uniform", "twice", "identical", "ranks", "bad_idx",
+                                  "slices", "r128", "split"])
+def test_mma_chunks_match_rank_rule(kind):
+    """Rule "mma" with make_meta's chunks (both kernels per chunk of up to 8 tokens of one
+    adapter, PERF_LOG v17) against rule "rank" and the float64 reference: 7 adapters over
+    64 tokens (chunks of 8 and a remainder), 128 adapters twice each (the target-2 point,
+    smaller), one adapter for all, mixed ranks not multiples of 8 with NaN padding,
+    idx = -1 / out of range (untouched / NaN rows), q/k/v slices with partial m16 tiles,
+    r_max 128, an explicit split-K; half and float ignore the chunks (bitwise "rank")."""
+    T, L, r, ranks, h_out, h_in = {
+        "uniform": (64, 7, 16, None, 4096, 4096), "twice": (96, 48, 64, None, 2048, 2048),
+        "identical": (64, 7, 16, None, 2048, 1024),
+        "ranks": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032, 1024),
+        "bad_idx": (40, 6, 32, None, 2048, 1024), "slices": (33, 5, 32, None, [1000, 136, 136], 1024),
+        "r128": (16, 4, 128, [128, 100, 7, 128], 4096, 512), "split": (24, 4, 64, [64, 40, 9, 64], 2048, 4096)}[kind]
+    g = torch.Generator().manual_seed(T + r)
+    if kind == "twice":
+        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
+    elif kind == "identical":
+        idx = torch.full((T,), 3)
+    else:
+        idx = torch.randint(0, L, (T,), generator=g)
+    if kind == "bad_idx":
+        idx[::7] = -1
+        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
+    idx = idx.int().cuda()
+    meta = make_meta(idx)
+    kw = {"variant": "split", "split_k": 3} if kind == "split" else {}
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, h_in, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+        outs = {}
+        for tiles, m in (("rank", None), ("mma", meta)):
+            outs[tiles] = inp["y"].clone()
+            bc.bgmv_lora(outs[tiles], *args, m, tiles=tiles, **kw)
+        if dtype == torch.bfloat16:
+            assert_mma_close(outs["mma"], outs["rank"], inp["y"])
+            y = inp["y"].clone()
+            launched = _launched_expand_j(lambda: bc.bgmv_lora(y, *args, meta, tiles="mma", **kw),
+                                          kernel="_bgmv_shrink_mma_kernel")
+            assert len(launched) == 1, launched               # the chunked shrink ran
+        else:
+            bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+            assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
+        ok = (idx >= 0) & (idx < L)
+        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                             inp["scale"], inp["ranks"])
+        assert relative_error(outs["mma"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
+        assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
+        if kind == "bad_idx":
+            assert torch.isnan(outs["mma"][idx >= L]).all()
+
+
+def test_build_chunks_and_checks(monkeypatch):
+    """build_chunks: every token with idx != -1 in exactly one row of <= 8 tokens sharing
+    one idx value, -1 padding last; check_chunks refuses a wrong layout always and, with
+    MULTILORA_CHECK=1, rows that miss a token or mix adapters; mma_split's bounds."""
+    g = torch.Generator().manual_seed(5)
+    for T, L in [(1, 1), (64, 7), (300, 3), (50, 200)]:
+        idx = torch.randint(-1, L, (T,), generator=g)
+        c = build_chunks(idx)
+        assert c.dtype == torch.int32 and c.shape[1] == bc.CHUNK_TOKENS
+        live = c >= 0
+        assert sorted(c[live].tolist()) == torch.nonzero(idx != -1).flatten().tolist()
+        assert bool(live[:, 0].all()) and bool((live.int().diff(dim=1) <= 0).all())
+        for row in c:
+            assert torch.unique(idx[row[row >= 0].long()]).numel() == 1
+        monkeypatch.setenv("MULTILORA_CHECK", "1")
+        bc.check_chunks(c, idx)
+        monkeypatch.delenv("MULTILORA_CHECK")
+    idx = torch.tensor([0, 1, 0, 2])
+    c = build_chunks(idx)
+    with pytest.raises(ValueError, match="chunks"):
+        bc.check_chunks(c.long(), idx)
+    with pytest.raises(ValueError, match="chunks"):
+        bc.check_chunks(c[:, :4].contiguous(), idx)
+    monkeypatch.setenv("MULTILORA_CHECK", "1")
+    with pytest.raises(ValueError, match="chunks"):
+        bc.check_chunks(c[:-1].contiguous(), idx)                 # a token left out
+    bad = c.clone()
+    bad[0, 1] = 1                                                 # adapters 0 and 1 mixed
+    with pytest.raises(ValueError, match="chunks"):
+        bc.check_chunks(bad, idx)
+    assert bc.mma_split(14, 1, 16, 4096, 132) == 8                # capped at MMA_MAX_SPLIT
+    assert bc.mma_split(128, 1, 64, 4096, 132) == 2               # 512 blocks: 2 fill 4 / SM
+    assert bc.mma_split(1024, 3, 64, 4096, 132) == 1
+    assert bc.mma_split(1, 1, 16, 256, 132) == 2                  # h_in / 128
 
 
 def test_expand_mma_tiles_mirror():
