@@ -119,7 +119,9 @@ EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
 EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs", "mma")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
-MMA_MAX_SPLIT = 8           # rule "mma"'s chunked shrink: at most this many K splits
+MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
+MMA_MAX_TILES = 16          # kBgmvMmaMaxTiles: rule "mma"'s 16-row tiles per warp
+MMA_BLOCKS_PER_SM = 6       # kBgmvMmaMinBlocksPerSM: the one wave rule "mma"'s grids aim at
 PAIR_MAX_T = 1024           # kBgmvPairMaxT: rule "pairs" runs its own kernels up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -359,22 +361,22 @@ def expand_tiles(Bs: Sequence[Tensor], r_max: int, outs: int = EXPAND_OUTS) -> t
     return tile, sum(-(-b.shape[1] // tile) for b in Bs)
 
 
-def expand_mma_tiles(Bs: Sequence[Tensor], T: int, r_max: int) -> Optional[tuple[int, int]]:
-    """(NT 16-row tiles per warp, blocks T * tiles) of rule "mma", as bgmv_expand_mma_run
-    (bgmv_kernel.cuh) picks them, or None where the rule runs as "rank" (not bf16, or B
-    rows not 16-byte loadable; the kernel also needs sm_80+). KB = 32-wide rank blocks
-    (1, 2 or 4), NT <= 4 / KB: the smallest NT in {1, 2, 4} whose grid has at most
-    EXPAND_MAX_BLOCKS blocks, else the largest."""
+def expand_mma_tiles(Bs: Sequence[Tensor], rows: int, r_max: int,
+                     num_sms: int = DEFAULT_NUM_SMS) -> Optional[tuple[int, int]]:
+    """(MT 16-row tiles per warp, blocks rows * tiles) of rule "mma", as
+    bgmv_mma_pick_tiles (bgmv_kernel.cuh) picks them for `rows` = chunks (or tokens without
+    chunks), or None where the rule runs as "rank" (not bf16, or B rows not 16-byte
+    loadable; the kernel also needs sm_80+): the smallest power of two MT <= MMA_MAX_TILES
+    whose grid fits one wave of MMA_BLOCKS_PER_SM blocks per SM, else the largest."""
     if Bs[0].dtype != torch.bfloat16 or not _expand_layout(Bs, r_max)[0]:
         return None
-    kb = 1 if r_max <= 32 else 2 if r_max <= 64 else 4
-    def blocks(nt: int) -> int:
-        tile = EXPAND_WARPS * MMA_ROWS_PER_WARP * nt
-        return T * sum(-(-b.shape[1] // tile) for b in Bs)
-    nt = 1
-    while nt < 4 // kb and blocks(nt) > EXPAND_MAX_BLOCKS:
-        nt *= 2
-    return nt, blocks(nt)
+    def blocks(mt: int) -> int:
+        tile = EXPAND_WARPS * MMA_ROWS_PER_WARP * mt
+        return rows * sum(-(-b.shape[1] // tile) for b in Bs)
+    mt = 1
+    while mt < MMA_MAX_TILES and blocks(mt) > MMA_BLOCKS_PER_SM * num_sms:
+        mt *= 2
+    return mt, blocks(mt)
 
 
 def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
@@ -592,13 +594,14 @@ def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
 
 
 def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
-    """K splits of rule "mma"'s chunked shrink: enough blocks for SPLIT_BLOCKS_PER_SM per SM
-    (grid n_chunks x S ceil(r_max / 16) x split), each warp at least one 32-wide K step
-    (h_in / 128 splits at most) and at most MMA_MAX_SPLIT (the expand adds the partial
-    sums, MMA_MAX_SPLIT loads in flight per v element)."""
+    """K splits of rule "mma"'s chunked shrink: the most whose grid (n_chunks x S
+    ceil(r_max / 16) x split) still fits one wave of MMA_BLOCKS_PER_SM blocks per SM (a
+    second, partial wave ran the DRAM at 60%: ncu, PERF_LOG v18), at most MMA_MAX_SPLIT
+    (the expand loads that many partial sums at once) and h_in / 128 (each warp at least
+    one 32-wide K step); at least 1."""
     blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
-    want = -(-SPLIT_BLOCKS_PER_SM * num_sms // blocks)
-    return max(1, min(want, MMA_MAX_SPLIT, h_in // 128))
+    fit = MMA_BLOCKS_PER_SM * num_sms // blocks
+    return max(1, min(fit, MMA_MAX_SPLIT, h_in // 128))
 
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
@@ -711,7 +714,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     pairs = tiles == "pairs"       # its shrink too: both halves read each adapter once per pair
-    chunks = getattr(meta, "chunks", None) if tiles == "mma" else None
+    # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)
+    chunks = getattr(meta, "chunks", None) if tiles == "mma" and x.dtype == torch.bfloat16 else None
     if chunks is not None and variant in ("default", "split"):   # tokens grouped by adapter
         if variant == "default" or not split_k:
             num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -658,6 +658,7 @@ constexpr int kBgmvMmaRowsPerWarp = 16;   // the MMA's 16 rows
 // bytes (ptxas, sm_90).  6 x 128 threads x 128 bytes of B is still ~96 KB in flight per SM.
 constexpr int kBgmvMmaMinBlocksPerSM = 6;
 constexpr int kBgmvMmaShrinkUnroll = 4;   // 32-wide K steps in flight per warp (12 loads)
+constexpr int kBgmvMmaMaxSplit = 8;       // v partial sums the expand loads at once (MMA_MAX_SPLIT)
 
 __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1,
                                                     uint32_t a2, uint32_t a3, uint32_t b0,
@@ -764,22 +765,55 @@ _bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
 }
 
 // Expand: y[t, off_s + j] += scale[i] * v[t, s, :rank] @ B_s[i, j, :rank] for the tokens t
-// of chunk c.  B's 16-row tiles are the MMA's A operand, loaded once per block (NT tiles
-// per warp, KB 32-wide rank blocks); the tokens go through the B operand two at a time:
-// v stays fp32-exact as three bf16 parts (bf16(v), bf16 of the remainder, bf16 of what is
-// left: 3 x 8 bits of mantissa), columns 0-2 for the pair's first token, 4-6 for its
-// second, 3 and 7 zero; the products are exact and the tensor core adds them in fp32.  So
-// the result differs from the FMA rules only in the order and rounding of the fp32 sum.
-// (fp16 would overflow the split where |v| > 65504: half and float run as rule "rank".)
-// Grid: x = chunk, y = output tile of 64 NT columns.
-template <int KB, int NT>
-__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMmaMinBlocksPerSM)
+// of chunk c.  B's 16-row tiles are the MMA's A operand; each warp walks p.mma_tiles (MT)
+// of them, the next tile's B loads in flight while the tensor cores take the current one
+// (PERF_LOG v18: with one tile per warp each block paid its chain of dependent round trips
+// -- chunk, idx, rank, B, v -- for 16 KB of B: ncu, 1.8 TB/s).  The tokens go through the
+// B operand two at a time: v stays fp32-exact as three bf16 parts (bf16(v), bf16 of the
+// remainder, bf16 of what is left: 3 x 8 bits of mantissa), columns 0-2 for the pair's
+// first token, 4-6 for its second, 3 and 7 zero; the products are exact and the tensor
+// core adds them in fp32.  So the result differs from the FMA rules only in the order and
+// rounding of the fp32 sum.  (fp16 would overflow the split where |v| > 65504: half and
+// float run as rule "rank".)  y of the whole block tile is staged in shared memory before
+// the PDL wait; v's n_split partial sums are loaded all at once (one round trip).
+// Grid: x = chunk, y = output tile of 64 MT columns.  KB: 32-wide rank blocks (r_max <=
+// 32 KB); two tiles of B fragments take 16 KB registers, so KB = 4 runs 4 blocks / SM.
+constexpr int kBgmvMmaMaxTiles = 16;      // MT <= 16: a block tile of at most 1,024 columns
+constexpr int kBgmvMmaMaxBlockRows = kBgmvExpandThreads / 32 * kBgmvMmaRowsPerWarp * kBgmvMmaMaxTiles;
+
+template <int KB>
+__device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bfloat16* b_rows,
+                                                int64_t b_stride_o, int j0, int h_out, int rank,
+                                                int q) {
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int j = j0 + 8 * h;
+      const int rb = kb * 32 + 8 * q;
+      uint4 u = make_uint4(0u, 0u, 0u, 0u);
+      if (j < h_out && rb < rank)
+        u = __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * b_stride_o + rb));
+      if (rb + 8 > rank) {                            // the rank ends inside this vector
+        const int keep = rank - rb;                     // elements to keep, < 8
+        uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+#pragma unroll
+        for (int e = 0; e < 4; ++e)                     // padded B may hold NaN: zero it
+          w[e] = 2 * e + 2 <= keep ? w[e] : (2 * e + 1 == keep ? (w[e] & 0xffffu) : 0u);
+      }
+      a[kb][h] = u;
+    }
+}
+
+template <int KB>
+__global__ void __launch_bounds__(kBgmvExpandThreads, KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM)
 _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();
   using T = __nv_bfloat16;
   using Ty = BgmvType<T>;
   constexpr int NWARPS = kBgmvExpandThreads / 32;
-  constexpr int kTile = NWARPS * kBgmvMmaRowsPerWarp * NT;   // output columns per block
+  const int MT = p.mma_tiles;
+  const int kTile = NWARPS * kBgmvMmaRowsPerWarp * MT;     // output columns per block
   const int by = blockIdx.y;
   int s = 0;
 #pragma unroll
@@ -812,94 +846,106 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int jw = warp * kBgmvMmaRowsPerWarp * NT + g;    // block row of half 0, tile 0
+  const int jw = warp * kBgmvMmaRowsPerWarp * MT + g;     // block row of the warp's first tile
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
 
-  // B fragments first (every load in flight), masked past the rank: padded B may hold NaN.
-  uint4 a[NT][KB][2];
+  uint4 cur[KB][2], nxt[KB][2];
+  bgmv_mma_load_b<KB>(cur, b_rows, b_stride_o, j_tile + jw, h_out, rank, q);
+  // The chunk's tokens in shared memory (no load chain per use), then y of the tokens over
+  // the block tile, staged before the wait: coalesced, 8 loads per thread in flight.
+  __shared__ int tok[kBgmvChunkTokens];
+  if (threadIdx.x < kBgmvChunkTokens) tok[threadIdx.x] = bgmv_chunk_token(p.chunks, c, threadIdx.x);
+  __syncthreads();
+  __shared__ T y_stage[kBgmvChunkTokens][kBgmvMmaMaxBlockRows];
+  constexpr int kYBatch = 8;
+  for (int w0 = 0; w0 < n * kTile; w0 += kYBatch * kBgmvExpandThreads) {
+    T yv[kYBatch];
 #pragma unroll
-  for (int m = 0; m < NT; ++m)
+    for (int u = 0; u < kYBatch; ++u) {
+      const int w = w0 + u * kBgmvExpandThreads + threadIdx.x;
+      const int k = w / kTile, jb = w % kTile;
+      yv[u] = (w < n * kTile && j_tile + jb < h_out) ? y_s[tok[k] * p.y_stride_t + j_tile + jb]
+                                                     : Ty::from_float(0.f);
+    }
 #pragma unroll
-    for (int kb = 0; kb < KB; ++kb)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int j = j_tile + jw + m * kBgmvMmaRowsPerWarp + 8 * h;
-        const int rb = kb * 32 + 8 * q;
-        uint4 u = make_uint4(0u, 0u, 0u, 0u);
-        if (j < h_out && rb < rank)
-          u = __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * b_stride_o + rb));
-        if (rb + 8 > rank) {                          // the rank ends inside this vector
-          const int keep = rank - rb;                   // elements to keep, < 8
-          uint32_t* w = reinterpret_cast<uint32_t*>(&u);
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            w[e] = 2 * e + 2 <= keep ? w[e] : (2 * e + 1 == keep ? (w[e] & 0xffffu) : 0u);
-        }
-        a[m][kb][h] = u;
-      }
-  // y of the chunk's tokens over this tile, staged in shared memory before the wait.
-  __shared__ T y_stage[kBgmvChunkTokens][kTile];
-  for (int w = threadIdx.x; w < n * kTile; w += kBgmvExpandThreads) {
-    const int j = j_tile + w % kTile;
-    y_stage[w / kTile][w % kTile] =
-        j < h_out ? y_s[bgmv_chunk_token(p.chunks, c, w / kTile) * p.y_stride_t + j] : Ty::from_float(0.f);
+    for (int u = 0; u < kYBatch; ++u) {
+      const int w = w0 + u * kBgmvExpandThreads + threadIdx.x;
+      if (w < n * kTile) y_stage[w / kTile][w % kTile] = yv[u];
+    }
   }
   const float sc = p.scale[i];
   bgmv_wait_prior_grid();
 
-  // v fragments, built once per block in shared memory: part c (c < 3) of token k's v at
-  // the 8 ranks of chunk e8 (the n_split partial sums added in the FMA rules' order, 0 past
-  // the rank) as 4 bf16 pairs.
+  // v: every partial sum of the chunk's tokens loaded at once, added in the FMA rules'
+  // order into fp32 shared memory, then split into the three bf16 parts as fragments:
+  // v_frag[k][part][e8] = part `part` of token k's v at ranks 8 e8 .. 8 e8 + 7.
+  __shared__ float v_sum[kBgmvChunkTokens][32 * KB];
   __shared__ uint4 v_frag[kBgmvChunkTokens][4][4 * KB];   // part 3: zero
+  for (int w = threadIdx.x; w < n * 32 * KB; w += kBgmvExpandThreads) {
+    const int k = w / (32 * KB), r = w % (32 * KB);
+    float f = 0.f;
+    if (r < rank) {
+      const float* pv = p.v + static_cast<int64_t>(tok[k]) * p.v_stride_t + s * p.v_stride_s + r;
+      float part[kBgmvMmaMaxSplit];
+#pragma unroll
+      for (int z = 0; z < kBgmvMmaMaxSplit; ++z)
+        part[z] = z < p.n_split ? pv[z * p.v_stride_split] : 0.f;
+      f = part[0];
+#pragma unroll
+      for (int z = 1; z < kBgmvMmaMaxSplit; ++z)
+        if (z < p.n_split) f += part[z];
+      for (int z = kBgmvMmaMaxSplit; z < p.n_split; ++z) f += pv[z * p.v_stride_split];
+    }
+    v_sum[k][r] = f;
+  }
+  __syncthreads();
   for (int w = threadIdx.x; w < kBgmvChunkTokens * 4 * 4 * KB; w += kBgmvExpandThreads) {
     const int k = w / (16 * KB), part = (w / (4 * KB)) % 4, e8 = w % (4 * KB);
     float f[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = 0.f;
-    if (k < n && part < 3) {
-      const float* pv = p.v + static_cast<int64_t>(bgmv_chunk_token(p.chunks, c, k)) * p.v_stride_t +
-                        s * p.v_stride_s + 8 * e8;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) f[e] = 8 * e8 + e < rank ? pv[e] : 0.f;   // 8 loads in flight
-      for (int z = 1; z < p.n_split; ++z)
-#pragma unroll
-        for (int e = 0; e < 8; ++e)
-          if (8 * e8 + e < rank) f[e] += pv[e + z * p.v_stride_split];
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-        for (int pp = 0; pp < part; ++pp) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
+    for (int e = 0; e < 8; ++e) {
+      f[e] = (k < n && part < 3) ? v_sum[k][8 * e8 + e] : 0.f;
+      for (int pp = 0; pp < part; ++pp) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
     }
     v_frag[k][part][e8] = make_uint4(bgmv_pack_bf16x2(f[0], f[1]), bgmv_pack_bf16x2(f[2], f[3]),
-                                  bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
+                                     bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
   }
   __syncthreads();
 
-  // Token pairs: lane (g, q) supplies column g = part g % 4 of the pair's token g / 4.
-  // Accumulators: rows g / g + 8, columns 2q / 2q + 1; lanes q = 0, 1 hold the first
-  // token's parts, q = 2, 3 the second's: one xor shuffle adds them.
-  for (int k0 = 0; k0 < n; k0 += 2) {
-#pragma unroll
-    for (int m = 0; m < NT; ++m) {
+  // The warp's tiles: tile m + 1's B loads go out before tile m's MMAs.  Token pairs: lane
+  // (g, q) supplies column g = part g % 4 of the pair's token g / 4.  Accumulators: rows
+  // g / g + 8, columns 2q / 2q + 1; lanes q = 0, 1 hold the first token's parts, q = 2, 3
+  // the second's: one xor shuffle adds them.
+  for (int m = 0; m < MT; ++m) {
+    if (m + 1 < MT)
+      bgmv_mma_load_b<KB>(nxt, b_rows, b_stride_o, j_tile + jw + (m + 1) * kBgmvMmaRowsPerWarp,
+                          h_out, rank, q);
+    const int jb = jw + m * kBgmvMmaRowsPerWarp;          // block row of this lane's half 0
+    for (int k0 = 0; k0 < n; k0 += 2) {
       float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
         const uint4 bv = v_frag[k0 + (g >> 2)][g & 3][4 * kb + q];   // k0 + 1 < 8 always
-        bgmv_mma_bf16_16816(d, a[m][kb][0].x, a[m][kb][1].x, a[m][kb][0].y, a[m][kb][1].y, bv.x, bv.y);
-        bgmv_mma_bf16_16816(d, a[m][kb][0].z, a[m][kb][1].z, a[m][kb][0].w, a[m][kb][1].w, bv.z, bv.w);
+        bgmv_mma_bf16_16816(d, cur[kb][0].x, cur[kb][1].x, cur[kb][0].y, cur[kb][1].y, bv.x, bv.y);
+        bgmv_mma_bf16_16816(d, cur[kb][0].z, cur[kb][1].z, cur[kb][0].w, cur[kb][1].w, bv.z, bv.w);
       }
       float s0 = d[0] + d[1], s1 = d[2] + d[3];
       s0 += __shfl_xor_sync(0xffffffffu, s0, 1);
       s1 += __shfl_xor_sync(0xffffffffu, s1, 1);
       const int k = k0 + (q >> 1);
       if ((q & 1) == 0 && k < n) {
-        const int jb = jw + m * kBgmvMmaRowsPerWarp;       // block row
-        T* yrow = y_s + bgmv_chunk_token(p.chunks, c, k) * p.y_stride_t + j_tile;
+        T* yrow = y_s + tok[k] * p.y_stride_t + j_tile;
         if (j_tile + jb < h_out)
           yrow[jb] = Ty::from_float(fmaf(sc, s0, Ty::to_float(y_stage[k][jb])));
         if (j_tile + jb + 8 < h_out)
           yrow[jb + 8] = Ty::from_float(fmaf(sc, s1, Ty::to_float(y_stage[k][jb + 8])));
       }
+    }
+#pragma unroll
+    for (int kb = 0; kb < KB; ++kb) {
+      cur[kb][0] = nxt[kb][0];
+      cur[kb][1] = nxt[kb][1];
     }
   }
 }
@@ -1254,21 +1300,35 @@ inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
 // KB = 32-wide rank blocks of r_max; NT (16-row tiles per warp, <= 4 / KB: 32 registers of
 // B fragments) as rule "residency" sizes J: the smallest whose grid has at most
 // kBgmvExpandMaxBlocks blocks, else the largest.
-constexpr int bgmv_mma_tile(int nt) { return (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * nt; }
+// Rule "mma"'s tiles per warp MT: the smallest power of two <= kBgmvMmaMaxTiles whose grid
+// (chunks x tiles) fits one wave of kBgmvMmaMinBlocksPerSM blocks per SM, else the largest:
+// few enough blocks that each streams B for a while, never fewer than fill the GPU at once.
+inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms) {
+  const int64_t rows = p.chunks ? p.n_chunks : p.T;      // grid.x: chunks, or tokens
+  int mt = 1;
+  while (mt < kBgmvMmaMaxTiles &&
+         rows * bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt) >
+             static_cast<int64_t>(kBgmvMmaMinBlocksPerSM) * num_sms)
+    mt *= 2;
+  bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt);
+  return mt;
+}
+
+inline int bgmv_num_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return n;
+}
 
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
-  constexpr int kMaxNT = 4 / KB;
-  const int64_t rows = p.chunks ? p.n_chunks : p.T;      // grid.x: chunks, or tokens
-  int nt = 1;
-  while (nt < kMaxNT && rows * bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)) > kBgmvExpandMaxBlocks)
-    nt *= 2;
-  const dim3 grid(static_cast<unsigned>(rows), bgmv_fill_tiles_of(p, bgmv_mma_tile(nt)));
-  constexpr int kThreads = kBgmvExpandThreads, kNT2 = kMaxNT < 2 ? kMaxNT : 2;
-  const cudaError_t err =
-      nt == 1   ? bgmv_launch<_bgmv_expand_mma_kernel<KB, 1>>(grid, kThreads, stream, p)
-      : nt == 2 ? bgmv_launch<_bgmv_expand_mma_kernel<KB, kNT2>>(grid, kThreads, stream, p)
-                : bgmv_launch<_bgmv_expand_mma_kernel<KB, kMaxNT>>(grid, kThreads, stream, p);
+  p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms());
+  const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
+  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1277,7 +1337,7 @@ const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t s
                                    bool* launched) {
   *launched = false;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1, 1>>() < 80) return nullptr;
+    if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1>>() < 80) return nullptr;
     *launched = true;
     if (p.r_max <= 32) return bgmv_expand_mma_run<1>(p, stream);
     if (p.r_max <= 64) return bgmv_expand_mma_run<2>(p, stream);

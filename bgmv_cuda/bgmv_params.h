@@ -89,9 +89,10 @@ struct BgmvExpandParams {
   // instance that sizes lane groups per token); the fused kernel ignores it.
   int tile_rule = kBgmvTileRuleResidency;
   // Rule "mma" only: tokens grouped by adapter, as in BgmvShrinkParams (nullptr: one chunk
-  // per token).
+  // per token), and 16-row tiles per warp (filled by the launcher).
   const int* chunks = nullptr;
   int n_chunks = 0;
+  int mma_tiles = 1;
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.
