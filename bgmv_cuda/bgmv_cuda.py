@@ -366,8 +366,8 @@ def expand_mma_tiles(Bs: Sequence[Tensor], rows: int, r_max: int,
     """(MT 16-row tiles per warp, blocks rows * tiles) of rule "mma", as
     bgmv_mma_pick_tiles (bgmv_kernel.cuh) picks them for `rows` = chunks (or tokens without
     chunks), or None where the rule runs as "rank" (not bf16, or B rows not 16-byte
-    loadable; the kernel also needs sm_80+): the smallest power of two MT <= MMA_MAX_TILES
-    whose grid fits one wave of MMA_BLOCKS_PER_SM blocks per SM, else the largest."""
+    loadable; the kernel also needs sm_80+): the smallest MT <= MMA_MAX_TILES whose grid
+    fits one wave of MMA_BLOCKS_PER_SM blocks per SM, else the largest."""
     if Bs[0].dtype != torch.bfloat16 or not _expand_layout(Bs, r_max)[0]:
         return None
     def blocks(mt: int) -> int:
@@ -375,7 +375,7 @@ def expand_mma_tiles(Bs: Sequence[Tensor], rows: int, r_max: int,
         return rows * sum(-(-b.shape[1] // tile) for b in Bs)
     mt = 1
     while mt < MMA_MAX_TILES and blocks(mt) > MMA_BLOCKS_PER_SM * num_sms:
-        mt *= 2
+        mt += 1
     return mt, blocks(mt)
 
 
@@ -594,14 +594,19 @@ def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
 
 
 def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
-    """K splits of rule "mma"'s chunked shrink: the most whose grid (n_chunks x S
-    ceil(r_max / 16) x split) still fits one wave of MMA_BLOCKS_PER_SM blocks per SM (a
-    second, partial wave ran the DRAM at 60%: ncu, PERF_LOG v18), at most MMA_MAX_SPLIT
-    (the expand loads that many partial sums at once) and h_in / 128 (each warp at least
-    one 32-wide K step); at least 1."""
+    """K splits of rule "mma"'s chunked shrink, at most MMA_MAX_SPLIT (the expand loads that
+    many partial sums at once) and h_in / 128 (each warp at least one 32-wide K step): the
+    most when even that grid (n_chunks x S ceil(r_max / 16) x split) fits one wave of
+    MMA_BLOCKS_PER_SM blocks per SM (small batches: more SMs at work), else the one whose
+    waves are fullest, the smaller on ties (a last partial wave idles SMs: at the distinct
+    point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19)."""
     blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
-    fit = MMA_BLOCKS_PER_SM * num_sms // blocks
-    return max(1, min(fit, MMA_MAX_SPLIT, h_in // 128))
+    wave = MMA_BLOCKS_PER_SM * num_sms
+    most = max(1, min(MMA_MAX_SPLIT, h_in // 128))
+    if blocks * most <= wave:
+        return most
+    fill = [blocks * k / (-(-blocks * k // wave) * wave) for k in range(1, most + 1)]
+    return 1 + fill.index(max(fill))
 
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,

@@ -1300,16 +1300,18 @@ inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
 // KB = 32-wide rank blocks of r_max; NT (16-row tiles per warp, <= 4 / KB: 32 registers of
 // B fragments) as rule "residency" sizes J: the smallest whose grid has at most
 // kBgmvExpandMaxBlocks blocks, else the largest.
-// Rule "mma"'s tiles per warp MT: the smallest power of two <= kBgmvMmaMaxTiles whose grid
-// (chunks x tiles) fits one wave of kBgmvMmaMinBlocksPerSM blocks per SM, else the largest:
-// few enough blocks that each streams B for a while, never fewer than fill the GPU at once.
+// Rule "mma"'s tiles per warp MT: the smallest MT <= kBgmvMmaMaxTiles whose grid (chunks x
+// tiles) fits one wave of kBgmvMmaMinBlocksPerSM blocks per SM, else the largest: every
+// block resident at once (a partial second wave idles most SMs), as many warps as fit
+// streaming B.  Any integer: powers of two left the distinct point's wave 65% full
+// (512 of 792 blocks; PERF_LOG v19).
 inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms) {
   const int64_t rows = p.chunks ? p.n_chunks : p.T;      // grid.x: chunks, or tokens
   int mt = 1;
   while (mt < kBgmvMmaMaxTiles &&
          rows * bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt) >
              static_cast<int64_t>(kBgmvMmaMinBlocksPerSM) * num_sms)
-    mt *= 2;
+    ++mt;
   bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt);
   return mt;
 }
