@@ -599,12 +599,15 @@ def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAU
     most when even that grid (n_chunks x S ceil(r_max / 16) x split) fits one wave of
     MMA_BLOCKS_PER_SM blocks per SM (small batches: more SMs at work), else the one whose
     waves are fullest, the smaller on ties (a last partial wave idles SMs: at the distinct
-    point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19)."""
+    point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19); 1 from 4 waves
+    of blocks on.
     blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
     wave = MMA_BLOCKS_PER_SM * num_sms
     most = max(1, min(MMA_MAX_SPLIT, h_in // 128))
     if blocks * most <= wave:
         return most
+    if blocks >= 4 * wave:          # the last wave's idle SMs are at most a quarter wave
+        return 1
     fill = [blocks * k / (-(-blocks * k // wave) * wave) for k in range(1, most + 1)]
     return 1 + fill.index(max(fill))
 
