@@ -600,7 +600,7 @@ def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAU
     MMA_BLOCKS_PER_SM blocks per SM (small batches: more SMs at work), else the one whose
     waves are fullest, the smaller on ties (a last partial wave idles SMs: at the distinct
     point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19); 1 from 4 waves
-    of blocks on.
+    of blocks on."""
     blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
     wave = MMA_BLOCKS_PER_SM * num_sms
     most = max(1, min(MMA_MAX_SPLIT, h_in // 128))
