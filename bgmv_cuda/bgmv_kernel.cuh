@@ -781,28 +781,33 @@ _bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
 constexpr int kBgmvMmaMaxTiles = 16;      // MT <= 16: a block tile of at most 1,024 columns
 constexpr int kBgmvMmaMaxBlockRows = kBgmvExpandThreads / 32 * kBgmvMmaRowsPerWarp * kBgmvMmaMaxTiles;
 
+// One 16-row tile of B fragments for lane (g, q): rows g and g + 8 at `row` (the lane's
+// row g, its 8 ranks 8q.. of each 32-wide block already added), loop invariants hoisted
+// by the caller (PERF_LOG v20: recomputed per tile they made ~350 instructions a tile):
+// live[kb] = that block's 8 ranks start below the rank; tail: the rank ends inside one of
+// them, whose words past it are masked (padded B may hold NaN).
 template <int KB>
-__device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bfloat16* b_rows,
-                                                int64_t b_stride_o, int j0, int h_out, int rank,
-                                                int q) {
+__device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bfloat16* row,
+                                                int64_t row8, bool ok0, bool ok1,
+                                                const bool (&live)[KB], bool tail,
+                                                const uint32_t (&mask)[KB][4]) {
 #pragma unroll
-  for (int kb = 0; kb < KB; ++kb)
+  for (int kb = 0; kb < KB; ++kb) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    a[kb][0] = live[kb] && ok0 ? __ldg(reinterpret_cast<const uint4*>(row + 32 * kb)) : z;
+    a[kb][1] = live[kb] && ok1 ? __ldg(reinterpret_cast<const uint4*>(row + row8 + 32 * kb)) : z;
+  }
+  if (tail) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int j = j0 + 8 * h;
-      const int rb = kb * 32 + 8 * q;
-      uint4 u = make_uint4(0u, 0u, 0u, 0u);
-      if (j < h_out && rb < rank)
-        u = __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * b_stride_o + rb));
-      if (rb + 8 > rank) {                            // the rank ends inside this vector
-        const int keep = rank - rb;                     // elements to keep, < 8
-        uint32_t* w = reinterpret_cast<uint32_t*>(&u);
+    for (int kb = 0; kb < KB; ++kb)
 #pragma unroll
-        for (int e = 0; e < 4; ++e)                     // padded B may hold NaN: zero it
-          w[e] = 2 * e + 2 <= keep ? w[e] : (2 * e + 1 == keep ? (w[e] & 0xffffu) : 0u);
+      for (int h = 0; h < 2; ++h) {
+        a[kb][h].x &= mask[kb][0];
+        a[kb][h].y &= mask[kb][1];
+        a[kb][h].z &= mask[kb][2];
+        a[kb][h].w &= mask[kb][3];
       }
-      a[kb][h] = u;
-    }
+  }
 }
 
 template <int KB>
@@ -850,8 +855,23 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
 
+  // Per-lane invariants of the B loads: the ranks this lane loads, the tail masks.
+  bool live[KB];
+  uint32_t mask[KB][4];
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+    const int keep = rank - (kb * 32 + 8 * q);          // elements of this vector to keep
+    live[kb] = keep > 0;
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      mask[kb][e] = keep >= 2 * e + 2 ? 0xffffffffu : (keep == 2 * e + 1 ? 0xffffu : 0u);
+  }
+  const bool tail = rank % 8 != 0;                      // uniform over the block
+  const int64_t row8 = 8 * b_stride_o, row16 = 16 * b_stride_o;
+  const T* brow = b_rows + static_cast<int64_t>(j_tile + jw) * b_stride_o + 8 * q;
+  int jrow = j_tile + jw;                               // column of this lane's row g
   uint4 cur[KB][2], nxt[KB][2];
-  bgmv_mma_load_b<KB>(cur, b_rows, b_stride_o, j_tile + jw, h_out, rank, q);
+  bgmv_mma_load_b<KB>(cur, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
   // The chunk's tokens in shared memory (no load chain per use), then y of the tokens over
   // the block tile, staged before the wait: coalesced, 8 loads per thread in flight.
   __shared__ int tok[kBgmvChunkTokens];
@@ -859,20 +879,22 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   __syncthreads();
   __shared__ T y_stage[kBgmvChunkTokens][kBgmvMmaMaxBlockRows];
   constexpr int kYBatch = 8;
+  int yk = threadIdx.x / kTile, yj = threadIdx.x % kTile;   // (token, row) of flat index w
   for (int w0 = 0; w0 < n * kTile; w0 += kYBatch * kBgmvExpandThreads) {
     T yv[kYBatch];
+    int ks[kYBatch], js[kYBatch];
 #pragma unroll
-    for (int u = 0; u < kYBatch; ++u) {
-      const int w = w0 + u * kBgmvExpandThreads + threadIdx.x;
-      const int k = w / kTile, jb = w % kTile;
-      yv[u] = (w < n * kTile && j_tile + jb < h_out) ? y_s[tok[k] * p.y_stride_t + j_tile + jb]
-                                                     : Ty::from_float(0.f);
+    for (int u = 0; u < kYBatch; ++u) {                  // w = w0 + 128 u + threadIdx.x
+      ks[u] = yk;
+      js[u] = yj;
+      yv[u] = (yk < n && j_tile + yj < h_out) ? y_s[tok[yk] * p.y_stride_t + j_tile + yj]
+                                             : Ty::from_float(0.f);
+      yj += kBgmvExpandThreads;                          // no division in the loop
+      while (yj >= kTile) { yj -= kTile; ++yk; }
     }
 #pragma unroll
-    for (int u = 0; u < kYBatch; ++u) {
-      const int w = w0 + u * kBgmvExpandThreads + threadIdx.x;
-      if (w < n * kTile) y_stage[w / kTile][w % kTile] = yv[u];
-    }
+    for (int u = 0; u < kYBatch; ++u)
+      if (ks[u] < n) y_stage[ks[u]][js[u]] = yv[u];
   }
   const float sc = p.scale[i];
   bgmv_wait_prior_grid();
@@ -917,16 +939,21 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   // (g, q) supplies column g = part g % 4 of the pair's token g / 4.  Accumulators: rows
   // g / g + 8, columns 2q / 2q + 1; lanes q = 0, 1 hold the first token's parts, q = 2, 3
   // the second's: one xor shuffle adds them.
+  uint4 bv0[KB];                                        // the first pair's v, kept
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) bv0[kb] = v_frag[g >> 2][g & 3][4 * kb + q];
   for (int m = 0; m < MT; ++m) {
-    if (m + 1 < MT)
-      bgmv_mma_load_b<KB>(nxt, b_rows, b_stride_o, j_tile + jw + (m + 1) * kBgmvMmaRowsPerWarp,
-                          h_out, rank, q);
+    if (m + 1 < MT) {
+      brow += row16;
+      jrow += kBgmvMmaRowsPerWarp;
+      bgmv_mma_load_b<KB>(nxt, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
+    }
     const int jb = jw + m * kBgmvMmaRowsPerWarp;          // block row of this lane's half 0
     for (int k0 = 0; k0 < n; k0 += 2) {
       float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
       for (int kb = 0; kb < KB; ++kb) {
-        const uint4 bv = v_frag[k0 + (g >> 2)][g & 3][4 * kb + q];   // k0 + 1 < 8 always
+        const uint4 bv = k0 == 0 ? bv0[kb] : v_frag[k0 + (g >> 2)][g & 3][4 * kb + q];  // k0 + 1 < 8
         bgmv_mma_bf16_16816(d, cur[kb][0].x, cur[kb][1].x, cur[kb][0].y, cur[kb][1].y, bv.x, bv.y);
         bgmv_mma_bf16_16816(d, cur[kb][0].z, cur[kb][1].z, cur[kb][0].w, cur[kb][1].w, bv.z, bv.w);
       }

@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
@@ -987,14 +988,16 @@ def assert_mma_close(got: torch.Tensor, fma: torch.Tensor, y0: torch.Tensor) -> 
     assert (a != b).double().mean() < 0.05                  # most sums round the same
 
 
-def _launch_count(call, kernel: str) -> int:
-    """How many launches of kernels whose name contains `kernel` `call` makes (profiler)."""
+def _launch_count(call, kernel: str) -> Optional[int]:
+    """How many launches of kernels whose name contains `kernel` `call` makes (profiler),
+    or None when the profiler saw no kernel at all (under compute-sanitizer, CUPTI is
+    taken: the memcheck runs of these tests then check values only)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages()
-               if str(getattr(e, "device_type", "")).endswith("CUDA") and kernel in e.key)
+    cuda = [e for e in prof.key_averages() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+    return sum(e.count for e in cuda if kernel in e.key) if cuda else None
 
 
 def _launched_expand_j(call, rank_flag: bool = False, kernel: str = "_bgmv_expand_kernel") -> list:
@@ -1199,8 +1202,8 @@ def test_mma_chunks_match_rank_rule(kind):
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
             y = inp["y"].clone()
             call = lambda: bc.bgmv_lora(y, *args, meta, tiles="mma", **kw)   # noqa: E731
-            assert _launch_count(call, "_bgmv_shrink_mma_kernel") == 1     # the chunked shrink
-            assert _launch_count(call, "_bgmv_expand_mma_kernel") == 1
+            assert _launch_count(call, "_bgmv_shrink_mma_kernel") in (1, None)  # chunked shrink
+            assert _launch_count(call, "_bgmv_expand_mma_kernel") in (1, None)
         else:
             bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
             assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
