@@ -688,6 +688,31 @@ def _fused_counters(device: torch.device, T: int) -> Tensor:
     return buf
 
 
+MMA_AUTO_BYTES = 64 * 2**20   # adapter bytes per call from which the default takes "mma"
+MMA_AUTO_SHARE = 1.5          # ... when the chunks hold at least this many tokens on average
+
+
+def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
+    """Whether bgmv_lora's default (no tiles=, MULTILORA_EXPAND_TILES unset) runs rule "mma"
+    with meta's chunks instead of rule "rank": bf16, meta built by make_meta (its chunks and
+    its adapter groups), the tokens sharing adapters (at least MMA_AUTO_SHARE per chunk on
+    average) and the distinct adapters' weights at least MMA_AUTO_BYTES (bandwidth-bound,
+    beyond L2). Measured on the H200 (PERF_LOG v20, plots/session7/bgmv_mma_v20_h200.json):
+    128 adapters x 2 tokens at r 64 (140 MB) 46.2 us against 60.9; 32 adapters x 2 at r 64
+    (34 MB) 18.3 against 17.5, and every point with 7 adapters (2-30 MB) slower than
+    "rank": its longer chain of round trips per block only pays where the bytes dominate.
+    Host ints only (shapes, the meta's host lists): safe under CUDA-graph capture."""
+    chunks, groups = getattr(meta, "chunks", None), getattr(meta, "groups", None)
+    if chunks is None or not groups or x.dtype != torch.bfloat16 or chunks.shape[0] == 0:
+        return False
+    if x.shape[0] < MMA_AUTO_SHARE * chunks.shape[0]:
+        return False
+    S = A.shape[0] if A.dim() == 4 else 1
+    h_out = sum(b.shape[1] for b in ([B] if isinstance(B, Tensor) else B))
+    nbytes = len(groups) * A.shape[-2] * (S * A.shape[-1] + h_out) * x.element_size()
+    return nbytes >= MMA_AUTO_BYTES
+
+
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
               ranks: Optional[Tensor] = None, meta=None, *, variant: str = "default",
               split_k: Optional[int] = None, pdl: Optional[bool] = None,
@@ -697,6 +722,9 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     built by make_meta), when present, group the tokens by adapter: both kernels then run
     one block per chunk of up to 8 tokens of one adapter on the tensor cores (bf16; the
     shrink split along h_in by mma_split), each adapter's weights read once per chunk.
+    With tiles=None and MULTILORA_EXPAND_TILES unset, that path is taken where it was
+    measured faster (mma_chunks_pay: bf16, shared adapters, >= 64 MB of them), else
+    DEFAULT_TILES.
 
     variant (the registry uses "default"). Measured on the H200 (bf16, h 4096, r 16;
     plots/bgmv_variants_h200.json, `python bgmv_cuda/run_bgmv_cuda.py --variants`),
@@ -717,6 +745,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
+    if tiles is None and not os.environ.get(TILES_ENV) and mma_chunks_pay(meta, x, A, B):
+        tiles = "mma"                  # the default's choice: see mma_chunks_pay
     tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)

@@ -1254,6 +1254,27 @@ def test_build_chunks_and_checks(monkeypatch):
     assert bc.mma_split(1, 1, 16, 256, 132) == 2                  # h_in / 128
 
 
+def test_mma_chunks_pay_rule():
+    """The default's switch to rule "mma" with chunks: only bf16 with make_meta's chunks,
+    tokens sharing adapters (>= 1.5 per chunk) and >= 64 MB of distinct adapter weights
+    (the distinct point of target 2: 128 adapters x 2 tokens, r 64, 4096 -> 4096)."""
+    def case(T, L, r, dtype=torch.bfloat16, h=4096, twice=True):
+        g = torch.Generator().manual_seed(T)
+        idx = (torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)][:T] if twice
+               else torch.randperm(L, generator=g)[:T]).int()
+        x = torch.empty(T, h, dtype=dtype)
+        A = torch.empty(L, r, h, dtype=dtype)
+        B = torch.empty(L, h, r, dtype=dtype)
+        return bc.mma_chunks_pay(make_meta(idx), x, A, B)
+    assert case(256, 128, 64)                                     # 134 MB, 2 per chunk
+    assert not case(128, 128, 64, twice=False)                    # one token per adapter
+    assert not case(64, 32, 64)                                   # 34 MB
+    assert not case(256, 128, 64, torch.float16)                  # bf16 only
+    assert not bc.mma_chunks_pay(None, torch.empty(4, 8, dtype=torch.bfloat16),
+                                 torch.empty(2, 8, 8, dtype=torch.bfloat16),
+                                 torch.empty(2, 8, 8, dtype=torch.bfloat16))
+
+
 def test_expand_mma_tiles_mirror():
     """Rule "mma"'s tiles (CPU mirror of bgmv_mma_pick_tiles): bf16 with 16-byte B rows only
     (else None: the launcher runs rule "rank"); MT the smallest whose grid fits one wave of
