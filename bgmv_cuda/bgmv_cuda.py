@@ -362,19 +362,22 @@ def expand_tiles(Bs: Sequence[Tensor], r_max: int, outs: int = EXPAND_OUTS) -> t
 
 
 def expand_mma_tiles(Bs: Sequence[Tensor], rows: int, r_max: int,
-                     num_sms: int = DEFAULT_NUM_SMS) -> Optional[tuple[int, int]]:
+                     num_sms: int = DEFAULT_NUM_SMS, per_sm: int = MMA_BLOCKS_PER_SM
+                     ) -> Optional[tuple[int, int]]:
     """(MT 16-row tiles per warp, blocks rows * tiles) of rule "mma", as
     bgmv_mma_pick_tiles (bgmv_kernel.cuh) picks them for `rows` = chunks (or tokens without
     chunks), or None where the rule runs as "rank" (not bf16, or B rows not 16-byte
     loadable; the kernel also needs sm_80+): the smallest MT <= MMA_MAX_TILES whose grid
-    fits one wave of MMA_BLOCKS_PER_SM blocks per SM, else the largest."""
+    fits one wave of per_sm blocks per SM, else the largest. The kernel takes per_sm from
+    the CUDA occupancy API (its registers and shared memory on the GPU at hand: 7 for
+    r_max 33-64 on the H200), so pass that to mirror it exactly."""
     if Bs[0].dtype != torch.bfloat16 or not _expand_layout(Bs, r_max)[0]:
         return None
     def blocks(mt: int) -> int:
         tile = EXPAND_WARPS * MMA_ROWS_PER_WARP * mt
         return rows * sum(-(-b.shape[1] // tile) for b in Bs)
     mt = 1
-    while mt < MMA_MAX_TILES and blocks(mt) > MMA_BLOCKS_PER_SM * num_sms:
+    while mt < MMA_MAX_TILES and blocks(mt) > per_sm * num_sms:
         mt += 1
     return mt, blocks(mt)
 

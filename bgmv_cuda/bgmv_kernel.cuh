@@ -1328,16 +1328,16 @@ inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
 // B fragments) as rule "residency" sizes J: the smallest whose grid has at most
 // kBgmvExpandMaxBlocks blocks, else the largest.
 // Rule "mma"'s tiles per warp MT: the smallest MT <= kBgmvMmaMaxTiles whose grid (chunks x
-// tiles) fits one wave of kBgmvMmaMinBlocksPerSM blocks per SM, else the largest: every
+// tiles) fits one wave of per_sm blocks per SM, else the largest: every
 // block resident at once (a partial second wave idles most SMs), as many warps as fit
 // streaming B.  Any integer: powers of two left the distinct point's wave 65% full
 // (512 of 792 blocks; PERF_LOG v19).
-inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms) {
+inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms, int per_sm) {
   const int64_t rows = p.chunks ? p.n_chunks : p.T;      // grid.x: chunks, or tokens
   int mt = 1;
   while (mt < kBgmvMmaMaxTiles &&
          rows * bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt) >
-             static_cast<int64_t>(kBgmvMmaMinBlocksPerSM) * num_sms)
+             static_cast<int64_t>(per_sm) * num_sms)
     ++mt;
   bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt);
   return mt;
@@ -1355,7 +1355,19 @@ inline int bgmv_num_sms() {
 
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
-  p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms());
+  // The wave: the kernel's own occupancy (its registers and shared memory on this GPU; on
+  // the H200 7 blocks / SM for KB = 2, 72 registers, where the launch bounds promise 6),
+  // queried once.
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB>,
+                                                      kBgmvExpandThreads, 0) != cudaSuccess || n < 1) {
+      (void)cudaGetLastError();
+      return KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM;
+    }
+    return n;
+  }();
+  p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
   const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
   const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -1281,6 +1281,7 @@ def test_expand_mma_tiles_mirror():
     6 blocks per SM, at most 16 (a block tile of 1,024 columns)."""
     m = bc.expand_mma_tiles
     assert m(_b_slices(4096, 64), 128, 64, 132) == (11, 128 * 6)     # T2: 768 of 792 blocks
+    assert m(_b_slices(4096, 64), 128, 64, 132, 7) == (10, 128 * 7)  # 896 of 924 (H200 KB 2)
     assert m(_b_slices(4096, 16), 14, 16, 132) == (2, 14 * 32)       # T1: 14 chunks
     assert m(_b_slices(4096, 16), 1, 16, 132) == (1, 64)
     assert m(_b_slices(11008, 16), 8, 16, 132) == (2, 8 * 86)        # identical bs 64
