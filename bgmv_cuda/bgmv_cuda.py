@@ -29,9 +29,9 @@ most ~640 blocks; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) and, under tile rule "r
 default since PERF_LOG v10), each token's lanes per B row by its adapter's rank;
 MULTILORA_EXPAND_TILES=residency keeps J but sizes every token's lanes by the largest rank
 (the default from v5 to v10), =classic brings back the first rule (J = 1 under 512 blocks,
-else 4), =pairs (opt-in, PERF_LOG v15) lets the tokens of one adapter share each block two
-by two, so B is read once per pair. The results are bitwise the same, only the grid and
-the tiles differ; =mma (opt-in, PERF_LOG v16) runs the bf16 expand on the tensor cores
+else 4). The results are bitwise the same, only the grid and the tiles differ (rule
+"pairs", PERF_LOG v15, was removed in session 7: slower everywhere); =mma (PERF_LOG
+v16-v22) runs the bf16 expand on the tensor cores
 (mma.sync, v split into three bf16 parts so it stays fp32-exact): the same values up to
 the order of the fp32 sum (half and float run as "rank");
 `tiles=` on those functions overrides the variable per call.  Both variables are
@@ -116,13 +116,12 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency", "rank", "pairs", "mma")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
+EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
 MMA_MAX_TILES = 16          # kBgmvMmaMaxTiles: rule "mma"'s 16-row tiles per warp
 MMA_BLOCKS_PER_SM = 6       # kBgmvMmaMinBlocksPerSM: the one wave rule "mma"'s grids aim at
-PAIR_MAX_T = 1024           # kBgmvPairMaxT: rule "pairs" runs its own kernels up to this T
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
@@ -206,8 +205,8 @@ def _run(fn: str, *args) -> None:
 # The custom ops (run under torch.compile and in CUDA graphs; the fakes say: in place only).
 @torch.library.custom_op("multilora::bgmv_cuda_shrink", mutates_args=("v",))
 def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor,
-               pdl: bool = False, pairs: bool = False, chunks: Optional[Tensor] = None) -> None:
-    _run("shrink", x, A, idx, ranks, v, pdl, pairs, chunks)
+               pdl: bool = False, chunks: Optional[Tensor] = None) -> None:
+    _run("shrink", x, A, idx, ranks, v, pdl, chunks)
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
@@ -224,7 +223,7 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
 
 
 @_shrink_op.register_fake
-def _(x, A, idx, ranks, v, pdl=False, pairs=False, chunks=None) -> None:
+def _(x, A, idx, ranks, v, pdl=False, chunks=None) -> None:
     return None
 
 
@@ -255,9 +254,8 @@ def pdl_enabled(device: torch.device) -> bool:
 def expand_tile_rule(tiles: Optional[str] = None) -> int:
     """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
     "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
-    rank, for mixed ranks: PERF_LOG v10, the default), "pairs" (J = 4, the tokens of one
-    adapter two per block, each B tile read once per pair: PERF_LOG v15, opt-in, measured
-    slower) or "mma" (bf16 on the tensor cores: PERF_LOG v16, see expand_mma_tiles); None
+    rank, for mixed ranks: PERF_LOG v10, the default) or "mma" (bf16 on the tensor cores:
+    PERF_LOG v16-v22, see expand_mma_tiles); None
     reads MULTILORA_EXPAND_TILES at each call (unset or empty:
     DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
@@ -390,15 +388,10 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
     1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
     ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
-    Rule 3 ("pairs"): J = 4 with 16-byte B loads and T <= PAIR_MAX_T (the second token of
-    each pair exits at once), else rule 1; it also needs v in 16-byte vectors, which
-    bgmv_shrink's v always is. Rule 4 ("mma") has no J (see expand_mma_tiles); where it
-    runs as "rank", rule 2's."""
+    Rule 3 ("mma") has no J (see expand_mma_tiles); where it runs as "rank", rule 2's."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
-    if tile_rule == 3 and _expand_layout(Bs, r_max)[0] and T <= PAIR_MAX_T:
-        return EXPAND_OUTS, blocks(EXPAND_OUTS)
-    if tile_rule in (1, 2, 3, 4):
+    if tile_rule in (1, 2, 3):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])
@@ -617,8 +610,7 @@ def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAU
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 v: Optional[Tensor] = None, *, split_k: Optional[int] = 1,
-                pdl: Optional[bool] = None, pairs: bool = False,
-                chunks: Optional[Tensor] = None) -> Tensor:
+                pdl: Optional[bool] = None, chunks: Optional[Tensor] = None) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
     split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
@@ -626,8 +618,6 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     fixed order (deterministic). A given v fixes n_split by its shape instead.
     pdl: None = pdl_enabled(device) (safe anywhere: the kernel waits for the previous
     kernel before reading anything).
-    pairs: tile rule "pairs"'s shrink (PERF_LOG v15): the first of each two tokens of one
-    adapter computes both tokens' v from one read of A (T <= PAIR_MAX_T; bitwise the same v).
     chunks: tokens grouped by adapter (multilora_impl.build_chunks): in bf16 on sm_80+ the
     tensor-core shrink of rule "mma" (one read of A per chunk, 16 rank rows per block);
     other dtypes ignore it.
@@ -644,7 +634,7 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
                         device=x.device)                              # [n_split, T, S, r_max]
     torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v,
                                          pdl_enabled(x.device) if pdl is None else pdl,
-                                         bool(pairs), chunks)
+                                         chunks)
     return v
 
 
@@ -656,7 +646,7 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
     idx, ranks, scale, B and y before the previous kernel has finished (the shrink writes
     none of them).
-    tiles: outputs-per-lane rule, "classic", "residency", "rank" or "pairs" (expand_outs),
+    tiles: outputs-per-lane rule, "classic", "residency" or "rank" (expand_outs),
     bitwise the same result every way, or "mma" (tensor cores, bf16; the same up to the
     order of the fp32 sum); None = $MULTILORA_EXPAND_TILES.
     chunks (rule "mma" only): tokens grouped by adapter (build_chunks): one block per
@@ -744,7 +734,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  overlaps the B reads with the shrink. Deterministic. Uses a per-device
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
-    None = $MULTILORA_EXPAND_TILES; "pairs" pairs the shrink's tokens too); "fused" keeps
+    None = $MULTILORA_EXPAND_TILES; "mma" with meta's chunks groups both kernels' tokens
+    by adapter); "fused" keeps
     its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
@@ -754,7 +745,6 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
-    pairs = tiles == "pairs"       # its shrink too: both halves read each adapter once per pair
     # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)
     chunks = getattr(meta, "chunks", None) if tiles == "mma" and x.dtype == torch.bfloat16 else None
     if chunks is not None and variant in ("default", "split"):   # tokens grouped by adapter
@@ -768,12 +758,12 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, chunks=chunks)
         return
     if variant == "default":
-        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl, pairs=pairs)   # [T, S, r_max] fp32
+        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl)   # [T, S, r_max] fp32
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
         return
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
-        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, pairs=pairs)
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)   # [n_split, T, S, r]
         return
     check_shrink_args(x, A4, idx, ranks)

@@ -2,17 +2,16 @@
 //
 // Python functions of the module (bgmv_cuda.py wraps each in a torch custom op of the same
 // name, multilora::bgmv_cuda_*, with its fake impl; CUDA tensors only):
-//   shrink(x, A, idx, ranks, v, pdl, pairs, chunks) -> str   (pairs: tile rule "pairs"'s
-//       kernel; chunks: rule "mma"'s tokens grouped by adapter, bf16 on the tensor cores)
+//   shrink(x, A, idx, ranks, v, pdl, chunks) -> str   (chunks: rule "mma"'s tokens grouped
+//       by adapter, bf16 on the tensor cores)
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
 //   expand(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
-//       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank),
-//       3 = pairs (two tokens of one adapter per block); the same values every way, only
-//       the grid and the tiles differ; 4 = mma (tensor cores, bf16; the same values up to
-//       the order of the fp32 sum)
+//       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank);
+//       the same values every way, only the grid and the tiles differ; 3 = mma (tensor
+//       cores, bf16; the same values up to the order of the fp32 sum)
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
@@ -136,7 +135,7 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 // Checks the shrink's tensors and fills *out; launches unless out_only.
 static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
-                        bool pdl, bool pairs, BgmvShrinkParams* out, const char* op) {
+                        bool pdl, BgmvShrinkParams* out, const char* op) {
   BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
@@ -208,7 +207,6 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
   p.pdl = pdl;
-  p.pairs = pairs;
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -237,11 +235,11 @@ static std::string check_chunks(const char* op, const std::optional<at::Tensor>&
 
 std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                              const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl,
-                             bool pairs, const std::optional<at::Tensor>& chunks) {
+                             const std::optional<at::Tensor>& chunks) {
   const char* op = "multilora::bgmv_cuda_shrink";
-  if (!chunks.has_value()) return shrink_impl(x, A, idx, ranks, v, pdl, pairs, nullptr, op);
+  if (!chunks.has_value()) return shrink_impl(x, A, idx, ranks, v, pdl, nullptr, op);
   BgmvShrinkParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, pdl, pairs, &p, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, pdl, &p, op));
   BGMV_TRY(check_chunks(op, chunks, x, &p.chunks, &p.n_chunks));
   if (x.size(0) == 0) return {};
   BgmvDtype dt;
@@ -259,8 +257,8 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMma, op,
              ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
-             kBgmvTileRuleResidency, " (residency), ", kBgmvTileRuleRank, " (rank), ",
-             kBgmvTileRulePairs, " (pairs) or ", kBgmvTileRuleMma, " (mma), got ", tile_rule);
+             kBgmvTileRuleResidency, " (residency), ", kBgmvTileRuleRank, " (rank) or ",
+             kBgmvTileRuleMma, " (mma), got ", tile_rule);
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
@@ -374,7 +372,7 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
                      const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, false, &p.s, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, &p.s, op));
   BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, &p.e, op));
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&

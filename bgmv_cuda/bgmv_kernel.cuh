@@ -189,74 +189,13 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Tile rule "pairs" (opt-in, PERF_LOG v15): the tokens of one adapter share a block two
-// by two, in the expand (each B tile read once per pair instead of once per token) and in
-// the shrink (BgmvShrinkParams::pairs: each A row tile once per pair).  Why:
-// at r 64 with 128 adapters, batch 256 (two tokens each) took 61.0 us against 39.9 for
-// batch 128 (one each) on the same DRAM bytes: the second token's pass over B (L2 to SM
-// traffic, blocks, FMAs) cost the difference, not HBM.
-// Pairs: among the tokens with adapter i, in index order, the 1st and 2nd form a pair, the
-// 3rd and 4th, ...; every block scans idx (T <= kBgmvPairMaxT) for its token's ordinal and
-// the next token of the same adapter; a token of odd ordinal leaves its work to the block
-// of the one before it and exits (after the PDL wait, like every early exit).  16-byte B
-// loads only (NCHUNK = 1), J = kBgmvExpandOuts; the launcher runs rule 1 otherwise.
-// Each output's fp32 sum is the default kernel's, in the same order: the results are
-// bitwise those of the other rules.
-// Grids: the plain kernels' (x = token: the second of each pair exits at once).
-// ---------------------------------------------------------------------------------------
-// Every block scans all of idx (T int loads from L2), so the scan's traffic grows as T x
-// blocks: at T 256, r 64 it is ~16 MB against the 67 MB of B it saves; at T 4096 it would
-// exceed it.  Above this T the plain kernels run.
-constexpr int kBgmvPairMaxT = 1024;
-// 6 blocks / SM (up to 80 registers; ptxas sm_90: expand 78-80, shrink 72-76, no spills):
-// at 8 (64 registers) the 16-bit expand spilled 12 bytes, B, both tokens' v and both sums
-// being live at once; the shrink keeps x of both tokens with its A rows (12 loads a step).
-constexpr int kBgmvPairMinBlocksPerSM = 6;
-
-// -2: token t is the second of its pair; else its partner's index, or -1 (no partner).
-// idx [T] (int32 / int64), i = idx[t] in [0, L).  Called by every thread of a 128-thread
-// block (it syncs), after the block-uniform early exits.  The shrink's and the expand's
-// pair kernels use it alike, so both pair the same tokens.
-__device__ __forceinline__ int bgmv_pair_partner(const void* idx, const int idx_is_64,
-                                                 const int T, const int t, const int i) {
-  static_assert(kBgmvShrinkThreads == kBgmvExpandThreads, "one block size for the scan");
-  __shared__ int n_before, first_after;
-  if (threadIdx.x == 0) {
-    n_before = 0;
-    first_after = 0x7fffffff;
-  }
-  __syncthreads();
-  int before = 0, after = 0x7fffffff;
-  for (int u = threadIdx.x; u < T; u += kBgmvExpandThreads) {
-    if (u != t && bgmv_load_int(idx, idx_is_64, u) == i) {
-      if (u < t) ++before;
-      else after = min(after, u);
-    }
-  }
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    before += __shfl_xor_sync(0xffffffffu, before, o);
-    after = min(after, __shfl_xor_sync(0xffffffffu, after, o));
-  }
-  if ((threadIdx.x & 31) == 0) {
-    atomicAdd(&n_before, before);
-    atomicMin(&first_after, after);
-  }
-  __syncthreads();
-  return (n_before & 1) ? -2 : (first_after == 0x7fffffff ? -1 : first_after);
-}
-
-// ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
 // One block's work: token t, slice s, rank rows [r0, r0 + ROWS), K chunk c of n_split.
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
-// PAIR (tile rule "pairs"): the first token of a pair also computes its partner's v from
-// the same A loads (x of both in registers: 12 loads a step); the second one's block
-// returns.  Per token the same K steps, FMAs and reduction order: bitwise the same v.
-template <typename T, bool PAIR = false>
+template <typename T>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
                                                   const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
@@ -265,7 +204,6 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   constexpr int U = kBgmvShrinkUnroll;
   constexpr int NT = kBgmvShrinkThreads;
   constexpr int NWARPS = NT / 32;
-  constexpr int M = PAIR ? 2 : 1;                      // tokens per block
 
   // Early exits: no LoRA, an index or rank the expand will flag with NaN, or a tile past
   // this adapter's rank (the grid is sized by r_max; such tiles cost one idx/rank load).
@@ -274,21 +212,9 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank <= 0) return false;
   if (r0 >= rank) return true;
-  int64_t tm[M] = {t};                                 // the block's tokens
-  bool two = false;
-  if constexpr (PAIR) {
-    const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, static_cast<int>(t),
-                                          static_cast<int>(i));
-    if (partner == -2) return true;                    // its pair's first token does it
-    two = partner >= 0;
-    tm[M - 1] = two ? partner : t;
-  }
   const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
 
-  const uint4* xv[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m)
-    xv[m] = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + tm[m] * p.x_stride_t);
+  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
   const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
                     static_cast<int64_t>(r0) * p.a_stride_r;
   const uint4* av[ROWS];
@@ -296,11 +222,9 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   for (int q = 0; q < ROWS; ++q)  // rows past nrows point at row 0 but are never loaded
     av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * p.a_stride_r);
 
-  float acc[M][ROWS];
+  float acc[ROWS];
 #pragma unroll
-  for (int m = 0; m < M; ++m)
-#pragma unroll
-    for (int q = 0; q < ROWS; ++q) acc[m][q] = 0.f;
+  for (int q = 0; q < ROWS; ++q) acc[q] = 0.f;
 
   // K loop over the 16-byte chunks [k_begin, nvec) of this split (h_in % VEC == 0, so no
   // element tail): U chunks per step, every load of a step issued before the first FMA.
@@ -310,74 +234,59 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   const int nvec = min(nvec_all, k_begin + per_split);
   int kv = k_begin + threadIdx.x;
   for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
-    uint4 xr[M][U], ar[U][ROWS];
+    uint4 xr[U], ar[U][ROWS];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-#pragma unroll
-      for (int m = 0; m < M; ++m)
-        xr[m][u] = (m == 0 || two) ? __ldg(xv[m] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
+      xr[u] = __ldg(xv + kv + u * NT);
 #pragma unroll
       for (int q = 0; q < ROWS; ++q)
         ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      float xf[M][VEC];
-#pragma unroll
-      for (int m = 0; m < M; ++m) Ty::unpack(xr[m][u], xf[m]);
+      float xf[VEC];
+      Ty::unpack(xr[u], xf);
 #pragma unroll
       for (int q = 0; q < ROWS; ++q) {
         float af[VEC];
         Ty::unpack(ar[u][q], af);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-#pragma unroll
-          for (int m = 0; m < M; ++m) acc[m][q] = fmaf(xf[m][e], af[e], acc[m][q]);
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
       }
     }
   }
   for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
-    float xf[M][VEC];
-#pragma unroll
-    for (int m = 0; m < M; ++m)
-      Ty::unpack((m == 0 || two) ? __ldg(xv[m] + kv) : make_uint4(0u, 0u, 0u, 0u), xf[m]);
+    float xf[VEC];
+    Ty::unpack(__ldg(xv + kv), xf);
 #pragma unroll
     for (int q = 0; q < ROWS; ++q) {
       if (q < nrows) {
         float af[VEC];
         Ty::unpack(__ldg(av[q] + kv), af);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-#pragma unroll
-          for (int m = 0; m < M; ++m) acc[m][q] = fmaf(xf[m][e], af[e], acc[m][q]);
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
       }
     }
   }
 
   // Reduce: xor shuffles within each warp, then the NWARPS partial sums via shared memory.
 #pragma unroll
-  for (int m = 0; m < M; ++m)
+  for (int q = 0; q < ROWS; ++q)
 #pragma unroll
-    for (int q = 0; q < ROWS; ++q)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[m][q] += __shfl_xor_sync(0xffffffffu, acc[m][q], o);
-  __shared__ float partial[M][NWARPS][ROWS];
+    for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+  __shared__ float partial[NWARPS][ROWS];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) {
 #pragma unroll
-    for (int m = 0; m < M; ++m)
-#pragma unroll
-      for (int q = 0; q < ROWS; ++q) partial[m][warp][q] = acc[m][q];
+    for (int q = 0; q < ROWS; ++q) partial[warp][q] = acc[q];
   }
   __syncthreads();
-  // Threads [0, M ROWS): token m = threadIdx.x / ROWS, row q = threadIdx.x % ROWS.
-  const int m = PAIR ? threadIdx.x / ROWS : 0, q = PAIR ? threadIdx.x % ROWS : threadIdx.x;
-  if (q < nrows && m < M && (m == 0 || two)) {
+  const int q = threadIdx.x;
+  if (q < nrows) {
     float sum = 0.f;
 #pragma unroll
-    for (int w = 0; w < NWARPS; ++w) sum += partial[m][w][q];
-    const int64_t tv = m == 0 ? tm[0] : tm[M - 1];   // static indices: tm stays in registers
-    p.v[c * p.v_stride_split + tv * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
+    for (int w = 0; w < NWARPS; ++w) sum += partial[w][q];
+    p.v[c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
   }
   return true;
 }
@@ -391,17 +300,6 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   bgmv_shrink_block<T>(p, blockIdx.x, blockIdx.y / row_tiles,
                        (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
-}
-
-// Tile rule "pairs" (BgmvShrinkParams::pairs, T <= kBgmvPairMaxT): the same grid.
-template <typename T>
-__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvPairMinBlocksPerSM)
-_bgmv_shrink_pair_kernel(const BgmvShrinkParams p) {
-  bgmv_wait_prior_grid();
-  bgmv_let_next_grid_launch();
-  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-  bgmv_shrink_block<T, true>(p, blockIdx.x, blockIdx.y / row_tiles,
-                             (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -977,148 +875,6 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   }
 }
 
-template <typename T, int J>
-__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvPairMinBlocksPerSM)
-_bgmv_expand_pair_kernel(const BgmvExpandParams p) {
-  bgmv_let_next_grid_launch();
-  using Ty = BgmvType<T>;
-  constexpr int W = Ty::kVec;
-  constexpr int NWARPS = kBgmvExpandThreads / 32;
-  const int t = blockIdx.x;                            // T <= kBgmvPairMaxT: 32-bit indices
-  const int by = blockIdx.y;
-  int s = 0;
-#pragma unroll
-  for (int q = 1; q < kBgmvMaxSlices; ++q)
-    if (q < p.S && by >= p.tile_begin[q]) s = q;
-  const int G = 1 << p.log2_group;
-  const int groups = 32 >> p.log2_group;
-  const int j_tile = (by - p.tile_begin[s]) * (NWARPS * groups * J);
-  const int h_out = p.h_out[s];
-  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
-
-  // The default kernel's early exits, then the pairing.
-  const int64_t i64 = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i64 == -1) {
-    bgmv_wait_prior_grid();
-    return;
-  }
-  const int rank = (i64 < -1 || i64 >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i64, p.r_max);
-  if (rank < 0) {
-    bgmv_wait_prior_grid();
-    const int tile = NWARPS * groups * J;
-    for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
-      yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
-    return;
-  }
-  if (rank == 0) {
-    bgmv_wait_prior_grid();
-    return;
-  }
-  const int i = static_cast<int>(i64);                // in [0, L): an int
-  const int partner = bgmv_pair_partner(p.idx, p.idx_is_64, p.T, t, i);
-  if (partner == -2) {
-    bgmv_wait_prior_grid();
-    return;
-  }
-  const bool two = partner >= 0;
-
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int lig = lane & (G - 1);
-  const int grp = lane >> p.log2_group;
-  const int rb = lig * W;                              // this lane's rank positions rb + e
-  const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
-  const int64_t b_stride_o = p.b_stride_o[s];
-  const int j_lane = j_tile + warp * groups * J + grp;
-
-  // B once for both tokens, then both tokens' y (lane 0 of each group), then the wait.
-  uint4 raw[J];
-#pragma unroll
-  for (int u = 0; u < J; ++u) {
-    const int j = j_lane + u * groups;
-    const T* brow = b_rows + static_cast<int64_t>(j < h_out ? j : 0) * b_stride_o;
-    raw[u] = (j < h_out && rb < rank) ? __ldg(reinterpret_cast<const uint4*>(brow + rb))
-                                      : make_uint4(0u, 0u, 0u, 0u);
-  }
-  // y waits in shared memory (each thread reads back its own slots: no sync), as in the
-  // J = 8 default kernel: in registers, with B, both v rows and both sums, the 16-bit
-  // instances spilled 44 bytes under the 64-register cap (ptxas, sm_90).
-  __shared__ T y_stage[2][J][kBgmvExpandThreads];                // 2 KB (fp32: 4 KB)
-#pragma unroll
-  for (int u = 0; u < J; ++u) {
-    const int j = j_lane + u * groups;
-    const bool st = lig == 0 && j < h_out;
-    y_stage[0][u][threadIdx.x] = st ? yrow[j] : Ty::from_float(0.f);
-    y_stage[1][u][threadIdx.x] =
-        (st && two) ? static_cast<T*>(p.y)[partner * p.y_stride_t + p.col_off[s] + j]
-                    : Ty::from_float(0.f);
-  }
-  bgmv_wait_prior_grid();
-
-  // v of both tokens at this lane's rank positions, in 16-byte vectors (the launcher
-  // checked v's alignment), the partial sums added in the default's order; entries past
-  // the rank were never written, so they are zeroed after the load.
-  float vr[2][W];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const int tm = m == 0 ? t : (two ? partner : t);
-    const float4* pv = reinterpret_cast<const float4*>(p.v + tm * p.v_stride_t +
-                                                       s * p.v_stride_s + rb);
-    const int64_t zs = p.v_stride_split / 4;
-    const bool on = rb < rank && (m == 0 || two);
-#pragma unroll
-    for (int q = 0; q < W / 4; ++q) {
-      float4 a = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (on) {
-        a = pv[q];
-#pragma unroll 4
-        for (int z = 1; z < p.n_split; ++z) {
-          const float4 b = pv[q + z * zs];
-          a.x += b.x; a.y += b.y; a.z += b.z; a.w += b.w;
-        }
-      }
-      vr[m][4 * q] = rb + 4 * q < rank ? a.x : 0.f;
-      vr[m][4 * q + 1] = rb + 4 * q + 1 < rank ? a.y : 0.f;
-      vr[m][4 * q + 2] = rb + 4 * q + 2 < rank ? a.z : 0.f;
-      vr[m][4 * q + 3] = rb + 4 * q + 3 < rank ? a.w : 0.f;
-    }
-  }
-
-  float acc[2][J];
-#pragma unroll
-  for (int u = 0; u < J; ++u) {
-    float bf[W];
-    Ty::unpack(raw[u], bf);
-#pragma unroll
-    for (int m = 0; m < 2; ++m) {
-      acc[m][u] = 0.f;
-#pragma unroll
-      for (int e = 0; e < W; ++e)  // select, not multiply: padded B may hold NaN
-        acc[m][u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[m][e], acc[m][u]);
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < 2; ++m)
-#pragma unroll
-    for (int u = 0; u < J; ++u)
-      for (int o = G >> 1; o > 0; o >>= 1)
-        acc[m][u] += __shfl_xor_sync(0xffffffffu, acc[m][u], o);
-
-  if (lig == 0) {  // scale and the row pointers here: kept live from the start, they spilled
-    const float sc = p.scale[i];
-    T* y0 = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
-    T* y1 = static_cast<T*>(p.y) + (two ? partner : t) * p.y_stride_t + p.col_off[s];
-#pragma unroll
-    for (int u = 0; u < J; ++u) {
-      const int j = j_lane + u * groups;
-      if (j < h_out) {
-        y0[j] = Ty::from_float(fmaf(sc, acc[0][u], Ty::to_float(y_stage[0][u][threadIdx.x])));
-        if (two)
-          y1[j] = Ty::from_float(fmaf(sc, acc[1][u], Ty::to_float(y_stage[1][u][threadIdx.x])));
-      }
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------
 // Fused single launch (decode, small T): one 1-D grid of 128-thread blocks,
 //   [0, T * P)            split-K shrink blocks, P = S * ceil(r_max / 4) * n_split per token
@@ -1238,10 +994,7 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   }
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  const cudaError_t err =
-      p.pairs && p.T <= kBgmvPairMaxT
-          ? bgmv_launch<_bgmv_shrink_pair_kernel<T>>(grid, kBgmvShrinkThreads, stream, p)
-          : bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
+  const cudaError_t err = bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1270,7 +1023,7 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
   if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMma)
-    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank), 3 (pairs) or 4 (mma)";
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (mma)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -1292,22 +1045,9 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
 // kBgmvExpandMaxBlocks), filling tile_begin for it; after bgmv_expand_prepare, so the J = 4
 // tiles fit grid.y (any larger J has fewer tiles, a smaller one is taken only when its
 // tiles fit).  vec: 16-byte B loads, the only path with a J = 8 kernel.
-// Rule "pairs" runs its own kernel only with 16-byte B loads, T <= kBgmvPairMaxT and v
-// readable in 16-byte vectors; otherwise it runs as rule 1.
-inline bool bgmv_pairs_ok(const BgmvExpandParams& p, bool vec) {
-  return p.tile_rule == kBgmvTileRulePairs && vec && p.T <= kBgmvPairMaxT &&
-         bgmv_aligned16(p.v) && p.v_stride_t % 4 == 0 && p.v_stride_s % 4 == 0 &&
-         p.v_stride_split % 4 == 0;
-}
-
 inline int bgmv_expand_outs(BgmvExpandParams& p, bool vec) {
   const int64_t T = p.T;
-  if (bgmv_pairs_ok(p, vec)) {
-    bgmv_fill_tiles(p, kBgmvExpandOuts);               // the pair kernel's J
-    return kBgmvExpandOuts;
-  }
-  if (p.tile_rule == kBgmvTileRuleResidency || p.tile_rule == kBgmvTileRuleRank ||
-      p.tile_rule == kBgmvTileRulePairs) {
+  if (p.tile_rule == kBgmvTileRuleResidency || p.tile_rule == kBgmvTileRuleRank) {
     constexpr int kOuts[] = {1, kBgmvExpandOuts, kBgmvExpandOutsMax};
     const int n = vec ? 3 : 2;
     for (int k = 0; k < n; ++k) {
@@ -1404,9 +1144,7 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
-  if (bgmv_pairs_ok(p, vec)) {
-    err = bgmv_launch<_bgmv_expand_pair_kernel<T, kJ>>(grid, threads, stream, p);
-  } else if (vec && p.tile_rule == kBgmvTileRuleRank) {
+  if (vec && p.tile_rule == kBgmvTileRuleRank) {
     constexpr int kJm = kBgmvExpandOutsMax;
     err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true>>(grid, threads, stream, p)
         : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true>>(grid, threads, stream, p)

@@ -19,19 +19,17 @@ constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cud
 constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bgmv_cuda.py)
 constexpr int kBgmvChunkTokens = 8;   // tokens per chunk of rule "mma" (CHUNK_TOKENS in bgmv_cuda.py)
 // Expand tile rules, BgmvExpandParams::tile_rule (EXPAND_TILE_RULES in bgmv_cuda.py):
-// "classic" (J = 1 for small grids, else 4), "residency", the default (J sized so the
-// grid fits; bgmv_kernel.cuh, kBgmvExpandMaxBlocks) or "rank" (residency's J, and each
-// token's lanes per B row from its adapter's rank instead of r_max: mixed ranks; with
-// 16-byte B loads only, 1-element loads run as residency) or "pairs" (opt-in: J = 4 and
-// the tokens of one adapter two per block, B read once per pair; 16-byte loads and T <=
-// kBgmvPairMaxT only, else residency).
+// "classic" (J = 1 for small grids, else 4), "residency" (J sized so the grid fits;
+// bgmv_kernel.cuh, kBgmvExpandMaxBlocks), "rank" (residency's J, and each token's lanes
+// per B row from its adapter's rank instead of r_max: mixed ranks; with 16-byte B loads
+// only, 1-element loads run as residency), or "mma" (PERF_LOG v16-v22: the expand on the
+// tensor cores, bf16, 16-byte B loads, sm_80+, anything else runs as "rank"; v split in
+// three bf16 parts, fp32-exact; with `chunks`, per chunk of tokens of one adapter).
+// (Rule "pairs", PERF_LOG v15, measured slower everywhere in session 7, was removed.)
 constexpr int kBgmvTileRuleClassic = 0;
 constexpr int kBgmvTileRuleResidency = 1;
 constexpr int kBgmvTileRuleRank = 2;
-constexpr int kBgmvTileRulePairs = 3;
-// "mma" (opt-in, PERF_LOG v16): the expand on the tensor cores (bf16, 16-byte B loads,
-// sm_80+; anything else runs as "rank"), v split in three bf16 parts (fp32-exact).
-constexpr int kBgmvTileRuleMma = 4;
+constexpr int kBgmvTileRuleMma = 3;
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
@@ -57,7 +55,6 @@ struct BgmvShrinkParams {
   int n_split = 1;
   int64_t v_stride_split = 0;
   int pdl = 0;            // host only: launch with programmatic dependent launch (sm_90+)
-  int pairs = 0;          // host only: the pair kernel (tile rule "pairs"; T <= kBgmvPairMaxT)
   // Rule "mma" (bgmv_kernel.cuh): tokens grouped by adapter, [n_chunks, 8] int32, -1 padded
   // (nullptr: no grouping); with chunks the shrink runs on the tensor cores (bf16 only).
   const int* chunks = nullptr;

@@ -2,7 +2,7 @@
 
 For each point, every variant (bgmv_cuda default / default without PDL / split-K by shape /
 split-K in 2 (`cuda_split2`: one 16-byte step of x and A per shrink thread at h_in 4096,
-one DRAM round trip instead of two; PERF_LOG "Next") / fused /
+one DRAM round trip instead of two; PERF_LOG v13, measured slower in session 7) / fused /
 with the "classic", the "residency" and the "rank" expand tile rule, bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
@@ -19,10 +19,10 @@ writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_classic`, `cuda_tiles`, `cuda_rank`, `cuda_pairs` and `cuda_mma` fix the expand's tile
-rule ("classic", "residency", "rank": residency's J with each token's lane groups sized by
-its adapter's rank, PERF_LOG v10; "pairs": two tokens of one adapter per block, PERF_LOG
-v15; "mma": the bf16 expand on the tensor cores, PERF_LOG v16, and `cuda_mma_chunks` the
+`cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
+("classic", "residency", "rank": residency's J with each token's lane groups sized by its
+adapter's rank, PERF_LOG v10; "mma": the bf16 expand on the tensor cores, PERF_LOG v16,
+and `cuda_mma_chunks` the
 same with make_meta's chunks, both kernels per chunk of tokens of one adapter, v17;
 see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
@@ -44,7 +44,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_pairs", "cuda_mma", "cuda_mma_chunks", "triton"]
+                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks", "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,6 @@ def main(args: argparse.Namespace) -> list:
            "cuda_fused": lambda *a, meta=None: bc.bgmv_lora(*a, variant="fused"),
            "cuda_tiles": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="residency"),
            "cuda_rank": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="rank"),
-           "cuda_pairs": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="pairs"),
            "cuda_mma": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="mma"),
            "cuda_mma_chunks": lambda *a, meta=None: bc.bgmv_lora(*a, meta, tiles="mma"),
            "triton": lambda *a, meta=None: bt.bgmv_lora(*a)}

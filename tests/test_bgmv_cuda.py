@@ -39,10 +39,9 @@ def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, rule "pairs" (shrink, expand J = 4), fused 16-byte /
-    # 1-element) x 2 archs, + rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink
-    # x 2 archs
-    assert len(kernels) == 86 and len(names) == 86, sorted(names)
+    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
+    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
+    assert len(kernels) == 74 and len(names) == 74, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -50,29 +49,22 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, false>", arch) in names
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
-            assert (f"expand_pair<{dt}, 4>", arch) in names
-            assert (f"shrink_pair<{dt}>", arch) in names
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
-        # the pair and mma kernels (128, 6): 80 (the allocation granule below 85), but the
-        # mma expand of KB = 4 (128, 4): 128
+        # the mma kernels (128, 6): 80 (the allocation granule below 85), but the mma
+        # expand of KB = 4 (128, 4): 128
         limit = 128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
-            80 if "pair" in k.kernel or "mma" in k.kernel else 64
+            80 if "mma" in k.kernel else 64
         assert 0 < k.registers <= limit, k
-        if "shrink_pair" in k.kernel:   # both tokens' per-warp sums, + the scan's 2 ints
-            assert k.smem_bytes == 2 * 4 * 4 * 4 + 8, k
-        elif "shrink_mma" in k.kernel:  # the 4 warps' fp32 sums, 16 rows x 8 tokens
+        if "shrink_mma" in k.kernel:    # the 4 warps' fp32 sums, 16 rows x 8 tokens
             assert k.smem_bytes == 4 * 16 * 8 * 4, k
         elif "mma" in k.kernel:         # v fragments (8 tokens x 4 parts x 4 KB), v sums
             kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1])   # (8 x 32 KB), y (8 x
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 32 * kb * 4 + 8 * 1024 * 2 + 8 * 4, k
-        elif "pair" in k.kernel:        # y of both tokens in shared memory, + 2 ints
-            size = 4 if "kernelIf" in k.kernel else 2
-            assert k.smem_bytes == 2 * 4 * 128 * size + 8, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
             dt, *_, j, _rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
             assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0), k
@@ -299,13 +291,12 @@ def test_python_limits_match_cpp_constants():
     assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
         (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
-            c["kBgmvTileRulePairs"], c["kBgmvTileRuleMma"]] == \
-        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "pairs", "mma")]
+            c["kBgmvTileRuleMma"]] == \
+        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
             c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"]) == \
         (bc.MMA_ROWS_PER_WARP, bc.CHUNK_TOKENS, bc.MMA_MAX_SPLIT, bc.MMA_MAX_TILES,
          bc.MMA_BLOCKS_PER_SM)
-    assert c["kBgmvPairMaxT"] == bc.PAIR_MAX_T
     # output columns per expand block, as bgmv_kernel.cuh's comment states them
     B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
     assert bc.expand_tiles(B(128), 128) == (32, 4)                  # 16-byte loads, G = 16
@@ -887,19 +878,6 @@ def _b_slices(h_out, r, dtype=torch.bfloat16, L=7):
                                                         else [h_out])]
 
 
-def test_expand_outs_rule_pairs():
-    """Rule "pairs" (3): J = 4 with 16-byte B loads up to PAIR_MAX_T tokens (the second of
-    each pair exits: the grid still has a block per token), else rule 1's J and grid."""
-    B = _b_slices(4096, 64)
-    for T in (1, 64, 256, bc.PAIR_MAX_T):
-        assert bc.expand_outs(B, T, 64, 3) == (4, T * bc.expand_tiles(B, 64, 4)[1])
-    T = bc.PAIR_MAX_T + 1
-    assert bc.expand_outs(B, T, 64, 3) == bc.expand_outs(B, T, 64, 1)
-    assert bc.expand_outs(_b_slices(4096, 12), 64, 12, 3) == \
-        bc.expand_outs(_b_slices(4096, 12), 64, 12, 1)            # 1-element loads: rule 1
-    assert bc.expand_tile_rule("pairs") == 3
-
-
 def test_expand_outs_at_the_h200_points():
     """The Python mirror of bgmv_expand_outs at the points that motivated the rule (bf16,
     h_in 4096, r 16, uniform 7; (J, blocks) under rule 0 and rule 1)."""
@@ -1035,10 +1013,6 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
                 assert _launched_expand_j(call, kernel="_bgmv_expand_mma_kernel") == [kb]
                 assert _launched_expand_j(call) == []
                 continue
-            if tiles == "pairs" and r % 8 == 0:                      # its own kernel, J = 4
-                assert _launched_expand_j(call, kernel="_bgmv_expand_pair_kernel") == [4]
-                assert _launched_expand_j(call) == []
-                continue
             want = (bc.expand_outs(_b_slices(h_out, r), T, r, k)[0],
                     tiles == "rank" and r % 8 == 0)                  # bf16: 16-byte rows
             got = _launched_expand_j(call, rank_flag=True)
@@ -1053,63 +1027,6 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
     assert _launched_expand_j(lambda: bc.lora_expand(y, v, inp["B"], idx, inp["scale"])) == [4]
     ref = lora_reference(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"])
     assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["distinct", "identical", "odd", "twice", "bad_idx", "int64",
-                                  "past_max_t"])
-def test_pairs_rule_bitwise_equal_on_every_pairing(kind):
-    """Rule "pairs" (PERF_LOG v15) against rule "rank" on the same inputs, bitwise: no
-    token shares an adapter (distinct), all do (identical: 32 pairs), odd counts (an
-    unpaired last token per adapter), two each in random order (the 128-adapter point of
-    issue 3's target 2), idx = -1 / out of range (untouched / NaN rows, no pairing
-    across them), int64 idx, and T past PAIR_MAX_T (rule 1's kernel instead)."""
-    T, L, r = {"distinct": (48, 48, 64), "identical": (64, 7, 16), "odd": (63, 5, 16),
-               "twice": (256, 128, 64), "bad_idx": (40, 6, 32), "int64": (64, 9, 16),
-               "past_max_t": (bc.PAIR_MAX_T + 3, 7, 16)}[kind]
-    g = torch.Generator().manual_seed(T + r)
-    if kind == "distinct":
-        idx = torch.randperm(L, generator=g)[:T]
-    elif kind == "identical":
-        idx = torch.full((T,), 3)
-    elif kind == "twice":
-        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
-    else:
-        idx = torch.randint(0, L, (T,), generator=g)
-    if kind == "bad_idx":
-        idx[::7] = -1
-        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
-    idx = idx.to(torch.int64 if kind == "int64" else torch.int32).cuda()
-    for dtype in DTYPES:
-        inp = make_lora_inputs(T, 1024, [1024, 256, 256] if kind == "odd" else 2048, L, r,
-                               dtype, "cuda", seed=T)
-        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
-        outs = {}
-        for tiles in ("rank", "pairs"):
-            outs[tiles] = inp["y"].clone()
-            bc.bgmv_lora(outs[tiles], *args, tiles=tiles)
-        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
-        assert torch.equal(outs["rank"].view(bits), outs["pairs"].view(bits)), (kind, dtype)
-        ok = (idx >= 0) & (idx < L)
-        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
-                             inp["scale"], inp["ranks"])
-        assert relative_error(outs["pairs"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
-        if kind == "bad_idx":
-            assert torch.isnan(outs["pairs"][idx >= L]).all()
-            assert torch.equal(outs["pairs"][idx == -1], inp["y"][idx == -1])
-        A4 = inp["A"] if inp["A"].dim() == 4 else inp["A"][None]
-        for split in (1, 2):                             # the shrink alone, plain and split-K
-            vs = []
-            for pairs in (False, True):
-                shape = ((split,) if split > 1 else ()) + (T, A4.shape[0], r)
-                v = torch.full(shape, float("nan"), device="cuda")   # unwritten: stays NaN
-                bc.bgmv_shrink(inp["x"], A4, idx, inp["ranks"], v, pairs=pairs)
-                vs.append(v.view(torch.int32))
-            assert torch.equal(vs[0], vs[1]), (kind, dtype, split)
-    if kind == "past_max_t":                             # rule 1's kernel, not the pair kernel
-        y = inp["y"].clone()
-        assert _launched_expand_j(lambda: bc.bgmv_lora(y, *args, tiles="pairs"),
-                                  kernel="_bgmv_expand_pair_kernel") == []
 
 
 @pytest.mark.gpu
@@ -1289,8 +1206,8 @@ def test_expand_mma_tiles_mirror():
     assert m(_b_slices([4096, 1024, 1024], 16), 1, 16) == (1, 64 + 16 + 16)
     assert m(_b_slices(4096, 16, torch.float16), 64, 16) is None
     assert m(_b_slices(4096, 12), 64, 12) is None                    # 24-byte rows
-    assert bc.expand_outs(_b_slices(4096, 16), 64, 16, 4) == bc.expand_outs(_b_slices(4096, 16), 64, 16, 2)
-    assert bc.expand_tile_rule("mma") == 4
+    assert bc.expand_outs(_b_slices(4096, 16), 64, 16, 3) == bc.expand_outs(_b_slices(4096, 16), 64, 16, 2)
+    assert bc.expand_tile_rule("mma") == 3
 
 
 @pytest.mark.skipif(cc.find_cuda_include() is None or shutil.which("g++") is None,
