@@ -29,7 +29,8 @@
 // expand writes NaN into that token's output row (loud, and the CUDA context survives).
 //
 // Arithmetic: every load is upcast to fp32 right away, products accumulate in fp32,
-// y is converted back once, at its store.  Deterministic: no atomics, fixed reduction
+// y is converted back once, at its store (tile rule "mma": bf16 operands on the tensor
+// cores, v split in three bf16 parts, fp32 accumulation; see that section).  Deterministic: no atomics, fixed reduction
 // order.  Bytes that must move (for GB/s): x (T h_in) + y read and written (2 T h_out)
 // in the storage dtype, plus each distinct adapter's A rows (S r h_in) and B columns
 // (h_out r), plus v (fp32, 2 T S r) between the two launches.
@@ -535,7 +536,7 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Tile rule "mma" (PERF_LOG v16, v17): bf16 on the tensor cores, per chunk of tokens that
+// Tile rule "mma" (PERF_LOG v16-v22): bf16 on the tensor cores, per chunk of tokens that
 // share an adapter.  Why: ncu (H200, 128 distinct adapters, r 64, T 256) found the FMA
 // expand issue-bound (78% of issue slots, 32 M warp instructions for 2.4 M FMAs), and the
 // batch-256 point (two tokens per adapter) 1.5x slower than batch 128 (one each) on the
@@ -543,7 +544,7 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 // unpacking, and its 8 columns serve several tokens from one load of the weights.
 // Chunks (BgmvShrinkParams / BgmvExpandParams::chunks): chunks[c * 8 + k], k < 8, are the
 // tokens of chunk c, all with one idx value, -1 padded (host-built, once per batch:
-// bgmv_cuda.mma_chunks); nullptr: chunk c is token c alone.
+// multilora_impl.build_chunks); nullptr: chunk c is token c alone.
 // Fragments: lane (g, q) (g = lane / 4, q = lane % 4) loads 16 bytes = elements 8q .. 8q+7
 // of a 32-wide K step, of two rows (g and g + 8) of the MMA's A operand; these are its A
 // fragments for two MMAs: the k slots 2q, 2q+1, 2q+8, 2q+9 (the ones this lane supplies)
@@ -552,8 +553,10 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
 // lane (g, q) supplies exactly those slots of B's column g: no shuffle, no shared memory.
 // ---------------------------------------------------------------------------------------
 constexpr int kBgmvMmaRowsPerWarp = 16;   // the MMA's 16 rows
-// 6 blocks / SM (80 registers): at 8 (64) the 32 registers of B fragments spilled 36-44
-// bytes (ptxas, sm_90).  6 x 128 threads x 128 bytes of B is still ~96 KB in flight per SM.
+// Launch bounds of 6 blocks / SM (80 registers): at 8 (64) the first mma expand (v16, 32
+// registers of B fragments) spilled 36-44 bytes (ptxas, sm_90); the expand of KB = 4
+// (two tiles of 32 registers in flight) takes 4 (128 registers).
+// Also the wave mma_split sizes the chunked shrink's grid by (bgmv_cuda.MMA_BLOCKS_PER_SM).
 constexpr int kBgmvMmaMinBlocksPerSM = 6;
 constexpr int kBgmvMmaShrinkUnroll = 4;   // 32-wide K steps in flight per warp (12 loads)
 constexpr int kBgmvMmaMaxSplit = 8;       // v partial sums the expand loads at once (MMA_MAX_SPLIT)
