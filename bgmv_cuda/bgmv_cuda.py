@@ -116,7 +116,8 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
+EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma", "mma_il")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
+MMA_RULES = ("mma", "mma_il")   # the tensor-core rules ("mma_il": opt-in experiment, PERF_LOG "Next")
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
@@ -254,8 +255,9 @@ def pdl_enabled(device: torch.device) -> bool:
 def expand_tile_rule(tiles: Optional[str] = None) -> int:
     """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
     "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
-    rank, for mixed ranks: PERF_LOG v10, the default) or "mma" (bf16 on the tensor cores:
-    PERF_LOG v16-v22, see expand_mma_tiles); None
+    rank, for mixed ranks: PERF_LOG v10, the default), "mma" (bf16 on the tensor cores:
+    PERF_LOG v16-v22, see expand_mma_tiles) or "mma_il" (the same with the block's 4 warps
+    on consecutive tiles: an opt-in experiment, PERF_LOG "Next"); None
     reads MULTILORA_EXPAND_TILES at each call (unset or empty:
     DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
@@ -388,10 +390,11 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
     1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
     ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
-    Rule 3 ("mma") has no J (see expand_mma_tiles); where it runs as "rank", rule 2's."""
+    Rules 3 and 4 ("mma", "mma_il") have no J (see expand_mma_tiles); where they run as
+    "rank", rule 2's."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
-    if tile_rule in (1, 2, 3):
+    if tile_rule in (1, 2, 3, 4):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])
@@ -655,8 +658,8 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
     tile_rule = expand_tile_rule(tiles)
-    if chunks is not None and EXPAND_TILE_RULES[tile_rule] != "mma":
-        _fail("chunks", 'None unless tiles is "mma"', "a tensor")
+    if chunks is not None and EXPAND_TILE_RULES[tile_rule] not in MMA_RULES:
+        _fail("chunks", f"None unless tiles is one of {MMA_RULES}", "a tensor")
     check_chunks(chunks, idx)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
@@ -746,7 +749,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)
-    chunks = getattr(meta, "chunks", None) if tiles == "mma" and x.dtype == torch.bfloat16 else None
+    chunks = getattr(meta, "chunks", None) if tiles in MMA_RULES and x.dtype == torch.bfloat16 \
+        else None
     if chunks is not None and variant in ("default", "split"):   # tokens grouped by adapter
         if variant == "default" or not split_k:
             num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count

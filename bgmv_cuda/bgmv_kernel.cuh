@@ -711,7 +711,10 @@ __device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bf
   }
 }
 
-template <int KB>
+// IL (opt-in experiment, PERF_LOG "Next", BgmvExpandParams::mma_interleave): the block's 4
+// warps take consecutive tiles (warp w: tiles w, w + 4, ...), so each step of the block
+// asks DRAM for 4 adjacent tiles (8 KB at r 64) instead of 4 streams of one tile each.
+template <int KB, bool IL = false>
 __global__ void __launch_bounds__(kBgmvExpandThreads, KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM)
 _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();
@@ -752,7 +755,8 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int jw = warp * kBgmvMmaRowsPerWarp * MT + g;     // block row of the warp's first tile
+  const int jw = warp * kBgmvMmaRowsPerWarp * (IL ? 1 : MT) + g;   // block row, first tile
+  constexpr int kStep = IL ? NWARPS * kBgmvMmaRowsPerWarp : kBgmvMmaRowsPerWarp;  // next tile
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
 
@@ -768,7 +772,7 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
       mask[kb][e] = keep >= 2 * e + 2 ? 0xffffffffu : (keep == 2 * e + 1 ? 0xffffu : 0u);
   }
   const bool tail = rank % 8 != 0;                      // uniform over the block
-  const int64_t row8 = 8 * b_stride_o, row16 = 16 * b_stride_o;
+  const int64_t row8 = 8 * b_stride_o, row_step = kStep * b_stride_o;
   const T* brow = b_rows + static_cast<int64_t>(j_tile + jw) * b_stride_o + 8 * q;
   int jrow = j_tile + jw;                               // column of this lane's row g
   uint4 cur[KB][2], nxt[KB][2];
@@ -845,11 +849,11 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   for (int kb = 0; kb < KB; ++kb) bv0[kb] = v_frag[g >> 2][g & 3][4 * kb + q];
   for (int m = 0; m < MT; ++m) {
     if (m + 1 < MT) {
-      brow += row16;
-      jrow += kBgmvMmaRowsPerWarp;
+      brow += row_step;
+      jrow += kStep;
       bgmv_mma_load_b<KB>(nxt, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
     }
-    const int jb = jw + m * kBgmvMmaRowsPerWarp;          // block row of this lane's half 0
+    const int jb = jw + m * kStep;                        // block row of this lane's half 0
     for (int k0 = 0; k0 < n; k0 += 2) {
       float d[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -1025,8 +1029,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
-  if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMma)
-    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (mma)";
+  if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMmaIL)
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank), 3 (mma) or 4 (mma_il)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -1096,14 +1100,14 @@ inline int bgmv_num_sms() {
   return n;
 }
 
-template <int KB>
+template <int KB, bool IL>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   // The wave: the kernel's own occupancy (its registers and shared memory on this GPU; on
   // the H200 7 blocks / SM for KB = 2, 72 registers, where the launch bounds promise 6),
   // queried once.
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB, IL>,
                                                       kBgmvExpandThreads, 0) != cudaSuccess || n < 1) {
       (void)cudaGetLastError();
       return KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM;
@@ -1112,7 +1116,7 @@ const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   }();
   p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
   const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
-  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
+  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB, IL>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1123,9 +1127,14 @@ const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t s
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1>>() < 80) return nullptr;
     *launched = true;
-    if (p.r_max <= 32) return bgmv_expand_mma_run<1>(p, stream);
-    if (p.r_max <= 64) return bgmv_expand_mma_run<2>(p, stream);
-    return bgmv_expand_mma_run<4>(p, stream);
+    if (p.mma_interleave) {
+      if (p.r_max <= 32) return bgmv_expand_mma_run<1, true>(p, stream);
+      if (p.r_max <= 64) return bgmv_expand_mma_run<2, true>(p, stream);
+      return bgmv_expand_mma_run<4, true>(p, stream);
+    }
+    if (p.r_max <= 32) return bgmv_expand_mma_run<1, false>(p, stream);
+    if (p.r_max <= 64) return bgmv_expand_mma_run<2, false>(p, stream);
+    return bgmv_expand_mma_run<4, false>(p, stream);
   }
   return nullptr;
 }
@@ -1136,7 +1145,8 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
-  if (p.tile_rule == kBgmvTileRuleMma) {
+  if (p.tile_rule == kBgmvTileRuleMma || p.tile_rule == kBgmvTileRuleMmaIL) {
+    p.mma_interleave = p.tile_rule == kBgmvTileRuleMmaIL;
     bool launched = false;
     const char* err = bgmv_expand_mma_launch<T>(p, vec, stream, &launched);
     if (launched || err) return err;

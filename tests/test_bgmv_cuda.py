@@ -39,9 +39,10 @@ def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
-    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
-    assert len(kernels) == 74 and len(names) == 74, sorted(names)
+    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 6
+    # expands (bf16 only: KB = 1, 2, 4 x warps on consecutive tiles or not) and 1 shrink
+    # x 2 archs
+    assert len(kernels) == 80 and len(names) == 80, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -50,7 +51,7 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
-            {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
+            {f"expand_mma<{kb}, {il}>" for kb in (1, 2, 4) for il in ("false", "true")}
         assert ("shrink_mma<>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
@@ -63,7 +64,7 @@ def test_compile_check_sm80_sm90_no_spills():
         if "shrink_mma" in k.kernel:    # the 4 warps' fp32 sums, 16 rows x 8 tokens
             assert k.smem_bytes == 4 * 16 * 8 * 4, k
         elif "mma" in k.kernel:         # v fragments (8 tokens x 4 parts x 4 KB), v sums
-            kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1])   # (8 x 32 KB), y (8 x
+            kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])  # (8 x 32 KB), y (8 x
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 32 * kb * 4 + 8 * 1024 * 2 + 8 * 4, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
             dt, *_, j, _rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
@@ -291,8 +292,8 @@ def test_python_limits_match_cpp_constants():
     assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
         (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
-            c["kBgmvTileRuleMma"]] == \
-        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
+            c["kBgmvTileRuleMma"], c["kBgmvTileRuleMmaIL"]] == \
+        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma", "mma_il")]
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
             c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"]) == \
         (bc.MMA_ROWS_PER_WARP, bc.CHUNK_TOKENS, bc.MMA_MAX_SPLIT, bc.MMA_MAX_TILES,
@@ -946,7 +947,7 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
                 err, outs[tiles] = _variant_check(inp, idx, variant=variant, tiles=tiles)
                 assert err < TOLERANCE[dtype], f"{variant} {tiles} {dtype}: rel err {err:.2e}"
             for tiles in bc.EXPAND_TILE_RULES[1:]:
-                if tiles == "mma" and dtype == torch.bfloat16:   # another fp32 sum order
+                if tiles in bc.MMA_RULES and dtype == torch.bfloat16:   # another fp32 sum order
                     assert_mma_close(outs[tiles], outs["classic"], inp["y"])
                     continue
                 assert torch.equal(outs["classic"].view(bits), outs[tiles].view(bits)), \
@@ -1008,7 +1009,7 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
         args = (inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"])
         for k, tiles in enumerate(bc.EXPAND_TILE_RULES):
             call = lambda: bc.bgmv_lora(*args, tiles=tiles)          # noqa: E731
-            if tiles == "mma" and r % 8 == 0:                        # bf16: its own kernel
+            if tiles in bc.MMA_RULES and r % 8 == 0:                 # bf16: its own kernel
                 kb = 1 if r <= 32 else 2 if r <= 64 else 4
                 assert _launched_expand_j(call, kernel="_bgmv_expand_mma_kernel") == [kb]
                 assert _launched_expand_j(call) == []
@@ -1062,13 +1063,14 @@ def test_mma_rule_matches_rank_rule(kind):
         inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
         args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
         outs = {}
-        for tiles in ("rank", "mma"):
+        for tiles in ("rank", "mma", "mma_il"):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, tiles=tiles, **kw)
+        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+        assert torch.equal(outs["mma"].view(bits), outs["mma_il"].view(bits)), (kind, dtype)
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
         else:
-            bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
             assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
         ok = (idx >= 0) & (idx < L)
         ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
@@ -1112,9 +1114,12 @@ def test_mma_chunks_match_rank_rule(kind):
         inp = make_lora_inputs(T, h_in, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
         args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
         outs = {}
-        for tiles, m in (("rank", None), ("mma", meta)):
+        for tiles, m in (("rank", None), ("mma", meta), ("mma_il", meta)):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, m, tiles=tiles, **kw)
+        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
+        # "mma_il" only moves tiles between warps: each output's sum is the same, bitwise
+        assert torch.equal(outs["mma"].view(bits), outs["mma_il"].view(bits)), (kind, dtype)
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
             y = inp["y"].clone()
@@ -1122,7 +1127,6 @@ def test_mma_chunks_match_rank_rule(kind):
             assert _launch_count(call, "_bgmv_shrink_mma_kernel") in (1, None)  # chunked shrink
             assert _launch_count(call, "_bgmv_expand_mma_kernel") in (1, None)
         else:
-            bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
             assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
         ok = (idx >= 0) & (idx < L)
         ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
