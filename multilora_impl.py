@@ -266,16 +266,19 @@ def build_chunks(idx: Tensor, size: int = 8) -> Tensor:
     padded; every token with idx != -1 is in exactly one row. Reads idx on the host: call
     it where the assignment is known (make_meta does)."""
     idx_h = idx.detach().to("cpu", torch.int64)
-    rows = []
-    for a in torch.unique(idx_h).tolist():
-        if a == -1:
-            continue
-        tok = torch.nonzero(idx_h == a).flatten()
-        for c in range(0, tok.numel(), size):
-            row = torch.full((size,), -1, dtype=torch.int32)
-            row[:min(size, tok.numel() - c)] = tok[c:c + size].to(torch.int32)
-            rows.append(row)
-    out = torch.stack(rows) if rows else torch.empty((0, size), dtype=torch.int32)
+    tok = torch.nonzero(idx_h != -1).flatten()          # a fixed number of ops, no loop
+    adapter, order = torch.sort(idx_h[tok], stable=True)  # tokens by adapter, index order
+    tok = tok[order]
+    if tok.numel() == 0:
+        return torch.empty((0, size), dtype=torch.int32, device=idx.device)
+    first = torch.ones_like(adapter, dtype=torch.bool)
+    first[1:] = adapter[1:] != adapter[:-1]
+    group = torch.cumsum(first, 0) - 1                    # adapter group of each token
+    pos = torch.arange(tok.numel()) - torch.nonzero(first).flatten()[group]
+    per_group = -(-torch.bincount(group) // size)         # chunks per adapter
+    chunk = (torch.cumsum(per_group, 0) - per_group)[group] + pos // size
+    out = torch.full((int(per_group.sum()), size), -1, dtype=torch.int32)
+    out[chunk, pos % size] = tok.to(torch.int32)
     return out.to(idx.device)
 
 

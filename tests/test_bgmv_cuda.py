@@ -1151,6 +1151,10 @@ def test_build_chunks_and_checks(monkeypatch):
         assert bool(live[:, 0].all()) and bool((live.int().diff(dim=1) <= 0).all())
         for row in c:
             assert torch.unique(idx[row[row >= 0].long()]).numel() == 1
+        for a in torch.unique(idx[idx != -1]).tolist():          # each adapter's rows: its
+            rows = [r[r >= 0] for r in c if idx[r[0].long()] == a]  # tokens in index order,
+            assert torch.equal(torch.cat(rows), torch.nonzero(idx == a).flatten().int())
+            assert all(r.numel() == bc.CHUNK_TOKENS for r in rows[:-1])   # full but the last
         monkeypatch.setenv("MULTILORA_CHECK", "1")
         bc.check_chunks(c, idx)
         monkeypatch.delenv("MULTILORA_CHECK")
