@@ -407,7 +407,7 @@ def build_stacked_site(w: Tensor, b: Optional[Tensor], site: LoraSite) -> Stacke
 # ---------------------------------------------------------------------------------------
 def host_meta(idx_host: Tensor, device) -> LoraMeta:
     """make_meta on the host copy of idx, moved to the device (no device read)."""
-    m = make_meta(idx_host.to(torch.int32))
+    m = make_meta(idx_host.to(torch.int32), chunks=False)   # the engine's modes need none
     return LoraMeta(idx=m.idx.to(device), seg_starts=m.seg_starts.to(device),
                     seg_adapter=m.seg_adapter.to(device), num_segments=m.num_segments,
                     max_seg_len=m.max_seg_len,

@@ -304,7 +304,9 @@ class LoraMeta:
     chunks: Optional[Tensor] = None
 
 
-def make_meta(idx: Tensor) -> LoraMeta:
+def make_meta(idx: Tensor, chunks: bool = True) -> LoraMeta:
+    """The per-batch metadata of idx (host work). chunks=False skips build_chunks, which
+    only bgmv_cuda's rule "mma" reads (callers that run another mode per step)."""
     idx_h = idx.detach().to("cpu", torch.int64)
     seg_starts, seg_adapter = build_segments(idx)
     lens = seg_starts[1:] - seg_starts[:-1]
@@ -314,7 +316,7 @@ def make_meta(idx: Tensor) -> LoraMeta:
             groups.append((a, torch.nonzero(idx_h == a).flatten().to(idx.device)))
     return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts, seg_adapter=seg_adapter,
                     num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
-                    groups=groups, chunks=build_chunks(idx))
+                    groups=groups, chunks=build_chunks(idx) if chunks else None)
 
 
 def make_static_meta(T: int, device: Union[str, torch.device], max_seg_len: Optional[int] = None,
@@ -373,7 +375,7 @@ def lora_loop(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
     token in decode), y[rows] += s * (x[rows] @ A_i.T) @ B_i.T. Syncs on the host."""
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     if meta is None:
-        meta = make_meta(idx)
+        meta = make_meta(idx, chunks=False)
     starts = meta.seg_starts.tolist()
     adapters = meta.seg_adapter.tolist()
     ranks_h = ranks.tolist() if ranks is not None else None
@@ -412,7 +414,7 @@ def _gather_weights(A4: Tensor, Bs: list[Tensor], idx: Tensor, ranks: Optional[T
 
 def prepare_cheat_bmm(x, A, B, idx, scale, ranks=None) -> LoraMeta:
     """Gather A[idx], B[idx] once (what cheat_bmm leaves out of its timed region)."""
-    meta = make_meta(idx)
+    meta = make_meta(idx, chunks=False)
     A4, Bs = as_slices(A, B)
     if meta.groups and meta.groups[-1][0] >= A4.shape[1]:   # host ints: a device-side
         _fail("idx", f"values in [-1, {A4.shape[1] - 1}]",  # gather would assert instead
@@ -444,7 +446,7 @@ def lora_gbmm(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
     """Group tokens by adapter (meta.groups), then two matmuls per group."""
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     if meta is None:
-        meta = make_meta(idx)
+        meta = make_meta(idx, chunks=False)
     ranks_h = ranks.tolist() if ranks is not None else None
     for a, pos in meta.groups:
         if a >= A4.shape[1]:       # a host int already: checking is free

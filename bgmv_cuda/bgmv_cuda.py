@@ -31,8 +31,8 @@ MULTILORA_EXPAND_TILES=residency keeps J but sizes every token's lanes by the la
 (the default from v5 to v10), =classic brings back the first rule (J = 1 under 512 blocks,
 else 4). The results are bitwise the same, only the grid and the tiles differ (rule
 "pairs", PERF_LOG v15, was removed in session 7: slower everywhere); =mma (PERF_LOG
-v16-v22) runs the bf16 expand on the tensor cores
-(mma.sync, v split into three bf16 parts so it stays fp32-exact): the same values up to
+v16-v22) runs the bf16 expand on the tensor cores (mma.sync, v split into three bf16
+parts so it stays fp32-exact): the same values up to
 the order of the fp32 sum (half and float run as "rank");
 `tiles=` on those functions overrides the variable per call.  Both variables are
 read at each call (a CUDA graph keeps the choice it captured).  The wrappers below run
@@ -257,9 +257,8 @@ def expand_tile_rule(tiles: Optional[str] = None) -> int:
     "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
     rank, for mixed ranks: PERF_LOG v10, the default), "mma" (bf16 on the tensor cores:
     PERF_LOG v16-v22, see expand_mma_tiles) or "mma_il" (the same with the block's 4 warps
-    on consecutive tiles: an opt-in experiment, PERF_LOG "Next"); None
-    reads MULTILORA_EXPAND_TILES at each call (unset or empty:
-    DEFAULT_TILES).
+    on consecutive tiles: an opt-in experiment, PERF_LOG "Next"); None reads
+    MULTILORA_EXPAND_TILES at each call (unset or empty: DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
     a typo cannot silently measure the default rule."""
     name = "tiles"
@@ -561,10 +560,13 @@ def _resolve_split(split_k: Optional[int], x: Tensor, A4: Tensor) -> int:
     h_vecs = x.shape[1] // (16 // x.element_size())
     if split_k:
         return min(split_k, h_vecs)
-    num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
-               if x.device.type == "cuda" else DEFAULT_NUM_SMS)
     return pick_split_k(x.shape[0], A4.shape[0], x.shape[1], A4.shape[2], x.element_size(),
-                        num_sms)
+                        _num_sms(x.device))
+
+
+def _num_sms(device: torch.device) -> int:
+    return (torch.cuda.get_device_properties(device).multi_processor_count
+            if device.type == "cuda" else DEFAULT_NUM_SMS)
 
 
 def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
@@ -738,8 +740,7 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
     None = $MULTILORA_EXPAND_TILES; "mma" with meta's chunks groups both kernels' tokens
-    by adapter); "fused" keeps
-    its own (J = 4) and ignores it."""
+    by adapter); "fused" keeps its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
     if tiles is None and not os.environ.get(TILES_ENV) and mma_chunks_pay(meta, x, A, B):
@@ -752,12 +753,9 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     chunks = getattr(meta, "chunks", None) if tiles in MMA_RULES and x.dtype == torch.bfloat16 \
         else None
     if chunks is not None and variant in ("default", "split"):   # tokens grouped by adapter
-        if variant == "default" or not split_k:
-            num_sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
-                       if x.device.type == "cuda" else DEFAULT_NUM_SMS)
-            n_split = mma_split(chunks.shape[0], A4.shape[0], A4.shape[2], x.shape[1], num_sms)
-        else:
-            n_split = _resolve_split(split_k, x, A4)
+        n_split = (mma_split(chunks.shape[0], A4.shape[0], A4.shape[2], x.shape[1],
+                             _num_sms(x.device))
+                   if variant == "default" or not split_k else _resolve_split(split_k, x, A4))
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, chunks=chunks)
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, chunks=chunks)
         return

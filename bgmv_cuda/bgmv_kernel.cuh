@@ -924,17 +924,24 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
-// Launch Kernel, with PDL when asked (p.pdl) and Kernel's code has the waits: PTX for
-// sm_90+, queried once per kernel (on the first call, which runs eagerly before any CUDA
-// graph captures it; a failed query means no PDL and leaves no error behind).
-template <auto Kernel, typename Params>
-cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Params& p) {
+// PTX version of Kernel's code (e.g. 90), queried once; 0 if the query fails.
+template <auto Kernel>
+int bgmv_kernel_ptx() {
   static const int ptx_version = [] {
     cudaFuncAttributes fa{};
     if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
     (void)cudaGetLastError();
     return 0;
   }();
+  return ptx_version;
+}
+
+// Launch Kernel, with PDL when asked (p.pdl) and Kernel's code has the waits: PTX for
+// sm_90+, queried once per kernel (on the first call, which runs eagerly before any CUDA
+// graph captures it; a failed query means no PDL and leaves no error behind).
+template <auto Kernel, typename Params>
+cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Params& p) {
+  const int ptx_version = bgmv_kernel_ptx<Kernel>();
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -949,18 +956,6 @@ cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Param
 
 inline bool bgmv_aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
-}
-
-// PTX version of Kernel's code (e.g. 90), queried once; 0 if the query fails.
-template <auto Kernel>
-int bgmv_kernel_ptx() {
-  static const int ptx_version = [] {
-    cudaFuncAttributes fa{};
-    if (cudaFuncGetAttributes(&fa, Kernel) == cudaSuccess) return fa.ptxVersion;
-    (void)cudaGetLastError();
-    return 0;
-  }();
-  return ptx_version;
 }
 
 
