@@ -39,7 +39,10 @@ except ImportError:  # pragma: no cover
 # 8-300 bytes); stacked_silu_mul, 32-column tiles over 8 warps (4 warps: 312-1,544 bytes
 # of spills; 64 columns: 72). Timed on the H200 (session 6, PERF_LOG v9c): the add_rms_norm
 # fold wins (4.90 against 6.60 us per site, the CUDA default), stacked_silu_mul at this
-# tile loses to expand + silu_mul (14.75 against 11.78 us): its tile is still untuned.
+# tile loses to expand + silu_mul (14.75 against 11.78 us). Its tile sweep (session 7,
+# PERF_LOG v14, plots/session7/call3_stacked_rows_sweep_70bab56.json): at best 10.52 us
+# (128 columns, 8 warps), 1.3 us under expand + silu_mul, within the end-to-end spread;
+# the gate/up fold stays opt-in ("triton_folded") with this tile.
 LORA_NORM_WARPS = 32
 
 # ---------------------------------------------------------------------------------------
