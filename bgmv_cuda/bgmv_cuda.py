@@ -116,8 +116,8 @@ EXPAND_OUTS = 4         # kBgmvExpandOuts: outputs per lane J of the tiles check
 EXPAND_OUTS_MAX = 8     # kBgmvExpandOutsMax: the largest J (rule "residency", 16-byte loads)
 EXPAND_SMALL_GRID = 512     # kBgmvExpandSmallGrid: rule "classic" takes J = 1 below it
 EXPAND_MAX_BLOCKS = 640     # kBgmvExpandMaxBlocks: rule "residency"'s grid cap
-EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma", "mma_il")  # tile_rule 0-4 (kBgmvTileRule*, bgmv_params.h)
-MMA_RULES = ("mma", "mma_il")   # the tensor-core rules ("mma_il": opt-in experiment, PERF_LOG "Next")
+EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma")  # tile_rule 0-3 (kBgmvTileRule*, bgmv_params.h)
+MMA_RULES = ("mma",)   # the tensor-core rules
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
@@ -256,8 +256,7 @@ def expand_tile_rule(tiles: Optional[str] = None) -> int:
     """The expand's tile_rule code (index in EXPAND_TILE_RULES) for tiles "classic",
     "residency", "rank" (residency's J; each token's lanes per B row from its adapter's
     rank, for mixed ranks: PERF_LOG v10, the default), "mma" (bf16 on the tensor cores:
-    PERF_LOG v16-v22, see expand_mma_tiles) or "mma_il" (the same with the block's 4 warps
-    on consecutive tiles: an opt-in experiment, PERF_LOG "Next"); None reads
+    PERF_LOG v16-v22, see expand_mma_tiles); None reads
     MULTILORA_EXPAND_TILES at each call (unset or empty: DEFAULT_TILES).
     A value outside EXPAND_TILE_RULES raises ValueError naming `tiles` or the variable, so
     a typo cannot silently measure the default rule."""
@@ -389,11 +388,11 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
     1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
     ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
-    Rules 3 and 4 ("mma", "mma_il") have no J (see expand_mma_tiles); where they run as
+    Rule 3 ("mma") has no J (see expand_mma_tiles); where they run as
     "rank", rule 2's."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
-    if tile_rule in (1, 2, 3, 4):
+    if tile_rule in (1, 2, 3):
         outs = (1, EXPAND_OUTS, EXPAND_OUTS_MAX) if _expand_layout(Bs, r_max)[0] \
             else (1, EXPAND_OUTS)
         j = next((j for j in outs if blocks(j) <= EXPAND_MAX_BLOCKS), outs[-1])

@@ -11,8 +11,7 @@
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
 //       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank);
 //       the same values every way, only the grid and the tiles differ; 3 = mma (tensor
-//       cores, bf16; the same values up to the order of the fp32 sum); 4 = mma_il (mma with
-//       the block's warps on consecutive tiles: an opt-in experiment)
+//       cores, bf16; the same values up to the order of the fp32 sum)
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
@@ -256,10 +255,10 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
                         const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
                         BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
-  BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMmaIL, op,
+  BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMma, op,
              ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
              kBgmvTileRuleResidency, " (residency), ", kBgmvTileRuleRank, " (rank) or ",
-             kBgmvTileRuleMma, " (mma) or ", kBgmvTileRuleMmaIL, " (mma_il), got ", tile_rule);
+             kBgmvTileRuleMma, " (mma), got ", tile_rule);
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
   BGMV_CHECK(y.dim() == 2, op, ": y: expected [T, sum h_out_s], got sizes ", dims_str(y.sizes()));
@@ -351,9 +350,8 @@ std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vect
                              int64_t tile_rule, const std::optional<at::Tensor>& chunks) {
   const char* op = "multilora::bgmv_cuda_expand";
   if (!chunks.has_value()) return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, nullptr, op);
-  BGMV_CHECK(tile_rule == kBgmvTileRuleMma || tile_rule == kBgmvTileRuleMmaIL, op,
-             ": chunks: only with tile_rule ", kBgmvTileRuleMma, " (mma) or ",
-             kBgmvTileRuleMmaIL, " (mma_il), got ", tile_rule);
+  BGMV_CHECK(tile_rule == kBgmvTileRuleMma, op, ": chunks: only with tile_rule ",
+             kBgmvTileRuleMma, " (mma), got ", tile_rule);
   BgmvExpandParams p{};
   BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, &p, op));
   BGMV_TRY(check_chunks(op, chunks, y, &p.chunks, &p.n_chunks));

@@ -711,10 +711,7 @@ __device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bf
   }
 }
 
-// IL (opt-in experiment, PERF_LOG "Next", BgmvExpandParams::mma_interleave): the block's 4
-// warps take consecutive tiles (warp w: tiles w, w + 4, ...), so each step of the block
-// asks DRAM for 4 adjacent tiles (8 KB at r 64) instead of 4 streams of one tile each.
-template <int KB, bool IL = false>
+template <int KB>
 __global__ void __launch_bounds__(kBgmvExpandThreads, KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM)
 _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();
@@ -755,8 +752,8 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
-  const int jw = warp * kBgmvMmaRowsPerWarp * (IL ? 1 : MT) + g;   // block row, first tile
-  constexpr int kStep = IL ? NWARPS * kBgmvMmaRowsPerWarp : kBgmvMmaRowsPerWarp;  // next tile
+  const int jw = warp * kBgmvMmaRowsPerWarp * MT + g;   // block row, first tile
+  constexpr int kStep = kBgmvMmaRowsPerWarp;                // next tile
   const T* b_rows = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s];
   const int64_t b_stride_o = p.b_stride_o[s];
 
@@ -1024,8 +1021,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
   if (p.n_split < 1 || p.n_split > kBgmvMaxSplit)
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
-  if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMmaIL)
-    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank), 3 (mma) or 4 (mma_il)";
+  if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMma)
+    return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (mma)";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
@@ -1095,14 +1092,14 @@ inline int bgmv_num_sms() {
   return n;
 }
 
-template <int KB, bool IL>
+template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   // The wave: the kernel's own occupancy (its registers and shared memory on this GPU; on
   // the H200 7 blocks / SM for KB = 2, 72 registers, where the launch bounds promise 6),
   // queried once.
   static const int per_sm = [] {
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB, IL>,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB>,
                                                       kBgmvExpandThreads, 0) != cudaSuccess || n < 1) {
       (void)cudaGetLastError();
       return KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM;
@@ -1111,7 +1108,7 @@ const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   }();
   p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
   const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
-  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB, IL>>(grid, kBgmvExpandThreads, stream, p);
+  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1122,14 +1119,9 @@ const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t s
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
     if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1>>() < 80) return nullptr;
     *launched = true;
-    if (p.mma_interleave) {
-      if (p.r_max <= 32) return bgmv_expand_mma_run<1, true>(p, stream);
-      if (p.r_max <= 64) return bgmv_expand_mma_run<2, true>(p, stream);
-      return bgmv_expand_mma_run<4, true>(p, stream);
-    }
-    if (p.r_max <= 32) return bgmv_expand_mma_run<1, false>(p, stream);
-    if (p.r_max <= 64) return bgmv_expand_mma_run<2, false>(p, stream);
-    return bgmv_expand_mma_run<4, false>(p, stream);
+    if (p.r_max <= 32) return bgmv_expand_mma_run<1>(p, stream);
+    if (p.r_max <= 64) return bgmv_expand_mma_run<2>(p, stream);
+    return bgmv_expand_mma_run<4>(p, stream);
   }
   return nullptr;
 }
@@ -1140,8 +1132,7 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;
-  if (p.tile_rule == kBgmvTileRuleMma || p.tile_rule == kBgmvTileRuleMmaIL) {
-    p.mma_interleave = p.tile_rule == kBgmvTileRuleMmaIL;
+  if (p.tile_rule == kBgmvTileRuleMma) {
     bool launched = false;
     const char* err = bgmv_expand_mma_launch<T>(p, vec, stream, &launched);
     if (launched || err) return err;

@@ -25,14 +25,11 @@ constexpr int kBgmvChunkTokens = 8;   // tokens per chunk of rule "mma" (CHUNK_T
 // only, 1-element loads run as residency), or "mma" (PERF_LOG v16-v22: the expand on the
 // tensor cores, bf16, 16-byte B loads, sm_80+, anything else runs as "rank"; v split in
 // three bf16 parts, fp32-exact; with `chunks`, per chunk of tokens of one adapter).
-// (Rule "pairs", PERF_LOG v15, measured slower everywhere in session 7, was removed.)
+// (Rules "pairs", PERF_LOG v15, and "mma_il", v23, measured no faster, were removed.)
 constexpr int kBgmvTileRuleClassic = 0;
 constexpr int kBgmvTileRuleResidency = 1;
 constexpr int kBgmvTileRuleRank = 2;
 constexpr int kBgmvTileRuleMma = 3;
-// "mma_il" (opt-in experiment, PERF_LOG "Next"): rule "mma" with the block's warps on
-// consecutive tiles (BgmvExpandParams::mma_interleave); the same values as "mma".
-constexpr int kBgmvTileRuleMmaIL = 4;
 
 // Storage dtypes a dispatcher can name (bgmv.cu maps them to half / __nv_bfloat16 / float).
 enum class BgmvDtype : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2 };
@@ -88,7 +85,6 @@ struct BgmvExpandParams {
   // outputs-per-lane rule of the two-launch expand (rule "rank" also picks the kernel
   // instance that sizes lane groups per token); the fused kernel ignores it.
   int tile_rule = kBgmvTileRuleResidency;
-  int mma_interleave = 0;   // host only: rule "mma"'s opt-in IL kernels (bgmv_kernel.cuh)
   // Rule "mma" only: tokens grouped by adapter, as in BgmvShrinkParams (nullptr: one chunk
   // per token), and 16-row tiles per warp (filled by the launcher).
   const int* chunks = nullptr;

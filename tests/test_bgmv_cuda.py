@@ -39,10 +39,9 @@ def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 6
-    # expands (bf16 only: KB = 1, 2, 4 x warps on consecutive tiles or not) and 1 shrink
-    # x 2 archs
-    assert len(kernels) == 80 and len(names) == 80, sorted(names)
+    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
+    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
+    assert len(kernels) == 74 and len(names) == 74, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -51,7 +50,7 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
-            {f"expand_mma<{kb}, {il}>" for kb in (1, 2, 4) for il in ("false", "true")}
+            {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
@@ -292,8 +291,8 @@ def test_python_limits_match_cpp_constants():
     assert (c["kBgmvExpandSmallGrid"], c["kBgmvExpandMaxBlocks"]) == \
         (bc.EXPAND_SMALL_GRID, bc.EXPAND_MAX_BLOCKS)
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
-            c["kBgmvTileRuleMma"], c["kBgmvTileRuleMmaIL"]] == \
-        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma", "mma_il")]
+            c["kBgmvTileRuleMma"]] == \
+        [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
             c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"]) == \
         (bc.MMA_ROWS_PER_WARP, bc.CHUNK_TOKENS, bc.MMA_MAX_SPLIT, bc.MMA_MAX_TILES,
@@ -1063,11 +1062,10 @@ def test_mma_rule_matches_rank_rule(kind):
         inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
         args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
         outs = {}
-        for tiles in ("rank", "mma", "mma_il"):
+        for tiles in ("rank", "mma"):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, tiles=tiles, **kw)
         bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
-        assert torch.equal(outs["mma"].view(bits), outs["mma_il"].view(bits)), (kind, dtype)
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
         else:
@@ -1114,12 +1112,10 @@ def test_mma_chunks_match_rank_rule(kind):
         inp = make_lora_inputs(T, h_in, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
         args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
         outs = {}
-        for tiles, m in (("rank", None), ("mma", meta), ("mma_il", meta)):
+        for tiles, m in (("rank", None), ("mma", meta)):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, m, tiles=tiles, **kw)
         bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
-        # "mma_il" only moves tiles between warps: each output's sum is the same, bitwise
-        assert torch.equal(outs["mma"].view(bits), outs["mma_il"].view(bits)), (kind, dtype)
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
             y = inp["y"].clone()
