@@ -12,6 +12,7 @@
 #include <string>
 
 #include "bgmv_kernel.cuh"  // includes bgmv_params.h (declarations of the functions below)
+#include "bgmv_cluster.cuh"  // the cluster-fused kernel (bf16, sm_90+)
 
 namespace {
 
@@ -76,5 +77,20 @@ std::string bgmv_fused_dispatch(BgmvDtype dt, const BgmvFusedParams& p, cudaStre
   char buf[512];
   std::snprintf(buf, sizeof(buf), "%s (got dtype %s, T=%d, h_in=%d, r_max=%d, L=%d, S=%d, n_split=%d)",
                 err, dtype_name(dt), p.s.T, p.s.h_in, p.s.r_max, p.s.L, p.s.S, p.s.n_split);
+  return buf;
+}
+
+std::string bgmv_cluster_dispatch(BgmvDtype dt, const BgmvFusedParams& p, cudaStream_t stream) {
+  if (dt != BgmvDtype::kBFloat16) {
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), "bgmv_cluster: dtype %s is not supported; supported: bfloat16",
+                  dtype_name(dt));
+    return buf;
+  }
+  const char* err = bgmv_cluster_launch(p, stream);
+  if (err == nullptr) return {};
+  char buf[512];
+  std::snprintf(buf, sizeof(buf), "%s (got T=%d, h_in=%d, r_max=%d, L=%d, S=%d, n_chunks=%d)", err,
+                p.s.T, p.s.h_in, p.s.r_max, p.s.L, p.s.S, p.s.n_chunks);
   return buf;
 }
