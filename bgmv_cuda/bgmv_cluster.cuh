@@ -3,18 +3,19 @@
 // The operation, shapes and layouts are those of bgmv_kernel.cuh (included first, by
 // bgmv.cu; this file uses its helpers).  Tokens come grouped by adapter: `chunks`
 // [n_chunks, 8] int32 (multilora_impl.build_chunks), up to 8 tokens of one idx value per
-// row, -1 padded.  Grid: x = kBgmvClusterBlocks blocks forming one thread-block cluster,
-// y = chunk c, z = slice s.  Block b of the cluster:
-//   1. issues cp.async copies of its first stages into a shared-memory ring: a stage is 64
+// row, -1 padded.  Grid: x = C blocks (C = 8 or 16) forming one thread-block cluster,
+// y = chunk c, z = slice s.  Block b of the cluster (8 warps):
+//   1. issues cp.async copies of its first stages into a shared-memory ring: a stage is 128
 //      output rows of B_s[i] (zero past the rank and past h_out) and y of the chunk's
-//      tokens at those 64 columns; they stream from DRAM while the shrink runs;
-//   2. shrink: the partial v over its 1/8 of h_in, every rank row, on the tensor cores
+//      tokens at those 128 columns; they stream from DRAM while the shrink runs;
+//   2. shrink: the partial v over its 1/C of h_in, every rank row, on the tensor cores
 //      (as _bgmv_shrink_mma_kernel: A's rows are the MMA rows, the tokens its columns);
-//   3. cluster barrier; each block adds the 8 blocks' partials, read from their shared
-//      memory (DSMEM), in block order, so all 8 hold the same fp32 v; split into three bf16
+//   3. cluster barrier; each block adds the C blocks' partials, read from their shared
+//      memory (DSMEM), in block order, so all C hold the same fp32 v; split into three bf16
 //      parts (fp32-exact products, as _bgmv_expand_mma_kernel);
-//   4. expand: its 1/8 of the output rows, stage by stage from the ring (each consumed
-//      slot refilled with the stage NST ahead); y + scale * v @ B^T is stored directly.
+//   4. expand: its 1/C of the output rows, stage by stage from the ring (each consumed
+//      slot refilled with the stage NST ahead), one 16-row MMA tile per warp and stage;
+//      y + scale * v @ B^T is stored directly.
 // So v never reaches global memory, B streams while A does, and there is one launch: no
 // drain between a shrink and an expand, no v round trip (PERF_LOG v24).
 // Results: the FMA rules' values up to the order of the fp32 sums (v's K chunks are added
@@ -28,22 +29,24 @@
 
 #include "bgmv_kernel.cuh"
 
-constexpr int kBgmvClusterBlocks = 8;       // blocks per cluster (the portable maximum)
-constexpr int kBgmvClusterStageRows = 64;   // output rows per ring stage: 4 warps x 16
-constexpr int kBgmvClusterThreads = 128;
+// PERF_LOG v24, first version (4 warps, 64-row stages, 8 blocks): correct but 2x slower
+// than the two launches (bs 64 u7 12.8 us, ncu: one warp per scheduler issuing every 6.3
+// cycles through ~3.2 K dependent instructions); hence 8 warps and clusters of up to 16.
+constexpr int kBgmvClusterThreads = 256;
+constexpr int kBgmvClusterWarps = kBgmvClusterThreads / 32;
+constexpr int kBgmvClusterStageRows = 16 * kBgmvClusterWarps;   // output rows per ring stage
 
-// Shared memory of one block for KB 32-wide rank blocks (r_max <= 32 KB), in bytes.  The
-// ring's depth keeps ~40-54 KB of B and y in flight per block; the total lets 4 (KB = 1),
-// 3 (KB = 2) or 2 (KB = 4) blocks share an SM.
+// Shared memory of one block for KB 32-wide rank blocks (r_max <= 32 KB), in bytes: a ring
+// of ~36-40 KB of B and y; the total lets 2 blocks (16 warps) share an SM.
 template <int KB>
 struct BgmvClusterSmem {
-  static constexpr int kStages = KB == 1 ? 8 : (KB == 2 ? 6 : 3);
+  static constexpr int kStages = KB == 1 ? 6 : (KB == 2 ? 4 : 2);
   static constexpr int kRows = 32 * KB;                                    // rank rows, padded
   static constexpr int kBChunks = kBgmvClusterStageRows * 4 * KB;          // 16-byte B chunks
   static constexpr int kYChunks = kBgmvChunkTokens * kBgmvClusterStageRows / 8;
   static constexpr int kStageU4 = kBChunks + kYChunks;
   static constexpr int kRing = kStages * kStageU4 * 16;
-  static constexpr int kPart = 4 * kRows * kBgmvChunkTokens * 4;   // [warp][row][token] fp32
+  static constexpr int kPart = kBgmvClusterWarps * kRows * kBgmvChunkTokens * 4;   // [warp][row][token]
   static constexpr int kVPart = kRows * kBgmvChunkTokens * 4;      // [row][token], read by peers
   static constexpr int kVFrag = kBgmvChunkTokens * 4 * 4 * KB * 16;  // [token][part][8 ranks]
   static constexpr int kBytes = kRing + kPart + kVPart + kVFrag;
@@ -93,14 +96,15 @@ __device__ __forceinline__ void bgmv_cluster_load_stage(
     bgmv_cp_async16(slot + row * 4 * KB + bgmv_cluster_swizzle<KB>(row, cidx), src, bytes);
   }
   if (threadIdx.x < S::kYChunks) {
-    const int k = threadIdx.x / 8, col = j0 + 8 * (threadIdx.x % 8);
+    constexpr int kPerToken = kBgmvClusterStageRows / 8;
+    const int k = threadIdx.x / kPerToken, col = j0 + 8 * (threadIdx.x % kPerToken);
     const int bytes = k < n ? min(16, max(0, 2 * (h_out - col))) : 0;
     const __nv_bfloat16* src = bytes ? y_s + tok[k] * y_stride_t + col : y_s;
     bgmv_cp_async16(slot + S::kBChunks + threadIdx.x, src, bytes);
   }
 }
 
-template <int KB>
+template <int KB, int C>
 __global__ void __launch_bounds__(kBgmvClusterThreads, 2)
 _bgmv_cluster_kernel(const BgmvFusedParams p) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -109,16 +113,15 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
   using Ty = BgmvType<T>;
   using Sm = BgmvClusterSmem<KB>;
   constexpr int NST = Sm::kStages, RP = Sm::kRows, NT = kBgmvChunkTokens;
-  constexpr int U = KB == 1 ? 4 : (KB == 2 ? 2 : 1);   // K steps in flight per warp
+  constexpr int NW = kBgmvClusterWarps, U = KB == 4 ? 1 : 2;   // U: K steps in flight per warp
   cg::cluster_group cluster = cg::this_cluster();
-  const int C = static_cast<int>(cluster.num_blocks());
   const int b = static_cast<int>(cluster.block_rank());
   const int c = blockIdx.y, s = blockIdx.z;
 
   extern __shared__ uint4 bgmv_cluster_smem[];
   uint4* ring = bgmv_cluster_smem;
   float* part = reinterpret_cast<float*>(reinterpret_cast<char*>(ring) + Sm::kRing);
-  float* v_part = part + 4 * RP * NT;
+  float* v_part = part + NW * RP * NT;
   uint4* v_frag = reinterpret_cast<uint4*>(v_part + RP * NT);
   __shared__ int tok[NT];
 
@@ -162,7 +165,7 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
   const float sc = p.e.scale[i];
 
   // 2. Shrink over this block's 1/C of h_in, all 2 KB row tiles (tiles past the rank load
-  // nothing and skip their MMAs); warp w takes the 32-wide K steps w, w + 4, ...
+  // nothing and skip their MMAs); warp w takes the 32-wide K steps w, w + NW, ...
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, q = lane & 3;
   const T* a_g = static_cast<const T*>(p.s.A) + s * p.s.a_stride_s + i * p.s.a_stride_l +
@@ -178,12 +181,12 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
   float d[2 * KB][4];
 #pragma unroll
   for (int rt = 0; rt < 2 * KB; ++rt) d[rt][0] = d[rt][1] = d[rt][2] = d[rt][3] = 0.f;
-  for (int st = warp; st < nsteps; st += 4 * U) {
+  for (int st = warp; st < nsteps; st += NW * U) {
     uint4 ra[U][2 * KB][2], rx[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int v = vb + 4 * (st + 4 * u) + q;
-      const bool ok = st + 4 * u < nsteps && v < ve;
+      const int v = vb + 4 * (st + NW * u) + q;
+      const bool ok = st + NW * u < nsteps && v < ve;
       const uint4 z = make_uint4(0u, 0u, 0u, 0u);
       rx[u] = ok && has_x ? __ldg(xg + v) : z;
 #pragma unroll
@@ -207,7 +210,7 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
                             rx[u].z, rx[u].w);
       }
   }
-  // d[rt]: rows 16 rt + g / + 8, tokens 2q / 2q + 1; the 4 warps' sums added in warp order.
+  // d[rt]: rows 16 rt + g / + 8, tokens 2q / 2q + 1; the warps' sums added in warp order.
 #pragma unroll
   for (int rt = 0; rt < 2 * KB; ++rt) {
     float* pw = part + (warp * RP + 16 * rt + g) * NT + 2 * q;
@@ -217,16 +220,24 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
     pw[8 * NT + 1] = d[rt][3];
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < RP * NT; e += kBgmvClusterThreads)
-    v_part[e] = ((part[e] + part[RP * NT + e]) + part[2 * RP * NT + e]) + part[3 * RP * NT + e];
+  for (int e = threadIdx.x; e < RP * NT; e += kBgmvClusterThreads) {
+    float f = part[e];
+#pragma unroll
+    for (int w = 1; w < NW; ++w) f += part[w * RP * NT + e];
+    v_part[e] = f;
+  }
 
   // 3. The cluster's sum of partials, in block order (every block gets the same bits).
   cluster.sync();
   float* v_sum = part;                            // part is free now ([row][token])
   for (int e = threadIdx.x; e < RP * NT; e += kBgmvClusterThreads) {
-    float f = 0.f;
-    for (int r = 0; r < C; ++r) f += cluster.map_shared_rank(v_part, r)[e];
-    v_sum[e] = f;
+    float f[C];                                   // C remote loads in flight, then the sum
+#pragma unroll
+    for (int r = 0; r < C; ++r) f[r] = cluster.map_shared_rank(v_part, r)[e];
+    float sum = f[0];
+#pragma unroll
+    for (int r = 1; r < C; ++r) sum += f[r];
+    v_sum[e] = sum;
   }
   // Done reading the peers' shared memory: they may exit once all have arrived here.
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
@@ -294,28 +305,35 @@ _bgmv_cluster_kernel(const BgmvFusedParams p) {
 
 // Host launcher: checks what the kernel relies on (beyond the shrink's and the expand's own
 // checks), then one cluster launch.  Returns nullptr on success, else a message.
-template <int KB>
+template <int KB, int C>
 cudaError_t bgmv_cluster_run(const BgmvFusedParams& p, cudaStream_t stream) {
   constexpr int kBytes = BgmvClusterSmem<KB>::kBytes;
-  static const cudaError_t attr_err = cudaFuncSetAttribute(
-      _bgmv_cluster_kernel<KB>, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+  static const cudaError_t attr_err = [] {
+    cudaError_t e = cudaFuncSetAttribute(_bgmv_cluster_kernel<KB, C>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+    if (e == cudaSuccess && C > 8)                // 16: beyond the portable cluster size
+      e = cudaFuncSetAttribute(_bgmv_cluster_kernel<KB, C>,
+                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+    return e;
+  }();
   if (attr_err != cudaSuccess) return attr_err;
   cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(kBgmvClusterBlocks, static_cast<unsigned>(p.s.n_chunks), static_cast<unsigned>(p.s.S));
+  cfg.gridDim = dim3(C, static_cast<unsigned>(p.s.n_chunks), static_cast<unsigned>(p.s.S));
   cfg.blockDim = dim3(kBgmvClusterThreads);
   cfg.dynamicSmemBytes = kBytes;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kBgmvClusterBlocks;
+  attr[0].val.clusterDim.x = C;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  return cudaLaunchKernelEx(&cfg, _bgmv_cluster_kernel<KB>, p);
+  return cudaLaunchKernelEx(&cfg, _bgmv_cluster_kernel<KB, C>, p);
 }
 
-inline const char* bgmv_cluster_launch(BgmvFusedParams p, cudaStream_t stream) {
+// cluster_blocks: C, 8 or 16 (the K split of the shrink and the row split of the expand).
+inline const char* bgmv_cluster_launch(BgmvFusedParams p, int cluster_blocks, cudaStream_t stream) {
   using T = __nv_bfloat16;
   if (const char* err = bgmv_shrink_check<T>(p.s)) return err;
   bool vec = false;
@@ -323,7 +341,8 @@ inline const char* bgmv_cluster_launch(BgmvFusedParams p, cudaStream_t stream) {
   if (p.s.T != p.e.T || p.s.S != p.e.S || p.s.r_max != p.e.r_max)
     return "bgmv_cluster: shrink and expand halves disagree (T, S, r_max)";
   if (p.s.chunks == nullptr) return "bgmv_cluster: needs chunks (tokens grouped by adapter)";
-  if (bgmv_kernel_ptx<_bgmv_cluster_kernel<1>>() < 90)
+  if (cluster_blocks != 8 && cluster_blocks != 16) return "bgmv_cluster: cluster_blocks must be 8 or 16";
+  if (bgmv_kernel_ptx<_bgmv_cluster_kernel<1, 8>>() < 90)
     return "bgmv_cluster: needs a GPU of compute capability 9.0+ (thread-block clusters)";
   bool y_ok = bgmv_aligned16(p.e.y) && (p.e.y_stride_t * 2) % 16 == 0;
   for (int s = 0; s < p.e.S; ++s) y_ok = y_ok && p.e.col_off[s] % 8 == 0;
@@ -331,8 +350,10 @@ inline const char* bgmv_cluster_launch(BgmvFusedParams p, cudaStream_t stream) {
     return "bgmv_cluster: needs 16-byte aligned B rows (r_max % 8 == 0), y rows and slice offsets";
   if (p.s.n_chunks > 65535) return "bgmv_cluster: at most 65535 chunks";
   if (p.s.T == 0 || p.s.n_chunks == 0) return nullptr;
-  const cudaError_t err = p.s.r_max <= 32   ? bgmv_cluster_run<1>(p, stream)
-                          : p.s.r_max <= 64 ? bgmv_cluster_run<2>(p, stream)
-                                            : bgmv_cluster_run<4>(p, stream);
+  const bool c16 = cluster_blocks == 16;
+  const cudaError_t err =
+      p.s.r_max <= 32   ? (c16 ? bgmv_cluster_run<1, 16>(p, stream) : bgmv_cluster_run<1, 8>(p, stream))
+      : p.s.r_max <= 64 ? (c16 ? bgmv_cluster_run<2, 16>(p, stream) : bgmv_cluster_run<2, 8>(p, stream))
+                        : (c16 ? bgmv_cluster_run<4, 16>(p, stream) : bgmv_cluster_run<4, 8>(p, stream));
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -226,8 +226,8 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
 
 @torch.library.custom_op("multilora::bgmv_cuda_cluster", mutates_args=("y",))
 def _cluster_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor], v: Tensor, chunks: Tensor) -> None:
-    _run("cluster", y, x, A, list(B), idx, scale, ranks, v, chunks)
+                ranks: Optional[Tensor], v: Tensor, chunks: Tensor, cluster_blocks: int = 8) -> None:
+    _run("cluster", y, x, A, list(B), idx, scale, ranks, v, chunks, cluster_blocks)
 
 
 @_shrink_op.register_fake
@@ -246,7 +246,7 @@ def _(y, x, A, B, idx, scale, ranks, v, counters) -> None:
 
 
 @_cluster_op.register_fake
-def _(y, x, A, B, idx, scale, ranks, v, chunks) -> None:
+def _(y, x, A, B, idx, scale, ranks, v, chunks, cluster_blocks=8) -> None:
     return None
 
 
@@ -722,6 +722,16 @@ def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
     return nbytes >= MMA_AUTO_BYTES
 
 
+CLUSTER_BLOCKS = (8, 16)   # blocks per cluster of variant "cluster" (bgmv_cluster.cuh)
+
+
+def cluster_blocks(n_clusters: int) -> int:
+    """Blocks per cluster of variant "cluster" for n_clusters (chunks x slices): 16 while
+    that keeps the grid within about one wave of 2 blocks per SM on the H200 (more warps
+    per chunk where few chunks leave SMs idle), else 8."""
+    return 16 if n_clusters * 16 <= 2 * DEFAULT_NUM_SMS else 8
+
+
 def cluster_supported(y: Tensor, x: Tensor, A: Tensor, B: BList, meta) -> bool:
     """Whether variant "cluster" runs as itself: bf16 CUDA tensors on compute capability
     9.0+ (thread-block clusters), meta with chunks, 16-byte rows of B (r_max % 8 == 0) and of
@@ -766,12 +776,13 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  overlaps the B reads with the shrink. Deterministic. Uses a per-device
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
       "cluster"  ONE launch on thread-block clusters (bgmv_cluster.cuh, PERF_LOG v24): per
-                 chunk of meta's chunks a cluster of 8 blocks; each computes the shrink over
-                 1/8 of h_in, the cluster adds the partials through distributed shared
-                 memory, and each block expands 1/8 of the output rows from B it copied
-                 into shared memory while the shrink ran. v never leaves the chip. bf16 on
-                 sm_90+ with meta's chunks and 16-byte aligned rows (cluster_supported);
-                 anything else runs as "default" with the same tiles.
+                 chunk of meta's chunks a cluster of C blocks (split_k: 8 or 16; None =
+                 cluster_blocks' rule); each computes the shrink over 1/C of h_in, the
+                 cluster adds the partials through distributed shared memory, and each
+                 block expands 1/C of the output rows from B it copied into shared memory
+                 while the shrink ran. v never leaves the chip. bf16 on sm_90+ with meta's
+                 chunks and 16-byte aligned rows (cluster_supported); anything else runs as
+                 "default" with the same tiles.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
     None = $MULTILORA_EXPAND_TILES; "mma" with meta's chunks groups both kernels' tokens
     by adapter); "fused" keeps its own (J = 4) and ignores it."""
@@ -783,7 +794,11 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
             _check_cuda_args(x, A4, Bs)
             v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
                             device=x.device)                   # shapes only: v stays on chip
-            torch.ops.multilora.bgmv_cuda_cluster(y, x, A4, Bs, idx, scale, ranks, v, meta.chunks)
+            blocks = split_k or cluster_blocks(meta.chunks.shape[0] * A4.shape[0])
+            if blocks not in CLUSTER_BLOCKS:
+                _fail("split_k", f"one of {CLUSTER_BLOCKS} for variant 'cluster'", repr(split_k))
+            torch.ops.multilora.bgmv_cuda_cluster(y, x, A4, Bs, idx, scale, ranks, v, meta.chunks,
+                                                  blocks)
             return
         variant = "default"
     if tiles is None and not os.environ.get(TILES_ENV) and mma_chunks_pay(meta, x, A, B):

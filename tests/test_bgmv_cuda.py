@@ -41,8 +41,9 @@ def test_compile_check_sm80_sm90_no_spills():
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
     # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
     # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs, + variant "cluster"'s 3
-    # kernels (KB = 1, 2, 4; on sm_80 a trap: the launcher needs sm_90) x 2 archs
-    assert len(kernels) == 80 and len(names) == 80, sorted(names)
+    # x 2 cluster sizes (KB = 1, 2, 4 x C = 8, 16; on sm_80 a trap: the launcher needs
+    # sm_90) x 2 archs
+    assert len(kernels) == 86 and len(names) == 86, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -54,7 +55,7 @@ def test_compile_check_sm80_sm90_no_spills():
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
         assert {n for n, a in names if n.startswith("cluster") and a == arch} == \
-            {f"cluster<{kb}>" for kb in (1, 2, 4)}
+            {f"cluster<{kb}, {c}>" for kb in (1, 2, 4) for c in (8, 16)}
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
@@ -1173,19 +1174,23 @@ def test_cluster_variant_matches_rank_rule(kind):
         args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
         outs = {}
         for name, kw in (("rank", {"tiles": "rank"}), ("cluster", {"variant": "cluster"}),
-                         ("again", {"variant": "cluster"})):
+                         ("again", {"variant": "cluster"}),
+                         ("c8", {"variant": "cluster", "split_k": 8}),
+                         ("c16", {"variant": "cluster", "split_k": 16})):
             outs[name] = inp["y"].clone()
             bc.bgmv_lora(outs[name], *args, meta, **kw)
         bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
         assert torch.equal(outs["cluster"].view(bits), outs["again"].view(bits)), (kind, dtype)
         if dtype == torch.bfloat16:
-            assert_mma_close(outs["cluster"], outs["rank"], inp["y"])
+            for name in ("cluster", "c8", "c16"):
+                assert_mma_close(outs[name], outs["rank"], inp["y"])
             y = inp["y"].clone()
             call = lambda: bc.bgmv_lora(y, *args, meta, variant="cluster")   # noqa: E731
             assert _launch_count(call, "_bgmv_cluster_kernel") in (1, None)
             assert _launch_count(call, "_bgmv_shrink") in (0, None)     # one launch, no shrink
         else:
-            assert torch.equal(outs["rank"].view(bits), outs["cluster"].view(bits)), (kind, dtype)
+            for name in ("cluster", "c8", "c16"):
+                assert torch.equal(outs["rank"].view(bits), outs[name].view(bits)), (kind, dtype)
         ok = (idx >= 0) & (idx < L)
         ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
                              inp["scale"], inp["ranks"])
@@ -1207,6 +1212,11 @@ def test_cluster_variant_falls_back_without_chunks():
     bc.bgmv_lora(b, *args, None, tiles="rank")
     assert torch.equal(a.view(torch.int16), b.view(torch.int16))
     assert not bc.cluster_supported(a, inp["x"], inp["A"], inp["B"], make_meta(idx))  # 1030 % 8
+    with pytest.raises(ValueError, match="split_k"):
+        y = torch.zeros(20, 1024, dtype=torch.bfloat16, device="cuda")
+        B = inp["B"][:, :1024].contiguous()
+        bc.bgmv_lora(y, inp["x"], inp["A"], B, idx, inp["scale"], None, make_meta(idx),
+                     variant="cluster", split_k=4)
 
 
 def test_build_chunks_and_checks(monkeypatch):
