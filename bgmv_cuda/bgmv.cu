@@ -12,7 +12,6 @@
 #include <string>
 
 #include "bgmv_kernel.cuh"  // includes bgmv_params.h (declarations of the functions below)
-#include "bgmv_cluster.cuh"  // the cluster-fused kernel (bf16, sm_90+)
 
 namespace {
 
@@ -77,21 +76,5 @@ std::string bgmv_fused_dispatch(BgmvDtype dt, const BgmvFusedParams& p, cudaStre
   char buf[512];
   std::snprintf(buf, sizeof(buf), "%s (got dtype %s, T=%d, h_in=%d, r_max=%d, L=%d, S=%d, n_split=%d)",
                 err, dtype_name(dt), p.s.T, p.s.h_in, p.s.r_max, p.s.L, p.s.S, p.s.n_split);
-  return buf;
-}
-
-std::string bgmv_cluster_dispatch(BgmvDtype dt, const BgmvFusedParams& p, int cluster_blocks,
-                                  cudaStream_t stream) {
-  if (dt != BgmvDtype::kBFloat16) {
-    char buf[256];
-    std::snprintf(buf, sizeof(buf), "bgmv_cluster: dtype %s is not supported; supported: bfloat16",
-                  dtype_name(dt));
-    return buf;
-  }
-  const char* err = bgmv_cluster_launch(p, cluster_blocks, stream);
-  if (err == nullptr) return {};
-  char buf[512];
-  std::snprintf(buf, sizeof(buf), "%s (got T=%d, h_in=%d, r_max=%d, L=%d, S=%d, n_chunks=%d, cluster_blocks=%d)",
-                err, p.s.T, p.s.h_in, p.s.r_max, p.s.L, p.s.S, p.s.n_chunks, cluster_blocks);
   return buf;
 }

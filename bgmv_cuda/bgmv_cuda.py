@@ -80,7 +80,6 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------------------
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_HEADER = os.path.join(HERE, "bgmv_kernel.cuh")
-CLUSTER_HEADER = os.path.join(HERE, "bgmv_cluster.cuh")   # variant "cluster"
 PARAMS_HEADER = os.path.join(HERE, "bgmv_params.h")   # torch-free, included by both sources
 KERNEL_SOURCE = os.path.join(HERE, "bgmv.cu")         # nvcc: every kernel, torch-free
 BINDING_SOURCE = os.path.join(HERE, "bgmv_ext.cpp")   # host compiler: checks + launch functions
@@ -104,7 +103,7 @@ MAX_SPLIT = 64          # kBgmvMaxSplit in bgmv_params.h (split-K chunks of h_in
 SHRINK_ROWS = 4         # kBgmvShrinkRows: rank rows per shrink block
 SHRINK_THREADS = 128    # kBgmvShrinkThreads
 # Variants of bgmv_lora (the registry's `bgmv_cuda` mode is "default"; see VARIANTS_DOC):
-VARIANTS = ("default", "split", "fused", "cluster")
+VARIANTS = ("default", "split", "fused")
 # Split-K rule: aim at SPLIT_BLOCKS_PER_SM shrink blocks per SM, each chunk at least one
 # 16-byte vector per thread (128 x 16 bytes of h_in), so no thread idles.
 SPLIT_BLOCKS_PER_SM = 4
@@ -224,12 +223,6 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
     _run("fused", y, x, A, list(B), idx, scale, ranks, v, counters)
 
 
-@torch.library.custom_op("multilora::bgmv_cuda_cluster", mutates_args=("y",))
-def _cluster_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-                ranks: Optional[Tensor], v: Tensor, chunks: Tensor, cluster_blocks: int = 8) -> None:
-    _run("cluster", y, x, A, list(B), idx, scale, ranks, v, chunks, cluster_blocks)
-
-
 @_shrink_op.register_fake
 def _(x, A, idx, ranks, v, pdl=False, chunks=None) -> None:
     return None
@@ -242,11 +235,6 @@ def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1, chunks=None) -> None:
 
 @_fused_op.register_fake
 def _(y, x, A, B, idx, scale, ranks, v, counters) -> None:
-    return None
-
-
-@_cluster_op.register_fake
-def _(y, x, A, B, idx, scale, ranks, v, chunks, cluster_blocks=8) -> None:
     return None
 
 
@@ -722,32 +710,6 @@ def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
     return nbytes >= MMA_AUTO_BYTES
 
 
-CLUSTER_BLOCKS = (8, 16)   # blocks per cluster of variant "cluster" (bgmv_cluster.cuh)
-
-
-def cluster_blocks(n_clusters: int) -> int:
-    """Blocks per cluster of variant "cluster" for n_clusters (chunks x slices): 16 while
-    that keeps the grid within about one wave of 2 blocks per SM on the H200 (more warps
-    per chunk where few chunks leave SMs idle), else 8."""
-    return 16 if n_clusters * 16 <= 2 * DEFAULT_NUM_SMS else 8
-
-
-def cluster_supported(y: Tensor, x: Tensor, A: Tensor, B: BList, meta) -> bool:
-    """Whether variant "cluster" runs as itself: bf16 CUDA tensors on compute capability
-    9.0+ (thread-block clusters), meta with chunks, 16-byte rows of B (r_max % 8 == 0) and of
-    y, and slice offsets in y that keep them (cp.async copies 16 bytes). Host-only checks."""
-    if getattr(meta, "chunks", None) is None or x.dtype != torch.bfloat16 or not x.is_cuda:
-        return False
-    if torch.cuda.get_device_capability(x.device)[0] < 9:
-        return False
-    Bs = [B] if isinstance(B, Tensor) else list(B)
-    offs = [0]
-    for b in Bs[:-1]:
-        offs.append(offs[-1] + b.shape[1])
-    return (A.shape[-2] % 8 == 0 and y.data_ptr() % 16 == 0 and y.stride(0) % 8 == 0
-            and all(o % 8 == 0 for o in offs))
-
-
 def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Tensor,
               ranks: Optional[Tensor] = None, meta=None, *, variant: str = "default",
               split_k: Optional[int] = None, pdl: Optional[bool] = None,
@@ -775,32 +737,11 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  the token's shrink blocks, then adds the partials. Saves one launch and
                  overlaps the B reads with the shrink. Deterministic. Uses a per-device
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
-      "cluster"  ONE launch on thread-block clusters (bgmv_cluster.cuh, PERF_LOG v24): per
-                 chunk of meta's chunks a cluster of C blocks (split_k: 8 or 16; None =
-                 cluster_blocks' rule); each computes the shrink over 1/C of h_in, the
-                 cluster adds the partials through distributed shared memory, and each
-                 block expands 1/C of the output rows from B it copied into shared memory
-                 while the shrink ran. v never leaves the chip. bf16 on sm_90+ with meta's
-                 chunks and 16-byte aligned rows (cluster_supported); anything else runs as
-                 "default" with the same tiles.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
     None = $MULTILORA_EXPAND_TILES; "mma" with meta's chunks groups both kernels' tokens
     by adapter); "fused" keeps its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
-    if variant == "cluster":
-        if cluster_supported(y, x, A, B, meta):
-            A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
-            _check_cuda_args(x, A4, Bs)
-            v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
-                            device=x.device)                   # shapes only: v stays on chip
-            blocks = split_k or cluster_blocks(meta.chunks.shape[0] * A4.shape[0])
-            if blocks not in CLUSTER_BLOCKS:
-                _fail("split_k", f"one of {CLUSTER_BLOCKS} for variant 'cluster'", repr(split_k))
-            torch.ops.multilora.bgmv_cuda_cluster(y, x, A4, Bs, idx, scale, ranks, v, meta.chunks,
-                                                  blocks)
-            return
-        variant = "default"
     if tiles is None and not os.environ.get(TILES_ENV) and mma_chunks_pay(meta, x, A, B):
         tiles = "mma"                  # the default's choice: see mma_chunks_pay
     tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building

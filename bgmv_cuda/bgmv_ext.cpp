@@ -15,10 +15,6 @@
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
 //   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
 //       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
-//   cluster(y, x, A, B, idx, scale, ranks, v, chunks, cluster_blocks) -> str
-//       both in one launch on thread-block clusters of cluster_blocks (8 or 16) blocks
-//       (bf16, sm_90+, chunks required; v [T, S, r_max] fp32 gives the shapes only: v stays
-//       on chip; bgmv_cluster.cuh)
 //   pdl: launch with programmatic dependent launch (sm_90+; see bgmv_kernel.cuh).
 // Each returns "" after launching, or a message naming the tensor and what it got, and then
 // launches nothing; the Python op raises ValueError with it.  No C++ exception is thrown:
@@ -395,37 +391,8 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
   return {};
 }
 
-// One launch on thread-block clusters (bgmv_cluster.cuh): bf16, sm_90+, tokens grouped by
-// adapter in chunks; v [T, S, r_max] fp32 only gives the shapes (the kernel keeps v on chip).
-std::string bgmv_cuda_cluster(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
-                              const std::vector<at::Tensor>& B, const at::Tensor& idx,
-                              const at::Tensor& scale, const std::optional<at::Tensor>& ranks,
-                              const at::Tensor& v, const at::Tensor& chunks, int64_t cluster_blocks) {
-  const char* op = "multilora::bgmv_cuda_cluster";
-  BgmvFusedParams p{};
-  at::Tensor v_shape = v;   // shrink_impl's v parameter is mutable; the kernel never writes v
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v_shape, false, &p.s, op));
-  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleMma, &p.e, op));
-  BGMV_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
-             dims_str(y.sizes()));
-  BGMV_CHECK(cluster_blocks == 8 || cluster_blocks == 16, op,
-             ": cluster_blocks: expected 8 or 16, got ", cluster_blocks);
-  BGMV_TRY(check_chunks(op, chunks, x, &p.s.chunks, &p.s.n_chunks));
-  p.e.chunks = p.s.chunks;
-  p.e.n_chunks = p.s.n_chunks;
-  if (x.size(0) == 0) return {};
-  BgmvDtype dt;
-  BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const std::string err = bgmv_cluster_dispatch(dt, p, static_cast<int>(cluster_blocks),
-                                                c10::cuda::getCurrentCUDAStream().stream());
-  BGMV_CHECK(err.empty(), op, ": ", err);
-  return {};
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("shrink", &bgmv_cuda_shrink, "BGMV shrink; returns '' or the error message");
   m.def("expand", &bgmv_cuda_expand, "BGMV expand; returns '' or the error message");
   m.def("fused", &bgmv_cuda_fused, "BGMV shrink + expand in one launch; '' or the error");
-  m.def("cluster", &bgmv_cuda_cluster, "BGMV in one cluster launch (bf16, sm_90+); '' or the error");
 }

@@ -110,7 +110,3 @@ struct BgmvFusedParams {
 std::string bgmv_shrink_dispatch(BgmvDtype dt, const BgmvShrinkParams& p, cudaStream_t stream);
 std::string bgmv_expand_dispatch(BgmvDtype dt, const BgmvExpandParams& p, cudaStream_t stream);
 std::string bgmv_fused_dispatch(BgmvDtype dt, const BgmvFusedParams& p, cudaStream_t stream);
-// The cluster-fused kernel (bgmv_cluster.cuh): bf16 only; p.s.chunks / p.e.chunks set, the
-// fused struct's v and counters unused; cluster_blocks 8 or 16.
-std::string bgmv_cluster_dispatch(BgmvDtype dt, const BgmvFusedParams& p, int cluster_blocks,
-                                  cudaStream_t stream);

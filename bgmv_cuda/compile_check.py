@@ -1,7 +1,7 @@
 """Compile-only check of the BGMV CUDA kernels, for CI (nvcc, no GPU, CPU-only torch).
 
 Compiles bgmv_cuda/bgmv.cu -- the torch-free translation unit that includes only
-bgmv_kernel.cuh and bgmv_cluster.cuh (and bgmv_params.h) and instantiates every kernel -- with the loader's
+bgmv_kernel.cuh (and its bgmv_params.h) and instantiates every kernel -- with the loader's
 own NVCC_FLAGS (bgmv_cuda.py), for sm_80 and sm_90 in one `nvcc -c` call with `-Xptxas -v`,
 and fails on any compiler error or any register spill.  The torch binding, bgmv_ext.cpp, is
 host-compiler code that needs a CUDA build of torch to link; `--binding` (and the CI test)
@@ -175,16 +175,16 @@ def binding_check(cxx: Optional[str] = None, nvcc: Optional[str] = None,
 
 def demangle_short(name: str) -> str:
     """_Z19_bgmv_expand_kernelI6__halfLi8ELi1EEv16BgmvExpandParams -> expand<__half,8,1>;
-    the bf16-only tensor-core kernels have no dtype argument: expand_mma<KB>, cluster<KB>,
+    the bf16-only tensor-core kernels have no dtype argument: expand_mma<KB, NT>,
     shrink_mma<>."""
     if re.match(r"_Z\d+_bgmv_shrink_mma_kernel\d", name):       # not a template
         return "shrink_mma<>"
-    m = re.match(r"_Z\d+_bgmv_(shrink|expand|expand_mma|fused|cluster)_kernelI(.*)Ev",
+    m = re.match(r"_Z\d+_bgmv_(shrink|expand|expand_mma|fused)_kernelI(.*)Ev",
                  name)
     if not m:
         return name
     args = m.group(2)
-    dtype = [] if m.group(1) in ("expand_mma", "cluster") else \
+    dtype = [] if m.group(1) == "expand_mma" else \
         [next((d for d in ("__half", "__nv_bfloat16") if d in args), "float")]
     ints = re.findall(r"Li(\d+)E", args)
     flags = ["true" if b == "1" else "false" for b in re.findall(r"Lb([01])E", args)]

@@ -24,8 +24,6 @@ writes JSON.
 adapter's rank, PERF_LOG v10; "mma": the bf16 expand on the tensor cores, PERF_LOG v16,
 and `cuda_mma_chunks` the
 same with make_meta's chunks, both kernels per chunk of tokens of one adapter, v17;
-`cuda_cluster` is variant "cluster", one launch on thread-block clusters, PERF_LOG v24
-(`cuda_cluster8` / `cuda_cluster16` with 8 / 16 blocks per cluster);
 see bgmv_cuda.expand_outs) whatever MULTILORA_EXPAND_TILES says; the other CUDA variants,
 `cuda` included, follow it (unset: "rank", the default since PERF_LOG v10; "residency"
 before it, from v5). In plots/bgmv_tiles_h200.json `cuda` is the classic rule, in
@@ -46,7 +44,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks", "cuda_cluster", "cuda_cluster8", "cuda_cluster16",
+                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
 
@@ -107,10 +105,6 @@ def main(args: argparse.Namespace) -> list:
            "cuda_rank": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="rank"),
            "cuda_mma": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="mma"),
            "cuda_mma_chunks": lambda *a, meta=None: bc.bgmv_lora(*a, meta, tiles="mma"),
-           "cuda_cluster": lambda *a, meta=None: bc.bgmv_lora(*a, meta, variant="cluster"),
-           "cuda_cluster8": lambda *a, meta=None: bc.bgmv_lora(*a, meta, variant="cluster", split_k=8),
-           "cuda_cluster16": lambda *a, meta=None: bc.bgmv_lora(*a, meta, variant="cluster",
-                                                            split_k=16),
            "triton": lambda *a, meta=None: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}

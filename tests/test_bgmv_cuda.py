@@ -40,10 +40,8 @@ def test_compile_check_sm80_sm90_no_spills():
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
     # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
-    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs, + variant "cluster"'s 3
-    # x 2 cluster sizes (KB = 1, 2, 4 x C = 8, 16; on sm_80 a trap: the launcher needs
-    # sm_90) x 2 archs
-    assert len(kernels) == 86 and len(names) == 86, sorted(names)
+    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
+    assert len(kernels) == 74 and len(names) == 74, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}>", arch) in names
@@ -54,16 +52,12 @@ def test_compile_check_sm80_sm90_no_spills():
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
-        assert {n for n, a in names if n.startswith("cluster") and a == arch} == \
-            {f"cluster<{kb}, {c}>" for kb in (1, 2, 4) for c in (8, 16)}
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
         # the mma kernels (128, 6): 80 (the allocation granule below 85), but the mma
         # expand of KB = 4 (128, 4): 128
-        # the cluster kernels (128, 2): 255; their shared memory is dynamic (the ring)
-        limit = 255 if "cluster" in k.kernel else \
-            128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
+        limit = 128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
             80 if "mma" in k.kernel else 64
         assert 0 < k.registers <= limit, k
         if "shrink_mma" in k.kernel:    # the 4 warps' fp32 sums, 16 rows x 8 tokens
@@ -1137,86 +1131,6 @@ def test_mma_chunks_match_rank_rule(kind):
         assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
         if kind == "bad_idx":
             assert torch.isnan(outs["mma"][idx >= L]).all()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", ["uniform", "twice", "identical", "ranks", "bad_idx",
-                                  "slices", "r128", "r8_h11008", "one_token"])
-def test_cluster_variant_matches_rank_rule(kind):
-    """Variant "cluster" (one launch on thread-block clusters, PERF_LOG v24) against rule
-    "rank" and the float64 reference: chunks of 8 and a remainder, 128 adapters twice each
-    (the target-2 point, smaller), one adapter for all, mixed ranks not multiples of 8 with
-    NaN padding (B's zero-filled copies must hide it), idx = -1 / out of range (untouched /
-    NaN rows), q/k/v slices whose rows end inside a 64-row stage, r_max 128 (KB = 4), h_out
-    11008 (a stage split unevenly over the 8 blocks), T = 1; the same bits on a second call;
-    half and float run as "default" (bitwise "rank")."""
-    T, L, r, ranks, h_out, h_in = {
-        "uniform": (64, 7, 16, None, 4096, 4096), "twice": (96, 48, 64, None, 2048, 2048),
-        "identical": (64, 7, 16, None, 2048, 1024),
-        "ranks": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032, 1024),
-        "bad_idx": (40, 6, 32, None, 2048, 1024), "slices": (33, 5, 32, None, [1000, 136, 136], 1024),
-        "r128": (16, 4, 128, [128, 100, 7, 128], 4096, 512),
-        "r8_h11008": (24, 3, 8, None, 11008, 4096), "one_token": (1, 3, 16, None, 4096, 4096)}[kind]
-    g = torch.Generator().manual_seed(T + r)
-    if kind == "twice":
-        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
-    elif kind == "identical":
-        idx = torch.full((T,), 3)
-    else:
-        idx = torch.randint(0, L, (T,), generator=g)
-    if kind == "bad_idx":
-        idx[::7] = -1
-        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
-    idx = idx.int().cuda()
-    meta = make_meta(idx)
-    for dtype in DTYPES:
-        inp = make_lora_inputs(T, h_in, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
-        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
-        outs = {}
-        for name, kw in (("rank", {"tiles": "rank"}), ("cluster", {"variant": "cluster"}),
-                         ("again", {"variant": "cluster"}),
-                         ("c8", {"variant": "cluster", "split_k": 8}),
-                         ("c16", {"variant": "cluster", "split_k": 16})):
-            outs[name] = inp["y"].clone()
-            bc.bgmv_lora(outs[name], *args, meta, **kw)
-        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
-        assert torch.equal(outs["cluster"].view(bits), outs["again"].view(bits)), (kind, dtype)
-        if dtype == torch.bfloat16:
-            for name in ("cluster", "c8", "c16"):
-                assert_mma_close(outs[name], outs["rank"], inp["y"])
-            y = inp["y"].clone()
-            call = lambda: bc.bgmv_lora(y, *args, meta, variant="cluster")   # noqa: E731
-            assert _launch_count(call, "_bgmv_cluster_kernel") in (1, None)
-            assert _launch_count(call, "_bgmv_shrink") in (0, None)     # one launch, no shrink
-        else:
-            for name in ("cluster", "c8", "c16"):
-                assert torch.equal(outs["rank"].view(bits), outs[name].view(bits)), (kind, dtype)
-        ok = (idx >= 0) & (idx < L)
-        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
-                             inp["scale"], inp["ranks"])
-        assert relative_error(outs["cluster"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
-        assert torch.equal(outs["cluster"][idx == -1], inp["y"][idx == -1])
-        if kind == "bad_idx":
-            assert torch.isnan(outs["cluster"][idx >= L]).all()
-
-
-@pytest.mark.gpu
-def test_cluster_variant_falls_back_without_chunks():
-    """Without meta's chunks (or with a y whose rows are not 16-byte aligned) variant
-    "cluster" runs the two-launch default: the same bits as tiles="rank"."""
-    inp = make_lora_inputs(20, 1024, 1030, 5, 16, torch.bfloat16, "cuda", seed=3)
-    idx = torch.randint(0, 5, (20,), generator=torch.Generator().manual_seed(3)).int().cuda()
-    args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], None)
-    a, b = inp["y"].clone(), inp["y"].clone()
-    bc.bgmv_lora(a, *args, None, variant="cluster")
-    bc.bgmv_lora(b, *args, None, tiles="rank")
-    assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-    assert not bc.cluster_supported(a, inp["x"], inp["A"], inp["B"], make_meta(idx))  # 1030 % 8
-    with pytest.raises(ValueError, match="split_k"):
-        y = torch.zeros(20, 1024, dtype=torch.bfloat16, device="cuda")
-        B = inp["B"][:, :1024].contiguous()
-        bc.bgmv_lora(y, inp["x"], inp["A"], B, idx, inp["scale"], None, make_meta(idx),
-                     variant="cluster", split_k=4)
 
 
 def test_build_chunks_and_checks(monkeypatch):
