@@ -575,15 +575,6 @@ __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, 
 #endif
 }
 
-// Bulk prefetch of `bytes` (a multiple of 16) at a 16-byte aligned global address into L2
-// (sm_90+; a no-op below): no registers, no shared memory, no value reaches a thread, so it
-// is safe before a PDL wait (L2 is where every SM's writes meet).
-__device__ __forceinline__ void bgmv_prefetch_l2(const void* ptr, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(ptr), "r"(bytes) : "memory");
-#endif
-}
-
 // bf16 pair (lo = element k, hi = element k + 1) as one 32-bit MMA operand register.
 __device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -783,16 +774,6 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   int jrow = j_tile + jw;                               // column of this lane's row g
   uint4 cur[KB][2], nxt[KB][2];
   bgmv_mma_load_b<KB>(cur, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
-  // The warp's other tiles (rows past its first 16, up to h_out: one contiguous piece of
-  // B_s[i]) into L2 at once, before the PDL wait: blocks that start in the shrink's last
-  // wave pull their B while the DRAM is no longer busy with A (PERF_LOG v25).
-  if (lane == 0) {
-    const int first = j_tile + warp * kBgmvMmaRowsPerWarp * MT + kBgmvMmaRowsPerWarp;
-    const int last = min(h_out, j_tile + (warp + 1) * kBgmvMmaRowsPerWarp * MT);
-    if (last > first)
-      bgmv_prefetch_l2(b_rows + static_cast<int64_t>(first) * b_stride_o,
-                       static_cast<uint32_t>(((last - first - 1) * b_stride_o + p.r_max) * 2));
-  }
   // The chunk's tokens in shared memory (no load chain per use), then y of the tokens over
   // the block tile, staged before the wait: coalesced, 8 loads per thread in flight.
   __shared__ int tok[kBgmvChunkTokens];
