@@ -261,24 +261,26 @@ def build_segments(idx: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def build_chunks(idx: Tensor, size: int = 8) -> Tensor:
-    """Tokens grouped by adapter for bgmv_cuda's rule "mma": int32 [n_chunks, size] on idx's
-    device, each row up to `size` tokens (in index order) that share one idx value, -1
-    padded; every token with idx != -1 is in exactly one row. Reads idx on the host: call
-    it where the assignment is known (make_meta does)."""
+    """Tokens grouped by adapter for bgmv_cuda's rule "mma": int32 [n_chunks, size + 1] on
+    idx's device, each row up to `size` tokens (in index order) that share one idx value, -1
+    padded, then that idx value (the kernels read the adapter with the tokens, not through
+    idx: PERF_LOG v26); every token with idx != -1 is in exactly one row. Reads idx on the
+    host: call it where the assignment is known (make_meta does)."""
     idx_h = idx.detach().to("cpu", torch.int64)
     tok = torch.nonzero(idx_h != -1).flatten()          # a fixed number of ops, no loop
     adapter, order = torch.sort(idx_h[tok], stable=True)  # tokens by adapter, index order
     tok = tok[order]
     if tok.numel() == 0:
-        return torch.empty((0, size), dtype=torch.int32, device=idx.device)
+        return torch.empty((0, size + 1), dtype=torch.int32, device=idx.device)
     first = torch.ones_like(adapter, dtype=torch.bool)
     first[1:] = adapter[1:] != adapter[:-1]
     group = torch.cumsum(first, 0) - 1                    # adapter group of each token
     pos = torch.arange(tok.numel()) - torch.nonzero(first).flatten()[group]
     per_group = -(-torch.bincount(group) // size)         # chunks per adapter
     chunk = (torch.cumsum(per_group, 0) - per_group)[group] + pos // size
-    out = torch.full((int(per_group.sum()), size), -1, dtype=torch.int32)
+    out = torch.full((int(per_group.sum()), size + 1), -1, dtype=torch.int32)
     out[chunk, pos % size] = tok.to(torch.int32)
+    out[chunk, size] = adapter.to(torch.int32)
     return out.to(idx.device)
 
 

@@ -120,6 +120,7 @@ EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma")  # tile_rule 0-3 (kB
 MMA_RULES = ("mma",)   # the tensor-core rules
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
+CHUNK_STRIDE = CHUNK_TOKENS + 1   # kBgmvChunkStride: a chunk row, its tokens then its adapter
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
 MMA_MAX_TILES = 16          # kBgmvMmaMaxTiles: rule "mma"'s 16-row tiles per warp
 MMA_BLOCKS_PER_SM = 6       # kBgmvMmaMinBlocksPerSM: the one wave rule "mma"'s grids aim at
@@ -569,28 +570,32 @@ def _num_sms(device: torch.device) -> int:
 
 
 def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
-    """chunks (rule "mma"): None, or int32 [n_chunks, CHUNK_TOKENS] contiguous on idx's
-    device; with MULTILORA_CHECK=1 also its values (a host sync): every token with
-    idx != -1 in exactly one row, the rows' tokens sharing one idx value, -1 padding last."""
+    """chunks (rule "mma"): None, or int32 [n_chunks, CHUNK_STRIDE] contiguous on idx's
+    device (CHUNK_TOKENS tokens, then their adapter); with MULTILORA_CHECK=1 also its values
+    (a host sync): every token with idx != -1 in exactly one row, the rows' tokens sharing
+    one idx value, the row's last entry, -1 padding last."""
     if chunks is None:
         return
     if not isinstance(chunks, Tensor) or chunks.dtype != torch.int32 or chunks.dim() != 2 \
-            or chunks.shape[1] != CHUNK_TOKENS or not chunks.is_contiguous() \
+            or chunks.shape[1] != CHUNK_STRIDE or not chunks.is_contiguous() \
             or chunks.device != idx.device:
-        _fail("chunks", f"a contiguous int32 [n_chunks, {CHUNK_TOKENS}] tensor on {idx.device}",
+        _fail("chunks", f"a contiguous int32 [n_chunks, {CHUNK_STRIDE}] tensor (tokens, then "
+              f"their adapter) on {idx.device}",
               chunks if not isinstance(chunks, Tensor) else
               f"{chunks.dtype} {tuple(chunks.shape)} on {chunks.device}")
     if debug_checks():
-        c, i = chunks.cpu().long(), idx.cpu().long()
+        full, i = chunks.cpu().long(), idx.cpu().long()
+        c, adapter = full[:, :CHUNK_TOKENS], full[:, CHUNK_TOKENS]
         live = c >= 0
         toks = c[live]
         want = torch.nonzero(i != -1).flatten()
         ok = toks.numel() == want.numel() and torch.equal(toks.sort().values, want) and \
             bool((live.int().diff(dim=1) <= 0).all()) and bool(live[:, 0].all())
-        ok = ok and all(int(torch.unique(i[row[row >= 0]]).numel()) == 1 for row in c)
+        ok = ok and all(torch.equal(i[row[row >= 0]], a.expand(int((row >= 0).sum())))
+                        for row, a in zip(c, adapter))
         if not ok:
-            _fail("chunks", "each token with idx != -1 once, one idx value per row, -1 padding "
-                  "last (multilora_impl.build_chunks)", c.tolist())
+            _fail("chunks", "each token with idx != -1 once, one idx value per row and that "
+                  "value last, -1 padding (multilora_impl.build_chunks)", full.tolist())
 
 
 def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAULT_NUM_SMS) -> int:

@@ -214,9 +214,9 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   return {};
 }
 
-// chunks (rule "mma"): int32 [n_chunks, 8] on x's device, contiguous; the tokens of each
-// chunk share one idx value and every token with idx != -1 is in one chunk (not checked
-// here: bgmv_cuda.py builds and, with MULTILORA_CHECK=1, checks them).
+// chunks (rule "mma"): int32 [n_chunks, 9] on x's device, contiguous: 8 tokens (-1 padded)
+// sharing one idx value, then that value; every token with idx != -1 is in one chunk (not
+// checked here: bgmv_cuda.py builds and, with MULTILORA_CHECK=1, checks them).
 static std::string check_chunks(const char* op, const std::optional<at::Tensor>& chunks,
                                 const at::Tensor& like, const int** ptr, int* n) {
   *ptr = nullptr;
@@ -224,9 +224,10 @@ static std::string check_chunks(const char* op, const std::optional<at::Tensor>&
   if (!chunks.has_value()) return {};
   BGMV_TRY(check_device(op, "chunks", *chunks, like));
   BGMV_CHECK(chunks->scalar_type() == at::kInt && chunks->dim() == 2 &&
-                 chunks->size(1) == kBgmvChunkTokens && chunks->is_contiguous() &&
+                 chunks->size(1) == kBgmvChunkStride && chunks->is_contiguous() &&
                  chunks->size(0) <= kIntMax, op,
-             ": chunks: expected a contiguous int32 [n_chunks, ", kBgmvChunkTokens, "], got ",
+             ": chunks: expected a contiguous int32 [n_chunks, ", kBgmvChunkStride,
+             "] (8 tokens, then their adapter), got ",
              chunks->scalar_type(), " sizes ", dims_str(chunks->sizes()));
   *ptr = chunks->data_ptr<int>();
   *n = static_cast<int>(chunks->size(0));

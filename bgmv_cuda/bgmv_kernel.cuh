@@ -585,7 +585,15 @@ __device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
 // mma_chunks; 0 for padding chunks).  Read where needed (L1 hits): an array indexed by
 // lane-dependent k would live in local memory.
 __device__ __forceinline__ int bgmv_chunk_token(const int* chunks, int c, int k) {
-  return chunks ? __ldg(chunks + c * kBgmvChunkTokens + k) : (k == 0 ? c : -1);
+  return chunks ? __ldg(chunks + c * kBgmvChunkStride + k) : (k == 0 ? c : -1);
+}
+
+// The adapter of chunk c: the row's last entry (no load chain through idx), or idx[c]
+// without chunks (one chunk per token).
+__device__ __forceinline__ int64_t bgmv_chunk_adapter(const int* chunks, const void* idx,
+                                                      int idx_is_64, int c) {
+  return chunks ? static_cast<int64_t>(__ldg(chunks + c * kBgmvChunkStride + kBgmvChunkTokens))
+                : bgmv_load_int(idx, idx_is_64, c);
 }
 
 __device__ __forceinline__ int bgmv_chunk_size(const int* chunks, int c) {
@@ -610,7 +618,7 @@ _bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
   const int c = blockIdx.x;
   const int n = bgmv_chunk_size(p.chunks, c);
   if (n == 0) return;
-  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, bgmv_chunk_token(p.chunks, c, 0));
+  const int64_t i = bgmv_chunk_adapter(p.chunks, p.idx, p.idx_is_64, c);
   if (i < 0 || i >= p.L) return;                       // the expand flags bad ones with NaN
   const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank <= r0) return;
@@ -732,7 +740,7 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   // The early exits of the FMA rules (one idx value per chunk).
   const int c = blockIdx.x;
   const int n = bgmv_chunk_size(p.chunks, c);
-  const int64_t i = n ? bgmv_load_int(p.idx, p.idx_is_64, bgmv_chunk_token(p.chunks, c, 0)) : -1;
+  const int64_t i = n ? bgmv_chunk_adapter(p.chunks, p.idx, p.idx_is_64, c) : -1;
   if (i == -1) {
     bgmv_wait_prior_grid();
     return;

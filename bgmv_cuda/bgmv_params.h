@@ -18,6 +18,9 @@ constexpr int kBgmvMaxRank = 128;     // r_max limit (MAX_RANK in bgmv_cuda.py)
 constexpr int kBgmvMaxSlices = 3;     // output slices S (MAX_SLICES in bgmv_cuda.py)
 constexpr int kBgmvMaxSplit = 64;     // split-K chunks of h_in (MAX_SPLIT in bgmv_cuda.py)
 constexpr int kBgmvChunkTokens = 8;   // tokens per chunk of rule "mma" (CHUNK_TOKENS in bgmv_cuda.py)
+// A chunk row: its kBgmvChunkTokens tokens (-1 padded), then the adapter id they share, so
+// a kernel reads the adapter with the tokens instead of after them (PERF_LOG v26).
+constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;
 // Expand tile rules, BgmvExpandParams::tile_rule (EXPAND_TILE_RULES in bgmv_cuda.py):
 // "classic" (J = 1 for small grids, else 4), "residency" (J sized so the grid fits;
 // bgmv_kernel.cuh, kBgmvExpandMaxBlocks), "rank" (residency's J, and each token's lanes
@@ -55,8 +58,9 @@ struct BgmvShrinkParams {
   int n_split = 1;
   int64_t v_stride_split = 0;
   int pdl = 0;            // host only: launch with programmatic dependent launch (sm_90+)
-  // Rule "mma" (bgmv_kernel.cuh): tokens grouped by adapter, [n_chunks, 8] int32, -1 padded
-  // (nullptr: no grouping); with chunks the shrink runs on the tensor cores (bf16 only).
+  // Rule "mma" (bgmv_kernel.cuh): tokens grouped by adapter, [n_chunks, 9] int32 (8 tokens,
+  // -1 padded, then their adapter id; nullptr: no grouping); with chunks the shrink runs on
+  // the tensor cores (bf16 only).
   const int* chunks = nullptr;
   int n_chunks = 0;
 };

@@ -293,6 +293,8 @@ def test_python_limits_match_cpp_constants():
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
             c["kBgmvTileRuleMma"]] == \
         [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
+    assert "constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;" in text
+    assert bc.CHUNK_STRIDE == bc.CHUNK_TOKENS + 1
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
             c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"]) == \
         (bc.MMA_ROWS_PER_WARP, bc.CHUNK_TOKENS, bc.MMA_MAX_SPLIT, bc.MMA_MAX_TILES,
@@ -1135,13 +1137,16 @@ def test_mma_chunks_match_rank_rule(kind):
 
 def test_build_chunks_and_checks(monkeypatch):
     """build_chunks: every token with idx != -1 in exactly one row of <= 8 tokens sharing
-    one idx value, -1 padding last; check_chunks refuses a wrong layout always and, with
-    MULTILORA_CHECK=1, rows that miss a token or mix adapters; mma_split's bounds."""
+    one idx value, -1 padding last, that value in the row's last entry; check_chunks refuses
+    a wrong layout always and, with MULTILORA_CHECK=1, rows that miss a token, mix adapters
+    or name another adapter; mma_split's bounds."""
     g = torch.Generator().manual_seed(5)
     for T, L in [(1, 1), (64, 7), (300, 3), (50, 200)]:
         idx = torch.randint(-1, L, (T,), generator=g)
-        c = build_chunks(idx)
-        assert c.dtype == torch.int32 and c.shape[1] == bc.CHUNK_TOKENS
+        full = build_chunks(idx)
+        assert full.dtype == torch.int32 and full.shape[1] == bc.CHUNK_STRIDE == bc.CHUNK_TOKENS + 1
+        c, adapter = full[:, :bc.CHUNK_TOKENS], full[:, bc.CHUNK_TOKENS]
+        assert torch.equal(adapter.long(), idx[c[:, 0].long()])       # the rows' adapter
         live = c >= 0
         assert sorted(c[live].tolist()) == torch.nonzero(idx != -1).flatten().tolist()
         assert bool(live[:, 0].all()) and bool((live.int().diff(dim=1) <= 0).all())
@@ -1152,19 +1157,23 @@ def test_build_chunks_and_checks(monkeypatch):
             assert torch.equal(torch.cat(rows), torch.nonzero(idx == a).flatten().int())
             assert all(r.numel() == bc.CHUNK_TOKENS for r in rows[:-1])   # full but the last
         monkeypatch.setenv("MULTILORA_CHECK", "1")
-        bc.check_chunks(c, idx)
+        bc.check_chunks(full, idx)
         monkeypatch.delenv("MULTILORA_CHECK")
     idx = torch.tensor([0, 1, 0, 2])
     c = build_chunks(idx)
     with pytest.raises(ValueError, match="chunks"):
         bc.check_chunks(c.long(), idx)
     with pytest.raises(ValueError, match="chunks"):
-        bc.check_chunks(c[:, :4].contiguous(), idx)
+        bc.check_chunks(c[:, :bc.CHUNK_TOKENS].contiguous(), idx)   # no adapter column
     monkeypatch.setenv("MULTILORA_CHECK", "1")
     with pytest.raises(ValueError, match="chunks"):
         bc.check_chunks(c[:-1].contiguous(), idx)                 # a token left out
     bad = c.clone()
     bad[0, 1] = 1                                                 # adapters 0 and 1 mixed
+    with pytest.raises(ValueError, match="chunks"):
+        bc.check_chunks(bad, idx)
+    bad = c.clone()
+    bad[0, bc.CHUNK_TOKENS] = 2                                   # the row names adapter 2
     with pytest.raises(ValueError, match="chunks"):
         bc.check_chunks(bad, idx)
     assert bc.mma_split(14, 1, 16, 4096, 132) == 8                # capped at MMA_MAX_SPLIT
