@@ -123,8 +123,7 @@ CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (
 CHUNK_STRIDE = CHUNK_TOKENS + 1   # kBgmvChunkStride: a chunk row, its tokens then its adapter
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
 MMA_MAX_TILES = 16          # kBgmvMmaMaxTiles: rule "mma"'s 16-row tiles per warp
-MMA_BLOCKS_PER_SM = 6       # kBgmvMmaMinBlocksPerSM: the one wave rule "mma"'s expand aims at
-MMA_SHRINK_BLOCKS_PER_SM = 8   # kBgmvMmaShrinkMinBlocksPerSM: the chunked shrink's wave (mma_split)
+MMA_BLOCKS_PER_SM = 6       # kBgmvMmaMinBlocksPerSM: the one wave rule "mma"'s grids aim at
 DEFAULT_TILES = "rank"   # H200, PERF_LOG v10: mixed ranks 16.2 -> 13.7 us, uniform bs 64 6.6 -> 6.1
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
@@ -603,12 +602,12 @@ def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAU
     """K splits of rule "mma"'s chunked shrink, at most MMA_MAX_SPLIT (the expand loads that
     many partial sums at once) and h_in / 128 (each warp at least one 32-wide K step): the
     most when even that grid (n_chunks x S ceil(r_max / 16) x split) fits one wave of
-    MMA_SHRINK_BLOCKS_PER_SM blocks per SM (small batches: more SMs at work), else the one
-    whose waves are fullest, the smaller on ties (a last partial wave idles SMs: at the
-    distinct point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19, v27); 1
-    from 4 waves of blocks on."""
+    MMA_BLOCKS_PER_SM blocks per SM (small batches: more SMs at work), else the one whose
+    waves are fullest, the smaller on ties (a last partial wave idles SMs: at the distinct
+    point 512 blocks, 65% of one wave, ran the DRAM at 65%; PERF_LOG v19); 1 from 4 waves
+    of blocks on."""
     blocks = max(1, n_chunks * S * -(-r_max // MMA_ROWS_PER_WARP))
-    wave = MMA_SHRINK_BLOCKS_PER_SM * num_sms
+    wave = MMA_BLOCKS_PER_SM * num_sms
     most = max(1, min(MMA_MAX_SPLIT, h_in // 128))
     if blocks * most <= wave:
         return most

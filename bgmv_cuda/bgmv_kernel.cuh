@@ -556,13 +556,9 @@ constexpr int kBgmvMmaRowsPerWarp = 16;   // the MMA's 16 rows
 // Launch bounds of 6 blocks / SM (80 registers): at 8 (64) the first mma expand (v16, 32
 // registers of B fragments) spilled 36-44 bytes (ptxas, sm_90); the expand of KB = 4
 // (two tiles of 32 registers in flight) takes 4 (128 registers).
+// Also the wave mma_split sizes the chunked shrink's grid by (bgmv_cuda.MMA_BLOCKS_PER_SM).
 constexpr int kBgmvMmaMinBlocksPerSM = 6;
-// The chunked shrink: 8 blocks / SM (64 registers; PERF_LOG v27: it is latency-bound, and
-// at 6 / SM with 4 K steps in flight it ran 0.38 eligible warps per scheduler), 3 K steps
-// in flight per warp (at 4 and 64 registers ptxas spilled 4 bytes).  mma_split sizes its
-// grid by this wave (bgmv_cuda.MMA_SHRINK_BLOCKS_PER_SM).
-constexpr int kBgmvMmaShrinkMinBlocksPerSM = 8;
-constexpr int kBgmvMmaShrinkUnroll = 3;   // 32-wide K steps in flight per warp (9 loads)
+constexpr int kBgmvMmaShrinkUnroll = 4;   // 32-wide K steps in flight per warp (12 loads)
 constexpr int kBgmvMmaMaxSplit = 8;       // v partial sums the expand loads at once (MMA_MAX_SPLIT)
 
 __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1,
@@ -611,7 +607,7 @@ __device__ __forceinline__ int bgmv_chunk_size(const int* chunks, int c) {
 // bf16), 16 rank rows per block (the MMA's rows: A rows past the rank are never loaded);
 // the 4 warps split the block's K range in 32-wide steps, their partial sums are added in
 // warp order through shared memory.  Grid: x = chunk, y = (slice, 16-row tile), z = split.
-__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMmaShrinkMinBlocksPerSM)
+__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMmaMinBlocksPerSM)
 _bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();

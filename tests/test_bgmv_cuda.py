@@ -296,10 +296,9 @@ def test_python_limits_match_cpp_constants():
     assert "constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;" in text
     assert bc.CHUNK_STRIDE == bc.CHUNK_TOKENS + 1
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
-            c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"],
-            c["kBgmvMmaShrinkMinBlocksPerSM"]) == \
+            c["kBgmvMmaMaxTiles"], c["kBgmvMmaMinBlocksPerSM"]) == \
         (bc.MMA_ROWS_PER_WARP, bc.CHUNK_TOKENS, bc.MMA_MAX_SPLIT, bc.MMA_MAX_TILES,
-         bc.MMA_BLOCKS_PER_SM, bc.MMA_SHRINK_BLOCKS_PER_SM)
+         bc.MMA_BLOCKS_PER_SM)
     # output columns per expand block, as bgmv_kernel.cuh's comment states them
     B = lambda r, dt=torch.float16: [torch.empty(1, 100, r, dtype=dt)]  # noqa: E731
     assert bc.expand_tiles(B(128), 128) == (32, 4)                  # 16-byte loads, G = 16
@@ -1178,9 +1177,9 @@ def test_build_chunks_and_checks(monkeypatch):
     with pytest.raises(ValueError, match="chunks"):
         bc.check_chunks(bad, idx)
     assert bc.mma_split(14, 1, 16, 4096, 132) == 8                # capped at MMA_MAX_SPLIT
-    assert bc.mma_split(128, 1, 64, 4096, 132) == 2               # 1,024 of 1,056 blocks
-    assert bc.mma_split(32, 1, 64, 4096, 132) == 8                # 1,024 of 1,056
-    assert bc.mma_split(396, 1, 16, 4096, 132) == 8               # three full waves
+    assert bc.mma_split(128, 1, 64, 4096, 132) == 3               # 1,536 of 2 x 792 blocks
+    assert bc.mma_split(32, 1, 64, 4096, 132) == 6                # 768 of 792
+    assert bc.mma_split(396, 1, 16, 4096, 132) == 2               # one full wave
     assert bc.mma_split(1024, 3, 64, 4096, 132) == 1              # 12,288 blocks: 97% already
     assert bc.mma_split(1, 1, 16, 256, 132) == 2                  # h_in / 128
 
