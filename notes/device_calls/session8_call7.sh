@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 8, call 7: the final code (v26 kept; v23-v25, v27 reverted) against every GPU test
-# of bgmv_cuda (4 shards) and of the decode / prefill scripts (make_meta's chunk rows
-# changed shape in v26; every mode gets that meta).
+# of bgmv_cuda (4 shards) and the robustness tests of bad idx and the debug flag with
+# make_meta's metas (its chunk rows changed shape in v26).
 set -u
 T0=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
@@ -12,7 +12,7 @@ P="python3 -m pytest -m gpu -q -rA -p no:cacheprovider"
 for i in 0 1 2 3; do
   MULTILORA_SHARD=$i/4 timeout 240 $P tests/test_bgmv_cuda.py > $R/t_bgmv_cuda_$i.log 2>&1 &
 done
-timeout 240 $P tests/test_multilora_impl.py > $R/t_multilora_impl.log 2>&1 &
+timeout 240 $P tests/test_robustness.py -k "gpu_out_of_range or gpu_debug_flag" > $R/t_robustness.log 2>&1 &
 wait
 echo "tests: $(( $(date +%s) - T0 )) s"
 for f in $R/t_*.log; do echo "== $(basename $f): $(tail -1 $f)"; grep -E "^(FAILED|ERROR)" $f | head -8; done
