@@ -389,8 +389,7 @@ def expand_outs(Bs: Sequence[Tensor], T: int, r_max: int, tile_rule: int = 1
     EXPAND_SMALL_GRID blocks, else 4. Rule 1: the smallest J in {1, 4, 8} ({1, 4} with
     1-element loads) with at most EXPAND_MAX_BLOCKS blocks, else the largest. Rule 2
     ("rank"): rule 1's J and grid (the kernel then narrows each token's lanes per row).
-    Rule 3 ("mma") has no J (see expand_mma_tiles); where they run as
-    "rank", rule 2's."""
+    Rule 3 ("mma") has no J (see expand_mma_tiles); where it runs as "rank", rule 2's."""
     def blocks(j: int) -> int:
         return T * expand_tiles(Bs, r_max, j)[1]
     if tile_rule in (1, 2, 3):
@@ -572,8 +571,8 @@ def _num_sms(device: torch.device) -> int:
 def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
     """chunks (rule "mma"): None, or int32 [n_chunks, CHUNK_STRIDE] contiguous on idx's
     device (CHUNK_TOKENS tokens, then their adapter); with MULTILORA_CHECK=1 also its values
-    (a host sync): every token with idx != -1 in exactly one row, the rows' tokens sharing
-    one idx value, the row's last entry, -1 padding last."""
+    (a host sync): every token with idx != -1 in exactly one row, the row's tokens sharing
+    one idx value, which is the row's last entry, -1 padding after the tokens."""
     if chunks is None:
         return
     if not isinstance(chunks, Tensor) or chunks.dtype != torch.int32 or chunks.dim() != 2 \

@@ -582,7 +582,7 @@ __device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
 }
 
 // Token k of chunk c (-1 past its count), and the count (>= 1 for chunk lists built by
-// mma_chunks; 0 for padding chunks).  Read where needed (L1 hits): an array indexed by
+// build_chunks; 0 for padding chunks).  Read where needed (L1 hits): an array indexed by
 // lane-dependent k would live in local memory.
 __device__ __forceinline__ int bgmv_chunk_token(const int* chunks, int c, int k) {
   return chunks ? __ldg(chunks + c * kBgmvChunkStride + k) : (k == 0 ? c : -1);
