@@ -309,16 +309,17 @@ class LoraMeta:
 def make_meta(idx: Tensor, chunks: bool = True) -> LoraMeta:
     """The per-batch metadata of idx (host work). chunks=False skips build_chunks, which
     only bgmv_cuda's rule "mma" reads (callers that run another mode per step)."""
-    idx_h = idx.detach().to("cpu", torch.int64)
-    seg_starts, seg_adapter = build_segments(idx)
+    idx_h = idx.detach().to("cpu", torch.int64)      # the one device read of idx
+    seg_starts, seg_adapter = build_segments(idx_h)   # host tensors, moved below
     lens = seg_starts[1:] - seg_starts[:-1]
     groups = []
     for a in torch.unique(idx_h).tolist():
         if a >= 0:
             groups.append((a, torch.nonzero(idx_h == a).flatten().to(idx.device)))
-    return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts, seg_adapter=seg_adapter,
+    return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts.to(idx.device),
+                    seg_adapter=seg_adapter.to(idx.device),
                     num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
-                    groups=groups, chunks=build_chunks(idx) if chunks else None)
+                    groups=groups, chunks=build_chunks(idx_h).to(idx.device) if chunks else None)
 
 
 def make_static_meta(T: int, device: Union[str, torch.device], max_seg_len: Optional[int] = None,

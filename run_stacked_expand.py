@@ -99,7 +99,7 @@ def time_folded(site: str, T: int, sets: list, N: int, dtype, rep_ms: int, heads
     for kind, c in [("expand+" + CONSUMER[site], None)] + [
             ("folded", c) for c in (silu_configs if site == "gate_up" else [None])]:
         cfg = dict(block_n=c[0], num_warps=c[1], block_t=c[2] or None) if c else {}
-        fn = pair if c is None and kind != "folded" else folded
+        fn = folded if kind == "folded" else pair
         sets[0]["out"].copy_(keep)
         xs[0].copy_(xk)
         got = fn(0).float()

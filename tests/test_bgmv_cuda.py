@@ -1031,6 +1031,37 @@ def test_tile_rule_launches_the_mirrored_kernel(monkeypatch):
     assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
 
 
+def _mma_case_idx(kind: str, T: int, L: int, r: int) -> torch.Tensor:
+    """idx (CPU int64) of an mma test case: a permutation ("distinct"), each adapter twice
+    ("twice"), all on adapter 3 ("identical"), else uniform; "bad_idx" adds -1 and
+    out-of-range values."""
+    g = torch.Generator().manual_seed(T + r)
+    if kind == "distinct":
+        idx = torch.randperm(L, generator=g)[:T]
+    elif kind == "twice":
+        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
+    elif kind == "identical":
+        idx = torch.full((T,), 3)
+    else:
+        idx = torch.randint(0, L, (T,), generator=g)
+    if kind == "bad_idx":
+        idx[::7] = -1
+        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
+    return idx
+
+
+def _assert_mma_output(out, inp, idx, L, kind, dtype) -> None:
+    """An mma-rule output against the float64 reference on valid rows; idx = -1 rows
+    untouched; out-of-range rows NaN."""
+    ok = (idx >= 0) & (idx < L)
+    ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                         inp["scale"], inp["ranks"])
+    assert relative_error(out[ok], ref) < TOLERANCE[dtype], (kind, dtype)
+    assert torch.equal(out[idx == -1], inp["y"][idx == -1])
+    if kind == "bad_idx":
+        assert torch.isnan(out[idx >= L]).all()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["distinct", "identical", "slices", "ranks", "bad_idx",
                                   "int64", "r128", "r96", "r8", "split"])
@@ -1048,17 +1079,7 @@ def test_mma_rule_matches_rank_rule(kind):
         "int64": (64, 9, 16, None, 2048), "r128": (16, 4, 128, [128, 100, 7, 128], 4096),
         "r96": (16, 4, 96, None, 512), "r8": (64, 7, 8, None, 4096),
         "split": (24, 4, 64, [64, 40, 9, 64], 2048)}[kind]
-    g = torch.Generator().manual_seed(T + r)
-    if kind == "distinct":
-        idx = torch.randperm(L, generator=g)[:T]
-    elif kind == "identical":
-        idx = torch.full((T,), 3)
-    else:
-        idx = torch.randint(0, L, (T,), generator=g)
-    if kind == "bad_idx":
-        idx[::7] = -1
-        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
-    idx = idx.to(torch.int64 if kind == "int64" else torch.int32).cuda()
+    idx = _mma_case_idx(kind, T, L, r).to(torch.int64 if kind == "int64" else torch.int32).cuda()
     kw = {"variant": "split", "split_k": 4} if kind == "split" else {}
     for dtype in DTYPES:
         inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
@@ -1072,13 +1093,7 @@ def test_mma_rule_matches_rank_rule(kind):
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
         else:
             assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
-        ok = (idx >= 0) & (idx < L)
-        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
-                             inp["scale"], inp["ranks"])
-        assert relative_error(outs["mma"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
-        assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
-        if kind == "bad_idx":
-            assert torch.isnan(outs["mma"][idx >= L]).all()
+        _assert_mma_output(outs["mma"], inp, idx, L, kind, dtype)
 
 
 @pytest.mark.gpu
@@ -1097,17 +1112,7 @@ def test_mma_chunks_match_rank_rule(kind):
         "ranks": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032, 1024),
         "bad_idx": (40, 6, 32, None, 2048, 1024), "slices": (33, 5, 32, None, [1000, 136, 136], 1024),
         "r128": (16, 4, 128, [128, 100, 7, 128], 4096, 512), "split": (24, 4, 64, [64, 40, 9, 64], 2048, 4096)}[kind]
-    g = torch.Generator().manual_seed(T + r)
-    if kind == "twice":
-        idx = torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)]
-    elif kind == "identical":
-        idx = torch.full((T,), 3)
-    else:
-        idx = torch.randint(0, L, (T,), generator=g)
-    if kind == "bad_idx":
-        idx[::7] = -1
-        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
-    idx = idx.int().cuda()
+    idx = _mma_case_idx(kind, T, L, r).int().cuda()
     meta = make_meta(idx)
     kw = {"variant": "split", "split_k": 3} if kind == "split" else {}
     for dtype in DTYPES:
@@ -1126,13 +1131,7 @@ def test_mma_chunks_match_rank_rule(kind):
             assert _launch_count(call, "_bgmv_expand_mma_kernel") in (1, None)
         else:
             assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
-        ok = (idx >= 0) & (idx < L)
-        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
-                             inp["scale"], inp["ranks"])
-        assert relative_error(outs["mma"][ok], ref) < TOLERANCE[dtype], (kind, dtype)
-        assert torch.equal(outs["mma"][idx == -1], inp["y"][idx == -1])
-        if kind == "bad_idx":
-            assert torch.isnan(outs["mma"][idx >= L]).all()
+        _assert_mma_output(outs["mma"], inp, idx, L, kind, dtype)
 
 
 def test_build_chunks_and_checks(monkeypatch):
