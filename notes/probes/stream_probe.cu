@@ -83,7 +83,7 @@ __global__ void tiles_ring(const uint4* __restrict__ src, int tiles_per_warp, un
 }
 
 // Grid-stride read, 4 independent 16 B loads per thread per step.
-__global__ void read_stride(const uint4* __restrict__ src, int64_t n_vec, unsigned* sink) {
+__device__ __forceinline__ void read_stride_body(const uint4* __restrict__ src, int64_t n_vec, unsigned* sink) {
   unsigned acc = 0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n_vec; i += 4 * stride) {
@@ -94,6 +94,16 @@ __global__ void read_stride(const uint4* __restrict__ src, int64_t n_vec, unsign
     for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
   if (acc == 0x12345678u) sink[0] = acc;
+}
+__global__ void read_stride(const uint4* __restrict__ src, int64_t n_vec, unsigned* sink) {
+  read_stride_body(src, n_vec, sink);
+}
+
+// The same read as the second kernel of a PDL pair: waits for the kernel before it first.
+__global__ void read_stride_pdl(const uint4* __restrict__ src, int64_t n_vec, unsigned* sink) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  read_stride_body(src, n_vec, sink);
 }
 
 int main() {
@@ -159,6 +169,82 @@ int main() {
     ring(tiles_ring<6>, 6);
     ring(tiles_ring<8>, 8);
   }
+  CHECK(cudaGetLastError());
+
+  // Graph timing, as bench_utils.time_graph: kCalls calls back to back in one CUDA graph,
+  // each on the next region; graph time / kCalls.  A "pair" is two kernels of 64 MB each
+  // (two regions), the second launched with PDL (its blocks wait for the first to end).
+  cudaStream_t st;
+  CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  constexpr int kCalls = 20;
+  auto graph_us = [&](auto call) {
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal);
+    for (int c = 0; c < kCalls; ++c) call(c);
+    cudaStreamEndCapture(st, &g);
+    cudaGraphInstantiate(&ge, g, 0);
+    std::vector<float> t;
+    for (int r = 0; r < 24; ++r) {
+      cudaEventRecord(e0, st);
+      cudaGraphLaunch(ge, st);
+      cudaEventRecord(e1, st);
+      cudaEventSynchronize(e1);
+      float ms;
+      cudaEventElapsedTime(&ms, e0, e1);
+      if (r >= 4) t.push_back(ms * 1e3f / kCalls);
+    }
+    cudaGraphExecDestroy(ge);
+    cudaGraphDestroy(g);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+  };
+  auto launch_read = [&](bool pdl, const char* s, int64_t bytes, int blocks) {
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(blocks);
+    cfg.blockDim = dim3(256);
+    cfg.stream = st;
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    cudaLaunchKernelEx(&cfg, pdl ? read_stride_pdl : read_stride, reinterpret_cast<const uint4*>(s),
+                       bytes / 16, sink);
+  };
+  for (int per_sm : {4, 8}) {
+    const int blocks = num_sms * per_sm;
+    char name[64];
+    snprintf(name, sizeof name, "graph: read 64 MB, %d blk/SM", per_sm);
+    report(name, graph_us([&](int c) { launch_read(false, buf + (c % 4) * region, region, blocks); }), region);
+    snprintf(name, sizeof name, "graph: read 128 MB, %d blk/SM", per_sm);
+    report(name, graph_us([&](int c) { launch_read(false, buf + (c % 2) * 2 * region, 2 * region, blocks); }),
+           2 * region);
+    snprintf(name, sizeof name, "graph: pair 2x64 MB, PDL, %d blk/SM", per_sm);
+    report(name, graph_us([&](int c) {
+             launch_read(false, buf + (c % 2) * 2 * region, region, blocks);
+             launch_read(true, buf + (c % 2) * 2 * region + region, region, blocks); }), 2 * region);
+    snprintf(name, sizeof name, "graph: pair 2x64 MB, no PDL, %d blk/SM", per_sm);
+    report(name, graph_us([&](int c) {
+             launch_read(false, buf + (c % 2) * 2 * region, region, blocks);
+             launch_read(false, buf + (c % 2) * 2 * region + region, region, blocks); }), 2 * region);
+  }
+  float big_us = time_us([&](const char* s) { cudaMemcpyAsync(dst, s, region, cudaMemcpyDeviceToDevice); });
+  (void)big_us;
+  char* big;
+  CHECK(cudaMalloc(&big, 2ll << 30));
+  std::vector<float> t;
+  for (int r = 0; r < 12; ++r) {
+    cudaEventRecord(e0);
+    cudaMemcpyAsync(big + (1ll << 30), big, 1ll << 30, cudaMemcpyDeviceToDevice);
+    cudaEventRecord(e1);
+    cudaEventSynchronize(e1);
+    float ms;
+    cudaEventElapsedTime(&ms, e0, e1);
+    if (r >= 2) t.push_back(ms * 1e3f);
+  }
+  std::sort(t.begin(), t.end());
+  report("copy D2D 1 GiB (read + write)", t[t.size() / 2], 2ll << 30);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   return 0;
