@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Session 9, call 2: call 1 plus graph timing of one read of 128 MB against two PDL-chained reads of 64 MB;: the read-bandwidth probe (notes/probes/stream_probe.cu): the mma
-# expand's pattern (each warp a run of 2 KB tiles) with 1..8 tiles in flight per warp.
+# Session 9, call 2: the read-bandwidth probe again (notes/probes/stream_probe.cu), now also
+# graph-timed: one 128 MB read against two PDL-chained 64 MB reads, and a 1 GiB copy.
 set -u
 R=$OUT/r; mkdir -p $R
 nvcc -O3 -std=c++17 -arch=sm_90 notes/probes/stream_probe.cu -o $R/stream_probe > $R/build.log 2>&1
