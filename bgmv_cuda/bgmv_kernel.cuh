@@ -40,7 +40,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
-#include <cstdlib>
 
 #include <type_traits>
 
@@ -582,27 +581,6 @@ __device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&h);
 }
 
-// 16 bytes global -> shared without registers (sm_80+); bytes = 0 fills the 16 with zeros
-// and reads nothing.  wait_group<N>: all but this thread's N most recent groups have landed
-// (visible to this thread: each lane of the expand's B ring reads only what it copied).
-__device__ __forceinline__ void bgmv_cp_async16(void* smem, const void* gmem, int bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(bytes) : "memory");
-#endif
-}
-__device__ __forceinline__ void bgmv_cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void bgmv_cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-#endif
-}
-
 // Token k of chunk c (-1 past its count), and the count (>= 1 for chunk lists built by
 // build_chunks; 0 for padding chunks).  Read where needed (L1 hits): an array indexed by
 // lane-dependent k would live in local memory.
@@ -718,8 +696,16 @@ constexpr int kBgmvMmaMaxBlockRows = kBgmvExpandThreads / 32 * kBgmvMmaRowsPerWa
 // live[kb] = that block's 8 ranks start below the rank; tail: the rank ends inside one of
 // them, whose words past it are masked (padded B may hold NaN).
 template <int KB>
-__device__ __forceinline__ void bgmv_mma_mask_b(uint4 (&a)[KB][2], bool tail,
+__device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bfloat16* row,
+                                                int64_t row8, bool ok0, bool ok1,
+                                                const bool (&live)[KB], bool tail,
                                                 const uint32_t (&mask)[KB][4]) {
+#pragma unroll
+  for (int kb = 0; kb < KB; ++kb) {
+    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+    a[kb][0] = live[kb] && ok0 ? __ldg(reinterpret_cast<const uint4*>(row + 32 * kb)) : z;
+    a[kb][1] = live[kb] && ok1 ? __ldg(reinterpret_cast<const uint4*>(row + row8 + 32 * kb)) : z;
+  }
   if (tail) {
 #pragma unroll
     for (int kb = 0; kb < KB; ++kb)
@@ -734,48 +720,7 @@ __device__ __forceinline__ void bgmv_mma_mask_b(uint4 (&a)[KB][2], bool tail,
 }
 
 template <int KB>
-__device__ __forceinline__ void bgmv_mma_load_b(uint4 (&a)[KB][2], const __nv_bfloat16* row,
-                                                int64_t row8, bool ok0, bool ok1,
-                                                const bool (&live)[KB], bool tail,
-                                                const uint32_t (&mask)[KB][4]) {
-#pragma unroll
-  for (int kb = 0; kb < KB; ++kb) {
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-    a[kb][0] = live[kb] && ok0 ? __ldg(reinterpret_cast<const uint4*>(row + 32 * kb)) : z;
-    a[kb][1] = live[kb] && ok1 ? __ldg(reinterpret_cast<const uint4*>(row + row8 + 32 * kb)) : z;
-  }
-  bgmv_mma_mask_b<KB>(a, tail, mask);
-}
-
-// The B ring (PERF_LOG v28): each warp keeps kBgmvMmaRingStages(KB) - 1 of its tiles in
-// flight through cp.async into shared memory (no registers), the first ones issued before
-// the PDL wait.  32 KB per block at every KB: 4 warps x stages x (KB KB per tile).
-// Layout [warp][stage][2 KB vectors][32 lanes]: lane-contiguous 16-byte slots, no bank
-// conflicts, and each lane reads back only the slots it copied.
-constexpr int kBgmvMmaRingBytes = 32 * 1024;
-template <int KB>
-constexpr int kBgmvMmaRingStages = kBgmvMmaRingBytes / (kBgmvExpandThreads / 32) / (KB * 1024);
-
-// Tile m of a warp into its ring stage m % STAGES: the lane's rows at `row` (column jrow),
-// rows past h_out and rank blocks past the rank zero-filled (bgmv_mma_load_b's zeros; their
-// copies read nothing and point at `base`, the adapter's first row).
-template <int KB, int STAGES>
-__device__ __forceinline__ void bgmv_mma_ring_issue(uint4* ring, int m, const __nv_bfloat16* row,
-                                                    const __nv_bfloat16* base, int64_t row8,
-                                                    int jrow, int h_out, const bool (&live)[KB]) {
-  uint4* dst = ring + (m % STAGES) * (2 * KB * 32);
-#pragma unroll
-  for (int kb = 0; kb < KB; ++kb)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const bool ok = live[kb] && jrow + 8 * h < h_out;
-      const __nv_bfloat16* src = row + h * row8 + 32 * kb;
-      bgmv_cp_async16(dst + (2 * kb + h) * 32, ok ? src : base, ok ? 16 : 0);
-    }
-}
-
-template <int KB, bool RING>
-__global__ void __launch_bounds__(kBgmvExpandThreads, KB == 4 || RING ? 4 : kBgmvMmaMinBlocksPerSM)
+__global__ void __launch_bounds__(kBgmvExpandThreads, KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM)
 _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();
   using T = __nv_bfloat16;
@@ -836,20 +781,7 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   const T* brow = b_rows + static_cast<int64_t>(j_tile + jw) * b_stride_o + 8 * q;
   int jrow = j_tile + jw;                               // column of this lane's row g
   uint4 cur[KB][2], nxt[KB][2];
-  constexpr int STAGES = kBgmvMmaRingStages<KB>;
-  extern __shared__ uint4 bgmv_ring[];                  // RING: [warp][stage][2 KB][lane]
-  uint4* ring = bgmv_ring + warp * STAGES * (2 * KB * 32) + lane;
-  if constexpr (RING) {                                 // STAGES - 1 tiles in flight
-#pragma unroll
-    for (int m = 0; m < STAGES - 1; ++m) {
-      if (m < MT)
-        bgmv_mma_ring_issue<KB, STAGES>(ring, m, brow + m * row_step, b_rows, row8, jrow + m * kStep,
-                                        h_out, live);
-      bgmv_cp_async_commit();
-    }
-  } else {
-    bgmv_mma_load_b<KB>(cur, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
-  }
+  bgmv_mma_load_b<KB>(cur, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
   // The chunk's tokens in shared memory (no load chain per use), then y of the tokens over
   // the block tile, staged before the wait: coalesced, 8 loads per thread in flight.
   __shared__ int tok[kBgmvChunkTokens];
@@ -921,21 +853,7 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
 #pragma unroll
   for (int kb = 0; kb < KB; ++kb) bv0[kb] = v_frag[g >> 2][g & 3][4 * kb + q];
   for (int m = 0; m < MT; ++m) {
-    if constexpr (RING) {
-      const int mn = m + STAGES - 1;
-      if (mn < MT)
-        bgmv_mma_ring_issue<KB, STAGES>(ring, mn, brow + mn * row_step, b_rows, row8, jrow + mn * kStep,
-                                        h_out, live);
-      bgmv_cp_async_commit();
-      bgmv_cp_async_wait<STAGES - 1>();                 // tile m has landed
-      const uint4* src = ring + (m % STAGES) * (2 * KB * 32);
-#pragma unroll
-      for (int kb = 0; kb < KB; ++kb) {
-        cur[kb][0] = src[(2 * kb) * 32];
-        cur[kb][1] = src[(2 * kb + 1) * 32];
-      }
-      bgmv_mma_mask_b<KB>(cur, tail, mask);
-    } else if (m + 1 < MT) {
+    if (m + 1 < MT) {
       brow += row_step;
       jrow += kStep;
       bgmv_mma_load_b<KB>(nxt, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
@@ -961,12 +879,10 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
           yrow[jb + 8] = Ty::from_float(fmaf(sc, s1, Ty::to_float(y_stage[k][jb + 8])));
       }
     }
-    if constexpr (!RING) {
 #pragma unroll
-      for (int kb = 0; kb < KB; ++kb) {
-        cur[kb][0] = nxt[kb][0];
-        cur[kb][1] = nxt[kb][1];
-      }
+    for (int kb = 0; kb < KB; ++kb) {
+      cur[kb][0] = nxt[kb][0];
+      cur[kb][1] = nxt[kb][1];
     }
   }
 }
@@ -1029,13 +945,11 @@ int bgmv_kernel_ptx() {
 // sm_90+, queried once per kernel (on the first call, which runs eagerly before any CUDA
 // graph captures it; a failed query means no PDL and leaves no error behind).
 template <auto Kernel, typename Params>
-cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Params& p,
-                        int dynamic_smem = 0) {
+cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Params& p) {
   const int ptx_version = bgmv_kernel_ptx<Kernel>();
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = dynamic_smem;
   cfg.stream = stream;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -1186,44 +1100,24 @@ inline int bgmv_num_sms() {
   return n;
 }
 
-// MULTILORA_MMA_RING=0: the register path (one tile ahead) instead of the B ring (v28's
-// comparison; read once).
-inline bool bgmv_mma_ring_enabled() {
-  static const bool on = [] {
-    const char* e = std::getenv("MULTILORA_MMA_RING");
-    return !(e && e[0] == '0');
-  }();
-  return on;
-}
-
-template <int KB, bool RING>
+template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
   // The wave: the kernel's own occupancy (its registers and shared memory on this GPU; on
   // the H200 7 blocks / SM for KB = 2, 72 registers, where the launch bounds promise 6),
   // queried once.
-  constexpr int smem = RING ? kBgmvMmaRingBytes : 0;
   static const int per_sm = [] {
     int n = 0;
-    if ((smem && cudaFuncSetAttribute(_bgmv_expand_mma_kernel<KB, RING>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem) != cudaSuccess) ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB, RING>,
-                                                      kBgmvExpandThreads, smem) != cudaSuccess || n < 1) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB>,
+                                                      kBgmvExpandThreads, 0) != cudaSuccess || n < 1) {
       (void)cudaGetLastError();
-      return KB == 4 || RING ? 4 : kBgmvMmaMinBlocksPerSM;
+      return KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM;
     }
     return n;
   }();
   p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
   const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
-  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB, RING>>(grid, kBgmvExpandThreads, stream,
-                                                                          p, smem);
+  const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
-}
-
-template <int KB>
-const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
-  return bgmv_mma_ring_enabled() ? bgmv_expand_mma_run<KB, true>(p, stream)
-                                 : bgmv_expand_mma_run<KB, false>(p, stream);
 }
 
 template <typename T>
@@ -1231,7 +1125,7 @@ const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t s
                                    bool* launched) {
   *launched = false;
   if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1, true>>() < 80) return nullptr;
+    if (!vec || bgmv_kernel_ptx<_bgmv_expand_mma_kernel<1>>() < 80) return nullptr;
     *launched = true;
     if (p.r_max <= 32) return bgmv_expand_mma_run<1>(p, stream);
     if (p.r_max <= 64) return bgmv_expand_mma_run<2>(p, stream);
