@@ -783,41 +783,55 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   uint4 cur[KB][2], nxt[KB][2];
   bgmv_mma_load_b<KB>(cur, brow, row8, jrow < h_out, jrow + 8 < h_out, live, tail, mask);
   // The chunk's tokens in shared memory (no load chain per use), then y of the tokens over
-  // the block tile, staged before the wait: coalesced, 8 loads per thread in flight.
+  // the block tile, staged before the wait: 16-byte loads where p.y_vec allows (PERF_LOG
+  // v29: the 2-byte path cost 2 M instructions at the distinct point), else 2-byte loads,
+  // 8 per thread in flight.
   __shared__ int tok[kBgmvChunkTokens];
   if (threadIdx.x < kBgmvChunkTokens) tok[threadIdx.x] = bgmv_chunk_token(p.chunks, c, threadIdx.x);
   __syncthreads();
-  __shared__ T y_stage[kBgmvChunkTokens][kBgmvMmaMaxBlockRows];
-  constexpr int kYBatch = 8;
-  int yk = threadIdx.x / kTile, yj = threadIdx.x % kTile;   // (token, row) of flat index w
-  for (int w0 = 0; w0 < n * kTile; w0 += kYBatch * kBgmvExpandThreads) {
-    T yv[kYBatch];
-    int ks[kYBatch], js[kYBatch];
-#pragma unroll
-    for (int u = 0; u < kYBatch; ++u) {                  // w = w0 + 128 u + threadIdx.x
-      ks[u] = yk;
-      js[u] = yj;
-      yv[u] = (yk < n && j_tile + yj < h_out) ? y_s[tok[yk] * p.y_stride_t + j_tile + yj]
-                                             : Ty::from_float(0.f);
-      yj += kBgmvExpandThreads;                          // no division in the loop
-      while (yj >= kTile) { yj -= kTile; ++yk; }
+  __shared__ __align__(16) T y_stage[kBgmvChunkTokens][kBgmvMmaMaxBlockRows];
+  if (p.y_vec) {
+    const int vecs = kTile / 8;                          // 16-byte vectors per token row
+    for (int w = threadIdx.x; w < n * vecs; w += kBgmvExpandThreads) {
+      const int k = w / vecs, j = 8 * (w % vecs);
+      if (j_tile + j < h_out)                            // h_out % 8 == 0: whole vectors
+        *reinterpret_cast<uint4*>(&y_stage[k][j]) =
+            *reinterpret_cast<const uint4*>(y_s + tok[k] * p.y_stride_t + j_tile + j);
     }
+  } else {
+    constexpr int kYBatch = 8;
+    int yk = threadIdx.x / kTile, yj = threadIdx.x % kTile;   // (token, row) of flat index w
+    for (int w0 = 0; w0 < n * kTile; w0 += kYBatch * kBgmvExpandThreads) {
+      T yv[kYBatch];
+      int ks[kYBatch], js[kYBatch];
 #pragma unroll
-    for (int u = 0; u < kYBatch; ++u)
-      if (ks[u] < n) y_stage[ks[u]][js[u]] = yv[u];
+      for (int u = 0; u < kYBatch; ++u) {                // w = w0 + 128 u + threadIdx.x
+        ks[u] = yk;
+        js[u] = yj;
+        yv[u] = (yk < n && j_tile + yj < h_out) ? y_s[tok[yk] * p.y_stride_t + j_tile + yj]
+                                               : Ty::from_float(0.f);
+        yj += kBgmvExpandThreads;                        // no division in the loop
+        while (yj >= kTile) { yj -= kTile; ++yk; }
+      }
+#pragma unroll
+      for (int u = 0; u < kYBatch; ++u)
+        if (ks[u] < n) y_stage[ks[u]][js[u]] = yv[u];
+    }
   }
   const float sc = p.scale[i];
   bgmv_wait_prior_grid();
 
-  // v: every partial sum of the chunk's tokens loaded at once, added in the FMA rules'
-  // order into fp32 shared memory, then split into the three bf16 parts as fragments:
-  // v_frag[k][part][e8] = part `part` of token k's v at ranks 8 e8 .. 8 e8 + 7.
-  __shared__ float v_sum[kBgmvChunkTokens][32 * KB];
-  __shared__ uint4 v_frag[kBgmvChunkTokens][4][4 * KB];   // part 3: zero
-  for (int w = threadIdx.x; w < n * 32 * KB; w += kBgmvExpandThreads) {
+  // v straight into fragments: thread (k, r) adds token k's n_split partial sums at rank r
+  // in split order (the FMA rules' order) and writes the sum's three bf16 parts (and the
+  // zero fourth) to its element of v_frag[k][part][r / 8].  Tokens of the chunk only, plus
+  // the zero column of an odd count's last pair (PERF_LOG v29: all 8 slots through an fp32
+  // staging array cost 1.8 M instructions at the distinct point).
+  __shared__ uint4 v_frag[kBgmvChunkTokens][4][4 * KB];
+  const int n_even = (n + 1) & ~1;
+  for (int w = threadIdx.x; w < n_even * 32 * KB; w += kBgmvExpandThreads) {
     const int k = w / (32 * KB), r = w % (32 * KB);
     float f = 0.f;
-    if (r < rank) {
+    if (k < n && r < rank) {
       const float* pv = p.v + static_cast<int64_t>(tok[k]) * p.v_stride_t + s * p.v_stride_s + r;
       float part[kBgmvMmaMaxSplit];
 #pragma unroll
@@ -829,19 +843,15 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
         if (z < p.n_split) f += part[z];
       for (int z = kBgmvMmaMaxSplit; z < p.n_split; ++z) f += pv[z * p.v_stride_split];
     }
-    v_sum[k][r] = f;
-  }
-  __syncthreads();
-  for (int w = threadIdx.x; w < kBgmvChunkTokens * 4 * 4 * KB; w += kBgmvExpandThreads) {
-    const int k = w / (16 * KB), part = (w / (4 * KB)) % 4, e8 = w % (4 * KB);
-    float f[8];
+    __nv_bfloat16* e = reinterpret_cast<__nv_bfloat16*>(&v_frag[k][0][0]) + r;
+    constexpr int kPart = 4 * KB * 8;                   // bf16 elements per part
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      f[e] = (k < n && part < 3) ? v_sum[k][8 * e8 + e] : 0.f;
-      for (int pp = 0; pp < part; ++pp) f[e] -= __bfloat162float(__float2bfloat16_rn(f[e]));
+    for (int part = 0; part < 3; ++part) {
+      const __nv_bfloat16 h = __float2bfloat16_rn(f);
+      e[part * kPart] = h;
+      f -= __bfloat162float(h);
     }
-    v_frag[k][part][e8] = make_uint4(bgmv_pack_bf16x2(f[0], f[1]), bgmv_pack_bf16x2(f[2], f[3]),
-                                     bgmv_pack_bf16x2(f[4], f[5]), bgmv_pack_bf16x2(f[6], f[7]));
+    e[3 * kPart] = __float2bfloat16_rn(0.f);
   }
   __syncthreads();
 
@@ -1115,6 +1125,10 @@ const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
     return n;
   }();
   p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
+  // y in 16-byte vectors (8 bf16): aligned base, row stride and slice offsets, whole
+  // vectors in every slice.
+  p.y_vec = bgmv_aligned16(p.y) && p.y_stride_t % 8 == 0;
+  for (int s = 0; s < p.S; ++s) p.y_vec = p.y_vec && p.col_off[s] % 8 == 0 && p.h_out[s] % 8 == 0;
   const dim3 grid(static_cast<unsigned>(p.chunks ? p.n_chunks : p.T), p.tile_begin[p.S]);
   const cudaError_t err = bgmv_launch<_bgmv_expand_mma_kernel<KB>>(grid, kBgmvExpandThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -94,6 +94,7 @@ struct BgmvExpandParams {
   const int* chunks = nullptr;
   int n_chunks = 0;
   int mma_tiles = 1;
+  int y_vec = 0;    // rule "mma": y staged in 16-byte vectors (filled by the launcher)
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.
