@@ -11,7 +11,8 @@ bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of inpu
 Points (bf16): h 4096 -> 4096, r 16, uniform over 7 adapters, bs 1, 4, 8, 16, 32, 64, 128,
 256; bs 256 distinct, 128 adapters used twice each, r 64; bs 64 mixed ranks {8, 16, 32, 64}
 over 32 adapters vs the same adapters all at rank 64 (ratio); 4096 -> 11008, r 16, uniform
-over 7 adapters, bs 1, 8, 16, 64. Prints the ceilings first, the table last (with the
+over 7 adapters, bs 1, 8, 16, 64; Llama-3-8B's q/k/v (3 slices), gate/up (2 slices) and
+down projections, r 16, uniform over 7 adapters, bs 16-256. Prints the ceilings first, the table last (with the
 expand's outputs per lane J and blocks under each tile rule where `cuda_tiles` runs);
 writes JSON.
 
@@ -80,6 +81,12 @@ def points() -> list:
     pts.append(("padded64 bs64", 64, 4096, 4096, 32, 64, None, "uniform"))
     pts += [(f"punica 11008 bs{T}", T, 4096, 11008, 7, 16, None, "uniform")
             for T in (1, 8, 16, 64)]
+    # Llama-3-8B's projections at r 16 over 7 adapters (the end-to-end benchmark's shapes),
+    # where the default's choice between the rules must hold too.
+    pts += [(f"8b qkv bs{T}", T, 4096, [4096, 1024, 1024], 7, 16, None, "uniform") for T in (64, 256)]
+    pts += [(f"8b gate_up bs{T}", T, 4096, [14336, 14336], 7, 16, None, "uniform")
+            for T in (16, 64, 256)]
+    pts += [(f"8b down bs{T}", T, 14336, 4096, 7, 16, None, "uniform") for T in (64, 256)]
     return pts
 
 
@@ -124,7 +131,8 @@ def main(args: argparse.Namespace) -> list:
         idx = idx_h.to(dev)
         meta = make_meta(idx)           # host-built once per batch (cuda_mma_chunks reads it)
         set0 = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks, seed=args.seed)
-        nbytes = bu.lora_bytes(idx, h_in, [h_out], r_max, dtype, set0["ranks"])
+        h_outs = list(h_out) if isinstance(h_out, list) else [h_out]
+        nbytes = bu.lora_bytes(idx, h_in, h_outs, r_max, dtype, set0["ranks"])
         n_sets = bu.pool_size(nbytes, max_sets=32)
         # pool: each set its own weights (cold cache), x, y; set 0 is the validated one
         sets = [set0] + [make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks,

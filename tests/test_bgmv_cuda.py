@@ -831,7 +831,8 @@ def test_variant_sweep_script_help_and_points():
     assert out.returncode == 0 and "--variants" in out.stdout and "--table" in out.stdout
     from bgmv_cuda.run_bgmv_cuda import VARIANT_NAMES, points, table_points
     names = [p[0] for p in points()]
-    assert len(names) == 15 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+    assert len(names) == 22 and "mixed{8..64} bs64" in names and "padded64 bs64" in names
+    assert {"8b qkv bs64", "8b gate_up bs64", "8b down bs256"} <= set(names)  # the default's rule
     assert {"u7 bs16", "u7 bs64", "u7 bs128", "punica 11008 bs8"} <= set(names)  # tile rule
     assert {"cuda_tiles", "cuda_rank", "cuda_split2"} <= set(VARIANT_NAMES)
     grid = {(T, h_in, r) for _, T, h_in, h_out, L, r, _, _ in table_points() if h_out == h_in}
