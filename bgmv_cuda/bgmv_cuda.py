@@ -689,28 +689,30 @@ def _fused_counters(device: torch.device, T: int) -> Tensor:
     return buf
 
 
-MMA_AUTO_BYTES = 64 * 2**20   # adapter bytes per call from which the default takes "mma"
+MMA_AUTO_BYTES = 48 * 2**20   # per-token weight traffic from which the default takes "mma"
 MMA_AUTO_SHARE = 1.5          # ... when the chunks hold at least this many tokens on average
 
 
 def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
     """Whether bgmv_lora's default (no tiles=, MULTILORA_EXPAND_TILES unset) runs rule "mma"
-    with meta's chunks instead of rule "rank": bf16, meta built by make_meta (its chunks and
-    its adapter groups), the tokens sharing adapters (at least MMA_AUTO_SHARE per chunk on
-    average) and the distinct adapters' weights at least MMA_AUTO_BYTES (bandwidth-bound,
-    beyond L2). Measured on the H200 (PERF_LOG v20, plots/session7/bgmv_mma_v20_h200.json):
-    128 adapters x 2 tokens at r 64 (140 MB) 46.2 us against 60.9; 32 adapters x 2 at r 64
-    (34 MB) 18.3 against 17.5, and every point with 7 adapters (2-30 MB) slower than
-    "rank": its longer chain of round trips per block only pays where the bytes dominate.
-    Host ints only (shapes, the meta's host lists): safe under CUDA-graph capture."""
-    chunks, groups = getattr(meta, "chunks", None), getattr(meta, "groups", None)
-    if chunks is None or not groups or x.dtype != torch.bfloat16 or chunks.shape[0] == 0:
+    with meta's chunks instead of rule "rank": bf16, meta built by make_meta (its chunks),
+    the tokens sharing adapters (at least MMA_AUTO_SHARE per chunk on average) and the
+    weights rule "rank" would pull through L2 token by token, T x r_max x (S h_in + sum
+    h_out) elements, at least MMA_AUTO_BYTES. Measured on the H200 after PERF_LOG v29
+    (plots/session9/call7_bgmv_rule_h200_9fd6fad.json, 22 points): "mma" with chunks was
+    faster at every point from 67 MB of that traffic (u7 bs 256 11.75 against 13.48 us;
+    mixed / padded ranks bs 64; the distinct point 41.9 against 60.9; Llama-3-8B's q/k/v,
+    gate/up and down at bs 256, gate/up at bs 64 16.6 against 18.3), "rank" at every point
+    up to 38 MB (u7 bs 1-128, Punica's shape, q/k/v and down at bs 64). Host ints only
+    (shapes, the chunk count): safe under CUDA-graph capture."""
+    chunks = getattr(meta, "chunks", None)
+    if chunks is None or x.dtype != torch.bfloat16 or chunks.shape[0] == 0:
         return False
     if x.shape[0] < MMA_AUTO_SHARE * chunks.shape[0]:
         return False
     S = A.shape[0] if A.dim() == 4 else 1
     h_out = sum(b.shape[1] for b in ([B] if isinstance(B, Tensor) else B))
-    nbytes = len(groups) * A.shape[-2] * (S * A.shape[-1] + h_out) * x.element_size()
+    nbytes = x.shape[0] * A.shape[-2] * (S * A.shape[-1] + h_out) * x.element_size()
     return nbytes >= MMA_AUTO_BYTES
 
 
@@ -724,8 +726,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     one block per chunk of up to 8 tokens of one adapter on the tensor cores (bf16; the
     shrink split along h_in by mma_split), each adapter's weights read once per chunk.
     With tiles=None and MULTILORA_EXPAND_TILES unset, that path is taken where it was
-    measured faster (mma_chunks_pay: bf16, shared adapters, >= 64 MB of them), else
-    DEFAULT_TILES.
+    measured faster (mma_chunks_pay: bf16, shared adapters, >= 48 MB of per-token weight
+    traffic), else DEFAULT_TILES.
 
     variant (the registry uses "default"). Measured on the H200 (bf16, h 4096, r 16;
     plots/bgmv_variants_h200.json, `python bgmv_cuda/run_bgmv_cuda.py --variants`),

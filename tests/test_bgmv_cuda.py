@@ -1186,19 +1186,27 @@ def test_build_chunks_and_checks(monkeypatch):
 
 def test_mma_chunks_pay_rule():
     """The default's switch to rule "mma" with chunks: only bf16 with make_meta's chunks,
-    tokens sharing adapters (>= 1.5 per chunk) and >= 64 MB of distinct adapter weights
-    (the distinct point of target 2: 128 adapters x 2 tokens, r 64, 4096 -> 4096)."""
-    def case(T, L, r, dtype=torch.bfloat16, h=4096, twice=True):
+    tokens sharing adapters (>= 1.5 per chunk) and >= 48 MB of weights that rule "rank"
+    would read token by token (T x r_max x (S h_in + sum h_out) x 2 bytes): the H200 sweep
+    after PERF_LOG v29 had "mma" faster from 67 MB, "rank" up to 38 MB."""
+    def case(T, L, r, dtype=torch.bfloat16, h_in=4096, h_outs=(4096,), kind="twice"):
         g = torch.Generator().manual_seed(T)
-        idx = (torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)][:T] if twice
-               else torch.randperm(L, generator=g)[:T]).int()
-        x = torch.empty(T, h, dtype=dtype)
-        A = torch.empty(L, r, h, dtype=dtype)
-        B = torch.empty(L, h, r, dtype=dtype)
-        return bc.mma_chunks_pay(make_meta(idx), x, A, B)
-    assert case(256, 128, 64)                                     # 134 MB, 2 per chunk
-    assert not case(128, 128, 64, twice=False)                    # one token per adapter
-    assert not case(64, 32, 64)                                   # 34 MB
+        idx = {"twice": lambda: torch.arange(L).repeat(2)[torch.randperm(2 * L, generator=g)][:T],
+               "once": lambda: torch.randperm(L, generator=g)[:T],
+               "uniform": lambda: torch.randint(0, L, (T,), generator=g)}[kind]().int()
+        x = torch.empty(T, h_in, dtype=dtype)
+        S = len(h_outs)
+        A = torch.empty(S, L, r, h_in, dtype=dtype) if S > 1 else torch.empty(L, r, h_in, dtype=dtype)
+        B = [torch.empty(L, h, r, dtype=dtype) for h in h_outs]
+        return bc.mma_chunks_pay(make_meta(idx), x, A, B if S > 1 else B[0])
+    assert case(256, 128, 64)                                     # 268 MB, 2 per chunk
+    assert case(64, 32, 64)                                       # padded / mixed: 67 MB
+    assert case(256, 7, 16, kind="uniform")                       # u7 bs 256: 67 MB
+    assert case(64, 7, 16, h_outs=(14336, 14336), kind="uniform")  # 8b gate/up bs 64: 75 MB
+    assert not case(128, 7, 16, kind="uniform")                   # u7 bs 128: 34 MB
+    assert not case(64, 7, 16, h_outs=(4096, 1024, 1024), kind="uniform")  # 8b q/k/v: 38 MB
+    assert not case(64, 7, 16, h_outs=(11008,), kind="uniform")   # Punica's bs 64: 31 MB
+    assert not case(128, 128, 64, kind="once")                    # one token per adapter
     assert not case(256, 128, 64, torch.float16)                  # bf16 only
     assert not bc.mma_chunks_pay(None, torch.empty(4, 8, dtype=torch.bfloat16),
                                  torch.empty(2, 8, 8, dtype=torch.bfloat16),
