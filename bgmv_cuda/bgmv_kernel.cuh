@@ -67,6 +67,7 @@
 constexpr int kBgmvShrinkThreads = 128;
 constexpr int kBgmvShrinkRows = 4;     // rank rows per block
 constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per step
+constexpr int kBgmvShrinkWideThreads = 256;  // small grids: 8 warps per block (PERF_LOG v31)
 // Expand: one block of 128 threads (4 warps) per (token t, tile of output columns).
 //   A group of G lanes (G = a power of two, G * W >= r_max, W = elements per load)
 //   reads one row B_s[i, j, :rank] (contiguous, r_max long) for output column j; the
@@ -196,14 +197,13 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
-template <typename T>
+template <typename T, int NT = kBgmvShrinkThreads>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
                                                   const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
   constexpr int VEC = Ty::kVec;
   constexpr int ROWS = kBgmvShrinkRows;
   constexpr int U = kBgmvShrinkUnroll;
-  constexpr int NT = kBgmvShrinkThreads;
   constexpr int NWARPS = NT / 32;
 
   // Early exits: no LoRA, an index or rank the expand will flag with NaN, or a tile past
@@ -292,15 +292,18 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   return true;
 }
 
-// Grid: x = token, y = (slice, tile of ROWS rank rows), z = K chunk (split-K).
-template <typename T>
-__global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMinBlocksPerSM)
+// Grid: x = token, y = (slice, tile of ROWS rank rows), z = K chunk (split-K).  NT = 256
+// (kBgmvShrinkWideThreads) serves grids of at most one wave: each thread then walks half
+// as many 16-byte chunks of h_in (h_in 4096: one step of U instead of two, one DRAM round
+// trip fewer per block; PERF_LOG v31), at the same registers per thread.
+template <typename T, int NT>
+__global__ void __launch_bounds__(NT, kBgmvMinBlocksPerSM * kBgmvShrinkThreads / NT)
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-  bgmv_shrink_block<T>(p, blockIdx.x, blockIdx.y / row_tiles,
-                       (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
+  bgmv_shrink_block<T, NT>(p, blockIdx.x, blockIdx.y / row_tiles,
+                           (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -969,6 +972,16 @@ cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Param
   return cudaLaunchKernelEx(&cfg, Kernel, p);
 }
 
+inline int bgmv_num_sms() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return n;
+}
+
 inline bool bgmv_aligned16(const void* ptr) {
   return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0;
 }
@@ -1011,7 +1024,13 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   }
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  const cudaError_t err = bgmv_launch<_bgmv_shrink_kernel<T>>(grid, kBgmvShrinkThreads, stream, p);
+  // A grid that fits one wave of the wide blocks (kBgmvMinBlocksPerSM / 2 per SM) takes
+  // them: small batches are latency-bound, and the wide block walks h_in in half the steps.
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+  const bool wide = blocks * 2 <= static_cast<int64_t>(bgmv_num_sms()) * kBgmvMinBlocksPerSM;
+  const cudaError_t err =
+      wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, p)
+           : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1100,15 +1119,6 @@ inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms, int per_sm) {
   return mt;
 }
 
-inline int bgmv_num_sms() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  return n;
-}
 
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {

@@ -38,13 +38,13 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_compile_check_sm80_sm90_no_spills():
     kernels, text = cc.run_compile_check(("80", "90"))
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
-    # 3 dtypes x (shrink, expand 16-byte x {J = 1, 4, 8} x {rule "rank" or not} and
-    # 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, + rule "mma"'s 3
-    # expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
-    assert len(kernels) == 74 and len(names) == 74, sorted(names)
+    # 3 dtypes x (shrink of 128 / 256 threads, expand 16-byte x {J = 1, 4, 8} x {rule
+    # "rank" or not} and 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, +
+    # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
+    assert len(kernels) == 80 and len(names) == 80, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
-            assert (f"shrink<{dt}>", arch) in names
+            assert (f"shrink<{dt}, 128>", arch) in names and (f"shrink<{dt}, 256>", arch) in names
             assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 8
             assert (f"expand<{dt}, {vec}, 1, 8, false>", arch) in names
             assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
