@@ -68,6 +68,7 @@ constexpr int kBgmvShrinkThreads = 128;
 constexpr int kBgmvShrinkRows = 4;     // rank rows per block
 constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per step
 constexpr int kBgmvShrinkWideThreads = 256;  // small grids: 8 warps per block (PERF_LOG v31)
+constexpr int kBgmvShrinkWideMaxBlocks = 64;  // ... up to this many blocks
 // Expand: one block of 128 threads (4 warps) per (token t, tile of output columns).
 //   A group of G lanes (G = a power of two, G * W >= r_max, W = elements per load)
 //   reads one row B_s[i, j, :rank] (contiguous, r_max long) for output column j; the
@@ -293,7 +294,7 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 }
 
 // Grid: x = token, y = (slice, tile of ROWS rank rows), z = K chunk (split-K).  NT = 256
-// (kBgmvShrinkWideThreads) serves grids of at most one wave: each thread then walks half
+// (kBgmvShrinkWideThreads) serves grids of at most 64 blocks: each thread then walks half
 // as many 16-byte chunks of h_in (h_in 4096: one step of U instead of two, one DRAM round
 // trip fewer per block; PERF_LOG v31), at the same registers per thread.
 template <typename T, int NT>
@@ -1024,10 +1025,11 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   }
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   const dim3 grid(p.T, p.S * row_tiles, p.n_split);
-  // A grid that fits one wave of the wide blocks (kBgmvMinBlocksPerSM / 2 per SM) takes
-  // them: small batches are latency-bound, and the wide block walks h_in in half the steps.
+  // Small grids take the wide blocks (each walks h_in in half the steps): measured on the
+  // H200 (PERF_LOG v31) faster up to 64 blocks (bs 1-16 at r 16: 0.3-0.45 us), slower
+  // from 256 (bs 64: 5.99 -> 7.31 us, the wide blocks crowd out the expand's early ones).
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
-  const bool wide = blocks * 2 <= static_cast<int64_t>(bgmv_num_sms()) * kBgmvMinBlocksPerSM;
+  const bool wide = blocks <= kBgmvShrinkWideMaxBlocks;
   const cudaError_t err =
       wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, p)
            : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, p);
