@@ -63,6 +63,8 @@
 //   so 2 x + 8 A = 10 16-byte loads are in flight per thread.  Per-row partial sums are
 //   reduced with warp shuffles, then across the 4 warps through 64 bytes of shared
 //   memory.  4 rows per block keeps T = 1 decode spread over r_max / 4 blocks per slice.
+//   Grids of at most 64 blocks run 256 threads (8 warps) per block instead: half the
+//   steps along h_in per thread (PERF_LOG v31).
 //   Grid: x = T (up to 2^31 - 1), y = S * ceil(r_max / 4).
 constexpr int kBgmvShrinkThreads = 128;
 constexpr int kBgmvShrinkRows = 4;     // rank rows per block
@@ -577,12 +579,6 @@ __device__ __forceinline__ void bgmv_mma_bf16_16816(float (&d)[4], uint32_t a0, 
 #else
   __trap();  // never launched: the launchers require PTX >= sm_80 for these kernels
 #endif
-}
-
-// bf16 pair (lo = element k, hi = element k + 1) as one 32-bit MMA operand register.
-__device__ __forceinline__ uint32_t bgmv_pack_bf16x2(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
 }
 
 // Token k of chunk c (-1 past its count), and the count (>= 1 for chunk lists built by
@@ -1120,7 +1116,6 @@ inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms, int per_sm) {
   bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * kBgmvMmaRowsPerWarp * mt);
   return mt;
 }
-
 
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
