@@ -1100,19 +1100,22 @@ def test_mma_rule_matches_rank_rule(kind):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["uniform", "twice", "identical", "ranks", "bad_idx",
-                                  "slices", "r128", "split"])
+                                  "slices", "odd_h", "r128", "split"])
 def test_mma_chunks_match_rank_rule(kind):
     """Rule "mma" with make_meta's chunks (both kernels per chunk of up to 8 tokens of one
     adapter, PERF_LOG v17) against rule "rank" and the float64 reference: 7 adapters over
     64 tokens (chunks of 8 and a remainder), 128 adapters twice each (the target-2 point,
     smaller), one adapter for all, mixed ranks not multiples of 8 with NaN padding,
     idx = -1 / out of range (untouched / NaN rows), q/k/v slices with partial m16 tiles,
-    r_max 128, an explicit split-K; half and float ignore the chunks (bitwise "rank")."""
+    slices whose widths are not multiples of 8 (y staged with 2-byte loads, not the 16-byte
+    path of PERF_LOG v29), r_max 128, an explicit split-K; half and float ignore the chunks
+    (bitwise "rank")."""
     T, L, r, ranks, h_out, h_in = {
         "uniform": (64, 7, 16, None, 4096, 4096), "twice": (96, 48, 64, None, 2048, 2048),
         "identical": (64, 7, 16, None, 2048, 1024),
         "ranks": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032, 1024),
         "bad_idx": (40, 6, 32, None, 2048, 1024), "slices": (33, 5, 32, None, [1000, 136, 136], 1024),
+        "odd_h": (37, 4, 16, None, [1003, 21], 512),
         "r128": (16, 4, 128, [128, 100, 7, 128], 4096, 512), "split": (24, 4, 64, [64, 40, 9, 64], 2048, 4096)}[kind]
     idx = _mma_case_idx(kind, T, L, r).int().cuda()
     meta = make_meta(idx)
