@@ -132,10 +132,31 @@ constexpr int64_t kIntMax = std::numeric_limits<int>::max();
 
 }  // namespace
 
+// chunks (rule "mma"): int32 [n_chunks, 9] on x's device, contiguous: 8 tokens (-1 padded)
+// sharing one idx value, then that value; every token with idx != -1 is in one chunk (not
+// checked here: bgmv_cuda.py builds and, with MULTILORA_CHECK=1, checks them).
+static std::string check_chunks(const char* op, const std::optional<at::Tensor>& chunks,
+                                const at::Tensor& like, const int** ptr, int* n) {
+  *ptr = nullptr;
+  *n = 0;
+  if (!chunks.has_value()) return {};
+  BGMV_TRY(check_device(op, "chunks", *chunks, like));
+  BGMV_CHECK(chunks->scalar_type() == at::kInt && chunks->dim() == 2 &&
+                 chunks->size(1) == kBgmvChunkStride && chunks->is_contiguous() &&
+                 chunks->size(0) <= kIntMax, op,
+             ": chunks: expected a contiguous int32 [n_chunks, ", kBgmvChunkStride,
+             "] (8 tokens, then their adapter), got ",
+             chunks->scalar_type(), " sizes ", dims_str(chunks->sizes()));
+  *ptr = chunks->data_ptr<int>();
+  *n = static_cast<int>(chunks->size(0));
+  return {};
+}
+
 // Checks the shrink's tensors and fills *out; launches unless out_only.
 static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
-                        bool pdl, BgmvShrinkParams* out, const char* op) {
+                        bool pdl, const std::optional<at::Tensor>& chunks,
+                        BgmvShrinkParams* out, const char* op) {
   BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
@@ -207,6 +228,7 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   p.ranks_is_64 = ranks.has_value() && ranks->scalar_type() == at::kLong;
 
   p.pdl = pdl;
+  BGMV_TRY(check_chunks(op, chunks, x, &p.chunks, &p.n_chunks));
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -214,47 +236,17 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
   return {};
 }
 
-// chunks (rule "mma"): int32 [n_chunks, 9] on x's device, contiguous: 8 tokens (-1 padded)
-// sharing one idx value, then that value; every token with idx != -1 is in one chunk (not
-// checked here: bgmv_cuda.py builds and, with MULTILORA_CHECK=1, checks them).
-static std::string check_chunks(const char* op, const std::optional<at::Tensor>& chunks,
-                                const at::Tensor& like, const int** ptr, int* n) {
-  *ptr = nullptr;
-  *n = 0;
-  if (!chunks.has_value()) return {};
-  BGMV_TRY(check_device(op, "chunks", *chunks, like));
-  BGMV_CHECK(chunks->scalar_type() == at::kInt && chunks->dim() == 2 &&
-                 chunks->size(1) == kBgmvChunkStride && chunks->is_contiguous() &&
-                 chunks->size(0) <= kIntMax, op,
-             ": chunks: expected a contiguous int32 [n_chunks, ", kBgmvChunkStride,
-             "] (8 tokens, then their adapter), got ",
-             chunks->scalar_type(), " sizes ", dims_str(chunks->sizes()));
-  *ptr = chunks->data_ptr<int>();
-  *n = static_cast<int>(chunks->size(0));
-  return {};
-}
-
 std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                              const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl,
                              const std::optional<at::Tensor>& chunks) {
-  const char* op = "multilora::bgmv_cuda_shrink";
-  if (!chunks.has_value()) return shrink_impl(x, A, idx, ranks, v, pdl, nullptr, op);
-  BgmvShrinkParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, pdl, &p, op));
-  BGMV_TRY(check_chunks(op, chunks, x, &p.chunks, &p.n_chunks));
-  if (x.size(0) == 0) return {};
-  BgmvDtype dt;
-  BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));
-  const c10::cuda::CUDAGuard guard(x.device());
-  const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
-  BGMV_CHECK(err.empty(), op, ": ", err);
-  return {};
+  return shrink_impl(x, A, idx, ranks, v, pdl, chunks, nullptr, "multilora::bgmv_cuda_shrink");
 }
 
 static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const at::Tensor& idx, const at::Tensor& scale,
                         const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
-                        BgmvExpandParams* out, const char* op) {
+                        const std::optional<at::Tensor>& chunks, BgmvExpandParams* out,
+                        const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMma, op,
              ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
@@ -338,6 +330,9 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
 
   p.pdl = pdl;
   p.tile_rule = static_cast<int>(tile_rule);
+  BGMV_CHECK(!chunks.has_value() || tile_rule == kBgmvTileRuleMma, op,
+             ": chunks: only with tile_rule ", kBgmvTileRuleMma, " (mma), got ", tile_rule);
+  BGMV_TRY(check_chunks(op, chunks, y, &p.chunks, &p.n_chunks));
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -349,20 +344,8 @@ std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vect
                              const at::Tensor& idx, const at::Tensor& scale,
                              const std::optional<at::Tensor>& ranks, bool pdl,
                              int64_t tile_rule, const std::optional<at::Tensor>& chunks) {
-  const char* op = "multilora::bgmv_cuda_expand";
-  if (!chunks.has_value()) return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, nullptr, op);
-  BGMV_CHECK(tile_rule == kBgmvTileRuleMma, op, ": chunks: only with tile_rule ",
-             kBgmvTileRuleMma, " (mma), got ", tile_rule);
-  BgmvExpandParams p{};
-  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, &p, op));
-  BGMV_TRY(check_chunks(op, chunks, y, &p.chunks, &p.n_chunks));
-  if (y.size(0) == 0) return {};
-  BgmvDtype dt;
-  BGMV_TRY(to_bgmv_dtype(op, "y", y, &dt));
-  const c10::cuda::CUDAGuard guard(y.device());
-  const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
-  BGMV_CHECK(err.empty(), op, ": ", err);
-  return {};
+  return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks, nullptr,
+                     "multilora::bgmv_cuda_expand");
 }
 
 // One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid
@@ -373,8 +356,8 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
                      const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, &p.s, op));
-  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, &p.e, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, std::nullopt, &p.s, op));
+  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, std::nullopt, &p.e, op));
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
