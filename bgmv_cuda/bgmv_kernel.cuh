@@ -936,6 +936,225 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Cluster kernel (sm_90+, PERF_LOG v32): a token's whole LoRA in one launch, the shrink's
+// reduction done inside a thread-block cluster instead of across two grids.
+//   Grid: x = output tiles in clusters of CL = kBgmvClusterSize blocks (tile g = blockIdx.x,
+//   numbered over the slices as the expand's; blocks past the last tile only shrink), y =
+//   token.  Each block first issues its B tile and y loads, then shrinks its 1/CL of h_in
+//   for all S * rank rows of v into its shared memory (warp w: groups of 4 rows w, w + 4,
+//   ..., each lane 16-byte chunks of the slice, one warp reduction per group); the cluster
+//   barrier publishes those partial sums, every block adds the CL of them through
+//   distributed shared memory (ld.shared::cluster) and expands its tile (lanes per B row as
+//   the expand's: G * 16 bytes >= r_max, J outputs per lane).  A second barrier keeps each
+//   block's shared memory alive until the others have read it.
+// Why: the two-launch pair waits for the whole shrink grid to complete, then reads v back
+// from L2; here the dependency is one cluster barrier and reads of on-chip memory.  Every
+// cluster of a token redoes the shrink (A re-read, from L2 after the first), so it serves
+// small grids: the host takes the fewest clusters that fill one wave (J in {1, 4, 8}).
+// Supported: 16-byte B rows (r_max a multiple of 8 halves / 4 floats), T <= 65535.
+// ---------------------------------------------------------------------------------------
+constexpr int kBgmvClusterSize = 8;            // blocks per cluster (the portable maximum)
+constexpr int kBgmvClusterMinBlocksPerSM = 4;  // launch bounds: up to 128 registers
+constexpr int kBgmvClusterMaxRows = kBgmvMaxSlices * kBgmvMaxRank;   // rows of v per token
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ unsigned bgmv_cluster_ctarank() {
+  unsigned r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ void bgmv_cluster_arrive() {   // release: our writes before it
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ void bgmv_cluster_wait() {     // acquire: the others' writes after
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The float at `smem` (an address in this block's shared memory) in cluster block `rank`.
+__device__ __forceinline__ float bgmv_cluster_load(const float* smem, unsigned rank) {
+  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  uint32_t remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+#endif
+
+template <typename T, int J>
+__global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvClusterMinBlocksPerSM)
+_bgmv_cluster_kernel(const BgmvFusedParams p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  using Ty = BgmvType<T>;
+  constexpr int VEC = Ty::kVec, ROWS = kBgmvShrinkRows;
+  constexpr int U = sizeof(T) == 4 ? 1 : kBgmvShrinkUnroll;   // fp32 with 2 spilled (ptxas)
+  constexpr int CL = kBgmvClusterSize, NWARPS = kBgmvExpandThreads / 32;
+  const BgmvShrinkParams& ps = p.s;
+  const BgmvExpandParams& pe = p.e;
+  __shared__ float partial[kBgmvClusterMaxRows];   // this block's share of v[t]: [s * r_max + r]
+  __shared__ float vsum[kBgmvClusterMaxRows];      // v[t]: the CL shares added
+
+  bgmv_wait_prior_grid();       // x and y may come from the kernel just before
+  bgmv_let_next_grid_launch();
+  const int64_t t = blockIdx.y;
+  const int g = blockIdx.x;
+  const int64_t i = bgmv_load_int(pe.idx, pe.idx_is_64, t);
+  const int rank = i == -1 ? 0 : (i < -1 || i >= pe.L) ? -1 : bgmv_rank(pe.ranks, pe.ranks_is_64, i, pe.r_max);
+
+  // This block's output tile (as the expand's: slice s, columns j_tile ..).
+  int s = 0;
+#pragma unroll
+  for (int q = 1; q < kBgmvMaxSlices; ++q)
+    if (q < pe.S && g >= pe.tile_begin[q]) s = q;
+  const int groups = 32 >> pe.log2_group;              // B rows per warp per step
+  const int tile = NWARPS * groups * J;
+  const bool has_tile = g < pe.tile_begin[pe.S];
+  const int j_tile = (g - pe.tile_begin[s]) * tile;
+  const int h_out = pe.h_out[s];
+  T* yrow = static_cast<T*>(pe.y) + t * pe.y_stride_t + pe.col_off[s];
+  if (rank <= 0) {              // uniform over the cluster (one token): no barrier entered
+    if (rank < 0 && has_tile)   // invalid index / rank: NaN over the tile (loud, no OOB read)
+      for (int j = j_tile + threadIdx.x; j < min(j_tile + tile, h_out); j += kBgmvExpandThreads)
+        yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+    return;
+  }
+
+  // Expand loads first: B rows of this lane's J columns at rank positions rb .. rb + VEC,
+  // y of those columns (lane 0 of each group), the scale.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int lig = lane & ((1 << pe.log2_group) - 1), grp = lane >> pe.log2_group;
+  const int rb = lig * VEC;
+  const int j_lane = j_tile + warp * groups * J + grp;
+  const T* b_rows = static_cast<const T*>(pe.B[s]) + i * pe.b_stride_l[s];
+  uint4 braw[J];
+  float yv[J];
+#pragma unroll
+  for (int u = 0; u < J; ++u) {
+    const int j = j_lane + u * groups;
+    const bool in = has_tile && j < h_out;
+    braw[u] = in && rb < rank
+                  ? __ldg(reinterpret_cast<const uint4*>(b_rows + static_cast<int64_t>(j) * pe.b_stride_o[s] + rb))
+                  : make_uint4(0u, 0u, 0u, 0u);
+    yv[u] = in && lig == 0 ? Ty::to_float(yrow[j]) : 0.f;
+  }
+  const float sc = pe.scale[i];
+
+  // Shrink this block's K slice [kb, ke) of 16-byte chunks for every live row of v[t].
+  const int nvec = ps.h_in / VEC;
+  const int per = (nvec + CL - 1) / CL;
+  const int kb = static_cast<int>(bgmv_cluster_ctarank()) * per;
+  const int ke = min(nvec, kb + per);
+  const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(ps.x) + t * ps.x_stride_t);
+  const int ngroups = (rank + ROWS - 1) / ROWS;        // groups of 4 rows per slice
+  for (int gi = warp; gi < ps.S * ngroups; gi += NWARPS) {
+    const int ss = gi / ngroups, r0 = (gi % ngroups) * ROWS, nrows = min(ROWS, rank - r0);
+    const T* a_tile = static_cast<const T*>(ps.A) + ss * ps.a_stride_s + i * ps.a_stride_l +
+                      static_cast<int64_t>(r0) * ps.a_stride_r;
+    const uint4* av[ROWS];
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q)  // rows past nrows point at row 0 but are never loaded
+      av[q] = reinterpret_cast<const uint4*>(a_tile + (q < nrows ? q : 0) * ps.a_stride_r);
+    float acc[ROWS];
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) acc[q] = 0.f;
+    int kv = kb + lane;
+#pragma unroll 1  // U chunks in flight per step; more (the compiler's unrolling) spilled fp32
+    for (; kv + (U - 1) * 32 < ke; kv += U * 32) {
+      uint4 xr[U], ar[U][ROWS];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        xr[u] = __ldg(xv + kv + u * 32);
+#pragma unroll
+        for (int q = 0; q < ROWS; ++q)
+          ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * 32) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        float xf[VEC];
+        Ty::unpack(xr[u], xf);
+#pragma unroll
+        for (int q = 0; q < ROWS; ++q) {
+          float af[VEC];
+          Ty::unpack(ar[u][q], af);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+        }
+      }
+    }
+#pragma unroll 1
+    for (; kv < ke; kv += 32) {  // remaining chunks, one at a time
+      float xf[VEC];
+      Ty::unpack(__ldg(xv + kv), xf);
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q) {
+        if (q < nrows) {
+          float af[VEC];
+          Ty::unpack(__ldg(av[q] + kv), af);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+        }
+      }
+    }
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], o);
+    if (lane == 0) {
+#pragma unroll
+      for (int q = 0; q < ROWS; ++q)
+        if (q < nrows) partial[ss * ps.r_max + r0 + q] = acc[q];
+    }
+  }
+
+  // v[t] = the CL blocks' shares, added in a fixed order (deterministic).
+  bgmv_cluster_arrive();
+  bgmv_cluster_wait();
+  for (int q = threadIdx.x; q < ps.S * ps.r_max; q += kBgmvExpandThreads) {
+    float a = 0.f;
+    if (q % ps.r_max < rank) {
+#pragma unroll
+      for (int c = 0; c < CL; ++c) a += bgmv_cluster_load(partial + q, c);
+    }
+    vsum[q] = a;
+  }
+  bgmv_cluster_arrive();        // done reading the others' shared memory
+  __syncthreads();              // vsum for the whole block
+
+  if (has_tile) {
+    float vr[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) vr[e] = rb + e < rank ? vsum[s * pe.r_max + rb + e] : 0.f;
+    float acc[J];
+#pragma unroll
+    for (int u = 0; u < J; ++u) {
+      float bf[VEC];
+      Ty::unpack(braw[u], bf);
+      acc[u] = 0.f;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)  // select, not multiply: padded B may hold NaN
+        acc[u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[e], acc[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < J; ++u)
+      for (int o = (1 << pe.log2_group) >> 1; o > 0; o >>= 1)
+        acc[u] += __shfl_xor_sync(0xffffffffu, acc[u], o);
+    if (lig == 0) {
+#pragma unroll
+      for (int u = 0; u < J; ++u) {
+        const int j = j_lane + u * groups;
+        if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], yv[u]));
+      }
+    }
+  }
+  bgmv_cluster_wait();          // no block exits while another may still read its shares
+#else
+  __trap();  // never launched: bgmv_cluster_launch requires sm_90+ code
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
@@ -1189,9 +1408,62 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
+
+// Cluster kernel: J = the smallest of {1, 4, 8} outputs per lane whose grid (T x the
+// token's clusters) fits one wave of kBgmvClusterMinBlocksPerSM blocks per SM, else 8.
+template <typename T, int J>
+cudaError_t bgmv_cluster_run(const BgmvFusedParams& p, dim3 grid, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(kBgmvExpandThreads);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kBgmvClusterSize;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = p.s.pdl ? 2 : 1;
+  return cudaLaunchKernelEx(&cfg, _bgmv_cluster_kernel<T, J>, p);
+}
+
+template <typename T>
+const char* bgmv_cluster_launch(BgmvFusedParams p, cudaStream_t stream) {
+  if (const char* err = bgmv_shrink_check<T>(p.s)) return err;
+  bool vec = false;
+  if (const char* err = bgmv_expand_prepare<T>(p.e, &vec)) return err;
+  if (p.s.T != p.e.T || p.s.S != p.e.S || p.s.r_max != p.e.r_max)
+    return "bgmv_cluster: shrink and expand halves disagree (T, S, r_max)";
+  if (!vec)
+    return "bgmv_cluster: needs 16-byte aligned B rows (r_max a multiple of 8 halves / 4 floats)";
+  if (bgmv_kernel_ptx<_bgmv_cluster_kernel<T, 1>>() < 90)
+    return "bgmv_cluster: needs sm_90+ code (thread-block clusters)";
+  if (p.s.T > 65535) return "bgmv_cluster: T must be <= 65535 (grid.y)";
+  if (p.s.T == 0) return nullptr;
+  const int64_t wave = static_cast<int64_t>(kBgmvClusterMinBlocksPerSM) * bgmv_num_sms();
+  constexpr int kOuts[] = {1, kBgmvExpandOuts, kBgmvExpandOutsMax};
+  int outs = kBgmvExpandOutsMax;
+  int64_t blocks_x = 0;
+  for (int k = 0; k < 3; ++k) {
+    const int64_t tiles = bgmv_fill_tiles(p.e, kOuts[k]);
+    blocks_x = (tiles + kBgmvClusterSize - 1) / kBgmvClusterSize * kBgmvClusterSize;
+    outs = kOuts[k];
+    if (p.s.T * blocks_x <= wave) break;
+  }
+  const dim3 grid(static_cast<unsigned>(blocks_x), p.s.T);
+  const cudaError_t err =
+      outs == 1 ? bgmv_cluster_run<T, 1>(p, grid, stream)
+      : outs == kBgmvExpandOuts ? bgmv_cluster_run<T, kBgmvExpandOuts>(p, grid, stream)
+                                : bgmv_cluster_run<T, kBgmvExpandOutsMax>(p, grid, stream);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 template <typename T>
 const char* bgmv_fused_launch(BgmvFusedParams p, cudaStream_t stream) {
   constexpr int VEC = BgmvType<T>::kVec;
+  if (p.cluster) return bgmv_cluster_launch<T>(p, stream);
   if (const char* err = bgmv_shrink_check<T>(p.s)) return err;
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p.e, &vec)) return err;
