@@ -767,6 +767,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
+    if variant == "cluster" and not cluster_supported(x, A4, Bs):
+        variant = "default"        # the shapes it does not serve run the two launches
     # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)
     chunks = getattr(meta, "chunks", None) if tiles in MMA_RULES and x.dtype == torch.bfloat16 \
         else None
@@ -786,8 +788,6 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)   # [n_split, T, S, r]
         return
-    if variant == "cluster" and not cluster_supported(x, A4, Bs):
-        variant = "default"        # the shapes it does not serve run the two launches
     if variant == "cluster":       # one launch; v only satisfies the op's checks (unused)
         check_shrink_args(x, A4, idx, ranks)
         v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
