@@ -103,7 +103,7 @@ MAX_SPLIT = 64          # kBgmvMaxSplit in bgmv_params.h (split-K chunks of h_in
 SHRINK_ROWS = 4         # kBgmvShrinkRows: rank rows per shrink block
 SHRINK_THREADS = 128    # kBgmvShrinkThreads
 # Variants of bgmv_lora (the registry's `bgmv_cuda` mode is "default"; see VARIANTS_DOC):
-VARIANTS = ("default", "split", "fused", "cluster")
+VARIANTS = ("default", "split", "fused")
 # Split-K rule: aim at SPLIT_BLOCKS_PER_SM shrink blocks per SM, each chunk at least one
 # 16-byte vector per thread (128 x 16 bytes of h_in), so no thread idles.
 SPLIT_BLOCKS_PER_SM = 4
@@ -220,9 +220,8 @@ def _expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor
 
 @torch.library.custom_op("multilora::bgmv_cuda_fused", mutates_args=("y", "v", "counters"))
 def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
-              ranks: Optional[Tensor], v: Tensor, counters: Tensor, cluster: bool = False,
-              pdl: bool = False) -> None:
-    _run("fused", y, x, A, list(B), idx, scale, ranks, v, counters, cluster, pdl)
+              ranks: Optional[Tensor], v: Tensor, counters: Tensor) -> None:
+    _run("fused", y, x, A, list(B), idx, scale, ranks, v, counters)
 
 
 @_shrink_op.register_fake
@@ -236,7 +235,7 @@ def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1, chunks=None) -> None:
 
 
 @_fused_op.register_fake
-def _(y, x, A, B, idx, scale, ranks, v, counters, cluster=False, pdl=False) -> None:
+def _(y, x, A, B, idx, scale, ranks, v, counters) -> None:
     return None
 
 
@@ -676,18 +675,6 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
 _COUNTERS: dict = {}
 
 
-_CLUSTER_DUMMY = torch.empty(0, dtype=torch.int32)   # the cluster kernel takes no counters
-
-
-def cluster_supported(x: Tensor, A4: Tensor, Bs: Sequence[Tensor]) -> bool:
-    """Whether variant "cluster" serves these inputs (else bgmv_lora runs "default"): sm_90+
-    (thread-block clusters), T <= 65535 (grid.y) and 16-byte B rows (the expand's vector
-    loads along the rank: r_max a multiple of 16 bytes, aligned rows)."""
-    if torch.cuda.get_device_capability(x.device)[0] < 9 or x.shape[0] > GRID_Y_MAX:
-        return False
-    return _expand_layout(Bs, A4.shape[2])[0]
-
-
 def _fused_counters(device: torch.device, T: int) -> Tensor:
     """The fused kernel's int32 counters [>= 2 T], zeroed once per device and left zero by
     every call (its last expand block of each token resets them). Grown (a new zeroed
@@ -767,8 +754,6 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
-    if variant == "cluster" and not cluster_supported(x, A4, Bs):
-        variant = "default"        # the shapes it does not serve run the two launches
     # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)
     chunks = getattr(meta, "chunks", None) if tiles in MMA_RULES and x.dtype == torch.bfloat16 \
         else None
@@ -787,15 +772,6 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     if variant == "split":
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)   # [n_split, T, S, r]
-        return
-    if variant == "cluster":       # one launch; v only satisfies the op's checks (unused)
-        check_shrink_args(x, A4, idx, ranks)
-        v = torch.empty((x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
-                        device=x.device)                           # [T, S, r_max]
-        Bs = check_expand_args(y, v, Bs, idx, scale, ranks)
-        ensure_loaded()
-        torch.ops.multilora.bgmv_cuda_fused(y, x, A4, Bs, idx, scale, ranks, v, _CLUSTER_DUMMY,
-                                            True, pdl)
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,

@@ -13,9 +13,8 @@
 //       the same values every way, only the grid and the tiles differ; 3 = mma (tensor
 //       cores, bf16; the same values up to the order of the fp32 sum)
 //   v may also be [n_split, T, S, r_max]: split-K partial sums (shrink writes, expand adds)
-//   fused(y, x, A, B, idx, scale, ranks, v, counters, cluster, pdl) -> str
-//       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed);
-//       cluster: the thread-block-cluster kernel instead (sm_90+; v and counters unused)
+//   fused(y, x, A, B, idx, scale, ranks, v, counters) -> str
+//       both in one launch (v [n_split, T, S, r_max] workspace, counters int32 [2T] zeroed)
 //   pdl: launch with programmatic dependent launch (sm_90+; see bgmv_kernel.cuh).
 // Each returns "" after launching, or a message naming the tensor and what it got, and then
 // launches nothing; the Python op raises ValueError with it.  No C++ exception is thrown:
@@ -354,24 +353,20 @@ std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vect
 std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
                             const std::vector<at::Tensor>& B,
                      const at::Tensor& idx, const at::Tensor& scale,
-                     const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters,
-                     bool cluster, bool pdl) {
+                     const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, cluster && pdl, std::nullopt, &p.s, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, std::nullopt, &p.s, op));
   BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, std::nullopt, &p.e, op));
-  p.cluster = cluster;
-  if (!cluster) {   // the cluster kernel neither reads v nor counts
-    BGMV_TRY(check_device(op, "counters", counters, x));
-    BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
-                      counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
-                      ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
-                      "] (zeroed once), got ", counters.scalar_type(), " sizes ", dims_str(counters.sizes()));
-  }
+  BGMV_TRY(check_device(op, "counters", counters, x));
+  BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
+                    counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,
+                    ": counters: expected a contiguous int32 [>= 2 T = ", 2 * x.size(0),
+                    "] (zeroed once), got ", counters.scalar_type(), " sizes ", dims_str(counters.sizes()));
   BGMV_CHECK(y.size(0) == x.size(0), op, ": y: expected T = ", x.size(0), " rows (as x), got ",
                     dims_str(y.sizes()));
   if (x.size(0) == 0) return {};
-  p.counters = cluster ? nullptr : counters.data_ptr<int>();
+  p.counters = counters.data_ptr<int>();
   const c10::cuda::CUDAGuard guard(x.device());
   BgmvDtype dt;
   BGMV_TRY(to_bgmv_dtype(op, "x", x, &dt));

@@ -105,9 +105,6 @@ struct BgmvFusedParams {
   BgmvShrinkParams s;     // s.v == e.v, s.n_split == e.n_split
   BgmvExpandParams e;
   int* counters;          // [0, T): shrink blocks done per token; [T, 2T): expand blocks done
-  // Host only: 1 = launch the cluster kernel instead (sm_90+, bgmv_kernel.cuh; it reads
-  // neither v nor counters, and takes PDL from s.pdl).
-  int cluster = 0;
 };
 
 // ---------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 For each point, every variant (bgmv_cuda default / default without PDL / split-K by shape /
 split-K in 2 (`cuda_split2`: one 16-byte step of x and A per shrink thread at h_in 4096,
 one DRAM round trip instead of two; PERF_LOG v13, measured slower in session 7) / fused /
-cluster (`cuda_cluster`: one launch, the shrink reduced in a thread-block cluster, v32) /
 with the "classic", the "residency" and the "rank" expand tile rule, bgmv_triton default) is
 validated against multilora_impl.lora_reference on the very inputs it is timed on (idx = -1
 rows checked bit-exactly; a failing variant is not timed), then timed with
@@ -45,8 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_cluster",
-                 "cuda_classic",
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
                  "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
@@ -110,7 +108,6 @@ def main(args: argparse.Namespace) -> list:
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),
            "cuda_split2": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split", split_k=2),
            "cuda_fused": lambda *a, meta=None: bc.bgmv_lora(*a, variant="fused"),
-           "cuda_cluster": lambda *a, meta=None: bc.bgmv_lora(*a, variant="cluster"),
            "cuda_tiles": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="residency"),
            "cuda_rank": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="rank"),
            "cuda_mma": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="mma"),

@@ -40,9 +40,8 @@ def test_compile_check_sm80_sm90_no_spills():
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink of 128 / 256 threads, expand 16-byte x {J = 1, 4, 8} x {rule
     # "rank" or not} and 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, +
-    # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs, + the
-    # cluster kernel, 3 dtypes x J = 1, 4, 8 x 2 archs (a trap on sm_80)
-    assert len(kernels) == 98 and len(names) == 98, sorted(names)
+    # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
+    assert len(kernels) == 80 and len(names) == 80, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             assert (f"shrink<{dt}, 128>", arch) in names and (f"shrink<{dt}, 256>", arch) in names
@@ -53,20 +52,15 @@ def test_compile_check_sm80_sm90_no_spills():
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
-        assert {n for n, a in names if n.startswith("cluster") and a == arch} == \
-            {f"cluster<{dt}, {j}>" for dt in ("__half", "__nv_bfloat16", "float") for j in (1, 4, 8)}
     for k in kernels:
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
         # the mma kernels (128, 6): 80 (the allocation granule below 85), but the mma
         # expand of KB = 4 (128, 4): 128
-        limit = 128 if "fused" in k.kernel or "cluster" in k.kernel or \
-            "expand_mma_kernelILi4E" in k.kernel else \
+        limit = 128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
             80 if "mma" in k.kernel else 64
         assert 0 < k.registers <= limit, k
-        if "cluster" in k.kernel:       # v's shares and sums, fp32 [3 slices x 128 ranks]
-            assert k.smem_bytes == (2 * 3 * 128 * 4 if k.arch == "sm_90" else 0), k
-        elif "shrink_mma" in k.kernel:  # the 4 warps' fp32 sums, 16 rows x 8 tokens
+        if "shrink_mma" in k.kernel:    # the 4 warps' fp32 sums, 16 rows x 8 tokens
             assert k.smem_bytes == 4 * 16 * 8 * 4, k
         elif "mma" in k.kernel:         # v fragments (8 tokens x 4 parts x 4 KB), y staged
             # (8 tokens x 1,024 columns), the chunk's 8 tokens (PERF_LOG v29: no v sums)
@@ -700,9 +694,9 @@ def test_raw_ops_raise_value_error_from_cpp():
 
 
 # ---------------------------------------------------------------------------------------
-# Small-batch variants (bgmv_lora(variant="split" | "fused" | "cluster")): correctness vs
-# the float64 reference, -1 rows bit-identical, NaN rank pads, repeated calls and graph
-# replays (the fused kernel's counters must be left zero by every call)
+# Small-batch variants (bgmv_lora(variant="split" | "fused")): correctness vs the float64
+# reference, -1 rows bit-identical, NaN rank pads, repeated calls and graph replays (the
+# fused kernel's counters must be left zero by every call)
 # ---------------------------------------------------------------------------------------
 def _variant_check(inp, idx, **kw) -> tuple[float, torch.Tensor]:
     """bgmv_lora(**kw) on a copy of inp["y"]: (relative error against the float64
@@ -727,13 +721,12 @@ VARIANT_CASES = [  # (T, h_in, h_out, L, r_max, ranks, workload, -1 share)
     (256, 4096, 4096, 128, 64, None, "uniform", 0.0),
     (33, 14336, 4096, 4, 128, [128, 9, 0, 100], "skewed", 0.2),
     (7, 72, [584, 64, 64], 3, 12, [12, 5, 1], "uniform", 0.0),   # 1-element B loads
-    (5, 256, [100, 36], 3, 16, [16, 3, 9], "uniform", 0.2),   # cluster: shrink-only blocks
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("split_k", [None, 1, 3, 64])
-@pytest.mark.parametrize("variant", ["split", "fused", "cluster"])
+@pytest.mark.parametrize("variant", ["split", "fused"])
 @pytest.mark.parametrize("case", VARIANT_CASES, ids=[f"T{c[0]}_h{c[1]}_r{c[4]}" for c in VARIANT_CASES])
 def test_variants_match_reference(case, variant, split_k):
     T, h_in, h_out, L, r_max, ranks, workload, share = case
@@ -750,7 +743,7 @@ def test_variants_match_reference(case, variant, split_k):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["split", "fused", "cluster"])
+@pytest.mark.parametrize("variant", ["split", "fused"])
 def test_variants_deterministic_and_out_of_range(variant):
     T, L, r = 8, 3, 16
     inp = make_lora_inputs(T, 1024, 512, L, r, torch.float32, "cuda", ranks=[16, 8, 4], seed=4)
@@ -774,7 +767,7 @@ def test_variants_deterministic_and_out_of_range(variant):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["split", "fused", "cluster"])
+@pytest.mark.parametrize("variant", ["split", "fused"])
 @pytest.mark.parametrize("T", [1, 64])
 def test_variants_cuda_graph_replay(variant, T):
     h_in, h_out, L, r = 4096, [4096, 1024, 1024], 8, 64
@@ -810,29 +803,6 @@ def test_variants_cuda_graph_replay(variant, T):
         ref = lora_reference(new["y"], new["x"], A, B, new_idx, scale, ranks_t)
         assert relative_error(y, ref) < TOLERANCE[torch.bfloat16]
         assert torch.equal(y[new_idx < 0], new["y"][new_idx < 0])
-
-
-@pytest.mark.gpu
-def test_cluster_variant_runs_the_cluster_kernel():
-    """variant="cluster" launches the cluster kernel where it serves the shapes (sm_90+,
-    16-byte B rows) and falls back to the two launches where it does not (r_max 12 in
-    bf16: 24-byte B rows): the kernels torch.profiler saw, by name."""
-    from torch.profiler import ProfilerActivity, profile
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("thread-block clusters need sm_90+")
-    names = {}
-    for r in (16, 12):
-        inp = make_lora_inputs(3, 512, 384, 2, r, torch.bfloat16, "cuda", seed=r)
-        idx = torch.tensor([0, 1, 0], dtype=torch.int32, device="cuda")
-        bc.bgmv_lora(inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"],
-                     variant="cluster")                    # build / warm up outside
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            bc.bgmv_lora(inp["y"].clone(), inp["x"], inp["A"], inp["B"], idx, inp["scale"],
-                         variant="cluster")
-            torch.cuda.synchronize()
-        names[r] = " ".join(e.name for e in prof.events() if "bgmv" in e.name)
-    assert "cluster_kernel" in names[16] and "shrink_kernel" not in names[16], names[16]
-    assert "cluster_kernel" not in names[12] and "shrink_kernel" in names[12], names[12]
 
 
 @pytest.mark.gpu
