@@ -178,8 +178,9 @@ __device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i
 //   Expand: load idx, ranks, scale, its B tile and y (the shrink writes none of them, and
 //   everything before the shrink completed before the shrink let the expand launch), then
 //   wait for the shrink, then read v.  So a PDL expand must come right after its shrink:
-//   no kernel that writes y, B, scale, idx or ranks may run between the two.  Every block
-//   waits, also those that exit early, so the expand's completion implies the shrink's.
+//   no kernel that writes y, B, scale, idx or ranks may run between the two.  Each token's
+//   first output tile waits, also when it exits early, so the expand's completion implies
+//   the shrink's; its other tiles return without waiting when they have nothing to do.
 // ---------------------------------------------------------------------------------------
 __device__ __forceinline__ void bgmv_wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -342,9 +343,14 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
 
   // Early exits: no LoRA; invalid index / rank -> NaN over this tile (loud, no OOB read).
+  // A block with nothing to compute returns at once, freeing its slot for the blocks
+  // that stream B (PERF_LOG v33); only each token's first tile (by == 0, never empty)
+  // waits for the shrink, so the expand's completion still implies the shrink's.
   const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
   if (i == -1) {
-    if constexpr (!FUSED) bgmv_wait_prior_grid();     // completion implies the shrink's
+    if constexpr (!FUSED) {
+      if (by == 0) bgmv_wait_prior_grid();
+    }
     return;
   }
   const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
@@ -361,10 +367,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       groups = 32 >> log2g;
       tile = NWARPS * groups * J;
       j_tile = (by - p.tile_begin[s]) * tile;
-      if (j_tile >= h_out) {                           // a tile this token does not need
-        bgmv_wait_prior_grid();
-        return;
-      }
+      if (j_tile >= h_out) return;                     // a tile this token does not need
     }
   }
   if (rank < 0) {
@@ -374,7 +377,9 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
     return;
   }
   if (rank == 0) {
-    if constexpr (!FUSED) bgmv_wait_prior_grid();
+    if constexpr (!FUSED) {
+      if (by == 0) bgmv_wait_prior_grid();
+    }
     return;
   }
 
@@ -737,24 +742,24 @@ _bgmv_expand_mma_kernel(const BgmvExpandParams p) {
   const int h_out = p.h_out[s];
   T* y_s = static_cast<T*>(p.y) + p.col_off[s];
 
-  // The early exits of the FMA rules (one idx value per chunk).
+  // The early exits of the FMA rules (one idx value per chunk; only tile 0 waits when
+  // there is nothing to compute, PERF_LOG v33).
   const int c = blockIdx.x;
   const int n = bgmv_chunk_size(p.chunks, c);
   const int64_t i = n ? bgmv_chunk_adapter(p.chunks, p.idx, p.idx_is_64, c) : -1;
-  if (i == -1) {
-    bgmv_wait_prior_grid();
+  const int rank = (i < -1 || i >= p.L) ? -1 : i == -1 ? 0 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  if (rank == 0) {
+    if (by == 0) bgmv_wait_prior_grid();
     return;
   }
-  const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
-  if (rank <= 0) {
+  if (rank < 0) {   // invalid index / rank: NaN over the chunk's tile
     bgmv_wait_prior_grid();
-    if (rank < 0)
-      for (int w = threadIdx.x; w < n * kTile; w += kBgmvExpandThreads) {
-        const int j = j_tile + w % kTile;
-        if (j < h_out)
-          y_s[bgmv_chunk_token(p.chunks, c, w / kTile) * p.y_stride_t + j] =
-              Ty::from_float(__int_as_float(0x7fffffff));
-      }
+    for (int w = threadIdx.x; w < n * kTile; w += kBgmvExpandThreads) {
+      const int j = j_tile + w % kTile;
+      if (j < h_out)
+        y_s[bgmv_chunk_token(p.chunks, c, w / kTile) * p.y_stride_t + j] =
+            Ty::from_float(__int_as_float(0x7fffffff));
+    }
     return;
   }
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Session 10, call 3: v33 (expand blocks with nothing to do return without waiting).
+# bgmv_cuda's GPU tests (4 shards) and the robustness file's bgmv_cuda tests, the variant
+# sweep (default = rule "rank" without meta, without PDL, mma with chunks), then the decode,
+# mixed-rank, bandwidth and Punica figures with the public kernels and the issue-3 report.
+# Run with .whl carried.
+set -u
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+R=$OUT/r; mkdir -p $R plots_gpu
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+python3 bgmv_cuda/bgmv_cuda.py > $R/build.log 2>&1; echo "build rc $? ($(( $(date +%s) - T0 )) s)"
+P="python3 -m pytest -m gpu -q -rA -p no:cacheprovider"
+for i in 0 1 2 3; do
+  MULTILORA_SHARD=$i/4 timeout 150 $P tests/test_bgmv_cuda.py > $R/t_bgmv_cuda_$i.log 2>&1 &
+done
+MULTILORA_SHARD=0/1 timeout 150 $P tests/test_robustness.py -k "bgmv_cuda and not engine_load" > $R/t_robust.log 2>&1 &
+wait
+echo "tests: $(( $(date +%s) - T0 )) s"
+for f in $R/t_*.log; do echo "== $(basename $f): $(tail -1 $f)"; grep -E "^(FAILED|ERROR)" $f | head -8; done
+timeout 100 python3 bgmv_cuda/run_bgmv_cuda.py --variants --only cuda cuda_nopdl cuda_mma_chunks --rep-ms 10 \
+  --json plots_gpu/bgmv_v33_h200.json > $R/variants.log 2>&1
+echo "variants rc $? ($(( $(date +%s) - T0 )) s)"; grep -v Warn $R/variants.log | tail -27
+timeout 280 python3 multilora_impl.py --public --figures decode mixed_rank bandwidth punica --out-dir plots_gpu > $R/figures.log 2>&1
+echo "figures rc $? ($(( $(date +%s) - T0 )) s)"
+python3 multilora_impl.py --report --out-dir plots_gpu 2>&1 | grep -E "^\[" | grep -v "^\[5\] [a-z]* *bs=" | tee $R/report.log
+cp plots_gpu/* $R/ 2>/dev/null
+tar czf $OUT/$(basename $0 .sh).tgz -C $OUT r; rm -rf $R
