@@ -20,9 +20,6 @@ writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_rank_mma` and `cuda_mma_rank` choose each half's rule apart (PERF_LOG v34): the
-per-token FMA shrink with the chunked mma expand, and the chunked mma shrink with the
-rule-"rank" expand.
 `cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
 ("classic", "residency", "rank": residency's J with each token's lane groups sized by its
 adapter's rank, PERF_LOG v10; "mma": the bf16 expand on the tensor cores, PERF_LOG v16,
@@ -48,8 +45,8 @@ ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks", "cuda_rank_mma",
-                 "cuda_mma_rank", "triton"]
+                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
+                 "triton"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,23 +91,6 @@ def points() -> list:
     return pts
 
 
-def _halves(bc, shrink_chunks: bool, expand_chunks: bool):
-    """A pair with each half's rule chosen apart (PERF_LOG v34): the shrink per token (FMA)
-    or per chunk (tensor cores, split as bgmv_lora splits it), the expand under rule "rank"
-    or "mma" with the chunks; both PDL-launched as bgmv_lora launches them."""
-    def fn(y, x, A, B, idx, scale, ranks, meta=None):
-        pdl, chunks = bc.pdl_enabled(x.device), meta.chunks
-        if shrink_chunks:
-            S, r_max = (A.shape[0], A.shape[2]) if A.dim() == 4 else (1, A.shape[1])
-            n_split = bc.mma_split(chunks.shape[0], S, r_max, x.shape[1], bc._num_sms(x.device))
-            v = bc.bgmv_shrink(x, A, idx, ranks, split_k=n_split, pdl=pdl, chunks=chunks)
-        else:
-            v = bc.bgmv_shrink(x, A, idx, ranks, pdl=pdl)
-        bc.bgmv_expand(y, v, B, idx, scale, ranks, pdl=pdl, tiles="mma" if expand_chunks else "rank",
-                       chunks=chunks if expand_chunks else None)
-    return fn
-
-
 def main(args: argparse.Namespace) -> list:
     import time
     import torch
@@ -133,8 +113,6 @@ def main(args: argparse.Namespace) -> list:
            "cuda_rank": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="rank"),
            "cuda_mma": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="mma"),
            "cuda_mma_chunks": lambda *a, meta=None: bc.bgmv_lora(*a, meta, tiles="mma"),
-           "cuda_rank_mma": _halves(bc, shrink_chunks=False, expand_chunks=True),
-           "cuda_mma_rank": _halves(bc, shrink_chunks=True, expand_chunks=False),
            "triton": lambda *a, meta=None: bt.bgmv_lora(*a)}
     only = args.only or (["cuda", "cuda_nopdl", "triton"] if args.table else VARIANT_NAMES)
     fns = {k: fns[k] for k in only}

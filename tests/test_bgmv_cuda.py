@@ -836,7 +836,7 @@ def test_variant_sweep_script_help_and_points():
     assert "punica 11008 identical bs64" in names   # target 5's worst point
     assert {"8b qkv bs64", "8b gate_up bs64", "8b down bs256"} <= set(names)  # the default's rule
     assert {"u7 bs16", "u7 bs64", "u7 bs128", "punica 11008 bs8"} <= set(names)  # tile rule
-    assert {"cuda_tiles", "cuda_rank", "cuda_split2", "cuda_rank_mma", "cuda_mma_rank"} <= set(VARIANT_NAMES)
+    assert {"cuda_tiles", "cuda_rank", "cuda_split2", "cuda_mma_chunks"} <= set(VARIANT_NAMES)
     grid = {(T, h_in, r) for _, T, h_in, h_out, L, r, _, _ in table_points() if h_out == h_in}
     assert grid == {(T, h, r) for T in (1, 4, 16, 64, 256) for h in (4096, 14336)
                     for r in (16, 64)}        # issue 7's decode grid
@@ -846,7 +846,7 @@ def test_variant_sweep_script_help_and_points():
 def test_variant_sweep_script_runs():
     """The sweep end to end, restricted to two fast variants and short timing."""
     from bgmv_cuda.run_bgmv_cuda import build_parser, main
-    rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_rank_mma",
+    rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_mma_chunks",
                                            "cuda_tiles", "--rep-ms", "5"]))
     assert all(r["err"][v] < TOLERANCE[torch.bfloat16] for r in rows for v in r["err"])
 
