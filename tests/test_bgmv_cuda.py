@@ -846,7 +846,7 @@ def test_variant_sweep_script_help_and_points():
 def test_variant_sweep_script_runs():
     """The sweep end to end, restricted to two fast variants and short timing."""
     from bgmv_cuda.run_bgmv_cuda import build_parser, main
-    rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_mma_chunks",
+    rows = main(build_parser().parse_args(["--variants", "--only", "cuda", "cuda_fused",
                                            "cuda_tiles", "--rep-ms", "5"]))
     assert all(r["err"][v] < TOLERANCE[torch.bfloat16] for r in rows for v in r["err"])
 
