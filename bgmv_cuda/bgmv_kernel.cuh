@@ -194,20 +194,6 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 #endif
 }
 
-// Before a shrink's PDL wait: read its parameters (constant bank) and the global-memory
-// descriptor while the kernel before it still runs, by prefetching `first` (the block's
-// first metadata word: idx[t] or its chunk row) into L2 and naming the fields the block
-// reads next.  ncu (PERF_LOG v35, bs 64 u7) found the first parameter reads after the wait
-// missing the constant cache: 8.5% of the shrink's stall samples, on its critical path.  A
-// prefetch returns no data (L2 is coherent), so touching a word the kernel before may
-// still write is safe; the loads that use it come after the wait.
-__device__ __forceinline__ void bgmv_shrink_params_early(const BgmvShrinkParams& p,
-                                                         const void* first) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(first));
-  asm volatile("" ::"l"(p.x), "l"(p.A), "l"(p.ranks), "l"(p.x_stride_t), "l"(p.a_stride_l),
-               "l"(p.a_stride_r), "r"(p.h_in), "r"(p.r_max), "r"(p.L), "r"(p.n_split));
-}
-
 // ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
@@ -317,8 +303,6 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 template <typename T, int NT>
 __global__ void __launch_bounds__(NT, kBgmvMinBlocksPerSM * kBgmvShrinkThreads / NT)
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
-  bgmv_shrink_params_early(p, static_cast<const char*>(p.idx) +
-                                  static_cast<int64_t>(blockIdx.x) * (p.idx_is_64 ? 8 : 4));
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
@@ -630,7 +614,6 @@ __device__ __forceinline__ int bgmv_chunk_size(const int* chunks, int c) {
 // warp order through shared memory.  Grid: x = chunk, y = (slice, 16-row tile), z = split.
 __global__ void __launch_bounds__(kBgmvShrinkThreads, kBgmvMmaMinBlocksPerSM)
 _bgmv_shrink_mma_kernel(const BgmvShrinkParams p) {
-  bgmv_shrink_params_early(p, p.chunks + static_cast<int64_t>(blockIdx.x) * kBgmvChunkStride);
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
   using T = __nv_bfloat16;
