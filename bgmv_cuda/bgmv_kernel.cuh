@@ -467,23 +467,60 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   }
 
   // v at this lane's rank positions (0 past the rank: those entries were never written),
-  // the n_split partial sums added in a fixed order (deterministic).
+  // the n_split partial sums added in a fixed order (deterministic).  16-byte loads of v
+  // where aligned (p.v_vec; PERF_LOG v36: the scalar loads, each behind its own partial-sum
+  // loop, were 129 of the 526 instructions per warp after the wait at bs 64), the same
+  // sums in the same order.
   const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
   float vr[NCHUNK][W];
+  if constexpr (!FUSED && W % 4 == 0) {
+    if (p.v_vec) {
 #pragma unroll
-  for (int c = 0; c < NCHUNK; ++c) {
-    const int rb = (c * G + lig) * W;
+      for (int c = 0; c < NCHUNK; ++c) {
+        const int rb = (c * G + lig) * W;
+        float4 a[W / 4];
 #pragma unroll
-    for (int e = 0; e < W; ++e) {
-      float a = 0.f;
-      if (rb + e < rank) {
-        const float* pv = vrow + rb + e;
-        a = FUSED ? __ldcg(pv) : *pv;
-#pragma unroll 4  // independent loads in flight, not one L2 round trip per partial
-        for (int z = 1; z < p.n_split; ++z)
-          a += FUSED ? __ldcg(pv + z * p.v_stride_split) : pv[z * p.v_stride_split];
+        for (int k = 0; k < W / 4; ++k) a[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (rb < rank) {   // rb + W <= r_max: the whole vector is inside v's row
+          const float4* pv = reinterpret_cast<const float4*>(vrow + rb);
+#pragma unroll
+          for (int k = 0; k < W / 4; ++k) a[k] = pv[k];
+#pragma unroll 1  // n_split > 1 only in the opt-in "split" variant; unrolled, it spilled
+          for (int z = 1; z < p.n_split; ++z) {
+            const float4* pz = reinterpret_cast<const float4*>(vrow + z * p.v_stride_split + rb);
+#pragma unroll
+            for (int k = 0; k < W / 4; ++k) {
+              const float4 b = pz[k];
+              a[k].x += b.x; a[k].y += b.y; a[k].z += b.z; a[k].w += b.w;
+            }
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < W / 4; ++k) {
+          vr[c][4 * k + 0] = rb + 4 * k + 0 < rank ? a[k].x : 0.f;
+          vr[c][4 * k + 1] = rb + 4 * k + 1 < rank ? a[k].y : 0.f;
+          vr[c][4 * k + 2] = rb + 4 * k + 2 < rank ? a[k].z : 0.f;
+          vr[c][4 * k + 3] = rb + 4 * k + 3 < rank ? a[k].w : 0.f;
+        }
       }
-      vr[c][e] = a;
+    }
+  }
+  if (FUSED || W % 4 != 0 || !p.v_vec) {
+#pragma unroll
+    for (int c = 0; c < NCHUNK; ++c) {
+      const int rb = (c * G + lig) * W;
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        float a = 0.f;
+        if (rb + e < rank) {
+          const float* pv = vrow + rb + e;
+          a = FUSED ? __ldcg(pv) : *pv;
+#pragma unroll 4  // independent loads in flight, not one L2 round trip per partial
+          for (int z = 1; z < p.n_split; ++z)
+            a += FUSED ? __ldcg(pv + z * p.v_stride_split) : pv[z * p.v_stride_split];
+        }
+        vr[c][e] = a;
+      }
     }
   }
   if constexpr (FUSED) {  // the last expand block of token t resets its counters
@@ -493,6 +530,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
     }
   }
 
+  // B past the rank: chunks wholly past it were never loaded (zeros), so only a chunk
+  // the rank ends inside needs the per-element select (padded B may hold NaN); with
+  // rank % W == 0 (uniform per block: one token) there is none (PERF_LOG v36).
+  const bool whole = rank % W == 0;
   float acc[J];
 #pragma unroll
   for (int u = 0; u < J; ++u) {
@@ -506,9 +547,14 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
         Ty::unpack(raw[u][c], bf);
       }
       const int rb = (c * G + lig) * W;
+      if (whole) {
 #pragma unroll
-      for (int e = 0; e < W; ++e)  // select, not multiply: padded B may hold NaN
-        acc[u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[c][e], acc[u]);
+        for (int e = 0; e < W; ++e) acc[u] = fmaf(bf[e], vr[c][e], acc[u]);
+      } else {
+#pragma unroll
+        for (int e = 0; e < W; ++e)  // select, not multiply: padded B may hold NaN
+          acc[u] = fmaf(rb + e < rank ? bf[e] : 0.f, vr[c][e], acc[u]);
+      }
     }
   }
   // Reduce over the G lanes of a group (xor stays inside aligned groups of G).
@@ -1075,6 +1121,8 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   int log2g = 0;
   while ((1 << log2g) < lanes && log2g < 5) ++log2g;   // G = next power of two, <= 32
   p.log2_group = log2g;
+  p.v_vec = bgmv_aligned16(p.v) && p.v_stride_t % 4 == 0 && p.v_stride_s % 4 == 0 &&
+            (p.n_split == 1 || p.v_stride_split % 4 == 0);
   if (bgmv_fill_tiles(p, kBgmvExpandOuts) > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   *vec_out = vec;
   return nullptr;

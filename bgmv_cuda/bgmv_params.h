@@ -95,6 +95,7 @@ struct BgmvExpandParams {
   int n_chunks = 0;
   int mma_tiles = 1;
   int y_vec = 0;    // rule "mma": y staged in 16-byte vectors (filled by the launcher)
+  int v_vec = 0;    // FMA expand: v read in 16-byte vectors (filled by bgmv_expand_prepare)
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.
