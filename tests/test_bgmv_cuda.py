@@ -883,6 +883,32 @@ def _b_slices(h_out, r, dtype=torch.bfloat16, L=7):
                                                         else [h_out])]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expand_with_unaligned_v_matches_aligned(dtype):
+    """v whose rows are not 16-byte aligned (a slice of a wider buffer: the expand's scalar
+    v loads) gives bitwise the result of an aligned v (its 16-byte v loads, PERF_LOG v36),
+    with a rank that ends inside a 16-byte chunk (12: the per-element select) and ranks
+    that do not (16, 8: none), and both match the reference."""
+    T, L, r = 5, 3, 16
+    inp = make_lora_inputs(T, 256, 300, L, r, dtype, "cuda", ranks=[16, 12, 8], seed=3)
+    idx = torch.tensor([0, 1, 2, -1, 1], dtype=torch.int32, device="cuda")
+    v = bc.bgmv_shrink(inp["x"], inp["A"], idx, inp["ranks"])          # [T, 1, r], aligned
+    wide = torch.full((T, 1, r + 1), float("nan"), device="cuda")
+    wide[..., 1:] = v
+    v_odd = wide[..., 1:]                       # 4 bytes off, rows r + 1 floats apart
+    assert v_odd.data_ptr() % 16 != 0
+    outs = []
+    for vv in (v, v_odd):
+        y = inp["y"].clone()
+        bc.bgmv_expand(y, vv, inp["B"], idx, inp["scale"], inp["ranks"])
+        outs.append(y)
+    bits = {2: torch.int16, 4: torch.int32}[outs[0].element_size()]
+    assert torch.equal(outs[0].view(bits), outs[1].view(bits))
+    ref = lora_reference(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    assert relative_error(outs[0], ref) < TOLERANCE[dtype]
+
+
 def test_expand_outs_at_the_h200_points():
     """The Python mirror of bgmv_expand_outs at the points that motivated the rule (bf16,
     h_in 4096, r 16, uniform 7; (J, blocks) under rule 0 and rule 1)."""
