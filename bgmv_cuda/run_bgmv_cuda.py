@@ -11,10 +11,10 @@ bench_utils.time_graph: back-to-back calls in one CUDA graph over a pool of inpu
 Points (bf16): h 4096 -> 4096, r 16, uniform over 7 adapters, bs 1, 4, 8, 16, 32, 64, 128,
 256; bs 256 distinct, 128 adapters used twice each, r 64; bs 64 mixed ranks {8, 16, 32, 64}
 over 32 adapters vs the same adapters all at rank 64 (ratio); 4096 -> 11008, r 16, uniform
-over 7 adapters, bs 1, 8, 16, 64, and one adapter for all at bs 64; Llama-3-8B's q/k/v (3 slices), gate/up (2 slices) and
-down projections, r 16, uniform over 7 adapters, bs 16-256. Prints the ceilings first, the table last (with the
-expand's outputs per lane J and blocks under each tile rule where `cuda_tiles` runs);
-writes JSON.
+over 7 adapters, bs 1, 8, 16, 64, and one adapter for all at bs 64; Llama-3-8B's q/k/v
+(3 slices), gate/up (2 slices) and down projections, r 16, uniform over 7 adapters, bs
+16-256. Prints the ceilings first, the table last (with the expand's outputs per lane J
+and blocks under each tile rule where `cuda_tiles` runs); writes JSON.
 
     python bgmv_cuda/run_bgmv_cuda.py --variants --json plots/bgmv_variants_h200.json
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20

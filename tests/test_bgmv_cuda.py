@@ -153,6 +153,11 @@ def _offset(t, n):
     return buf[n:].view(t.shape)
 
 
+def _bits(t):
+    """t's storage as integers (fp16 / bf16 -> int16, fp32 -> int32), for bitwise checks."""
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
 def _padded(t, n):
     """Same values, rows padded by n elements: every stride but the last grows."""
     big = torch.empty(*t.shape[:-1], t.shape[-1] + n, dtype=t.dtype, device=t.device)
@@ -708,8 +713,7 @@ def _variant_check(inp, idx, **kw) -> tuple[float, torch.Tensor]:
     ref = lora_reference(y0, *args)
     y = y0.clone()
     bc.bgmv_lora(y, *args, **kw)
-    bits = {2: torch.int16, 4: torch.int32}[y.element_size()]
-    assert torch.equal(y[skip].view(bits), y0[skip].view(bits)), "rows with idx = -1 written"
+    assert torch.equal(_bits(y[skip]), _bits(y0[skip])), "rows with idx = -1 written"
     return relative_error(y, ref), y
 
 
@@ -894,17 +898,14 @@ def test_expand_with_unaligned_v_matches_aligned(dtype):
     inp = make_lora_inputs(T, 256, 300, L, r, dtype, "cuda", ranks=[16, 12, 8], seed=3)
     idx = torch.tensor([0, 1, 2, -1, 1], dtype=torch.int32, device="cuda")
     v = bc.bgmv_shrink(inp["x"], inp["A"], idx, inp["ranks"])          # [T, 1, r], aligned
-    wide = torch.full((T, 1, r + 1), float("nan"), device="cuda")
-    wide[..., 1:] = v
-    v_odd = wide[..., 1:]                       # 4 bytes off, rows r + 1 floats apart
+    v_odd = _offset(v, 1)                       # the same values 4 bytes off
     assert v_odd.data_ptr() % 16 != 0
     outs = []
     for vv in (v, v_odd):
         y = inp["y"].clone()
         bc.bgmv_expand(y, vv, inp["B"], idx, inp["scale"], inp["ranks"])
         outs.append(y)
-    bits = {2: torch.int16, 4: torch.int32}[outs[0].element_size()]
-    assert torch.equal(outs[0].view(bits), outs[1].view(bits))
+    assert torch.equal(_bits(outs[0]), _bits(outs[1]))
     ref = lora_reference(inp["y"], inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
     assert relative_error(outs[0], ref) < TOLERANCE[dtype]
 
@@ -970,7 +971,6 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
         idx = make_workload("uniform", T, L, no_lora_share=share, seed=T)
         idx[T // 2] = -1
         idx = idx.cuda()
-        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
         for variant in ("default", "split"):
             outs = {}
             for tiles in bc.EXPAND_TILE_RULES:
@@ -980,7 +980,7 @@ def test_tile_rules_bitwise_equal_and_match_reference(case):
                 if tiles in bc.MMA_RULES and dtype == torch.bfloat16:   # another fp32 sum order
                     assert_mma_close(outs[tiles], outs["classic"], inp["y"])
                     continue
-                assert torch.equal(outs["classic"].view(bits), outs[tiles].view(bits)), \
+                assert torch.equal(_bits(outs["classic"]), _bits(outs[tiles])), \
                     f"{variant} {dtype} {tiles}: the rules differ"
 
 
@@ -1117,11 +1117,10 @@ def test_mma_rule_matches_rank_rule(kind):
         for tiles in ("rank", "mma"):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, tiles=tiles, **kw)
-        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
         else:
-            assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
+            assert torch.equal(_bits(outs["rank"]), _bits(outs["mma"])), (kind, dtype)
         _assert_mma_output(outs["mma"], inp, idx, L, kind, dtype)
 
 
@@ -1154,7 +1153,6 @@ def test_mma_chunks_match_rank_rule(kind):
         for tiles, m in (("rank", None), ("mma", meta)):
             outs[tiles] = inp["y"].clone()
             bc.bgmv_lora(outs[tiles], *args, m, tiles=tiles, **kw)
-        bits = {2: torch.int16, 4: torch.int32}[inp["y"].element_size()]
         if dtype == torch.bfloat16:
             assert_mma_close(outs["mma"], outs["rank"], inp["y"])
             y = inp["y"].clone()
@@ -1162,7 +1160,7 @@ def test_mma_chunks_match_rank_rule(kind):
             assert _launch_count(call, "_bgmv_shrink_mma_kernel") in (1, None)  # chunked shrink
             assert _launch_count(call, "_bgmv_expand_mma_kernel") in (1, None)
         else:
-            assert torch.equal(outs["rank"].view(bits), outs["mma"].view(bits)), (kind, dtype)
+            assert torch.equal(_bits(outs["rank"]), _bits(outs["mma"])), (kind, dtype)
         _assert_mma_output(outs["mma"], inp, idx, L, kind, dtype)
 
 
