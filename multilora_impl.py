@@ -304,12 +304,21 @@ class LoraMeta:
     gathered: Optional[tuple] = None
     # bgmv_cuda (tile rule "mma"): tokens grouped by adapter, build_chunks(idx)
     chunks: Optional[Tensor] = None
+    # bgmv_cuda's default switch (mma_chunks_pay): the sum of each LoRA token's own rank,
+    # None when the ranks were not given (every adapter then counts at r_max)
+    rank_sum: Optional[int] = None
 
 
-def make_meta(idx: Tensor, chunks: bool = True) -> LoraMeta:
+def make_meta(idx: Tensor, chunks: bool = True, ranks: Optional[Tensor] = None) -> LoraMeta:
     """The per-batch metadata of idx (host work). chunks=False skips build_chunks, which
-    only bgmv_cuda's rule "mma" reads (callers that run another mode per step)."""
+    only bgmv_cuda's rule "mma" reads (callers that run another mode per step). ranks [L]
+    (optional, one more device read): each adapter's rank, summed over the LoRA tokens into
+    rank_sum, which bgmv_cuda's default reads to choose its rule."""
     idx_h = idx.detach().to("cpu", torch.int64)      # the one device read of idx
+    rank_sum = None
+    if ranks is not None:
+        used = idx_h[idx_h >= 0]
+        rank_sum = int(ranks.detach().to("cpu", torch.int64)[used].sum())
     seg_starts, seg_adapter = build_segments(idx_h)   # host tensors, moved below
     lens = seg_starts[1:] - seg_starts[:-1]
     groups = []
@@ -319,7 +328,8 @@ def make_meta(idx: Tensor, chunks: bool = True) -> LoraMeta:
     return LoraMeta(idx=idx.to(torch.int32), seg_starts=seg_starts.to(idx.device),
                     seg_adapter=seg_adapter.to(idx.device),
                     num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
-                    groups=groups, chunks=build_chunks(idx_h).to(idx.device) if chunks else None)
+                    groups=groups, chunks=build_chunks(idx_h).to(idx.device) if chunks else None,
+                    rank_sum=rank_sum)
 
 
 def make_static_meta(T: int, device: Union[str, torch.device], max_seg_len: Optional[int] = None,
@@ -509,7 +519,7 @@ class LoraMode:
         return self.resolve()(y, x, A, B, idx, scale, ranks, meta)
 
     def make_meta(self, x, A, B, idx, scale, ranks=None) -> LoraMeta:
-        return (self.prepare or (lambda x, A, B, idx, scale, ranks: make_meta(idx)))(
+        return (self.prepare or (lambda x, A, B, idx, scale, ranks: make_meta(idx, ranks=ranks)))(
             x, A, B, idx, scale, ranks)
 
 

@@ -130,6 +130,7 @@ VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
 TILES_ENV = "MULTILORA_EXPAND_TILES"   # a name in EXPAND_TILE_RULES (unset: DEFAULT_TILES)
+STAGED_ENV = "MULTILORA_SHRINK_STAGED"  # =0: no shrink with A staged in shared memory (A/B)
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:
@@ -697,14 +698,19 @@ def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
     """Whether bgmv_lora's default (no tiles=, MULTILORA_EXPAND_TILES unset) runs rule "mma"
     with meta's chunks instead of rule "rank": bf16, meta built by make_meta (its chunks),
     the tokens sharing adapters (at least MMA_AUTO_SHARE per chunk on average) and the
-    weights rule "rank" would pull through L2 token by token, T x r_max x (S h_in + sum
-    h_out) elements, at least MMA_AUTO_BYTES. Measured on the H200 after PERF_LOG v29
+    weights rule "rank" would pull through L2 token by token, sum over tokens of the
+    token's rank x (S h_in + sum h_out) elements, at least MMA_AUTO_BYTES. Each token's
+    own rank comes from meta.rank_sum (make_meta with ranks=); without it every token
+    counts at r_max. Measured on the H200 after PERF_LOG v29
     (plots/session9/call7_bgmv_rule_h200_9fd6fad.json, 22 points): "mma" with chunks was
     faster at every point from 67 MB of that traffic (u7 bs 256 11.75 against 13.48 us;
-    mixed / padded ranks bs 64; the distinct point 41.9 against 60.9; Llama-3-8B's q/k/v,
+    padded ranks bs 64; the distinct point 41.9 against 60.9; Llama-3-8B's q/k/v,
     gate/up and down at bs 256, gate/up at bs 64 16.6 against 18.3), "rank" at every point
-    up to 38 MB (u7 bs 1-128, Punica's shape, q/k/v and down at bs 64). Host ints only
-    (shapes, the chunk count): safe under CUDA-graph capture."""
+    up to 38 MB (u7 bs 1-128, Punica's shape, q/k/v and down at bs 64). After v36 (call 8
+    of session 10) "rank" also won mixed ranks {8..64} at bs 64 (31 MB counted by each
+    token's rank, 67 MB at r_max: 12.09 against 13.27 us), which counting each token's own
+    rank (PERF_LOG v37) sends to "rank". Host ints only (shapes, the chunk count,
+    rank_sum): safe under CUDA-graph capture."""
     chunks = getattr(meta, "chunks", None)
     if chunks is None or x.dtype != torch.bfloat16 or chunks.shape[0] == 0:
         return False
@@ -712,7 +718,10 @@ def mma_chunks_pay(meta, x: Tensor, A: Tensor, B: BList) -> bool:
         return False
     S = A.shape[0] if A.dim() == 4 else 1
     h_out = sum(b.shape[1] for b in ([B] if isinstance(B, Tensor) else B))
-    nbytes = x.shape[0] * A.shape[-2] * (S * A.shape[-1] + h_out) * x.element_size()
+    rank_sum = getattr(meta, "rank_sum", None)
+    if rank_sum is None:
+        rank_sum = x.shape[0] * A.shape[-2]          # every token at r_max
+    nbytes = rank_sum * (S * A.shape[-1] + h_out) * x.element_size()
     return nbytes >= MMA_AUTO_BYTES
 
 

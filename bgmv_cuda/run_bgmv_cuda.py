@@ -20,7 +20,8 @@ and blocks under each tile rule where `cuda_tiles` runs); writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
+`cuda_unstaged` is `cuda` with MULTILORA_SHRINK_STAGED=0: the shrink's A not staged in
+shared memory (PERF_LOG v38). `cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
 ("classic", "residency", "rank": residency's J with each token's lane groups sized by its
 adapter's rank, PERF_LOG v10; "mma": the bf16 expand on the tensor cores, PERF_LOG v16,
 and `cuda_mma_chunks` the
@@ -44,8 +45,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
-                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_unstaged", "cuda_split", "cuda_split2", "cuda_fused",
+                 "cuda_classic", "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
 
@@ -103,7 +104,15 @@ def main(args: argparse.Namespace) -> list:
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
+    def unstaged(*a, meta=None):       # the shrink without staging A (PERF_LOG v38's A/B)
+        os.environ[bc.STAGED_ENV] = "0"
+        try:
+            bc.bgmv_lora(*a)
+        finally:
+            del os.environ[bc.STAGED_ENV]
+
     fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
+           "cuda_unstaged": unstaged,
            "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),

@@ -88,6 +88,9 @@ def test_make_meta_groups():
     assert meta.num_segments == 5 and meta.max_seg_len == 2
     got = {a: pos.tolist() for a, pos in meta.groups}
     assert got == {0: [1, 5], 2: [0, 3, 4]}
+    assert meta.rank_sum is None                     # no ranks given
+    ranks = torch.randint(1, 65, (3,), dtype=torch.int32)
+    assert mi.make_meta(idx, ranks=ranks).rank_sum == 2 * int(ranks[0]) + 3 * int(ranks[2])
 
 
 def test_workload_shapes():
