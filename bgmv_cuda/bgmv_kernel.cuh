@@ -1075,11 +1075,18 @@ cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Param
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr[2];
   cfg.attrs = attr;
-  cfg.numAttrs = (p.pdl && ptx_version >= 90) ? 1 : 0;
+  if (p.pdl && ptx_version >= 90) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  // EXPERIMENT (PERF_LOG v38b): one shared-memory carveout for every launch, so that blocks
+  // of the shrink and the expand can share an SM whatever shared memory each one takes.
+  if (const char* carve = std::getenv("MULTILORA_CARVEOUT")) {
+    attr[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+    attr[cfg.numAttrs++].val.sharedMemCarveout = static_cast<unsigned>(std::atoi(carve));
+  }
   return cudaLaunchKernelEx(&cfg, Kernel, p);
 }
 

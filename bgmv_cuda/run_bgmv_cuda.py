@@ -45,7 +45,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_unstaged", "cuda_split", "cuda_split2", "cuda_fused",
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_unstaged", "cuda_staged_carve", "cuda_unstaged_carve", "cuda_split", "cuda_split2", "cuda_fused",
                  "cuda_classic", "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
@@ -104,15 +104,21 @@ def main(args: argparse.Namespace) -> list:
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
-    def unstaged(*a, meta=None):       # the shrink without staging A (PERF_LOG v38's A/B)
-        os.environ[bc.STAGED_ENV] = "0"
-        try:
-            bc.bgmv_lora(*a)
-        finally:
-            del os.environ[bc.STAGED_ENV]
+    def with_env(env: dict):            # bgmv_lora under env (launch-time knobs, A/B runs)
+        def fn(*a, meta=None):
+            os.environ.update(env)
+            try:
+                bc.bgmv_lora(*a)
+            finally:
+                for k in env:
+                    del os.environ[k]
+        return fn
+    unstaged = with_env({bc.STAGED_ENV: "0"})
 
     fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
            "cuda_unstaged": unstaged,
+           "cuda_staged_carve": with_env({"MULTILORA_CARVEOUT": "100"}),
+           "cuda_unstaged_carve": with_env({bc.STAGED_ENV: "0", "MULTILORA_CARVEOUT": "100"}),
            "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),

@@ -5,7 +5,9 @@ header) and 1.2-1.3 us afterwards (its `none` column at every point, and the hea
 bandwidth and Punica sweeps that followed in the same process), which moves target 5's floor
 by 40%. This measures it 5 times at the start, then after each of three kinds of work a
 sweep does between two measurements: graph-timed bgmv_cuda pairs, a do_bench-timed eager
-loop of small launches (the `loop` mode's pattern), and plain idle time.
+loop of small launches (the `loop` mode's pattern), and plain idle time; each time 5 plain
+measurements, then 5 each right after a short copy burst (bench_utils.empty_graph_us's
+default since session 11).
 
     python notes/probes/empty_floor_probe.py
 """
@@ -23,8 +25,10 @@ from multilora_impl import make_lora_inputs, make_workload
 
 
 def floors(tag: str, n: int = 5) -> None:
-    us = [bu.empty_graph_us("cuda") for _ in range(n)]
-    print(f"{tag:34s} empty kernel in graph, us: " + " ".join(f"{u:.3f}" for u in us), flush=True)
+    for burst in (False, True):
+        us = [bu.empty_graph_us("cuda", burst=burst) for _ in range(n)]
+        print(f"{tag:34s} empty kernel in graph{' after a copy burst' if burst else ''}, us: "
+              + " ".join(f"{u:.3f}" for u in us), flush=True)
 
 
 def main() -> None:
