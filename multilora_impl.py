@@ -718,7 +718,7 @@ def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Se
                 mode(p["y"], p["x"], p["A"], p["B"], idx_d, p["scale"], p["ranks"], metas[k])
             if name == "none":
                 med = bu.empty_graph_us(device)
-                rec.update(method="empty kernel in a CUDA graph (launch floor)")
+                rec.update(method="empty kernel in a CUDA graph (launch floor, measured once per run)")
                 rec["median_us"] = rec["p20_us"] = rec["p80_us"] = med
                 continue
             if mode.graph_safe and device == "cuda":

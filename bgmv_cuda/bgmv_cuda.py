@@ -130,7 +130,6 @@ VERBOSE_ENV = "BGMV_CUDA_VERBOSE"      # =1: build verbosely, with ptxas -v
 BUILD_DIR_ENV = "BGMV_CUDA_BUILD_DIR"  # override the build cache folder
 PDL_ENV = "MULTILORA_PDL"              # =0: launch without programmatic dependent launch
 TILES_ENV = "MULTILORA_EXPAND_TILES"   # a name in EXPAND_TILE_RULES (unset: DEFAULT_TILES)
-STAGED_ENV = "MULTILORA_SHRINK_STAGED"  # =0: no shrink with A staged in shared memory (A/B)
 
 
 def arch_flags(capability: tuple[int, int]) -> list[str]:

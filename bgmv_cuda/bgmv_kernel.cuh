@@ -72,12 +72,6 @@ constexpr int kBgmvShrinkRows = 4;     // rank rows per block
 constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per step
 constexpr int kBgmvShrinkWideThreads = 256;  // small grids: 8 warps per block (PERF_LOG v31)
 constexpr int kBgmvShrinkWideMaxBlocks = 64;  // ... up to this many blocks
-// Larger grids whose K range is at most kBgmvShrinkStageChunks 16-byte chunks per thread
-// (h_in <= 4096 in half / bf16, no split) stage A instead (PERF_LOG v38): every A chunk of
-// the block's rows is issued at once with cp.async into shared memory (32 KB), x goes to
-// registers, then one wait: one round trip for all of h_in at 128 threads, without the
-// registers that holding 16 A chunks in flight would take.
-constexpr int kBgmvShrinkStageChunks = 4;
 // Expand: one block of 128 threads (4 warps) per (token t, tile of output columns).
 //   A group of G lanes (G = a power of two, G * W >= r_max, W = elements per load)
 //   reads one row B_s[i, j, :rank] (contiguous, r_max long) for output column j; the
@@ -201,23 +195,6 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 #endif
 }
 
-// 16 bytes global -> shared without passing through registers (cp.async, sm_80+; L2 only,
-// .cg), and the wait for all of this thread's copies (then visible to this thread).
-__device__ __forceinline__ void bgmv_copy16_async(void* smem, const void* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-#else
-  *static_cast<uint4*>(smem) = __ldg(static_cast<const uint4*>(gmem));
-#endif
-}
-
-__device__ __forceinline__ void bgmv_copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
 // ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
@@ -225,9 +202,7 @@ __device__ __forceinline__ void bgmv_copy_async_wait_all() {
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
-// STAGED: the K range is at most kBgmvShrinkStageChunks chunks per thread (the launcher
-// checks); A goes through shared memory in one round (see kBgmvShrinkStageChunks).
-template <typename T, int NT = kBgmvShrinkThreads, bool STAGED = false>
+template <typename T, int NT = kBgmvShrinkThreads>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
                                                   const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
@@ -264,74 +239,38 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   const int k_begin = c * per_split;
   const int nvec = min(nvec_all, k_begin + per_split);
   int kv = k_begin + threadIdx.x;
-  if constexpr (STAGED) {
-    // The same chunks, sums and order as the loops below (bitwise the same v), but every
-    // load is issued before the first wait: A by cp.async into this thread's own slots
-    // (only this thread reads them back, so no barrier), x into registers.
-    constexpr int KS = kBgmvShrinkStageChunks;
-    __shared__ uint4 a_stage[KS][ROWS][NT];
-    uint4 xr[KS];
+  for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
+    uint4 xr[U], ar[U][ROWS];
 #pragma unroll
-    for (int u = 0; u < KS; ++u) {
-      const int k = kv + u * NT;
-      if (k < nvec) {
-        xr[u] = __ldg(xv + k);
+    for (int u = 0; u < U; ++u) {
+      xr[u] = __ldg(xv + kv + u * NT);
 #pragma unroll
-        for (int q = 0; q < ROWS; ++q)
-          if (q < nrows) bgmv_copy16_async(&a_stage[u][q][threadIdx.x], av[q] + k);
-      }
+      for (int q = 0; q < ROWS; ++q)
+        ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
     }
-    bgmv_copy_async_wait_all();
 #pragma unroll
-    for (int u = 0; u < KS; ++u) {
-      if (kv + u * NT < nvec) {
-        float xf[VEC];
-        Ty::unpack(xr[u], xf);
-#pragma unroll
-        for (int q = 0; q < ROWS; ++q) {
-          if (q < nrows) {
-            float af[VEC];
-            Ty::unpack(a_stage[u][q][threadIdx.x], af);
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
-          }
-        }
-      }
-    }
-  } else {
-    for (; kv + (U - 1) * NT < nvec; kv += U * NT) {
-      uint4 xr[U], ar[U][ROWS];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        xr[u] = __ldg(xv + kv + u * NT);
-#pragma unroll
-        for (int q = 0; q < ROWS; ++q)
-          ar[u][q] = q < nrows ? __ldg(av[q] + kv + u * NT) : make_uint4(0u, 0u, 0u, 0u);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        float xf[VEC];
-        Ty::unpack(xr[u], xf);
-#pragma unroll
-        for (int q = 0; q < ROWS; ++q) {
-          float af[VEC];
-          Ty::unpack(ar[u][q], af);
-#pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
-        }
-      }
-    }
-    for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
+    for (int u = 0; u < U; ++u) {
       float xf[VEC];
-      Ty::unpack(__ldg(xv + kv), xf);
+      Ty::unpack(xr[u], xf);
 #pragma unroll
       for (int q = 0; q < ROWS; ++q) {
-        if (q < nrows) {
-          float af[VEC];
-          Ty::unpack(__ldg(av[q] + kv), af);
+        float af[VEC];
+        Ty::unpack(ar[u][q], af);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
-        }
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
+      }
+    }
+  }
+  for (; kv < nvec; kv += NT) {  // remaining chunks, one at a time
+    float xf[VEC];
+    Ty::unpack(__ldg(xv + kv), xf);
+#pragma unroll
+    for (int q = 0; q < ROWS; ++q) {
+      if (q < nrows) {
+        float af[VEC];
+        Ty::unpack(__ldg(av[q] + kv), af);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[q] = fmaf(xf[e], af[e], acc[q]);
       }
     }
   }
@@ -362,14 +301,13 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 // (kBgmvShrinkWideThreads) serves grids of at most 64 blocks: each thread then walks half
 // as many 16-byte chunks of h_in (h_in 4096: one step of U instead of two, one DRAM round
 // trip fewer per block; PERF_LOG v31), at the same registers per thread.
-// STAGED (NT = 128 only): A staged in shared memory, one round trip (kBgmvShrinkStageChunks).
-template <typename T, int NT, bool STAGED>
+template <typename T, int NT>
 __global__ void __launch_bounds__(NT, kBgmvMinBlocksPerSM * kBgmvShrinkThreads / NT)
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-  bgmv_shrink_block<T, NT, STAGED>(p, blockIdx.x, blockIdx.y / row_tiles,
+  bgmv_shrink_block<T, NT>(p, blockIdx.x, blockIdx.y / row_tiles,
                            (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
 }
 
@@ -1081,8 +1019,7 @@ cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Param
     attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
   }
-  // EXPERIMENT (PERF_LOG v38b): one shared-memory carveout for every launch, so that blocks
-  // of the shrink and the expand can share an SM whatever shared memory each one takes.
+  // EXPERIMENT (PERF_LOG v39): one shared-memory carveout (percent) for every launch.
   if (const char* carve = std::getenv("MULTILORA_CARVEOUT")) {
     attr[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
     attr[cfg.numAttrs++].val.sharedMemCarveout = static_cast<unsigned>(std::atoi(carve));
@@ -1147,16 +1084,9 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   // from 256 (bs 64: 5.99 -> 7.31 us, the wide blocks crowd out the expand's early ones).
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const bool wide = blocks <= kBgmvShrinkWideMaxBlocks;
-  constexpr int NT = kBgmvShrinkThreads;
-  const int per_split = (p.h_in / BgmvType<T>::kVec + p.n_split - 1) / p.n_split;
-  const char* staged_env = std::getenv("MULTILORA_SHRINK_STAGED");   // "0": off (A/B runs)
-  const bool staged = !wide && per_split <= kBgmvShrinkStageChunks * NT &&
-                      !(staged_env != nullptr && staged_env[0] == '0');
   const cudaError_t err =
-      wide     ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads, false>>(
-                     grid, kBgmvShrinkWideThreads, stream, p)
-      : staged ? bgmv_launch<_bgmv_shrink_kernel<T, NT, true>>(grid, NT, stream, p)
-               : bgmv_launch<_bgmv_shrink_kernel<T, NT, false>>(grid, NT, stream, p);
+      wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, p)
+           : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

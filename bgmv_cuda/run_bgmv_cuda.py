@@ -20,8 +20,7 @@ and blocks under each tile rule where `cuda_tiles` runs); writes JSON.
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_classic cuda_tiles --rep-ms 20
     python bgmv_cuda/run_bgmv_cuda.py --variants --only cuda_tiles cuda_rank --rep-ms 20
 
-`cuda_unstaged` is `cuda` with MULTILORA_SHRINK_STAGED=0: the shrink's A not staged in
-shared memory (PERF_LOG v38). `cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
+`cuda_classic`, `cuda_tiles`, `cuda_rank` and `cuda_mma` fix the expand's tile rule
 ("classic", "residency", "rank": residency's J with each token's lane groups sized by its
 adapter's rank, PERF_LOG v10; "mma": the bf16 expand on the tensor cores, PERF_LOG v16,
 and `cuda_mma_chunks` the
@@ -45,8 +44,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_unstaged", "cuda_staged_carve", "cuda_unstaged_carve", "cuda_split", "cuda_split2", "cuda_fused",
-                 "cuda_classic", "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_carve0", "cuda_carve14", "cuda_carve28", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
+                 "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
 
@@ -113,12 +112,11 @@ def main(args: argparse.Namespace) -> list:
                 for k in env:
                     del os.environ[k]
         return fn
-    unstaged = with_env({bc.STAGED_ENV: "0"})
 
     fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
-           "cuda_unstaged": unstaged,
-           "cuda_staged_carve": with_env({"MULTILORA_CARVEOUT": "100"}),
-           "cuda_unstaged_carve": with_env({bc.STAGED_ENV: "0", "MULTILORA_CARVEOUT": "100"}),
+           "cuda_carve0": with_env({"MULTILORA_CARVEOUT": "0"}),
+           "cuda_carve14": with_env({"MULTILORA_CARVEOUT": "14"}),
+           "cuda_carve28": with_env({"MULTILORA_CARVEOUT": "28"}),
            "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),

@@ -6,8 +6,8 @@ bandwidth and Punica sweeps that followed in the same process), which moves targ
 by 40%. This measures it 5 times at the start, then after each of three kinds of work a
 sweep does between two measurements: graph-timed bgmv_cuda pairs, a do_bench-timed eager
 loop of small launches (the `loop` mode's pattern), and plain idle time; each time 5 plain
-measurements, then 5 each right after a short copy burst (bench_utils.empty_graph_us's
-default since session 11).
+measurements, then 5 each right after a 100 ms copy burst. Session 11 (calls 1, 2): 0.93-0.94
+us the first two times, 1.19-1.33 us every later time, burst or not.
 
     python notes/probes/empty_floor_probe.py
 """
@@ -24,9 +24,24 @@ from bgmv_cuda import bgmv_cuda as bc
 from multilora_impl import make_lora_inputs, make_workload
 
 
+def copy_burst(ms: float = 100.0) -> None:
+    """Back-to-back 256 MB device copies for about `ms` milliseconds."""
+    src = torch.empty(2**27, dtype=torch.float16, device="cuda")
+    dst = torch.empty_like(src)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < ms / 1e3:
+        for _ in range(50):
+            dst.copy_(src)
+        torch.cuda.synchronize()
+
+
 def floors(tag: str, n: int = 5) -> None:
     for burst in (False, True):
-        us = [bu.empty_graph_us("cuda", burst=burst) for _ in range(n)]
+        us = []
+        for _ in range(n):
+            if burst:
+                copy_burst()
+            us.append(bu.empty_graph_us("cuda", fresh=True))
         print(f"{tag:34s} empty kernel in graph{' after a copy burst' if burst else ''}, us: "
               + " ".join(f"{u:.3f}" for u in us), flush=True)
 
