@@ -41,7 +41,6 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -1013,17 +1012,11 @@ cudaError_t bgmv_launch(dim3 grid, int threads, cudaStream_t stream, const Param
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  if (p.pdl && ptx_version >= 90) {
-    attr[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  // EXPERIMENT (PERF_LOG v39): one shared-memory carveout (percent) for every launch.
-  if (const char* carve = std::getenv("MULTILORA_CARVEOUT")) {
-    attr[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
-    attr[cfg.numAttrs++].val.sharedMemCarveout = static_cast<unsigned>(std::atoi(carve));
-  }
+  cfg.numAttrs = (p.pdl && ptx_version >= 90) ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, Kernel, p);
 }
 

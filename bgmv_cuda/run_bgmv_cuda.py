@@ -44,7 +44,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
-VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_carve0", "cuda_carve14", "cuda_carve28", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
+VARIANT_NAMES = ["cuda", "cuda_nopdl", "cuda_split", "cuda_split2", "cuda_fused", "cuda_classic",
                  "cuda_tiles", "cuda_rank", "cuda_mma", "cuda_mma_chunks",
                  "triton"]
 
@@ -103,20 +103,7 @@ def main(args: argparse.Namespace) -> list:
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
-    def with_env(env: dict):            # bgmv_lora under env (launch-time knobs, A/B runs)
-        def fn(*a, meta=None):
-            os.environ.update(env)
-            try:
-                bc.bgmv_lora(*a)
-            finally:
-                for k in env:
-                    del os.environ[k]
-        return fn
-
     fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
-           "cuda_carve0": with_env({"MULTILORA_CARVEOUT": "0"}),
-           "cuda_carve14": with_env({"MULTILORA_CARVEOUT": "14"}),
-           "cuda_carve28": with_env({"MULTILORA_CARVEOUT": "28"}),
            "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
            "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),
