@@ -17,8 +17,9 @@ Shapes and dtypes:
 
 Kernel: one program per (segment, BLOCK_M tokens, BLOCK_N output columns of one slice);
 the n-blocks of all slices (up to 3 per launch, more are chunked) are numbered one after
-another, so q/k/v are one launch. The rank loop stops at ranks[a] (padded columns of B
-and v are never loaded). 16-bit products run on tensor cores with v converted to y's
+another, so q/k/v are one launch. The rank loop stops at ranks[a]; padded columns of B
+and v never reach the result (with r_max a multiple of 8, up to 7 of them per row come
+in with the 16-byte vector that holds the rank's end and are replaced by 0: NaN-safe). 16-bit products run on tensor cores with v converted to y's
 dtype at the dot: fp16 keeps 11 bits (as Punica and vLLM do), bf16 only 8, so for bf16 v
 is split into hi + lo bf16 parts and dotted twice, which keeps v fp32-accurate (the
 expand is bound by y's bytes, the second dot is nearly free). fp32 uses
@@ -71,7 +72,8 @@ def _expand_tile(
     rows64, row_mask, adapter, rank, v_slice, pid_n, col_off, h_out,
     stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_bl, stride_bn, stride_br,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    SPLIT_V: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_RANKS: tl.constexpr, RANK8: tl.constexpr, SPLIT_V: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of one slice: y += scale * v[:, :rank] @ B_s[a, n, :rank].T."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -84,10 +86,24 @@ def _expand_tile(
     # Rank loop: stops at this adapter's rank; the tail chunk masks the padded columns
     # (they read as 0, so the dot's >= 16 inner size is kept).
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    rank8 = ((rank + 7) // 8) * 8          # the rank rounded up to 8 (RANK8: <= r_max)
     for r0 in range(0, rank, BLOCK_R):
         r_mask = (r0 + offs_r) < rank
-        vt = tl.load(v_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)   # fp32
-        bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if HAS_RANKS and RANK8:
+            # r is the contiguous dim of v and B, and a mask with a loaded bound (r < rank)
+            # would make every load a scalar one (PERF_LOG v40). Load up to rank rounded up
+            # to 8, a bound that is provably a multiple of 8 (16-byte vectors; r0 is a
+            # multiple of BLOCK_R), and select 0 past the rank: at most 7 padded elements
+            # of a row are read, inside the 16-byte chunk that holds the rank's end (B's
+            # rows are r_max long, a multiple of 8), and never used (NaN-safe).
+            m8 = offs_r < tl.multiple_of(rank8 - r0, 8)
+            vt = tl.where(r_mask[None, :],
+                          tl.load(v_ptrs, mask=row_mask[:, None] & m8[None, :], other=0.0), 0.0)
+            bt = tl.where(r_mask[:, None],
+                          tl.load(b_ptrs, mask=m8[:, None] & n_mask[None, :], other=0.0), 0.0)
+        else:
+            vt = tl.load(v_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)   # fp32
+            bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         # Tensor-core inputs in B's dtype (a no-op for fp32). bf16 keeps 8 mantissa bits:
         # v = hi + lo, two dots, so v stays fp32-accurate (the expand is bound by y's
         # bytes, the second dot is nearly free); fp16's 11 bits need no split.
@@ -126,8 +142,8 @@ def _sgmv_expand_kernel(
     stride_b2l, stride_b2n, stride_b2r,
     # meta-parameters
     NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr, HAS_RANKS: tl.constexpr, SPLIT_V: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, HAS_RANKS: tl.constexpr, RANK8: tl.constexpr,
+    SPLIT_V: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Program id -> (segment, token block, n-block over all slices); the n-blocks of one
     # token block are neighbours so they share the v tile through L2.
@@ -162,20 +178,20 @@ def _sgmv_expand_kernel(
                      v_slice0, pid_n, col_off0, h_out0,
                      stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
                      stride_b0l, stride_b0n, stride_b0r,
-                     BLOCK_M, BLOCK_N, BLOCK_R, SPLIT_V, UPCAST, PRECISION)
+                     BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
     elif NUM_SLICES >= 2:
         if pid_n < nb0 + nb1:
             _expand_tile(y_ptr, v_ptr, b1_ptr, scale_ptr, rows64, row_mask, adapter, rank,
                          v_slice0 + 1, pid_n - nb0, col_off1, h_out1,
                          stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
                          stride_b1l, stride_b1n, stride_b1r,
-                         BLOCK_M, BLOCK_N, BLOCK_R, SPLIT_V, UPCAST, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
         elif NUM_SLICES >= 3:
             _expand_tile(y_ptr, v_ptr, b2_ptr, scale_ptr, rows64, row_mask, adapter, rank,
                          v_slice0 + 2, pid_n - nb0 - nb1, col_off2, h_out2,
                          stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
                          stride_b2l, stride_b2n, stride_b2r,
-                         BLOCK_M, BLOCK_N, BLOCK_R, SPLIT_V, UPCAST, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,7 +236,8 @@ def _launch_sgmv_expand(y: Tensor, v: Tensor, Bs: Sequence[Tensor], seg_starts: 
             *h_outs, *offs, nbs[0], nbs[1] if n > 1 else 0, sum(nbs),
             y.stride(0), y.stride(1), v.stride(0), v.stride(1), v.stride(2),
             *group[0].stride(), *group[1].stride(), *group[2].stride(),
-            NUM_SLICES=n, HAS_RANKS=ranks is not None, SPLIT_V=(y.dtype == torch.bfloat16),
+            NUM_SLICES=n, HAS_RANKS=ranks is not None, RANK8=(r_max % 8 == 0),
+            SPLIT_V=(y.dtype == torch.bfloat16),
             UPCAST=(y.device.type == "cpu" and y.dtype == torch.bfloat16),
             PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
             **cfg,

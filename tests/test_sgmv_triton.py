@@ -8,6 +8,11 @@ static (graph-style) segment buffers, bad inputs, opcheck.
 GPU tier (`pytest -m gpu`): Llama-3-8B sizes in bf16, all dtypes, torch.compile
 (fullgraph) and CUDA-graph capture/replay with new inputs and assignments.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -70,7 +75,28 @@ CASES = {
     "four_slices": ([6, 8, 7], [1, -1, 0], 33, [16, 8, 24, 8], 2, 8, None),
     "identical_long": ([70], [1], 48, 40, 2, 16, [3, 16]),
     "rank1": ([5, 9, 2], [1, 0, -1], 24, 20, 2, 1, None),
+    # r_max not a multiple of 8: the expand masks at the rank itself (no rounded-up loads)
+    "rank12_rows_unaligned": ([4, 7, 3], [2, 0, 1], 40, [24, 16], 3, 12, [12, 5, 9]),
 }
+
+
+def test_expand_loads_vectors_with_ranks():
+    """Compiled for sm_90 (Triton's own ptxas, no GPU), the expand with ranks issues the same
+    global loads as without: 16-byte cp.async for B, no scalar 2-byte loads (before PERF_LOG
+    v40 the loaded rank bound made every B load a 2-byte scalar one: mixed ranks ran 60%
+    slower than all ranks at 64), plus the one load of the rank."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "triton_sm90_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script, "--sgmv-expand-loads"], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["has_ranks"]: r["loads"] for r in (json.loads(line) for line in out.stdout.splitlines()
+                                                 if line.startswith("{"))}
+    plain, ranked = rows[False], dict(rows[True])
+    assert plain.get("cp.async.cg.shared.global 16", 0) >= 4, plain       # B in 16-byte copies
+    assert not any(".b16" in op or ".u16" in op for op in ranked), ranked
+    ranked["ld.global.b32"] -= 1                                             # ranks[adapter]
+    assert ranked == plain, (ranked, plain)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])

@@ -2,6 +2,7 @@
 own ptxas) and print each config's registers and stack bytes (spills) as JSON lines.
 
     python tests/triton_sm90_check.py            # the stacked kernels' configs
+    python tests/triton_sm90_check.py --sgmv-expand-loads   # sgmv expand's load opcodes
 
 Run without TRITON_INTERPRET (the interpreter's kernels have nothing to compile); the
 test tests/test_engine_kernels.py::test_folded_kernels_compile_for_sm90_without_spills
@@ -71,7 +72,40 @@ def configs() -> list:
     ]
 
 
+def sgmv_expand_loads(has_ranks: bool) -> dict:
+    """Global-load instructions (PTX opcode -> count) of sgmv_triton's expand compiled for
+    sm_90 as it runs in decode (bf16, 16 x 256 tiles, rank step 16, r_max 64), with the
+    divisibility and unit strides Triton's launcher specialises for contiguous tensors."""
+    from sgmv_triton import sgmv_expand_triton as se
+    fn = se._sgmv_expand_kernel
+    consts = dict(stride_b0r=1, stride_b1r=1, stride_b2r=1, stride_vr=1, stride_yn=1,
+                  NUM_SLICES=1, BLOCK_M=16, BLOCK_N=256, BLOCK_R=16, HAS_RANKS=has_ranks,
+                  RANK8=True, SPLIT_V=True, UPCAST=False, PRECISION="tf32")
+    ptrs = dict(y_ptr=P, v_ptr="*fp32", b0_ptr=P, b1_ptr=P, b2_ptr=P, scale_ptr="*fp32",
+                seg_starts_ptr="*i32", seg_adapter_ptr="*i32", ranks_ptr="*i32")
+    aligned = list(ptrs) + ["r_max", "h_out0", "col_off0", "stride_yt", "stride_vt", "stride_vs",
+                            "stride_b0l", "stride_b0n", "stride_b1l", "stride_b1n",
+                            "stride_b2l", "stride_b2n"]
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, I32) for n in fn.arg_names}
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 4, "num_stages": 2}).asm["ptx"]
+    ops = re.findall(r"\b(ld\.global[.\w]*|cp\.async\.c[ag]\.shared\.global)\s*(?:\[[^\]]*\],\s*\[[^\]]*\],\s*(0x[0-9a-f]+|\d+))?", ptx)
+    counts: dict = {}
+    for op, size in ops:
+        key = f"{op} {int(size, 0)}" if size else op
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def main() -> None:
+    if "--sgmv-expand-loads" in sys.argv:
+        for has_ranks in (False, True):
+            print(json.dumps(dict(kernel="sgmv_expand", has_ranks=has_ranks,
+                                  loads=sgmv_expand_loads(has_ranks))), flush=True)
+        return
     for name, fn, types, consts, warps in configs():
         print(json.dumps(dict(kernel=name, num_warps=warps, **resources(fn, types, consts,
                                                                          warps))), flush=True)
