@@ -19,12 +19,13 @@ Kernel: one program per (segment, BLOCK_M tokens, BLOCK_N output columns of one 
 the n-blocks of all slices (up to 3 per launch, more are chunked) are numbered one after
 another, so q/k/v are one launch. The rank loop stops at ranks[a]; padded columns of B
 and v never reach the result (with r_max a multiple of 8, up to 7 of them per row come
-in with the 16-byte vector that holds the rank's end and are replaced by 0: NaN-safe). 16-bit products run on tensor cores with v converted to y's
-dtype at the dot: fp16 keeps 11 bits (as Punica and vLLM do), bf16 only 8, so for bf16 v
-is split into hi + lo bf16 parts and dotted twice, which keeps v fp32-accurate (the
-expand is bound by y's bytes, the second dot is nearly free). fp32 uses
-input_precision="ieee". Each y element is loaded, updated in fp32, converted once and
-stored once; -1 segments exit before touching y. Deterministic.
+in with the 16-byte vector that holds the rank's end and are replaced by 0: NaN-safe).
+16-bit products run on tensor cores with v converted to y's dtype at the dot: fp16 keeps
+11 bits (as Punica and vLLM do), bf16 only 8, so for bf16 v is split into hi + lo bf16
+parts and dotted twice, which keeps v fp32-accurate (the expand is bound by y's bytes,
+the second dot is nearly free). fp32 uses input_precision="ieee". Each y element is
+loaded, updated in fp32, converted once and stored once; -1 segments exit before
+touching y. Deterministic.
 
 Bytes that must move (for GB/s):  2 * T_lora * h_out * e  (y read + written, T_lora = tokens with
 an adapter)  +  T_lora * S * r * 4  (v)  +  distinct adapters * h_out * r * e  (B),
