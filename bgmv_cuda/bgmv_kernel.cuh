@@ -473,8 +473,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   // sums in the same order.
   const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
   float vr[NCHUNK][W];
-  if constexpr (!FUSED && W % 4 == 0) {
-    if (p.v_vec) {
+  constexpr bool kVecV = !FUSED && W % 4 == 0;   // a 16-byte v load exists for this kernel
+  const bool vec_v = kVecV && p.v_vec;           // ... and v is aligned for it
+  if constexpr (kVecV) {
+    if (vec_v) {
 #pragma unroll
       for (int c = 0; c < NCHUNK; ++c) {
         const int rb = (c * G + lig) * W;
@@ -505,7 +507,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       }
     }
   }
-  if (FUSED || W % 4 != 0 || !p.v_vec) {
+  if (!vec_v) {
 #pragma unroll
     for (int c = 0; c < NCHUNK; ++c) {
       const int rb = (c * G + lig) * W;

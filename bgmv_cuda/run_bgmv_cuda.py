@@ -130,8 +130,10 @@ def main(args: argparse.Namespace) -> list:
         else:
             idx_h = make_workload(kind, T, L, seed=args.seed + T)
         idx = idx_h.to(dev)
-        meta = make_meta(idx)           # host-built once per batch (cuda_mma_chunks reads it)
         set0 = make_lora_inputs(T, h_in, h_out, L, r_max, dtype, dev, ranks=ranks, seed=args.seed)
+        # host-built once per batch, with the ranks as the modes' make_meta builds it
+        # (cuda_mma_chunks reads its chunks)
+        meta = make_meta(idx, ranks=set0["ranks"])
         h_outs = list(h_out) if isinstance(h_out, list) else [h_out]
         nbytes = bu.lora_bytes(idx, h_in, h_outs, r_max, dtype, set0["ranks"])
         n_sets = bu.pool_size(nbytes, max_sets=32)
