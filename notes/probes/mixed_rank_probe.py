@@ -1,0 +1,85 @@
+"""Where the mixed-rank point's time goes (issue 3, target 4; PERF_LOG session 12).
+
+bf16, h 4096 -> 4096, batch 64 uniform over 32 adapters (run_bgmv_cuda's "mixed{8..64}
+bs64" workload), several rank layouts: mixed {8, 16, 32, 64} in r_max 64 storage, every
+adapter at 32 in r_max 64 storage (half the grid's tiles empty), every adapter at 32 in
+r_max 32 storage (no empty tiles, ranks=None), and the uniform 8 / 16 / 64 layouts.
+For each: the pair under rule "rank", the default pair (bgmv_lora), the chunked mma pair,
+and rule "rank"'s shrink alone and expand alone (no PDL), each timed as
+bench_utils.time_graph (back-to-back calls in one CUDA graph over a cold pool), us per
+call, beside the bytes that must move and the sum of the tokens' ranks.
+
+    python notes/probes/mixed_rank_probe.py
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch
+
+import bench_utils as bu
+from bgmv_cuda import bgmv_cuda as bc
+from multilora_impl import make_lora_inputs, make_meta, make_workload
+
+
+LAYOUTS = [  # (name, r_max, ranks or None)
+    ("mixed{8..64} r_max 64", 64, [8, 16, 32, 64] * 8),
+    ("all 32, r_max 64", 64, [32] * 32),
+    ("all 32, r_max 32", 32, None),
+    ("all 16, r_max 16", 16, None),
+    ("all 8, r_max 8", 8, None),
+    ("padded 64", 64, None),
+]
+
+
+def main() -> None:
+    T, h, L = 64, 4096, 32
+    dev, dtype = "cuda", torch.bfloat16
+    bc.ensure_loaded()
+    idx = make_workload("uniform", T, L, seed=T).to(dev)
+    copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; bs {T}, {L} adapters, "
+          f"{idx.unique().numel()} used; us per call")
+    print(f"{'layout':24} {'MB':>5} {'rank_sum':>8} {'rank':>7} {'default':>7} {'mma_ch':>7} "
+          f"{'shrink':>7} {'expand':>7}")
+    for name, r_max, ranks in LAYOUTS:
+        set0 = make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=0)
+        meta = make_meta(idx, ranks=set0["ranks"])
+        nbytes = bu.lora_bytes(idx, h, [h], r_max, dtype, set0["ranks"])
+        n_sets = bu.pool_size(nbytes, max_sets=32)
+        sets = [set0] + [make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=k)
+                         for k in range(1, n_sets)]
+        vs = [bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], pdl=False) for s in sets]
+
+        def rank(k):
+            s = sets[k]
+            bc.bgmv_lora(s["y"], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], tiles="rank")
+
+        def default(k):
+            s = sets[k]
+            bc.bgmv_lora(s["y"], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], meta)
+
+        def mma_chunks(k):
+            s = sets[k]
+            bc.bgmv_lora(s["y"], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], meta,
+                         tiles="mma")
+
+        def shrink(k):
+            s = sets[k]
+            bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], v=vs[k], pdl=False)
+
+        def expand(k):
+            s = sets[k]
+            bc.bgmv_expand(s["y"], vs[k], s["B"], idx, s["scale"], s["ranks"], tiles="rank")
+
+        us = [bu.time_graph(fn, n_sets, rep_ms=50)[0]
+              for fn in (rank, default, mma_chunks, shrink, expand)]
+        rank_sum = getattr(meta, "rank_sum", None) or T * r_max
+        print(f"{name:24} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:7.2f}" for u in us))
+        sets = vs = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
