@@ -284,6 +284,37 @@ def build_chunks(idx: Tensor, size: int = 8) -> Tensor:
     return out.to(idx.device)
 
 
+RANK_GROUPS = 9   # kBgmvRankGroups in bgmv_cuda/bgmv_params.h: invalid, then 128, 64, ..., 1
+
+
+def build_rank_work(idx: Tensor, ranks: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """bgmv_cuda rule "rank"'s token list (PERF_LOG v41): the tokens with a LoRA (idx != -1,
+    rank != 0) as int32 rows (token, adapter, rank) on idx's device, in RANK_GROUPS groups:
+    group 0 the tokens whose idx is outside [-1, L) (adapter -2) or whose rank is negative
+    (rank -1: the kernels turn their output rows into NaN), then group g >= 1 the ranks r with
+    next_pow2(r) == 256 >> g (128 down to 1; ranks above 128 in group 1), tokens in index
+    order within a group; and the row count of each group (host ints, the launch's grid).
+    The kernels then launch only the blocks each group's rank needs. Reads idx and ranks on
+    the host: call it where the assignment is known (make_meta does)."""
+    idx_h = idx.detach().to("cpu", torch.int64)
+    ranks_h = ranks.detach().to("cpu", torch.int64)
+    T, L = idx_h.numel(), ranks_h.numel()
+    valid = (idx_h >= 0) & (idx_h < L)
+    rank = torch.zeros(T, dtype=torch.int64)
+    rank[valid] = ranks_h[idx_h[valid]]
+    invalid = ((idx_h < -1) | (idx_h >= L)) | (valid & (rank < 0))
+    rank[invalid] = -1
+    adapter = torch.where((idx_h < -1) | (idx_h >= L), -2, idx_h)
+    # group of rank r >= 1: 8 - ceil(log2 r), at least 1
+    steps = sum((rank > (1 << k)).long() for k in range(RANK_GROUPS - 1))
+    group = torch.where(invalid, 0, (RANK_GROUPS - 1 - steps).clamp(min=1))
+    keep = torch.nonzero(invalid | (valid & (rank > 0))).flatten()
+    order = keep[torch.sort(group[keep], stable=True).indices]   # by group, then index
+    work = torch.stack([order, adapter[order], rank[order]], dim=1).to(torch.int32)
+    rows = torch.bincount(group[order], minlength=RANK_GROUPS)
+    return work.contiguous().to(idx.device), tuple(int(n) for n in rows)
+
+
 def idx_from_segments(seg_starts: Tensor, seg_adapter: Tensor) -> Tensor:
     """Inverse of build_segments: idx [T] int64 (SGMV's semantics are BGMV's on this idx)."""
     lens = (seg_starts[1:] - seg_starts[:-1]).to(torch.int64)
@@ -307,18 +338,25 @@ class LoraMeta:
     # bgmv_cuda's default switch (mma_chunks_pay): the sum of each LoRA token's own rank,
     # None when the ranks were not given (every adapter then counts at r_max)
     rank_sum: Optional[int] = None
+    # bgmv_cuda rule "rank": build_rank_work(idx, ranks), the tokens grouped by rank (grids
+    # of only the blocks the ranks need), None when the ranks were not given
+    rank_work: Optional[tuple] = None
 
 
 def make_meta(idx: Tensor, chunks: bool = True, ranks: Optional[Tensor] = None) -> LoraMeta:
     """The per-batch metadata of idx (host work). chunks=False skips build_chunks, which
     only bgmv_cuda's rule "mma" reads (callers that run another mode per step). ranks [L]
     (optional, one more device read): each adapter's rank, summed over the LoRA tokens into
-    rank_sum, which bgmv_cuda's default reads to choose its rule."""
+    rank_sum, which bgmv_cuda's default reads to choose its rule, and the tokens grouped by
+    rank (rank_work, build_rank_work) for bgmv_cuda's rule "rank"."""
     idx_h = idx.detach().to("cpu", torch.int64)      # the one device read of idx
-    rank_sum = None
+    rank_sum = rank_work = None
     if ranks is not None:
-        used = idx_h[idx_h >= 0]
-        rank_sum = int(ranks.detach().to("cpu", torch.int64)[used].sum())
+        ranks_h = ranks.detach().to("cpu", torch.int64)
+        used = idx_h[(idx_h >= 0) & (idx_h < ranks_h.numel())]
+        rank_sum = int(ranks_h[used].clamp(min=0).sum())
+        work, rows = build_rank_work(idx_h, ranks_h)
+        rank_work = (work.to(idx.device), rows)
     seg_starts, seg_adapter = build_segments(idx_h)   # host tensors, moved below
     lens = seg_starts[1:] - seg_starts[:-1]
     groups = []
@@ -329,7 +367,7 @@ def make_meta(idx: Tensor, chunks: bool = True, ranks: Optional[Tensor] = None) 
                     seg_adapter=seg_adapter.to(idx.device),
                     num_segments=int(seg_adapter.numel()), max_seg_len=int(lens.max()),
                     groups=groups, chunks=build_chunks(idx_h).to(idx.device) if chunks else None,
-                    rank_sum=rank_sum)
+                    rank_sum=rank_sum, rank_work=rank_work)
 
 
 def make_static_meta(T: int, device: Union[str, torch.device], max_seg_len: Optional[int] = None,

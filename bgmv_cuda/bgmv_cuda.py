@@ -63,7 +63,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from multilora_impl import BList, check_index_values, check_lora_args, debug_checks  # noqa: E402
+from multilora_impl import (BList, RANK_GROUPS, build_rank_work, check_index_values,  # noqa: E402
+                            check_lora_args, debug_checks)
 
 if __name__ == "__main__":
     # Run the copy imported under its package name, the one the registry resolves, so the
@@ -120,6 +121,7 @@ EXPAND_TILE_RULES = ("classic", "residency", "rank", "mma")  # tile_rule 0-3 (kB
 MMA_RULES = ("mma",)   # the tensor-core rules
 MMA_ROWS_PER_WARP = 16      # kBgmvMmaRowsPerWarp: rule "mma"'s m16 tiles
 CHUNK_TOKENS = 8            # kBgmvChunkTokens: tokens per chunk of rule "mma" (build_chunks)
+WORK_STRIDE = 3             # kBgmvWorkStride: rule "rank"'s token list rows (build_rank_work)
 CHUNK_STRIDE = CHUNK_TOKENS + 1   # kBgmvChunkStride: a chunk row, its tokens then its adapter
 MMA_MAX_SPLIT = 8           # kBgmvMmaMaxSplit: rule "mma"'s chunked shrink, at most this many K splits
 MMA_MAX_TILES = 16          # kBgmvMmaMaxTiles: rule "mma"'s 16-row tiles per warp
@@ -207,15 +209,18 @@ def _run(fn: str, *args) -> None:
 # The custom ops (run under torch.compile and in CUDA graphs; the fakes say: in place only).
 @torch.library.custom_op("multilora::bgmv_cuda_shrink", mutates_args=("v",))
 def _shrink_op(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor], v: Tensor,
-               pdl: bool = False, chunks: Optional[Tensor] = None) -> None:
-    _run("shrink", x, A, idx, ranks, v, pdl, chunks)
+               pdl: bool = False, chunks: Optional[Tensor] = None,
+               work: Optional[Tensor] = None, work_rows: Optional[list[int]] = None) -> None:
+    _run("shrink", x, A, idx, ranks, v, pdl, chunks, work, list(work_rows or ()))
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_expand", mutates_args=("y",))
 def _expand_op(y: Tensor, v: Tensor, B: list[Tensor], idx: Tensor, scale: Tensor,
                ranks: Optional[Tensor], pdl: bool = False, tile_rule: int = 1,
-               chunks: Optional[Tensor] = None) -> None:
-    _run("expand", y, v, list(B), idx, scale, ranks, pdl, tile_rule, chunks)
+               chunks: Optional[Tensor] = None, work: Optional[Tensor] = None,
+               work_rows: Optional[list[int]] = None) -> None:
+    _run("expand", y, v, list(B), idx, scale, ranks, pdl, tile_rule, chunks, work,
+         list(work_rows or ()))
 
 
 @torch.library.custom_op("multilora::bgmv_cuda_fused", mutates_args=("y", "v", "counters"))
@@ -225,12 +230,13 @@ def _fused_op(y: Tensor, x: Tensor, A: Tensor, B: list[Tensor], idx: Tensor, sca
 
 
 @_shrink_op.register_fake
-def _(x, A, idx, ranks, v, pdl=False, chunks=None) -> None:
+def _(x, A, idx, ranks, v, pdl=False, chunks=None, work=None, work_rows=None) -> None:
     return None
 
 
 @_expand_op.register_fake
-def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1, chunks=None) -> None:
+def _(y, v, B, idx, scale, ranks, pdl=False, tile_rule=1, chunks=None, work=None,
+      work_rows=None) -> None:
     return None
 
 
@@ -597,6 +603,37 @@ def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
                   "value last, -1 padding (multilora_impl.build_chunks)", full.tolist())
 
 
+def check_work(work, idx: Tensor, ranks: Optional[Tensor], chunks: Optional[Tensor] = None
+               ) -> Optional[tuple[Tensor, tuple[int, ...]]]:
+    """work (rule "rank"'s token list, PERF_LOG v41): None, or (rows, group sizes) as
+    multilora_impl.build_rank_work(idx, ranks) returns them: int32 [n <= T, 3] contiguous
+    on idx's device and RANK_GROUPS ints >= 0 adding up to n; needs ranks, excludes chunks.
+    With MULTILORA_CHECK=1 also its values (a host sync): equal to build_rank_work's.
+    Returns work with the sizes as a list (the ops' int[])."""
+    if work is None:
+        return None
+    ok = isinstance(work, (tuple, list)) and len(work) == 2 and isinstance(work[0], Tensor)
+    rows, sizes = (work[0], tuple(work[1])) if ok else (None, ())
+    if not ok or rows.dtype != torch.int32 or rows.dim() != 2 or rows.shape[1] != WORK_STRIDE \
+            or not rows.is_contiguous() or rows.device != idx.device \
+            or rows.shape[0] > idx.shape[0] or len(sizes) != RANK_GROUPS \
+            or any(not isinstance(n, int) or n < 0 for n in sizes) or sum(sizes) != rows.shape[0]:
+        _fail("work", f"(int32 [n <= T, {WORK_STRIDE}] contiguous on {idx.device}, "
+              f"{RANK_GROUPS} group sizes adding up to n), as build_rank_work returns",
+              f"{rows.dtype} {tuple(rows.shape)} on {rows.device}, sizes {sizes}"
+              if ok else type(work).__name__)
+    if ranks is None:
+        _fail("work", "None when ranks is None (its rows carry each token's rank)", "a list")
+    if chunks is not None:
+        _fail("work", "None with chunks (rule mma)", "a list")
+    if debug_checks():
+        want, want_sizes = build_rank_work(idx, ranks)
+        if sizes != want_sizes or not torch.equal(rows.cpu(), want):
+            _fail("work", "build_rank_work(idx, ranks)'s rows and sizes",
+                  f"{rows.cpu().tolist()} {sizes}")
+    return rows, list(sizes)
+
+
 def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAULT_NUM_SMS) -> int:
     """K splits of rule "mma"'s chunked shrink, at most MMA_MAX_SPLIT (the expand loads that
     many partial sums at once) and h_in / 128 (each warp at least one 32-wide K step): the
@@ -618,7 +655,8 @@ def mma_split(n_chunks: int, S: int, r_max: int, h_in: int, num_sms: int = DEFAU
 
 def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 v: Optional[Tensor] = None, *, split_k: Optional[int] = 1,
-                pdl: Optional[bool] = None, chunks: Optional[Tensor] = None) -> Tensor:
+                pdl: Optional[bool] = None, chunks: Optional[Tensor] = None,
+                work: Optional[tuple] = None) -> Tensor:
     """v [T, S, r_max] fp32 = x @ A[:, idx].T per token (rows past ranks[idx[t]] and rows of
     idx = -1 tokens are left as they were). A [L, r_max, h_in] or [S, L, r_max, h_in].
     split_k: 1 (default) = plain; k > 1 or 0 (pick by shape, pick_split_k) = split-K over
@@ -629,9 +667,13 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
     chunks: tokens grouped by adapter (multilora_impl.build_chunks): in bf16 on sm_80+ the
     tensor-core shrink of rule "mma" (one read of A per chunk, 16 rank rows per block);
     other dtypes ignore it.
+    work: rule "rank"'s token list (multilora_impl.build_rank_work(idx, ranks), make_meta's
+    rank_work): in half and bf16 a grid of only the row tiles the tokens' ranks need (fp32
+    ignores it); the same values.
     Raises ValueError (check_shrink_args) before building or calling anything."""
     A4 = check_shrink_args(x, A, idx, ranks, v)
     check_chunks(chunks, idx)
+    work = check_work(work, idx, ranks, chunks)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, A4.shape[1], ranks, A4.shape[2])
     n_split = _resolve_split(split_k, x, A4)
@@ -642,13 +684,14 @@ def bgmv_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = Non
                         device=x.device)                              # [n_split, T, S, r_max]
     torch.ops.multilora.bgmv_cuda_shrink(x, A4, idx, ranks, v,
                                          pdl_enabled(x.device) if pdl is None else pdl,
-                                         chunks)
+                                         chunks, *(work or (None, None)))
     return v
 
 
 def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
                 ranks: Optional[Tensor] = None, *, pdl: bool = False,
-                tiles: Optional[str] = None, chunks: Optional[Tensor] = None) -> None:
+                tiles: Optional[str] = None, chunks: Optional[Tensor] = None,
+                work: Optional[tuple] = None) -> None:
     """y[:, off_s:off_s + h_out_s] += scale[idx] * v[:, s] @ B_s[idx].T, in place, for the
     S <= 3 slices of B (a tensor [L, h_out, r_max] or a sequence of them).
     pdl=True only right after bgmv_shrink, with no kernel between: the expand then reads
@@ -659,17 +702,23 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     order of the fp32 sum); None = $MULTILORA_EXPAND_TILES.
     chunks (rule "mma" only): tokens grouped by adapter (build_chunks): one block per
     (chunk, tile), each B tile read once per chunk.
+    work (rule "rank" only): the token list of bgmv_shrink: with 16-byte B loads a grid of
+    only the tiles the tokens' ranks need (the same values).
     Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
     tile_rule = expand_tile_rule(tiles)
     if chunks is not None and EXPAND_TILE_RULES[tile_rule] not in MMA_RULES:
         _fail("chunks", f"None unless tiles is one of {MMA_RULES}", "a tensor")
+    if work is not None and EXPAND_TILE_RULES[tile_rule] != "rank":
+        _fail("work", "None unless tiles is \"rank\"", "a list")
     check_chunks(chunks, idx)
+    work = check_work(work, idx, ranks, chunks)
     if debug_checks():      # MULTILORA_CHECK=1: index values on the host (a sync)
         check_index_values(idx, Bs[0].shape[0], ranks, v.shape[-1])
     ensure_loaded()
-    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl, tile_rule, chunks)
+    torch.ops.multilora.bgmv_cuda_expand(y, v, Bs, idx, scale, ranks, pdl, tile_rule, chunks,
+                                         *(work or (None, None)))
 
 
 _COUNTERS: dict = {}
@@ -772,14 +821,16 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, chunks=chunks)
         bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, chunks=chunks)
         return
+    # rule "rank" with the ranks given: meta's token list, grids of only the blocks that work
+    work = getattr(meta, "rank_work", None) if tiles == "rank" and ranks is not None else None
     if variant == "default":
-        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl)   # [T, S, r_max] fp32
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)
+        v = bgmv_shrink(x, A4, idx, ranks, pdl=pdl, work=work)   # [T, S, r_max] fp32
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, work=work)
         return
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
-        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl)
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles)   # [n_split, T, S, r]
+        v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, work=work)
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, work=work)   # [n_split, T, S, r]
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,

@@ -2,11 +2,12 @@
 //
 // Python functions of the module (bgmv_cuda.py wraps each in a torch custom op of the same
 // name, multilora::bgmv_cuda_*, with its fake impl; CUDA tensors only):
-//   shrink(x, A, idx, ranks, v, pdl, chunks) -> str   (chunks: rule "mma"'s tokens grouped
-//       by adapter, bf16 on the tensor cores)
+//   shrink(x, A, idx, ranks, v, pdl, chunks, work, work_rows) -> str   (chunks: rule "mma"'s
+//       tokens grouped by adapter, bf16 on the tensor cores; work: rule "rank"'s token list,
+//       grids of only the blocks the ranks need, see check_work)
 //       v[t, s, :r] = x[t] @ A[s, idx[t], :r].T   (fp32; A [L, r_max, h_in] or
 //       [S, L, r_max, h_in]; v [T, S, r_max] fp32; rows past r = ranks[idx[t]] untouched)
-//   expand(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks) -> str
+//   expand(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks, work, work_rows) -> str
 //       y[t, off_s:off_s + h_out_s] += scale[i] * v[t, s, :r] @ B[s][i, :, :r].T
 //       tile_rule: outputs per lane, 0 = classic, 1 = residency (bgmv_kernel.cuh,
 //       kBgmvExpandMaxBlocks), 2 = rank (residency, lanes per row from each token's rank);
@@ -152,10 +153,42 @@ static std::string check_chunks(const char* op, const std::optional<at::Tensor>&
   return {};
 }
 
+// work (rule "rank"'s token list, PERF_LOG v41): int32 [n, 3] on x's device, contiguous,
+// rows (token, adapter, rank) in the groups of bgmv_params.h (kBgmvRankGroups), with
+// work_rows the rows per group (n in all, at most T).  Which tokens the rows name is not
+// checked here (multilora_impl.build_rank_work builds them; MULTILORA_CHECK=1 checks them):
+// a row's token outside [0, T) writes nothing, an adapter or rank out of range turns its
+// output row into NaN, as idx and ranks do.
+static std::string check_work(const char* op, const std::optional<at::Tensor>& work,
+                              c10::IntArrayRef work_rows, int64_t T, const at::Tensor& like,
+                              const int** ptr, int* rows) {
+  *ptr = nullptr;
+  if (!work.has_value()) return {};
+  BGMV_TRY(check_device(op, "work", *work, like));
+  BGMV_CHECK(work->scalar_type() == at::kInt && work->dim() == 2 &&
+                 work->size(1) == kBgmvWorkStride && work->is_contiguous() && work->size(0) <= T,
+             op, ": work: expected a contiguous int32 [n <= T = ", T, ", ", kBgmvWorkStride,
+             "] (token, adapter, rank), got ", work->scalar_type(), " sizes ",
+             dims_str(work->sizes()));
+  BGMV_CHECK(static_cast<int64_t>(work_rows.size()) == kBgmvRankGroups, op,
+             ": work_rows: expected ", kBgmvRankGroups, " group sizes, got ", work_rows.size());
+  int64_t n = 0;
+  for (int g = 0; g < kBgmvRankGroups; ++g) {
+    BGMV_CHECK(work_rows[g] >= 0, op, ": work_rows: expected sizes >= 0, got ", dims_str(work_rows));
+    n += work_rows[g];
+    rows[g] = static_cast<int>(work_rows[g]);
+  }
+  BGMV_CHECK(n == work->size(0), op, ": work_rows: expected sizes that add up to work's ",
+             work->size(0), " rows, got ", dims_str(work_rows));
+  *ptr = work->data_ptr<int>();
+  return {};
+}
+
 // Checks the shrink's tensors and fills *out; launches unless out_only.
 static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                         const std::optional<at::Tensor>& ranks, at::Tensor& v,
                         bool pdl, const std::optional<at::Tensor>& chunks,
+                        const std::optional<at::Tensor>& work, c10::IntArrayRef work_rows,
                         BgmvShrinkParams* out, const char* op) {
   BGMV_CHECK(x.is_cuda(), op, ": x: expected a CUDA tensor, got device ", x.device());
   BgmvDtype dt;
@@ -229,6 +262,9 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
 
   p.pdl = pdl;
   BGMV_TRY(check_chunks(op, chunks, x, &p.chunks, &p.n_chunks));
+  BGMV_CHECK(!(chunks.has_value() && work.has_value()), op,
+             ": chunks (rule mma) and work (rule rank) exclude each other");
+  BGMV_TRY(check_work(op, work, work_rows, T, x, &p.work, p.work_rows));
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(x.device());
   const std::string err = bgmv_shrink_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -238,15 +274,19 @@ static std::string shrink_impl(const at::Tensor& x, const at::Tensor& A, const a
 
 std::string bgmv_cuda_shrink(const at::Tensor& x, const at::Tensor& A, const at::Tensor& idx,
                              const std::optional<at::Tensor>& ranks, at::Tensor& v, bool pdl,
-                             const std::optional<at::Tensor>& chunks) {
-  return shrink_impl(x, A, idx, ranks, v, pdl, chunks, nullptr, "multilora::bgmv_cuda_shrink");
+                             const std::optional<at::Tensor>& chunks,
+                             const std::optional<at::Tensor>& work,
+                             const std::vector<int64_t>& work_rows) {
+  return shrink_impl(x, A, idx, ranks, v, pdl, chunks, work, work_rows, nullptr,
+                     "multilora::bgmv_cuda_shrink");
 }
 
 static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorList B,
                         const at::Tensor& idx, const at::Tensor& scale,
                         const std::optional<at::Tensor>& ranks, bool pdl, int64_t tile_rule,
-                        const std::optional<at::Tensor>& chunks, BgmvExpandParams* out,
-                        const char* op) {
+                        const std::optional<at::Tensor>& chunks,
+                        const std::optional<at::Tensor>& work, c10::IntArrayRef work_rows,
+                        BgmvExpandParams* out, const char* op) {
   BGMV_CHECK(y.is_cuda(), op, ": y: expected a CUDA tensor, got device ", y.device());
   BGMV_CHECK(tile_rule >= kBgmvTileRuleClassic && tile_rule <= kBgmvTileRuleMma, op,
              ": tile_rule: expected ", kBgmvTileRuleClassic, " (classic), ",
@@ -333,6 +373,9 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
   BGMV_CHECK(!chunks.has_value() || tile_rule == kBgmvTileRuleMma, op,
              ": chunks: only with tile_rule ", kBgmvTileRuleMma, " (mma), got ", tile_rule);
   BGMV_TRY(check_chunks(op, chunks, y, &p.chunks, &p.n_chunks));
+  BGMV_CHECK(!work.has_value() || tile_rule == kBgmvTileRuleRank, op,
+             ": work: only with tile_rule ", kBgmvTileRuleRank, " (rank), got ", tile_rule);
+  BGMV_TRY(check_work(op, work, work_rows, T, y, &p.work, p.work_rows));
   if (out != nullptr) { *out = p; return {}; }
   const c10::cuda::CUDAGuard guard(y.device());
   const std::string err = bgmv_expand_dispatch(dt, p, c10::cuda::getCurrentCUDAStream().stream());
@@ -343,9 +386,11 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
 std::string bgmv_cuda_expand(at::Tensor& y, const at::Tensor& v, const std::vector<at::Tensor>& B,
                              const at::Tensor& idx, const at::Tensor& scale,
                              const std::optional<at::Tensor>& ranks, bool pdl,
-                             int64_t tile_rule, const std::optional<at::Tensor>& chunks) {
-  return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks, nullptr,
-                     "multilora::bgmv_cuda_expand");
+                             int64_t tile_rule, const std::optional<at::Tensor>& chunks,
+                             const std::optional<at::Tensor>& work,
+                             const std::vector<int64_t>& work_rows) {
+  return expand_impl(y, v, B, idx, scale, ranks, pdl, tile_rule, chunks, work, work_rows,
+                     nullptr, "multilora::bgmv_cuda_expand");
 }
 
 // One launch: split-K shrink into v [n_split, T, S, r_max], then the expand, in one grid
@@ -356,8 +401,9 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
                      const std::optional<at::Tensor>& ranks, at::Tensor& v, at::Tensor& counters) {
   const char* op = "multilora::bgmv_cuda_fused";
   BgmvFusedParams p{};
-  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, std::nullopt, &p.s, op));
-  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, std::nullopt, &p.e, op));
+  BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, std::nullopt, std::nullopt, {}, &p.s, op));
+  BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, std::nullopt,
+                       std::nullopt, {}, &p.e, op));
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,

@@ -41,6 +41,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -167,6 +168,37 @@ __device__ __forceinline__ int bgmv_rank(const void* ranks, int is_64, int64_t i
   return (r < 0 || r > r_max) ? -1 : static_cast<int>(r);
 }
 
+// Token t's adapter i = idx[t] and its rank: 0 for i == -1 (no LoRA), -1 when i is outside
+// [-1, L) or ranks[i] outside [0, r_max]; ranks is read only for a valid i.
+template <typename P>
+__device__ __forceinline__ int bgmv_token(const P& p, int64_t t, int64_t* i) {
+  *i = bgmv_load_int(p.idx, p.idx_is_64, t);
+  if (*i == -1) return 0;
+  return (*i < -1 || *i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, *i, p.r_max);
+}
+
+// Rule "rank"'s token list (p.work; kBgmvRankGroups in bgmv_params.h): block b's group, the
+// last g whose first block is <= b (empty groups share their successor's first block), and
+// its row (token, adapter, rank), the same checks applied as bgmv_token's; a token outside
+// [0, T) counts as no LoRA (rank 0: its blocks write nothing).
+__device__ __forceinline__ int bgmv_work_group(const int* block_begin, int b) {
+  int g = 0;
+#pragma unroll
+  for (int q = 1; q < kBgmvRankGroups; ++q)
+    if (b >= block_begin[q]) g = q;
+  return g;
+}
+
+template <typename P>
+__device__ __forceinline__ int bgmv_work_row(const P& p, int row, int* t, int* i) {
+  const int* w = p.work + static_cast<int64_t>(row) * kBgmvWorkStride;
+  *t = __ldg(w);
+  *i = __ldg(w + 1);
+  const int r = __ldg(w + 2);
+  if (*i == -1 || *t < 0 || *t >= p.T) return 0;
+  return (*i < -1 || *i >= p.L || r < 0 || r > p.r_max) ? -1 : r;
+}
+
 // ---------------------------------------------------------------------------------------
 // Programmatic dependent launch (PDL, sm_90+).  A kernel launched with the programmatic
 // stream-serialization attribute may start while the kernel before it in the stream is
@@ -197,12 +229,14 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 // ---------------------------------------------------------------------------------------
 // Shrink: v[t, s, r] = sum_k x[t, k] * A[s, idx[t], r, k] for r < rank.
 // ---------------------------------------------------------------------------------------
-// One block's work: token t, slice s, rank rows [r0, r0 + ROWS), K chunk c of n_split.
+// One block's work: token t (adapter i, rank as bgmv_token returns them), slice s, rank rows
+// [r0, r0 + ROWS), K chunk c of n_split.
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
 template <typename T, int NT = kBgmvShrinkThreads>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
+                                                  const int64_t i, const int rank,
                                                   const int s, const int r0, const int c) {
   using Ty = BgmvType<T>;
   constexpr int VEC = Ty::kVec;
@@ -212,9 +246,6 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 
   // Early exits: no LoRA, an index or rank the expand will flag with NaN, or a tile past
   // this adapter's rank (the grid is sized by r_max; such tiles cost one idx/rank load).
-  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i < 0 || i >= p.L) return false;
-  const int rank = bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
   if (rank <= 0) return false;
   if (r0 >= rank) return true;
   const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
@@ -305,9 +336,29 @@ __global__ void __launch_bounds__(NT, kBgmvMinBlocksPerSM * kBgmvShrinkThreads /
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
-  const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-  bgmv_shrink_block<T, NT>(p, blockIdx.x, blockIdx.y / row_tiles,
-                           (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
+  int t, rank, y, row_tiles;
+  int64_t i;
+  // Token list: x = the blocks the ranks need (PERF_LOG v41).  16-bit types only: in fp32
+  // the K loop's loads fill the 64 registers (ptxas spilled the list's token); the fp32
+  // launcher runs the grid x = T instead.
+  if (sizeof(T) == 2 && p.work != nullptr) {
+    const int b = blockIdx.x;
+    if (b >= p.work_block_begin[kBgmvRankGroups]) return;   // an empty list's one block
+    const int g = bgmv_work_group(p.work_block_begin, b);
+    row_tiles = p.work_tiles[g];
+    const int per_token = p.S * row_tiles, local = b - p.work_block_begin[g];
+    int i32;
+    rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i32);
+    i = i32;
+    y = local % per_token;
+  } else {
+    t = blockIdx.x;
+    rank = bgmv_token(p, t, &i);
+    row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+    y = blockIdx.y;
+  }
+  bgmv_shrink_block<T, NT>(p, t, i, rank, y / row_tiles, (y % row_tiles) * kBgmvShrinkRows,
+                           blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -325,7 +376,8 @@ constexpr int kBgmvSpinLimit = 1 << 22;   // ~0.1-0.3 s: then NaN, never a hang
 
 template <typename T, int W, int NCHUNK, int J, bool FUSED, bool RANK_TILES = false>
 __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, const int64_t t,
-                                                  const int by, int* counters, const int need) {
+                                                  const int by, const int64_t i, const int rank,
+                                                  int* counters, const int need) {
   using Ty = BgmvType<T>;
   static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
   constexpr int NWARPS = kBgmvExpandThreads / 32;
@@ -342,18 +394,11 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   const int h_out = p.h_out[s];
   T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
 
-  // Early exits: no LoRA; invalid index / rank -> NaN over this tile (loud, no OOB read).
-  // A block with nothing to compute returns at once, freeing its slot for the blocks
-  // that stream B (PERF_LOG v33); only each token's first tile (by == 0, never empty)
-  // waits for the shrink, so the expand's completion still implies the shrink's.
-  const int64_t i = bgmv_load_int(p.idx, p.idx_is_64, t);
-  if (i == -1) {
-    if constexpr (!FUSED) {
-      if (by == 0) bgmv_wait_prior_grid();
-    }
-    return;
-  }
-  const int rank = (i < -1 || i >= p.L) ? -1 : bgmv_rank(p.ranks, p.ranks_is_64, i, p.r_max);
+  // Early exits: no LoRA (i == -1 or rank 0); invalid index / rank (rank -1) -> NaN over
+  // this tile (loud, no OOB read).  A block with nothing to compute returns at once,
+  // freeing its slot for the blocks that stream B (PERF_LOG v33); only each token's first
+  // tile (by == 0, never empty) waits for the shrink, so the expand's completion still
+  // implies the shrink's.
   if constexpr (RANK_TILES) {
     // Rule "rank": the lanes per B row from this token's rank, not r_max, so a token of a
     // small adapter covers more columns per block and leaves the grid's later tiles (sized
@@ -376,7 +421,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
     return;
   }
-  if (rank == 0) {
+  if (rank == 0) {   // also i == -1
     if constexpr (!FUSED) {
       if (by == 0) bgmv_wait_prior_grid();
     }
@@ -444,10 +489,31 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   // LDG.E.128 after ACQBULK), so B's latency did not overlap the shrink; the branch keeps
   // it before in every J = 1 instance (checked in the SASS). J >= 4 already issue their B
   // loads first; their code is left as it was.
+  // Rule "rank": t, s and the tile may come from a token list's row (PERF_LOG v41), loaded
+  // values, not blockIdx: rather than hold them in registers across the wait (the J = 8
+  // instance spilled them), thread 0 parks them in shared memory and every thread reads
+  // them back after the wait.
+  constexpr bool kPark = RANK_TILES && !FUSED;
+  __shared__ int parked[3];
+  if constexpr (kPark) {
+    if (threadIdx.x == 0) {
+      parked[0] = static_cast<int>(t);
+      parked[1] = s;
+      parked[2] = j_tile;
+    }
+  }
   if constexpr (!FUSED && J == 1) {
     if (p.T > 0) bgmv_wait_prior_grid();
   } else if constexpr (!FUSED) {
     bgmv_wait_prior_grid();
+  }
+  int64_t t_late = t;          // t, s, the tile from here on
+  int s_late = s, j_tile_late = j_tile;
+  if constexpr (kPark) {
+    __syncthreads();
+    t_late = parked[0];
+    s_late = parked[1];
+    j_tile_late = parked[2];
   }
   if constexpr (FUSED) {  // wait for this token's shrink blocks (the B loads are in flight)
     __shared__ int ready;
@@ -471,7 +537,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   // where aligned (p.v_vec; PERF_LOG v36: the scalar loads, each behind its own partial-sum
   // loop, were 129 of the 526 instructions per warp after the wait at bs 64), the same
   // sums in the same order.
-  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
+  const float* vrow = p.v + t_late * p.v_stride_t + s_late * p.v_stride_s;
   float vr[NCHUNK][W];
   constexpr bool kVecV = !FUSED && W % 4 == 0;   // a 16-byte v load exists for this kernel
   const bool vec_v = kVecV && p.v_vec;           // ... and v is aligned for it
@@ -570,8 +636,10 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
     // addresses) live from the y loads on: the opaque copy stops the compiler from reusing
     // them (it did: with y in shared memory but without this, ptxas spilled 80-104 bytes).
     // J <= 4: the same code as before (identical SASS).
-    int j_store = j_lane;
+    int j_store = kPark ? j_tile_late + warp * groups * J + grp : j_lane;
     if constexpr (J >= 8) asm volatile("" : "+r"(j_store));
+    T* yrow_store = kPark ? static_cast<T*>(p.y) + t_late * p.y_stride_t + p.col_off[s_late] : yrow;
+    const int h_out_store = kPark ? p.h_out[s_late] : h_out;
 #pragma unroll
     for (int u = 0; u < J; ++u) {
       const int j = j_store + u * groups;
@@ -581,7 +649,7 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
       } else {
         y = yv[u];
       }
-      if (j < h_out) yrow[j] = Ty::from_float(fmaf(sc, acc[u], y));
+      if (j < h_out_store) yrow_store[j] = Ty::from_float(fmaf(sc, acc[u], y));
     }
   }
 }
@@ -591,7 +659,30 @@ template <typename T, int W, int NCHUNK, int J, bool RANK_TILES = false>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
 _bgmv_expand_kernel(const BgmvExpandParams p) {
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
-  bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, blockIdx.x, blockIdx.y, nullptr, 0);
+  int t = blockIdx.x, by = blockIdx.y, rank;
+  int64_t i;
+  if (RANK_TILES && p.work != nullptr) {   // token list: x = the blocks the ranks need (v41)
+    const int b = blockIdx.x;
+    if (b >= p.work_block_begin[kBgmvRankGroups]) {   // an empty list's one block
+      bgmv_wait_prior_grid();
+      return;
+    }
+    const int g = bgmv_work_group(p.work_block_begin, b);
+    const int* sb = p.work_slice_begin[g];
+    const int per_token = sb[p.S], local = b - p.work_block_begin[g];
+    int i32;
+    rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i32);
+    i = i32;
+    const int q = local % per_token;               // the token's q-th block -> slice, tile
+    int s = 0;
+#pragma unroll
+    for (int k = 1; k < kBgmvMaxSlices; ++k)
+      if (k < p.S && q >= sb[k]) s = k;
+    by = p.tile_begin[s] + q - sb[s];              // the same tile of the r_max-sized grid
+  } else {
+    rank = bgmv_token(p, t, &i);
+  }
+  bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, t, by, i, rank, nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -975,7 +1066,9 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
     const int64_t t = b / per_token;
     const int rem = static_cast<int>(b % per_token);
     const int c = rem % p.s.n_split, st = rem / p.s.n_split;
-    if (bgmv_shrink_block<T>(p.s, t, st / row_tiles, (st % row_tiles) * kBgmvShrinkRows, c)) {
+    int64_t i;
+    const int rank = bgmv_token(p.s, t, &i);
+    if (bgmv_shrink_block<T>(p.s, t, i, rank, st / row_tiles, (st % row_tiles) * kBgmvShrinkRows, c)) {
       __threadfence();                                 // release: v before the counter
       __syncthreads();
       if (threadIdx.x == 0) atomicAdd(p.counters + t, 1);
@@ -984,8 +1077,10 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
   }
   b -= shrink_blocks;
   const int tiles = p.e.tile_begin[p.e.S];
+  int64_t i;
+  const int rank = bgmv_token(p.e, b / tiles, &i);
   bgmv_expand_block<T, W, NCHUNK, kBgmvExpandOuts, true>(p.e, b / tiles, static_cast<int>(b % tiles),
-                                        p.counters, per_token);
+                                                         i, rank, p.counters, per_token);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1060,6 +1155,36 @@ const char* bgmv_shrink_check(const BgmvShrinkParams& p) {
   return nullptr;
 }
 
+// Rule "rank"'s token list: group g's rank (its blocks' shape), r_max for group 0.
+inline int bgmv_group_rank(int g, int r_max) {
+  return g == 0 ? r_max : std::min(256 >> g, r_max);
+}
+
+// Checks the list's group sizes and fills each group's first row and block for per_token(g)
+// blocks per token; returns nullptr, or a message.
+template <typename P, typename F>
+const char* bgmv_fill_work_blocks(P& p, F per_token) {
+  int64_t rows = 0, blocks = 0;
+  for (int g = 0; g < kBgmvRankGroups; ++g) {
+    if (p.work_rows[g] < 0) return "rank work list: negative group size";
+    p.work_row_begin[g] = static_cast<int>(rows);
+    p.work_block_begin[g] = static_cast<int>(blocks);
+    rows += p.work_rows[g];
+    blocks += static_cast<int64_t>(p.work_rows[g]) * per_token(g);
+    if (rows > p.T || blocks > 2147483647LL)
+      return "rank work list: more rows than tokens, or more than 2^31 - 1 blocks";
+  }
+  p.work_block_begin[kBgmvRankGroups] = static_cast<int>(blocks);
+  return nullptr;
+}
+
+// The shrink's: S * ceil(group rank / ROWS) blocks per token, none for group 0 (invalid).
+inline const char* bgmv_fill_work(BgmvShrinkParams& p) {
+  for (int g = 0; g < kBgmvRankGroups; ++g)
+    p.work_tiles[g] = g == 0 ? 0 : (bgmv_group_rank(g, p.r_max) + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+  return bgmv_fill_work_blocks(p, [&](int g) { return p.S * p.work_tiles[g]; });
+}
+
 template <typename T>
 const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   if (const char* err = bgmv_shrink_check<T>(p)) return err;
@@ -1073,15 +1198,20 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-  const dim3 grid(p.T, p.S * row_tiles, p.n_split);
+  dim3 grid(p.T, p.S * row_tiles, p.n_split);
+  BgmvShrinkParams q = p;
+  if (p.work != nullptr) {   // token list: one block per row tile its rank needs (v41)
+    if (const char* err = bgmv_fill_work(q)) return err;
+    grid = dim3(std::max(q.work_block_begin[kBgmvRankGroups], 1), 1, p.n_split);
+  }
   // Small grids take the wide blocks (each walks h_in in half the steps): measured on the
   // H200 (PERF_LOG v31) faster up to 64 blocks (bs 1-16 at r 16: 0.3-0.45 us), slower
   // from 256 (bs 64: 5.99 -> 7.31 us, the wide blocks crowd out the expand's early ones).
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const bool wide = blocks <= kBgmvShrinkWideMaxBlocks;
   const cudaError_t err =
-      wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, p)
-           : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, p);
+      wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, q)
+           : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, q);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1128,6 +1258,22 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   if (bgmv_fill_tiles(p, kBgmvExpandOuts) > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   *vec_out = vec;
   return nullptr;
+}
+
+// The rank-tile expand's: group g's tiles, 4 warps x (32 / G) lane groups x J outputs with
+// G lanes per B row for its group rank (group 0: r_max's, p.log2_group), per slice.
+inline const char* bgmv_fill_work(BgmvExpandParams& p, int vec, int outs) {
+  for (int g = 0; g < kBgmvRankGroups; ++g) {
+    const int lanes = (bgmv_group_rank(g, p.r_max) + vec - 1) / vec;
+    int log2g = 0;
+    while ((1 << log2g) < lanes && log2g < 5) ++log2g;  // as the kernel's, from any rank of g
+    const int tile = (kBgmvExpandThreads / 32) * (32 >> log2g) * outs;
+    int* sb = p.work_slice_begin[g];
+    sb[0] = 0;
+    for (int s = 0; s < p.S; ++s) sb[s + 1] = sb[s] + (p.h_out[s] + tile - 1) / tile;
+    for (int s = p.S; s < kBgmvMaxSlices; ++s) sb[s + 1] = sb[s];
+  }
+  return bgmv_fill_work_blocks(p, [&](int g) { return p.work_slice_begin[g][p.S]; });
 }
 
 // Outputs per lane J of a two-launch expand by p.tile_rule (see kBgmvExpandSmallGrid and
@@ -1223,11 +1369,15 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
     p.tile_rule = kBgmvTileRuleRank;
   }
   const int outs = bgmv_expand_outs(p, vec);
-  const dim3 grid(p.T, p.tile_begin[p.S]);
+  dim3 grid(p.T, p.tile_begin[p.S]);
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
   if (vec && p.tile_rule == kBgmvTileRuleRank) {
+    if (p.work != nullptr) {   // token list: one block per tile its rank's lanes need (v41)
+      if (const char* e = bgmv_fill_work(p, VEC, outs)) return e;
+      grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
+    }
     constexpr int kJm = kBgmvExpandOutsMax;
     err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true>>(grid, threads, stream, p)
         : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true>>(grid, threads, stream, p)

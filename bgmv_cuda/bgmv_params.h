@@ -21,6 +21,14 @@ constexpr int kBgmvChunkTokens = 8;   // tokens per chunk of rule "mma" (CHUNK_T
 // A chunk row: its kBgmvChunkTokens tokens (-1 padded), then the adapter id they share, so
 // a kernel reads the adapter with the tokens instead of after them (PERF_LOG v26).
 constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;
+// Rule "rank"'s token list (`work`, PERF_LOG v41; multilora_impl.build_rank_work): rows
+// (token, adapter, rank) of the tokens with a LoRA (idx != -1, rank != 0), in
+// kBgmvRankGroups groups: group 0 the tokens whose index or rank is invalid (rank -1),
+// group g >= 1 the ranks r with next_pow2(r) == 256 >> g (128, 64, ..., 1; ranks above 128
+// in group 1).  Every rank of a group shares its blocks' shape (the lane groups of the
+// expand, the row tiles of the shrink are those of its group rank min(256 >> g, r_max)).
+constexpr int kBgmvRankGroups = 9;
+constexpr int kBgmvWorkStride = 3;
 // Expand tile rules, BgmvExpandParams::tile_rule (EXPAND_TILE_RULES in bgmv_cuda.py):
 // "classic" (J = 1 for small grids, else 4), "residency" (J sized so the grid fits;
 // bgmv_kernel.cuh, kBgmvExpandMaxBlocks), "rank" (residency's J, and each token's lanes
@@ -63,6 +71,14 @@ struct BgmvShrinkParams {
   // the tensor cores (bf16 only).
   const int* chunks = nullptr;
   int n_chunks = 0;
+  // Rule "rank" with a token list (nullptr: the grid x = T): work [n, 3] int32 as
+  // kBgmvRankGroups says, work_rows[g] rows in group g; the launcher fills the rest and
+  // launches a 1-D grid of the blocks those ranks need (group by group, token by token).
+  const int* work = nullptr;
+  int work_rows[kBgmvRankGroups] = {};
+  int work_block_begin[kBgmvRankGroups + 1];   // group g's first block; [G]: all blocks
+  int work_row_begin[kBgmvRankGroups];         // group g's first row of work
+  int work_tiles[kBgmvRankGroups];             // group g: rank-row tiles per slice
 };
 
 struct BgmvExpandParams {
@@ -96,6 +112,14 @@ struct BgmvExpandParams {
   int mma_tiles = 1;
   int y_vec = 0;    // rule "mma": y staged in 16-byte vectors (filled by the launcher)
   int v_vec = 0;    // FMA expand: v read in 16-byte vectors (filled by bgmv_expand_prepare)
+  // Rule "rank" with a token list, as in BgmvShrinkParams (16-byte B loads; other paths
+  // ignore it).  work_slice_begin[g][s]: a group-g token's first block of slice s among its
+  // work_slice_begin[g][S] blocks (tiles of its group's lane groups).
+  const int* work = nullptr;
+  int work_rows[kBgmvRankGroups] = {};
+  int work_block_begin[kBgmvRankGroups + 1];
+  int work_row_begin[kBgmvRankGroups];
+  int work_slice_begin[kBgmvRankGroups][kBgmvMaxSlices + 1];
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.

@@ -1,6 +1,7 @@
 """Settle the small-batch BGMV variants on the GPU in one short run (--variants).
 
-For each point, every variant (bgmv_cuda default / default without PDL / split-K by shape /
+For each point, every variant (bgmv_cuda default, with make_meta's meta as the registry runs
+it (chunks, rank token list; before session 12 without meta) / the same without PDL / split-K by shape /
 split-K in 2 (`cuda_split2`: one 16-byte step of x and A per shrink thread at h_in 4096,
 one DRAM round trip instead of two; PERF_LOG v13, measured slower in session 7) / fused /
 with the "classic", the "residency" and the "rank" expand tile rule, bgmv_triton default) is
@@ -103,9 +104,9 @@ def main(args: argparse.Namespace) -> list:
     t_start = time.time()
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()                                     # build first (cached afterwards)
-    fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a),
+    fns = {"cuda": lambda *a, meta=None: bc.bgmv_lora(*a, meta),   # as the registry runs it
            "cuda_classic": lambda *a, meta=None: bc.bgmv_lora(*a, tiles="classic"),
-           "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, pdl=False),
+           "cuda_nopdl": lambda *a, meta=None: bc.bgmv_lora(*a, meta, pdl=False),
            "cuda_split": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split"),
            "cuda_split2": lambda *a, meta=None: bc.bgmv_lora(*a, variant="split", split_k=2),
            "cuda_fused": lambda *a, meta=None: bc.bgmv_lora(*a, variant="fused"),

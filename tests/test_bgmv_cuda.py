@@ -12,6 +12,7 @@ the same buffers, no host sync, a broken source surfacing the compiler's message
 last and in a child process (a crash there cannot end the test run), the C++ ops' own
 checks raising ValueError from bgmv_ext.cpp.
 """
+import dataclasses
 import os
 import re
 import shutil
@@ -22,8 +23,9 @@ from typing import Optional
 import pytest
 import torch
 
-from multilora_impl import (TOLERANCE, build_chunks, check_mode, get_mode, lora_reference,
-                            make_lora_inputs, make_meta, make_workload, relative_error)
+from multilora_impl import (RANK_GROUPS, TOLERANCE, build_chunks, build_rank_work, check_mode,
+                            get_mode, lora_reference, make_lora_inputs, make_meta, make_workload,
+                            relative_error)
 from bgmv_cuda import bgmv_cuda as bc
 from bgmv_cuda import compile_check as cc
 
@@ -66,9 +68,11 @@ def test_compile_check_sm80_sm90_no_spills():
             # (8 tokens x 1,024 columns), the chunk's 8 tokens (PERF_LOG v29: no v sums)
             kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 1024 * 2 + 8 * 4, k
-        elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T
-            dt, *_, j, _rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
-            assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0), k
+        elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T;
+            # rule "rank" parks its token, slice and tile (3 ints, PERF_LOG v41)
+            dt, *_, j, rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
+            assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0) \
+                + (12 if rank == "true" else 0), k
     assert cc.spill_lines(text) == []
 
 
@@ -299,6 +303,7 @@ def test_python_limits_match_cpp_constants():
     assert [c["kBgmvTileRuleClassic"], c["kBgmvTileRuleResidency"], c["kBgmvTileRuleRank"],
             c["kBgmvTileRuleMma"]] == \
         [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
+    assert (c["kBgmvRankGroups"], c["kBgmvWorkStride"]) == (RANK_GROUPS, bc.WORK_STRIDE)
     assert "constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;" in text
     assert bc.CHUNK_STRIDE == bc.CHUNK_TOKENS + 1
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
@@ -1281,3 +1286,158 @@ def test_binding_compiles_against_torch_headers(tmp_path):
     assert broken.read_text() != src
     with pytest.raises(RuntimeError, match="undeclared_name"):
         cc.binding_check(source=str(broken))
+
+
+# ---------------------------------------------------------------------------------------
+# Rule "rank"'s token list (PERF_LOG v41)
+# ---------------------------------------------------------------------------------------
+def _group_of(rank: int) -> int:
+    """The group bgmv_params.h gives a valid rank >= 1: next_pow2(rank) == 256 >> g."""
+    p2 = 1
+    while p2 < rank:
+        p2 *= 2
+    return max(1, 8 - p2.bit_length() + 1)
+
+
+def test_build_rank_work_groups_and_checks(monkeypatch):
+    """build_rank_work: every token with idx != -1 and rank != 0 in exactly one row (token,
+    adapter, rank); invalid idx (adapter -2) and negative ranks (rank -1) in group 0, then
+    groups by next_pow2(rank) from 128 down (ranks above 128 with 128), index order within a
+    group, the group sizes adding up; make_meta builds the same list with the ranks (and
+    none without them); check_work refuses a wrong layout always, a list without ranks or
+    beside chunks, and, with MULTILORA_CHECK=1, rows that differ from build_rank_work's."""
+    g = torch.Generator().manual_seed(11)
+    assert [_group_of(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 33, 64, 65, 128, 129, 500)] == \
+        [8, 7, 6, 6, 5, 5, 4, 4, 2, 2, 1, 1, 1, 1]
+    for T, L in [(1, 1), (64, 32), (300, 5), (57, 200)]:
+        idx = torch.randint(-1, L, (T,), generator=g)
+        idx[torch.rand(T, generator=g) < 0.05] = L + 3              # out of range
+        idx[torch.rand(T, generator=g) < 0.03] = -7
+        ranks = torch.randint(0, 130, (L,), generator=g)
+        ranks[torch.rand(L, generator=g) < 0.1] = -2                # negative: NaN rows
+        ranks[torch.rand(L, generator=g) < 0.1] = 0
+        work, sizes = build_rank_work(idx.int(), ranks.int())
+        assert work.dtype == torch.int32 and work.shape == (sum(sizes), 3) and len(sizes) == 9
+        want = []
+        for t in range(T):
+            i = int(idx[t])
+            if i == -1:
+                continue
+            if i < -1 or i >= L:
+                want.append((0, t, -2, -1))
+            elif ranks[i] < 0:
+                want.append((0, t, i, -1))
+            elif ranks[i] > 0:
+                want.append((_group_of(int(ranks[i])), t, i, int(ranks[i])))
+        want.sort(key=lambda w: (w[0], w[1]))
+        assert work.tolist() == [list(w[1:]) for w in want]
+        assert list(sizes) == [sum(w[0] == k for w in want) for k in range(9)]
+        meta = make_meta(idx.int(), ranks=ranks.int())
+        assert torch.equal(meta.rank_work[0], work) and meta.rank_work[1] == sizes
+        assert make_meta(idx.int()).rank_work is None
+        monkeypatch.setenv("MULTILORA_CHECK", "1")
+        rows, listed = bc.check_work((work, sizes), idx.int(), ranks.int())
+        assert rows is work and listed == list(sizes)
+        monkeypatch.delenv("MULTILORA_CHECK")
+    idx, ranks = torch.tensor([0, 1, 0, 2], dtype=torch.int32), torch.tensor([8, 64, 3], dtype=torch.int32)
+    work, sizes = build_rank_work(idx, ranks)
+    for bad in [(work.long(), sizes), (work[:, :2].contiguous(), sizes), (work, sizes[:-1]),
+                (work, (1,) + sizes[1:]), (work.t().contiguous().t(), sizes), work,
+                (torch.cat([work, work]), tuple(2 * n for n in sizes))]:
+        with pytest.raises(ValueError, match="work"):
+            bc.check_work(bad, idx, ranks)
+    with pytest.raises(ValueError, match="work"):
+        bc.check_work((work, sizes), idx, None)                     # needs the ranks
+    with pytest.raises(ValueError, match="work"):
+        bc.check_work((work, sizes), idx, ranks, build_chunks(idx))
+    monkeypatch.setenv("MULTILORA_CHECK", "1")
+    tampered = work.clone()
+    tampered[0, 2] = 4                                              # another rank
+    with pytest.raises(ValueError, match="work"):
+        bc.check_work((tampered, sizes), idx, ranks)
+    with pytest.raises(ValueError, match="work"):                   # a token left out
+        bc.check_work((work[1:].contiguous(), (sizes[0],) + (sizes[1] - 1,) + sizes[2:]
+                       if sizes[1] else sizes), idx, ranks)
+
+
+def _rank_work_case(kind: str):
+    """(T, L, r_max, ranks, h_out, idx CPU int64) of a token-list test case."""
+    g = torch.Generator().manual_seed(len(kind))
+    T, L, r, ranks, h_out = {
+        "mixed": (64, 32, 64, [8, 16, 32, 64] * 8, 4096),
+        "odd": (40, 6, 64, [64, 3, 17, 40, 1, 0], 1032),
+        "bad": (48, 6, 32, [32, 5, 20, 7, 0, 16], 2048),
+        "slices": (33, 5, 32, [32, 8, 1, 20, 16], [1000, 136, 136]),
+        "r128": (16, 4, 128, [128, 100, 7, 128], 4096),
+        "none": (16, 3, 16, [16, 8, 0], 512),
+        "split": (24, 4, 64, [64, 40, 9, 64], 2048),
+        "big": (300, 64, 64, None, 4096)}[kind]
+    if ranks is None:
+        ranks = torch.randint(1, r + 1, (L,), generator=g).tolist()
+    idx = torch.randint(0, L, (T,), generator=g)
+    if kind == "bad":
+        idx[::7] = -1
+        idx[3], idx[11] = L, L + 5                       # out of range: NaN rows
+    if kind == "none":
+        idx[:] = -1
+        idx[5] = 2                                       # rank 0: untouched too
+    return T, L, r, ranks, h_out, idx
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixed", "odd", "bad", "slices", "r128", "none", "split", "big"])
+def test_rank_work_bitwise_equals_full_grid(kind):
+    """Rule "rank" with make_meta's token list (grids of only the blocks the ranks need,
+    PERF_LOG v41) against the same rule's full grid (x = T): bitwise equal, in every dtype
+    (fp32's shrink ignores the list, its expand reads it), in a CUDA graph too; the float64
+    reference on valid rows, idx = -1 and rank-0 rows untouched, invalid idx / negative or
+    too-large ranks NaN. A list that leaves out one token leaves that token's row untouched,
+    so the kernels do read the list."""
+    T, L, r, ranks, h_out, idx_h = _rank_work_case(kind)
+    idx = idx_h.int().cuda()
+    kw = {"variant": "split", "split_k": 3} if kind == "split" else {}
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T)
+        # "bad": a rank above r_max and a negative rank (make_lora_inputs needs them valid)
+        rk = inp["ranks"].clone()
+        if kind == "bad":
+            rk[1], rk[2] = -1, r + 8
+        meta = make_meta(idx, ranks=rk)
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], rk)
+        full, listed = inp["y"].clone(), inp["y"].clone()
+        bc.bgmv_lora(full, *args, tiles="rank", **kw)
+        bc.bgmv_lora(listed, *args, meta, tiles="rank", **kw)
+        assert torch.equal(_bits(full), _bits(listed)), (kind, dtype)
+        rank_t = torch.where((idx_h >= 0) & (idx_h < L), rk.cpu()[idx_h.clamp(0, L - 1)], -1)
+        ok = (idx_h >= 0) & (idx_h < L) & (rank_t > 0) & (rank_t <= r)
+        if ok.any():
+            ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                                 inp["scale"], rk)
+            assert relative_error(listed[ok], ref) < TOLERANCE[dtype], (kind, dtype)
+        quiet = (idx_h == -1) | (((idx_h >= 0) & (idx_h < L)) & (rank_t == 0))
+        assert torch.equal(_bits(listed[quiet]), _bits(inp["y"][quiet]))
+        loud = ~ok & ~quiet
+        assert torch.isnan(listed[loud]).all() and (kind == "bad") == bool(loud.any())
+        # in a CUDA graph, replayed
+        y = inp["y"].clone()
+        bc.bgmv_lora(y, *args, meta, tiles="rank", **kw)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        y.copy_(inp["y"])
+        with torch.cuda.graph(graph):
+            bc.bgmv_lora(y, *args, meta, tiles="rank", **kw)
+        y.copy_(inp["y"])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(_bits(y), _bits(full)), (kind, dtype)
+        # a list without its first row: that token's row stays as it was
+        work, sizes = meta.rank_work
+        if work.shape[0] and kind != "none":
+            first = next(k for k, n in enumerate(sizes) if n)
+            short = (work[1:].contiguous(), tuple(n - (k == first) for k, n in enumerate(sizes)))
+            y = inp["y"].clone()
+            bc.bgmv_lora(y, *args, dataclasses.replace(meta, rank_work=short), tiles="rank", **kw)
+            t0 = int(work[0, 0])
+            assert torch.equal(_bits(y[t0]), _bits(inp["y"][t0])), (kind, dtype)
+            rest = torch.arange(T) != t0
+            assert torch.equal(_bits(y[rest]), _bits(full[rest])), (kind, dtype)

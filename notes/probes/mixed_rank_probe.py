@@ -4,8 +4,10 @@ bf16, h 4096 -> 4096, batch 64 uniform over 32 adapters (run_bgmv_cuda's "mixed{
 bs64" workload), several rank layouts: mixed {8, 16, 32, 64} in r_max 64 storage, every
 adapter at 32 in r_max 64 storage (half the grid's tiles empty), every adapter at 32 in
 r_max 32 storage (no empty tiles, ranks=None), and the uniform 8 / 16 / 64 layouts.
-For each: the pair under rule "rank", the default pair (bgmv_lora), the chunked mma pair,
-and rule "rank"'s shrink alone and expand alone (no PDL), each timed as
+For each: the pair under rule "rank" on the full grid (x = T) and with make_meta's token
+list (PERF_LOG v41), the default pair (bgmv_lora with meta), the chunked mma pair, and rule
+"rank"'s shrink alone and expand alone (no PDL), on the full grid and with the list
+(where the ranks are given), each timed as
 bench_utils.time_graph (back-to-back calls in one CUDA graph over a cold pool), us per
 call, beside the bytes that must move and the sum of the tokens' ranks.
 
@@ -41,8 +43,8 @@ def main() -> None:
     copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
     print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; bs {T}, {L} adapters, "
           f"{idx.unique().numel()} used; us per call")
-    print(f"{'layout':24} {'MB':>5} {'rank_sum':>8} {'rank':>7} {'default':>7} {'mma_ch':>7} "
-          f"{'shrink':>7} {'expand':>7}")
+    cols = ["rank", "rank+list", "default", "mma_ch", "shrink", "shrink+l", "expand", "expand+l"]
+    print(f"{'layout':24} {'MB':>5} {'rank_sum':>8} " + " ".join(f"{c:>9}" for c in cols))
     for name, r_max, ranks in LAYOUTS:
         set0 = make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=0)
         meta = make_meta(idx, ranks=set0["ranks"])
@@ -52,9 +54,16 @@ def main() -> None:
                          for k in range(1, n_sets)]
         vs = [bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], pdl=False) for s in sets]
 
+        work = meta.rank_work
+
         def rank(k):
             s = sets[k]
             bc.bgmv_lora(s["y"], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], tiles="rank")
+
+        def rank_list(k):
+            s = sets[k]
+            bc.bgmv_lora(s["y"], s["x"], s["A"], s["B"], idx, s["scale"], s["ranks"], meta,
+                         tiles="rank")
 
         def default(k):
             s = sets[k]
@@ -69,14 +78,25 @@ def main() -> None:
             s = sets[k]
             bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], v=vs[k], pdl=False)
 
+        def shrink_list(k):
+            s = sets[k]
+            bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], v=vs[k], pdl=False, work=work)
+
         def expand(k):
             s = sets[k]
             bc.bgmv_expand(s["y"], vs[k], s["B"], idx, s["scale"], s["ranks"], tiles="rank")
 
+        def expand_list(k):
+            s = sets[k]
+            bc.bgmv_expand(s["y"], vs[k], s["B"], idx, s["scale"], s["ranks"], tiles="rank",
+                           work=work)
+
+        fns = [rank, rank_list, default, mma_chunks, shrink, shrink_list, expand, expand_list]
         us = [bu.time_graph(fn, n_sets, rep_ms=50)[0]
-              for fn in (rank, default, mma_chunks, shrink, expand)]
+              if work is not None or fn not in (shrink_list, expand_list) else float("nan")
+              for fn in fns]
         rank_sum = getattr(meta, "rank_sum", None) or T * r_max
-        print(f"{name:24} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:7.2f}" for u in us))
+        print(f"{name:24} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:9.2f}" for u in us))
         sets = vs = None
         torch.cuda.empty_cache()
 
