@@ -104,6 +104,11 @@ constexpr int kBgmvExpandSmallGrid = 512;  // rule 0: below this many J = 4 bloc
 constexpr int kBgmvExpandMaxBlocks = 640;
 constexpr int kBgmvExpandOutsMax = 8;      // rule 1's largest J (16-byte loads only)
 constexpr int kBgmvMinBlocksPerSM = 8;
+// Rule "rank"'s token-list shrink (PERF_LOG v41): 7 blocks of 128 threads per SM (72
+// registers).  Its row's token and adapter are loaded values, held in vector registers
+// (blockIdx-derived ones live in uniform registers): at 64, ptxas split each K step's 10
+// loads into two round trips (checked in the SASS).
+constexpr int kBgmvWorkMinBlocksPerSM = 7;
 // Fused kernel: shrink and expand code paths in one kernel; at 8 or 6 blocks / SM (64 / 80
 // registers) the fp32 instances spilled, so 4 blocks / SM (ptxas: 72-86 registers in
 // half / bf16, 110 in fp32, no spills).  It serves small T, where the grid is small anyway.
@@ -234,7 +239,7 @@ __device__ __forceinline__ void bgmv_let_next_grid_launch() {
 // Returns true when token t has a LoRA to apply (valid idx, rank >= 1) -- the fused kernel
 // signals its expand blocks only then -- whether or not this tile had rows to compute.
 // Every early exit is uniform over the block (no __syncthreads is skipped by part of it).
-template <typename T, int NT = kBgmvShrinkThreads>
+template <typename T, int NT = kBgmvShrinkThreads, bool WORK = false>
 __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, const int64_t t,
                                                   const int64_t i, const int rank,
                                                   const int s, const int r0, const int c) {
@@ -249,6 +254,13 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
   if (rank <= 0) return false;
   if (r0 >= rank) return true;
   const int nrows = min(ROWS, rank - r0); // rows past the rank are padding: never loaded
+  // Token list (WORK, PERF_LOG v41): t, s and r0 are loaded values, not blockIdx; this
+  // block's v row goes through shared memory (read back after the reduction's barrier)
+  // rather than hold them in registers through the K loop.
+  __shared__ int64_t v_row;
+  if constexpr (WORK) {
+    if (threadIdx.x == 0) v_row = c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0;
+  }
 
   const uint4* xv = reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + t * p.x_stride_t);
   const T* a_tile = static_cast<const T*>(p.A) + s * p.a_stride_s + i * p.a_stride_l +
@@ -322,7 +334,7 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) sum += partial[w][q];
-    p.v[c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0 + q] = sum;
+    p.v[(WORK ? v_row : c * p.v_stride_split + t * p.v_stride_t + s * p.v_stride_s + r0) + q] = sum;
   }
   return true;
 }
@@ -331,34 +343,34 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 // (kBgmvShrinkWideThreads) serves grids of at most 64 blocks: each thread then walks half
 // as many 16-byte chunks of h_in (h_in 4096: one step of U instead of two, one DRAM round
 // trip fewer per block; PERF_LOG v31), at the same registers per thread.
-template <typename T, int NT>
-__global__ void __launch_bounds__(NT, kBgmvMinBlocksPerSM * kBgmvShrinkThreads / NT)
+// WORK: rule "rank"'s token list (PERF_LOG v41): x = the blocks the listed ranks need,
+// group by group, token by token (BgmvShrinkParams::work).  Its own instances, 16-bit
+// types only: with the list's loaded token in the same kernel, ptxas no longer issued a
+// K step's 10 loads before its first FMA, and the fp32 instance spilled.
+template <typename T, int NT, bool WORK = false>
+__global__ void __launch_bounds__(NT, (WORK ? kBgmvWorkMinBlocksPerSM : kBgmvMinBlocksPerSM) *
+                                          kBgmvShrinkThreads / NT)
 _bgmv_shrink_kernel(const BgmvShrinkParams p) {
   bgmv_wait_prior_grid();
   bgmv_let_next_grid_launch();
-  int t, rank, y, row_tiles;
-  int64_t i;
-  // Token list: x = the blocks the ranks need (PERF_LOG v41).  16-bit types only: in fp32
-  // the K loop's loads fill the 64 registers (ptxas spilled the list's token); the fp32
-  // launcher runs the grid x = T instead.
-  if (sizeof(T) == 2 && p.work != nullptr) {
+  if constexpr (WORK) {
     const int b = blockIdx.x;
     if (b >= p.work_block_begin[kBgmvRankGroups]) return;   // an empty list's one block
     const int g = bgmv_work_group(p.work_block_begin, b);
-    row_tiles = p.work_tiles[g];
+    const int row_tiles = p.work_tiles[g];
     const int per_token = p.S * row_tiles, local = b - p.work_block_begin[g];
-    int i32;
-    rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i32);
-    i = i32;
-    y = local % per_token;
+    int t, i;
+    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i);
+    const int y = local % per_token;
+    bgmv_shrink_block<T, NT, true>(p, t, i, rank, y / row_tiles,
+                                   (y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
   } else {
-    t = blockIdx.x;
-    rank = bgmv_token(p, t, &i);
-    row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
-    y = blockIdx.y;
+    int64_t i;
+    const int rank = bgmv_token(p, blockIdx.x, &i);
+    const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
+    bgmv_shrink_block<T, NT>(p, blockIdx.x, i, rank, blockIdx.y / row_tiles,
+                             (blockIdx.y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
   }
-  bgmv_shrink_block<T, NT>(p, t, i, rank, y / row_tiles, (y % row_tiles) * kBgmvShrinkRows,
-                           blockIdx.z);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -374,7 +386,8 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
 // both counters to 0 for the next call.
 constexpr int kBgmvSpinLimit = 1 << 22;   // ~0.1-0.3 s: then NaN, never a hang
 
-template <typename T, int W, int NCHUNK, int J, bool FUSED, bool RANK_TILES = false>
+template <typename T, int W, int NCHUNK, int J, bool FUSED, bool RANK_TILES = false,
+          bool WORK = false>
 __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, const int64_t t,
                                                   const int by, const int64_t i, const int rank,
                                                   int* counters, const int need) {
@@ -489,11 +502,11 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
   // LDG.E.128 after ACQBULK), so B's latency did not overlap the shrink; the branch keeps
   // it before in every J = 1 instance (checked in the SASS). J >= 4 already issue their B
   // loads first; their code is left as it was.
-  // Rule "rank": t, s and the tile may come from a token list's row (PERF_LOG v41), loaded
-  // values, not blockIdx: rather than hold them in registers across the wait (the J = 8
-  // instance spilled them), thread 0 parks them in shared memory and every thread reads
-  // them back after the wait.
-  constexpr bool kPark = RANK_TILES && !FUSED;
+  // Token list (PERF_LOG v41): t, s and the tile come from the list's row, loaded values,
+  // not blockIdx: rather than hold them in registers across the wait (the J = 8 instance
+  // spilled them), thread 0 parks them in shared memory and every thread reads them back
+  // after the wait.
+  constexpr bool kPark = WORK;
   __shared__ int parked[3];
   if constexpr (kPark) {
     if (threadIdx.x == 0) {
@@ -655,13 +668,14 @@ __device__ __forceinline__ void bgmv_expand_block(const BgmvExpandParams& p, con
 }
 
 // Grid: x = token, y = output tile. RANK_TILES: tile rule "rank" (16-byte loads only).
-template <typename T, int W, int NCHUNK, int J, bool RANK_TILES = false>
+// WORK (with RANK_TILES, 16-bit types): rule "rank"'s token list (PERF_LOG v41): x = the
+// blocks the listed ranks need, each mapped to its token and to the tile of the grid above.
+template <typename T, int W, int NCHUNK, int J, bool RANK_TILES = false, bool WORK = false>
 __global__ void __launch_bounds__(kBgmvExpandThreads, kBgmvMinBlocksPerSM)
 _bgmv_expand_kernel(const BgmvExpandParams p) {
+  static_assert(!WORK || RANK_TILES, "the token list serves rule rank");
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
-  int t = blockIdx.x, by = blockIdx.y, rank;
-  int64_t i;
-  if (RANK_TILES && p.work != nullptr) {   // token list: x = the blocks the ranks need (v41)
+  if constexpr (WORK) {
     const int b = blockIdx.x;
     if (b >= p.work_block_begin[kBgmvRankGroups]) {   // an empty list's one block
       bgmv_wait_prior_grid();
@@ -670,19 +684,21 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
     const int g = bgmv_work_group(p.work_block_begin, b);
     const int* sb = p.work_slice_begin[g];
     const int per_token = sb[p.S], local = b - p.work_block_begin[g];
-    int i32;
-    rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i32);
-    i = i32;
+    int t, i;
+    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i);
     const int q = local % per_token;               // the token's q-th block -> slice, tile
     int s = 0;
 #pragma unroll
     for (int k = 1; k < kBgmvMaxSlices; ++k)
       if (k < p.S && q >= sb[k]) s = k;
-    by = p.tile_begin[s] + q - sb[s];              // the same tile of the r_max-sized grid
+    bgmv_expand_block<T, W, NCHUNK, J, false, true, true>(
+        p, t, p.tile_begin[s] + q - sb[s], i, rank, nullptr, 0);   // that tile of x = T's grid
   } else {
-    rank = bgmv_token(p, t, &i);
+    int64_t i;
+    const int rank = bgmv_token(p, blockIdx.x, &i);
+    bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, blockIdx.x, blockIdx.y, i, rank,
+                                                          nullptr, 0);
   }
-  bgmv_expand_block<T, W, NCHUNK, J, false, RANK_TILES>(p, t, by, i, rank, nullptr, 0);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1200,7 +1216,10 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   const int row_tiles = (p.r_max + kBgmvShrinkRows - 1) / kBgmvShrinkRows;
   dim3 grid(p.T, p.S * row_tiles, p.n_split);
   BgmvShrinkParams q = p;
-  if (p.work != nullptr) {   // token list: one block per row tile its rank needs (v41)
+  // Token list (16-bit types; fp32 keeps the grid x = T): one block per row tile its rank
+  // needs (PERF_LOG v41).
+  const bool work = sizeof(T) == 2 && p.work != nullptr;
+  if (work) {
     if (const char* err = bgmv_fill_work(q)) return err;
     grid = dim3(std::max(q.work_block_begin[kBgmvRankGroups], 1), 1, p.n_split);
   }
@@ -1209,9 +1228,16 @@ const char* bgmv_shrink_launch(const BgmvShrinkParams& p, cudaStream_t stream) {
   // from 256 (bs 64: 5.99 -> 7.31 us, the wide blocks crowd out the expand's early ones).
   const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y * grid.z;
   const bool wide = blocks <= kBgmvShrinkWideMaxBlocks;
-  const cudaError_t err =
-      wide ? bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkWideThreads>>(grid, kBgmvShrinkWideThreads, stream, q)
-           : bgmv_launch<_bgmv_shrink_kernel<T, kBgmvShrinkThreads>>(grid, kBgmvShrinkThreads, stream, q);
+  constexpr int kN = kBgmvShrinkThreads, kW = kBgmvShrinkWideThreads;
+  constexpr bool k16 = sizeof(T) == 2;   // the list's instances: 16-bit types only
+  cudaError_t err;
+  if (work) {
+    err = wide ? bgmv_launch<_bgmv_shrink_kernel<T, kW, k16>>(grid, kW, stream, q)
+               : bgmv_launch<_bgmv_shrink_kernel<T, kN, k16>>(grid, kN, stream, q);
+  } else {
+    err = wide ? bgmv_launch<_bgmv_shrink_kernel<T, kW>>(grid, kW, stream, q)
+               : bgmv_launch<_bgmv_shrink_kernel<T, kN>>(grid, kN, stream, q);
+  }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -1373,12 +1399,16 @@ const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int kJ = kBgmvExpandOuts, kN = kBgmvMaxRank / 32;  // 1-element loads: NCHUNK
   const int threads = kBgmvExpandThreads;
   cudaError_t err;
-  if (vec && p.tile_rule == kBgmvTileRuleRank) {
-    if (p.work != nullptr) {   // token list: one block per tile its rank's lanes need (v41)
-      if (const char* e = bgmv_fill_work(p, VEC, outs)) return e;
-      grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
-    }
-    constexpr int kJm = kBgmvExpandOutsMax;
+  constexpr bool k16 = sizeof(T) == 2;   // the list's instances: 16-bit types only
+  constexpr int kJm = kBgmvExpandOutsMax;
+  if (vec && p.tile_rule == kBgmvTileRuleRank && k16 && p.work != nullptr) {
+    // Token list: one block per tile its rank's lanes need (PERF_LOG v41).
+    if (const char* e = bgmv_fill_work(p, VEC, outs)) return e;
+    grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
+    err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true, k16>>(grid, threads, stream, p)
+        : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true, k16>>(grid, threads, stream, p)
+                     : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJm, true, k16>>(grid, threads, stream, p);
+  } else if (vec && p.tile_rule == kBgmvTileRuleRank) {
     err = outs == 1  ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, 1, true>>(grid, threads, stream, p)
         : outs == kJ ? bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJ, true>>(grid, threads, stream, p)
                      : bgmv_launch<_bgmv_expand_kernel<T, VEC, 1, kJm, true>>(grid, threads, stream, p);

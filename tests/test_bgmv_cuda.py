@@ -42,14 +42,21 @@ def test_compile_check_sm80_sm90_no_spills():
     names = {(cc.demangle_short(k.kernel), k.arch) for k in kernels}
     # 3 dtypes x (shrink of 128 / 256 threads, expand 16-byte x {J = 1, 4, 8} x {rule
     # "rank" or not} and 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, +
-    # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs
-    assert len(kernels) == 80 and len(names) == 80, sorted(names)
+    # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs, + rule
+    # "rank"'s token-list instances (half and bf16: 2 shrinks, 3 expands) x 2 archs
+    assert len(kernels) == 100 and len(names) == 100, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
-            assert (f"shrink<{dt}, 128>", arch) in names and (f"shrink<{dt}, 256>", arch) in names
-            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == 8
-            assert (f"expand<{dt}, {vec}, 1, 8, false>", arch) in names
-            assert (f"expand<{dt}, {vec}, 1, 8, true>", arch) in names
+            work = dt != "float"
+            assert (f"shrink<{dt}, 128, false>", arch) in names
+            assert (f"shrink<{dt}, 256, false>", arch) in names
+            assert ((f"shrink<{dt}, 128, true>", arch) in names) == work
+            assert ((f"shrink<{dt}, 256, true>", arch) in names) == work
+            assert sum(n.startswith(f"expand<{dt},") and a == arch for n, a in names) == \
+                (11 if work else 8)
+            assert (f"expand<{dt}, {vec}, 1, 8, false, false>", arch) in names
+            assert (f"expand<{dt}, {vec}, 1, 8, true, false>", arch) in names
+            assert ((f"expand<{dt}, {vec}, 1, 8, true, true>", arch) in names) == work
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
@@ -58,9 +65,12 @@ def test_compile_check_sm80_sm90_no_spills():
         assert k.spill_stores == 0 and k.spill_loads == 0 and k.stack_bytes == 0, k
         # __launch_bounds__(128, 8): 65536 / (8 * 128) registers; fused (128, 4): 128;
         # the mma kernels (128, 6): 80 (the allocation granule below 85), but the mma
-        # expand of KB = 4 (128, 4): 128
+        # expand of KB = 4 (128, 4): 128; the token-list shrinks (128, 7): 72, (256, 3): 80
+        short = cc.demangle_short(k.kernel)
         limit = 128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
-            80 if "mma" in k.kernel else 64
+            80 if "mma" in k.kernel else \
+            (72 if ", 128," in short else 80) if short.startswith("shrink<") and \
+            short.endswith("true>") else 64
         assert 0 < k.registers <= limit, k
         if "shrink_mma" in k.kernel:    # the 4 warps' fp32 sums, 16 rows x 8 tokens
             assert k.smem_bytes == 4 * 16 * 8 * 4, k
@@ -70,9 +80,9 @@ def test_compile_check_sm80_sm90_no_spills():
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 1024 * 2 + 8 * 4, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T;
             # rule "rank" parks its token, slice and tile (3 ints, PERF_LOG v41)
-            dt, *_, j, rank = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
+            dt, *_, j, _rank, work = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
             assert k.smem_bytes == (128 * 8 * (4 if dt == "float" else 2) if j == "8" else 0) \
-                + (12 if rank == "true" else 0), k
+                + (12 if work == "true" else 0), k
     assert cc.spill_lines(text) == []
 
 
@@ -1027,7 +1037,9 @@ def _launched_expand_j(call, rank_flag: bool = False, kernel: str = "_bgmv_expan
     short = [cc.demangle_short(n) if n.startswith("_Z") else n for n in names]
     args = [n.split("<", 1)[1].split(">")[0] for n in short]
     js = [int(re.findall(r"\d+", a)[-1]) for a in args]
-    return [(j, "true" in a) for j, a in zip(js, args)] if rank_flag else js
+    # the first bool is RANK_TILES (the second, WORK: rule "rank"'s token list)
+    rank = [[f for f in re.split(r",\s*", a) if f in ("true", "false")][0] == "true" for a in args]
+    return list(zip(js, rank)) if rank_flag else js
 
 
 @pytest.mark.gpu
