@@ -778,7 +778,10 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
               split_k: Optional[int] = None, pdl: Optional[bool] = None,
               tiles: Optional[str] = None) -> None:
     """Registry entry `bgmv_cuda`: y += LoRA(x) for all slices. meta is not needed (BGMV
-    reads idx directly); under tile rule "mma" its `chunks` (multilora_impl.build_chunks,
+    reads idx directly); under tile rule "rank" with ranks its `rank_work`
+    (multilora_impl.build_rank_work, built by make_meta with ranks=) sizes both grids to the
+    blocks the tokens' ranks need (half and bf16, PERF_LOG v41: the same values); under
+    tile rule "mma" its `chunks` (multilora_impl.build_chunks,
     built by make_meta), when present, group the tokens by adapter: both kernels then run
     one block per chunk of up to 8 tokens of one adapter on the tensor cores (bf16; the
     shrink split along h_in by mma_split), each adapter's weights read once per chunk.

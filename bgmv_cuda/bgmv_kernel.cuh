@@ -66,7 +66,9 @@
 //   memory.  4 rows per block keeps T = 1 decode spread over r_max / 4 blocks per slice.
 //   Grids of at most 64 blocks run 256 threads (8 warps) per block instead: half the
 //   steps along h_in per thread (PERF_LOG v31).
-//   Grid: x = T (up to 2^31 - 1), y = S * ceil(r_max / 4).
+//   Grid: x = T (up to 2^31 - 1), y = S * ceil(r_max / 4).  With rule "rank"'s token list
+//   (BgmvShrinkParams::work, half / bf16; PERF_LOG v41): x = only the blocks the listed
+//   tokens' ranks need, S * ceil(rank / 4) per token, the ranks grouped by next_pow2.
 constexpr int kBgmvShrinkThreads = 128;
 constexpr int kBgmvShrinkRows = 4;     // rank rows per block
 constexpr int kBgmvShrinkUnroll = 2;   // 16-byte chunks of h_in per thread per step
@@ -87,7 +89,9 @@ constexpr int kBgmvShrinkWideMaxBlocks = 64;  // ... up to this many blocks
 //   expand's 128 programs 2.8 us).  That is tile rule 0 ("classic"); rule 1 (the default
 //   since PERF_LOG v5, BgmvExpandParams::tile_rule) sizes J by the grid instead, with
 //   J = 8 for 16-byte loads (see kBgmvExpandMaxBlocks).
-//   Grid: x = T, y = sum_s ceil(h_out_s / tile).
+//   Grid: x = T, y = sum_s ceil(h_out_s / tile).  With rule "rank"'s token list
+//   (BgmvExpandParams::work, half / bf16): x = only the tiles of each listed token's rank
+//   (PERF_LOG v41: the mixed-rank point's x = T grids were half empty blocks).
 constexpr int kBgmvExpandThreads = 128;
 constexpr int kBgmvExpandOuts = 4;     // output columns per lane (loads in flight)
 constexpr int kBgmvExpandSmallGrid = 512;  // rule 0: below this many J = 4 blocks, J = 1
