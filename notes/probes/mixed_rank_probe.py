@@ -1,9 +1,10 @@
 """Where the mixed-rank point's time goes (issue 3, target 4; PERF_LOG session 12).
 
 bf16, h 4096 -> 4096, batch 64 uniform over 32 adapters (run_bgmv_cuda's "mixed{8..64}
-bs64" workload), several rank layouts: mixed {8, 16, 32, 64} in r_max 64 storage, every
-adapter at 32 in r_max 64 storage (half the grid's tiles empty), every adapter at 32 in
-r_max 32 storage (no empty tiles, ranks=None), and the uniform 8 / 16 / 64 layouts.
+bs64" workload, and the mixed_rank figure's batch), several rank layouts: mixed {8, 16, 32,
+64} in r_max 64 storage, every adapter at 32 / 16 / 8 in r_max 64 storage (ranks given:
+the token list; half or more of the x = T grids' blocks empty) and in storage of their own
+size (ranks=None: no empty blocks), and all at 64.
 For each: the pair under rule "rank" on the full grid (x = T) and with make_meta's token
 list (PERF_LOG v41), the default pair (bgmv_lora with meta), the chunked mma pair, and rule
 "rank"'s shrink alone and expand alone (no PDL), on the full grid and with the list
@@ -25,13 +26,17 @@ from bgmv_cuda import bgmv_cuda as bc
 from multilora_impl import make_lora_inputs, make_meta, make_workload
 
 
-LAYOUTS = [  # (name, r_max, ranks or None)
-    ("mixed{8..64} r_max 64", 64, [8, 16, 32, 64] * 8),
-    ("all 32, r_max 64", 64, [32] * 32),
-    ("all 32, r_max 32", 32, None),
-    ("all 16, r_max 16", 16, None),
-    ("all 8, r_max 8", 8, None),
-    ("padded 64", 64, None),
+LAYOUTS = [  # (name, r_max, ranks or None, idx seed)
+    ("mixed{8..64} r_max 64", 64, [8, 16, 32, 64] * 8, 64),
+    ("mixed, figure's batch", 64, [8, 16, 32, 64] * 8, 0),   # multilora_impl's mixed_rank
+    ("all 32, r_max 64", 64, [32] * 32, 64),
+    ("all 32, r_max 32", 32, None, 64),
+    ("all 16, r_max 64", 64, [16] * 32, 64),
+    ("all 16, r_max 16", 16, None, 64),
+    ("all 8, r_max 64", 64, [8] * 32, 64),
+    ("all 8, r_max 8", 8, None, 64),
+    ("all 64, ranks given", 64, [64] * 32, 64),
+    ("padded 64", 64, None, 64),
 ]
 
 
@@ -39,13 +44,14 @@ def main() -> None:
     T, h, L = 64, 4096, 32
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()
-    idx = make_workload("uniform", T, L, seed=T).to(dev)
     copy = bu.copy_bandwidth_gbs(dev, nbytes=2 * 2**29)
-    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; bs {T}, {L} adapters, "
-          f"{idx.unique().numel()} used; us per call")
+    print(f"{torch.cuda.get_device_name()}: copy {copy:.0f} GB/s; bs {T} uniform over {L} "
+          f"adapters (idx seed 64 as run_bgmv_cuda's point, 0 as the mixed_rank figure's); "
+          f"us per call")
     cols = ["rank", "rank+list", "default", "mma_ch", "shrink", "shrink+l", "expand", "expand+l"]
     print(f"{'layout':24} {'MB':>5} {'rank_sum':>8} " + " ".join(f"{c:>9}" for c in cols))
-    for name, r_max, ranks in LAYOUTS:
+    for name, r_max, ranks, seed in LAYOUTS:
+        idx = make_workload("uniform", T, L, seed=seed).to(dev)
         set0 = make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=0)
         meta = make_meta(idx, ranks=set0["ranks"])
         nbytes = bu.lora_bytes(idx, h, [h], r_max, dtype, set0["ranks"])
