@@ -348,7 +348,7 @@ __device__ __forceinline__ bool bgmv_shrink_block(const BgmvShrinkParams& p, con
 // as many 16-byte chunks of h_in (h_in 4096: one step of U instead of two, one DRAM round
 // trip fewer per block; PERF_LOG v31), at the same registers per thread.
 // WORK: rule "rank"'s token list (PERF_LOG v41): x = the blocks the listed ranks need,
-// group by group, token by token (BgmvShrinkParams::work).  Its own instances, 16-bit
+// group by group, tile by tile (BgmvShrinkParams::work).  Its own instances, 16-bit
 // types only: with the list's loaded token in the same kernel, ptxas no longer issued a
 // K step's 10 loads before its first FMA, and the fp32 instance spilled.
 template <typename T, int NT, bool WORK = false>
@@ -362,10 +362,12 @@ _bgmv_shrink_kernel(const BgmvShrinkParams p) {
     if (b >= p.work_block_begin[kBgmvRankGroups]) return;   // an empty list's one block
     const int g = bgmv_work_group(p.work_block_begin, b);
     const int row_tiles = p.work_tiles[g];
-    const int per_token = p.S * row_tiles, local = b - p.work_block_begin[g];
+    // tile-major within the group, as the x = T grid orders its blocks (token-major was
+    // slower where every rank is r_max: PERF_LOG v43)
+    const int n = p.work_rows[g], local = b - p.work_block_begin[g];
     int t, i;
-    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i);
-    const int y = local % per_token;
+    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local % n, &t, &i);
+    const int y = local / n;
     bgmv_shrink_block<T, NT, true>(p, t, i, rank, y / row_tiles,
                                    (y % row_tiles) * kBgmvShrinkRows, blockIdx.z);
   } else {
@@ -687,10 +689,10 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
     }
     const int g = bgmv_work_group(p.work_block_begin, b);
     const int* sb = p.work_slice_begin[g];
-    const int per_token = sb[p.S], local = b - p.work_block_begin[g];
-    int t, i;
-    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local / per_token, &t, &i);
-    const int q = local % per_token;               // the token's q-th block -> slice, tile
+    const int n = p.work_rows[g], local = b - p.work_block_begin[g];
+    int t, i;   // tile-major within the group, as the x = T grid (PERF_LOG v43)
+    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local % n, &t, &i);
+    const int q = local / n;                       // the token's q-th block -> slice, tile
     int s = 0;
 #pragma unroll
     for (int k = 1; k < kBgmvMaxSlices; ++k)

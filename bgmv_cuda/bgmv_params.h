@@ -73,7 +73,8 @@ struct BgmvShrinkParams {
   int n_chunks = 0;
   // Rule "rank" with a token list (nullptr: the grid x = T): work [n, 3] int32 as
   // kBgmvRankGroups says, work_rows[g] rows in group g; the launcher fills the rest and
-  // launches a 1-D grid of the blocks those ranks need (group by group, token by token).
+  // launches a 1-D grid of the blocks those ranks need (group by group; within a group
+  // tile by tile, the group's tokens side by side, as in the grid x = T).
   const int* work = nullptr;
   int work_rows[kBgmvRankGroups] = {};
   int work_block_begin[kBgmvRankGroups + 1];   // group g's first block; [G]: all blocks
