@@ -1374,6 +1374,23 @@ def test_build_rank_work_groups_and_checks(monkeypatch):
                        if sizes[1] else sizes), idx, ranks)
 
 
+def test_rank_work_pays_rule():
+    """bgmv_lora takes the token list only where it leaves blocks out: a token without
+    LoRA (not listed), or one in a group of smaller ranks than r_max's (PERF_LOG v43: with
+    every token at r_max's group the list was slower)."""
+    ranks = torch.tensor([64, 64, 40, 8], dtype=torch.int32)
+    for idx, r_max, pays in [([0, 1, 2, 1], 64, False),     # 64, 64, 40: one group (33..64)
+                             ([0, 1, 3, 1], 64, True),      # rank 8
+                             ([0, -1, 2, 1], 64, True),     # idx -1 left out
+                             ([0, 1, 2, 1], 128, True),     # r_max 128: 64 is a smaller group
+                             ([0, 5, 2, 1], 64, False)]:    # invalid idx: group 0, listed
+        work = build_rank_work(torch.tensor(idx, dtype=torch.int32), ranks)
+        assert bc.rank_work_pays(work, len(idx), r_max) == pays, (idx, r_max)
+    assert not bc.rank_work_pays(None, 4, 64)
+    zero = build_rank_work(torch.tensor([3, 0]), torch.tensor([64, 64, 64, 0]))  # rank 0: out
+    assert bc.rank_work_pays(zero, 2, 64)
+
+
 def _rank_work_case(kind: str):
     """(T, L, r_max, ranks, h_out, idx CPU int64) of a token-list test case."""
     g = torch.Generator().manual_seed(len(kind))
