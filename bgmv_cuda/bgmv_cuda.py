@@ -627,7 +627,7 @@ def check_work(work, idx: Tensor, ranks: Optional[Tensor], chunks: Optional[Tens
     if chunks is not None:
         _fail("work", "None with chunks (rule mma)", "a list")
     if debug_checks():
-        want, want_sizes = build_rank_work(idx, ranks)
+        want, want_sizes = build_rank_work(idx.cpu(), ranks.cpu())     # host tensors
         if sizes != want_sizes or not torch.equal(rows.cpu(), want):
             _fail("work", "build_rank_work(idx, ranks)'s rows and sizes",
                   f"{rows.cpu().tolist()} {sizes}")

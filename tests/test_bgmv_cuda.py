@@ -1417,7 +1417,7 @@ def _rank_work_case(kind: str):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["mixed", "odd", "bad", "slices", "r128", "none", "split", "big"])
-def test_rank_work_bitwise_equals_full_grid(kind):
+def test_rank_work_bitwise_equals_full_grid(kind, monkeypatch):
     """Rule "rank" with make_meta's token list (grids of only the blocks the ranks need,
     PERF_LOG v41) against the same rule's full grid (x = T): bitwise equal, in every dtype
     (fp32 ignores the list: its kernels have no list instances), in a CUDA graph too; the
@@ -1439,6 +1439,12 @@ def test_rank_work_bitwise_equals_full_grid(kind):
         bc.bgmv_lora(full, *args, tiles="rank", **kw)
         bc.bgmv_lora(listed, *args, meta, tiles="rank", **kw)
         assert torch.equal(_bits(full), _bits(listed)), (kind, dtype)
+        if kind != "bad":      # MULTILORA_CHECK=1 checks the list on the host (bad idx raise)
+            monkeypatch.setenv("MULTILORA_CHECK", "1")
+            checked = inp["y"].clone()
+            bc.bgmv_lora(checked, *args, meta, tiles="rank", **kw)
+            monkeypatch.delenv("MULTILORA_CHECK")
+            assert torch.equal(_bits(checked), _bits(listed)), (kind, dtype)
         rank_t = torch.where((idx_h >= 0) & (idx_h < L), rk.cpu()[idx_h.clamp(0, L - 1)], -1)
         ok = (idx_h >= 0) & (idx_h < L) & (rank_t > 0) & (rank_t <= r)
         if ok.any():
