@@ -604,7 +604,7 @@ def check_chunks(chunks: Optional[Tensor], idx: Tensor) -> None:
 
 
 def check_work(work, idx: Tensor, ranks: Optional[Tensor], chunks: Optional[Tensor] = None
-               ) -> Optional[tuple[Tensor, tuple[int, ...]]]:
+               ) -> Optional[tuple[Tensor, list[int]]]:
     """work (rule "rank"'s token list, PERF_LOG v41): None, or (rows, group sizes) as
     multilora_impl.build_rank_work(idx, ranks) returns them: int32 [n <= T, 3] contiguous
     on idx's device and RANK_GROUPS ints >= 0 adding up to n; needs ranks, excludes chunks.
@@ -847,7 +847,8 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     n_split = _resolve_split(split_k, x, A4)
     if variant == "split":
         v = bgmv_shrink(x, A4, idx, ranks, split_k=n_split, pdl=pdl, work=work)
-        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles, work=work)   # [n_split, T, S, r]
+        bgmv_expand(y, v, Bs, idx, scale, ranks, pdl=pdl, tiles=tiles,   # v [n_split, T, S, r]
+                    work=work)
         return
     check_shrink_args(x, A4, idx, ranks)
     v = torch.empty((n_split, x.shape[0], A4.shape[0], A4.shape[2]), dtype=torch.float32,
