@@ -352,10 +352,8 @@ def make_meta(idx: Tensor, chunks: bool = True, ranks: Optional[Tensor] = None) 
     idx_h = idx.detach().to("cpu", torch.int64)      # the one device read of idx
     rank_sum = rank_work = None
     if ranks is not None:
-        ranks_h = ranks.detach().to("cpu", torch.int64)
-        used = idx_h[(idx_h >= 0) & (idx_h < ranks_h.numel())]
-        rank_sum = int(ranks_h[used].clamp(min=0).sum())
-        work, rows = build_rank_work(idx_h, ranks_h)
+        work, rows = build_rank_work(idx_h, ranks)      # host rows: the tokens' own ranks
+        rank_sum = int(work[:, 2].clamp(min=0).sum())   # invalid rows (rank -1) count 0
         rank_work = (work.to(idx.device), rows)
     seg_starts, seg_adapter = build_segments(idx_h)   # host tensors, moved below
     lens = seg_starts[1:] - seg_starts[:-1]

@@ -1177,6 +1177,15 @@ const char* bgmv_shrink_check(const BgmvShrinkParams& p) {
   return nullptr;
 }
 
+// log2 of the expand's lanes per B row for a rank: the next power of two of the W-wide
+// chunks it spans, at most 32 lanes (the kernel's rule-"rank" loop computes the same).
+inline int bgmv_log2_group(int rank, int w) {
+  const int lanes = (rank + w - 1) / w;
+  int log2g = 0;
+  while ((1 << log2g) < lanes && log2g < 5) ++log2g;
+  return log2g;
+}
+
 // Rule "rank"'s token list: group g's rank (its blocks' shape), r_max for group 0.
 inline int bgmv_group_rank(int g, int r_max) {
   return g == 0 ? r_max : std::min(256 >> g, r_max);
@@ -1280,11 +1289,7 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
     vec = vec && bgmv_aligned16(p.B[s]) && (p.b_stride_l[s] * es) % 16 == 0 &&
           (p.b_stride_o[s] * es) % 16 == 0 && p.r_max % VEC == 0;
   }
-  const int w = vec ? VEC : 1;
-  const int lanes = (p.r_max + w - 1) / w;             // W-chunks per B row
-  int log2g = 0;
-  while ((1 << log2g) < lanes && log2g < 5) ++log2g;   // G = next power of two, <= 32
-  p.log2_group = log2g;
+  p.log2_group = bgmv_log2_group(p.r_max, vec ? VEC : 1);   // G for r_max
   p.v_vec = bgmv_aligned16(p.v) && p.v_stride_t % 4 == 0 && p.v_stride_s % 4 == 0 &&
             (p.n_split == 1 || p.v_stride_split % 4 == 0);
   if (bgmv_fill_tiles(p, kBgmvExpandOuts) > 65535) return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
@@ -1296,9 +1301,7 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
 // G lanes per B row for its group rank (group 0: r_max's, p.log2_group), per slice.
 inline const char* bgmv_fill_work(BgmvExpandParams& p, int vec, int outs) {
   for (int g = 0; g < kBgmvRankGroups; ++g) {
-    const int lanes = (bgmv_group_rank(g, p.r_max) + vec - 1) / vec;
-    int log2g = 0;
-    while ((1 << log2g) < lanes && log2g < 5) ++log2g;  // as the kernel's, from any rank of g
+    const int log2g = bgmv_log2_group(bgmv_group_rank(g, p.r_max), vec);  // any rank of g's
     const int tile = (kBgmvExpandThreads / 32) * (32 >> log2g) * outs;
     int* sb = p.work_slice_begin[g];
     sb[0] = 0;
