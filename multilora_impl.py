@@ -618,15 +618,27 @@ def make_workload(kind: str, num_requests: int, num_adapters: int, no_lora_share
     return a.to(torch.int32)
 
 
+def to_rank_major(B: BList) -> BList:
+    """B [L, h_out, r_max] (or a tuple of slices) stored rank-major: the same shape and
+    values, unit stride along h_out, each adapter's rank rows of h_out contiguous (as A's
+    rows are). A layout taken once when adapters are loaded: an adapter of rank r < r_max
+    then reads r dense rows, where the row layout reads r of every r_max elements of each
+    of h_out rows (PERF_LOG v42 / v45). Every mode takes either layout."""
+    def one(b: Tensor) -> Tensor:
+        return b.transpose(1, 2).contiguous().transpose(1, 2)
+    return tuple(one(b) for b in B) if isinstance(B, (tuple, list)) else one(B)
+
+
 def make_lora_inputs(T: int, h_in: int, h_out: Union[int, Sequence[int]], L: int, r_max: int,
                      dtype: torch.dtype, device: Union[str, torch.device] = "cpu",
                      ranks: Optional[Sequence[int]] = None, seed: int = 0,
-                     pad_value: float = float("nan")) -> dict:
+                     pad_value: float = float("nan"), rank_major: bool = False) -> dict:
     """Fresh random x, y, A, B, scale (and ranks) with outputs of order 1.
 
     h_out as a list makes S slices (A [S, L, r_max, h_in], B a tuple). With ranks, the
     padded rows of A / columns of B hold pad_value (NaN by default) so that any kernel
-    reading them poisons its output."""
+    reading them poisons its output. rank_major: B stored as to_rank_major does (same
+    values)."""
     g = torch.Generator().manual_seed(seed)
     sliced = not isinstance(h_out, int)
     h_outs = list(h_out) if sliced else [h_out]
@@ -645,10 +657,11 @@ def make_lora_inputs(T: int, h_in: int, h_out: Union[int, Sequence[int]], L: int
         A = torch.where(used[None, :, :, None], A, pad_value)
         Bs = [torch.where(used[:, None, :], b, pad_value) for b in Bs]
     cast = dict(dtype=dtype, device=device)
+    B = tuple(b.to(**cast) for b in Bs) if sliced else Bs[0].to(**cast)
     return dict(
         x=x.to(**cast), y=y.to(**cast),
         A=(A if sliced else A[0]).to(**cast).contiguous(),
-        B=tuple(b.to(**cast) for b in Bs) if sliced else Bs[0].to(**cast),
+        B=to_rank_major(B) if rank_major else B,
         scale=scale.to(device), ranks=None if ranks_t is None else ranks_t.to(device))
 
 
@@ -697,6 +710,8 @@ def _fresh_set(ref: dict) -> dict:
     A = ref["A"]
     Bs = ref["B"] if isinstance(ref["B"], tuple) else (ref["B"],)
     newB = tuple(like(b, b.shape[-1]) for b in Bs)
+    if Bs[0].shape[-1] > 1 and Bs[0].stride(-1) != 1:     # keep a rank-major layout
+        newB = to_rank_major(newB)
     return dict(x=torch.randn_like(ref["x"]), y=0.5 * torch.randn_like(ref["y"]),
                 A=like(A, A.shape[-1]), B=newB if isinstance(ref["B"], tuple) else newB[0],
                 scale=ref["scale"], ranks=ref["ranks"])
@@ -704,14 +719,16 @@ def _fresh_set(ref: dict) -> dict:
 
 def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Sequence[int],
                 r_max: int, dtype: torch.dtype, ranks: Optional[Sequence[int]] = None,
-                seed: int = 0, device: str = "cuda") -> dict:
+                seed: int = 0, device: str = "cuda", rank_major: bool = False) -> dict:
     """Validate every mode on input set 0 against the float64 reference, then time it over
     a pool of input sets (CUDA-graph replay for graph-safe modes, do_bench otherwise).
-    A mode that fails validation is not timed; its error is recorded either way."""
+    A mode that fails validation is not timed; its error is recorded either way.
+    rank_major: B stored rank-major (to_rank_major) in every set."""
     import bench_utils as bu
     T = idx.numel()
     h_out_arg = list(h_outs) if len(h_outs) > 1 else h_outs[0]
-    set0 = make_lora_inputs(T, h_in, h_out_arg, L, r_max, dtype, device, ranks=ranks, seed=seed)
+    set0 = make_lora_inputs(T, h_in, h_out_arg, L, r_max, dtype, device, ranks=ranks, seed=seed,
+                            rank_major=rank_major)
     idx_d = idx.to(device, torch.int32)
     nbytes = bu.lora_bytes(idx, h_in, h_outs, r_max, dtype, set0["ranks"])
     elt = torch.finfo(dtype).bits // 8
@@ -725,7 +742,7 @@ def bench_point(modes: Sequence[str], idx: Tensor, L: int, h_in: int, h_outs: Se
                          set0["ranks"])
     y0 = set0["y"].clone()  # timing updates the pool's y in place: validate from a copy
     out = {"T": T, "lora_rows": int((idx >= 0).sum()), "bytes": nbytes, "n_sets": n_sets,
-           "modes": {}}
+           "b_layout": "rank-major" if rank_major else "row", "modes": {}}
     for name in modes:
         mode = get_mode(name)
         rec: dict = {}
@@ -925,19 +942,25 @@ def plot_mixed_rank(data: dict, path: str) -> None:
     import bench_utils as bu
     plt = bu.pyplot()
     cfg = data["config"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    mixed, padded = data["mixed"]["modes"], data["padded"]["modes"]
-    modes = [m for m in cfg["modes"] if m != "none" and "median_us" in mixed.get(m, {})
-             and "median_us" in padded.get(m, {})]
-    xs = range(len(modes))
-    ax.bar([x - 0.2 for x in xs], [padded[m]["median_us"] for m in modes], 0.4,
+    fig, ax = plt.subplots(figsize=(7, 4))
+    # One pair of bars per (mode, B layout): the row layout for every mode, then rank-major
+    # B (to_rank_major) for the kernels, where the JSON has it.
+    bars = []
+    for suffix, tag in (("", ""), ("_rank_major", "\nrank-major B")):
+        mixed = data.get("mixed" + suffix, {}).get("modes", {})
+        padded = data.get("padded" + suffix, {}).get("modes", {})
+        bars += [(m + tag, mixed[m]["median_us"], padded[m]["median_us"])
+                 for m in cfg["modes"] if m != "none" and "median_us" in mixed.get(m, {})
+                 and "median_us" in padded.get(m, {})]
+    xs = range(len(bars))
+    ax.bar([x - 0.2 for x in xs], [b[2] for b in bars], 0.4,
            label="all padded to rank 64", color="#bbbbbb")
-    ax.bar([x + 0.2 for x in xs], [mixed[m]["median_us"] for m in modes], 0.4,
+    ax.bar([x + 0.2 for x in xs], [b[1] for b in bars], 0.4,
            label="mixed ranks {8,16,32,64}", color="#1f77b4")
-    for x, m in zip(xs, modes):
-        ax.text(x + 0.2, mixed[m]["median_us"], f"{mixed[m]['median_us'] / padded[m]['median_us']:.2f}x",
+    for x, (_, mixed_us, padded_us) in zip(xs, bars):
+        ax.text(x + 0.2, mixed_us, f"{mixed_us / padded_us:.2f}x",
                 ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(list(xs), modes, rotation=20, fontsize=8)
+    ax.set_xticks(list(xs), [b[0] for b in bars], rotation=30, fontsize=7)
     ax.set_ylabel("time per layer call (µs)")
     ax.set_yscale("log")
     ax.set_title(f"Do mixed ranks cost only their own work? {data['env']['gpu']}, {cfg['dtype']},\n"
@@ -1061,11 +1084,14 @@ def report_targets(out_dir: str) -> None:
                   f"{pt['gemm'][0]:.1f} us = {t / pt['gemm'][0]:.3f} (target <= 0.2)")
     mr = load("decode_mixed_rank")
     if mr:
-        for k in KERNEL_MODES:
-            a, b = mr["mixed"]["modes"].get(k, {}), mr["padded"]["modes"].get(k, {})
-            if "median_us" in a and "median_us" in b:
-                print(f"[4] mixed ranks {k}: {a['median_us']:.2f} / {b['median_us']:.2f} us = "
-                      f"{a['median_us'] / b['median_us']:.2f} (target <= 0.65)")
+        for suffix, layout in (("", "row B"), ("_rank_major", "rank-major B")):
+            for k in KERNEL_MODES:
+                a = mr.get("mixed" + suffix, {}).get("modes", {}).get(k, {})
+                b = mr.get("padded" + suffix, {}).get("modes", {}).get(k, {})
+                if "median_us" in a and "median_us" in b:
+                    print(f"[4] mixed ranks {k}, {layout}: {a['median_us']:.2f} / "
+                          f"{b['median_us']:.2f} us = {a['median_us'] / b['median_us']:.2f} "
+                          "(target <= 0.65)")
     pg = load("decode_punica_grid_vs_floor")
     if pg:
         worst = 0.0
@@ -1163,6 +1189,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                             dtype, ranks, seed=args.seed, device=args.device)
                 data["padded"] = bench_point(args.modes, idx, L, args.h_in, [args.h_out], 64,
                                              dtype, None, seed=args.seed, device=args.device)
+                # The same two points with B stored rank-major (to_rank_major), the kernels
+                # only: the layout a server takes once, when it loads the adapters.
+                rm_modes = [m for m in args.modes if m in KERNEL_MODES]
+                data["config"]["rank_major_modes"] = rm_modes
+                data["mixed_rank_major"] = bench_point(
+                    rm_modes, idx, L, args.h_in, [args.h_out], 64, dtype, ranks,
+                    seed=args.seed, device=args.device, rank_major=True)
+                data["padded_rank_major"] = bench_point(
+                    rm_modes, idx, L, args.h_in, [args.h_out], 64, dtype, None,
+                    seed=args.seed, device=args.device, rank_major=True)
             if public:
                 data["config"]["public"] = public
             bu.write_json(path + ".json", data)

@@ -359,6 +359,37 @@ def _expand_layout(Bs: Sequence[Tensor], r_max: int) -> tuple[bool, int]:
     return w > 1, group
 
 
+def _row_layout(b: Tensor, r_max: int) -> bool:
+    return b.stride(2) == 1 or r_max == 1
+
+
+def b_rank_major(Bs: Sequence[Tensor], r_max: int) -> bool:
+    """Whether B is stored rank-major, as bgmv_ext.cpp decides from B[0]: unit stride along
+    h_out instead of along r_max (B.transpose(1, 2).contiguous().transpose(1, 2): the same
+    [L, h_out, r_max] tensor, each adapter's rank rows of h_out contiguous; PERF_LOG v45).
+    The row layout (PEFT's) where both hold (r_max 1)."""
+    b = Bs[0]
+    return not _row_layout(b, r_max) and (b.stride(1) == 1 or b.shape[1] == 1)
+
+
+def expand_rm_tiles(Bs: Sequence[Tensor], r_max: int) -> tuple[int, int]:
+    """Rank-major B's expand (_bgmv_expand_rm_kernel): (output columns per block at r_max,
+    blocks along grid.y): 32 lanes x W columns x 8 / KS warps, W = 16 bytes when every B_s
+    (base, adapter and rank strides) is 16-byte aligned and W divides every h_out_s, else
+    1; KS = min(8, next_pow2(ceil(r_max / 8)))."""
+    vec = 16 // Bs[0].element_size()
+    es = Bs[0].element_size()
+    w = vec if not any(_byte_address(b) % 16 or b.shape[1] % vec
+                       or (b.shape[0] > 1 and (b.stride(0) * es) % 16)
+                       or (b.shape[2] > 1 and (b.stride(2) * es) % 16)
+                       for b in Bs) else 1
+    log2ks = 0
+    while log2ks < 3 and (8 << log2ks) < r_max:
+        log2ks += 1
+    tile = 32 * w * (8 >> log2ks)
+    return tile, sum(-(-b.shape[1] // tile) for b in Bs)
+
+
 def expand_tiles(Bs: Sequence[Tensor], r_max: int, outs: int = EXPAND_OUTS) -> tuple[int, int]:
     """(output columns per expand block, number of blocks along grid.y) for J = outs
     outputs per lane, as bgmv_fill_tiles computes them: 4 warps x 32 / G rows x J."""
@@ -500,6 +531,7 @@ def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor
     for name, b in zip(names, Bs):
         _check_tensor(name, b, dev)
     L = Bs[0].shape[0] if Bs[0].dim() == 3 else 0
+    rank_major = Bs[0].dim() == 3 and b_rank_major(Bs, r_max)
     h_out_total = 0
     for name, b in zip(names, Bs):
         if b.dtype != y.dtype:
@@ -507,8 +539,13 @@ def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor
         if b.dim() != 3 or b.shape[0] != L or L < 1 or b.shape[2] != r_max \
                 or not 1 <= b.shape[1] <= INT_MAX:
             _fail(name, f"[L={L}, h_out >= 1, r_max={r_max}]", tuple(b.shape))
-        if b.stride(2) != 1 and r_max != 1:
-            _fail(name, "unit stride along r_max", f"strides {tuple(b.stride())}")
+        if rank_major and not (not _row_layout(b, r_max)
+                               and (b.stride(1) == 1 or b.shape[1] == 1)):
+            _fail(name, "unit stride along h_out (rank-major, as B[0])",
+                  f"strides {tuple(b.stride())}")
+        if not rank_major and not _row_layout(b, r_max):
+            _fail(name, "unit stride along r_max (or along h_out: rank-major)",
+                  f"strides {tuple(b.stride())}")
         h_out_total += b.shape[1]
     if L > INT_MAX:
         _fail("B", f"at most {INT_MAX} adapters", L)
@@ -522,7 +559,7 @@ def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor
             or (L > 1 and scale.stride(0) != 1):
         _fail("scale", f"a contiguous float32 [L={L}]",
               f"{scale.dtype} sizes {tuple(scale.shape)} strides {tuple(scale.stride())}")
-    tile, tiles = expand_tiles(Bs, r_max)
+    tile, tiles = expand_rm_tiles(Bs, r_max) if rank_major else expand_tiles(Bs, r_max)
     if tiles > GRID_Y_MAX:
         _fail("B", f"at most {GRID_Y_MAX} output tiles of {tile} columns (sum_s ceil(h_out_s / "
               f"{tile}))", tiles)
@@ -821,10 +858,17 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
     by adapter); "fused" keeps its own (J = 4) and ignores it."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
-    if tiles is None and not os.environ.get(TILES_ENV) and mma_chunks_pay(meta, x, A, B):
-        tiles = "mma"                  # the default's choice: see mma_chunks_pay
-    tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    rank_major = b_rank_major(Bs, A4.shape[2])
+    if rank_major and variant == "fused":
+        _fail("B", "unit stride along r_max for variant \"fused\" (it reads B by rows)",
+              f"rank-major strides {tuple(Bs[0].stride())}")
+    if tiles is None and not os.environ.get(TILES_ENV) and not rank_major \
+            and mma_chunks_pay(meta, x, A, B):
+        tiles = "mma"                  # the default's choice: see mma_chunks_pay
+    if tiles is None and rank_major:
+        tiles = "rank"                 # rank-major B: its one expand, meta's token list
+    tiles = EXPAND_TILE_RULES[expand_tile_rule(tiles)]   # checked before building
     _check_cuda_args(x, A4, Bs)
     pdl = pdl_enabled(x.device) if pdl is None else pdl   # PDL: see the module docstring
     # rule "mma"'s chunks serve bf16 only (other dtypes run as "rank": the plain kernels)

@@ -320,6 +320,13 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
   BgmvExpandParams p{};
   const int64_t L = B[0].dim() == 3 ? B[0].size(0) : 0;
   int64_t col = 0;
+  // B's layout (every slice the same): rows with unit stride along r_max (PEFT's), or
+  // rank-major, unit stride along h_out (PERF_LOG v45); the row layout where both hold.
+  const auto row_layout = [&](const at::Tensor& b) { return b.stride(2) == 1 || r_max == 1; };
+  const auto rank_major = [&](const at::Tensor& b) {
+    return !row_layout(b) && (b.stride(1) == 1 || b.size(1) == 1);
+  };
+  p.b_rank_major = B[0].dim() == 3 && rank_major(B[0]);
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor& b = B[s];
     const std::string name = "B[" + std::to_string(s) + "]";
@@ -330,11 +337,14 @@ static std::string expand_impl(at::Tensor& y, const at::Tensor& v, at::TensorLis
                       b.size(1) >= 1 && b.size(1) <= kIntMax, op, ": ", name,
                       ": expected [L=", L, ", h_out >= 1, r_max=", r_max, "], got sizes ",
                       dims_str(b.sizes()));
-    BGMV_CHECK(b.stride(2) == 1 || r_max == 1, op, ": ", name,
-                      ": expected unit stride along r_max, got strides ", dims_str(b.strides()));
+    BGMV_CHECK(p.b_rank_major ? rank_major(b) : row_layout(b), op, ": ", name,
+               p.b_rank_major ? ": expected unit stride along h_out (rank-major, as B[0]), got strides "
+                              : ": expected unit stride along r_max (or along h_out: rank-major), got strides ",
+               dims_str(b.strides()));
     p.B[s] = b.data_ptr();
     p.b_stride_l[s] = used_stride(b, 0);
-    p.b_stride_o[s] = used_stride(b, 1);
+    p.b_stride_o[s] = p.b_rank_major ? 1 : used_stride(b, 1);
+    p.b_stride_r[s] = p.b_rank_major ? used_stride(b, 2) : 1;
     p.h_out[s] = static_cast<int>(b.size(1));
     p.col_off[s] = static_cast<int>(col);
     col += b.size(1);
@@ -404,6 +414,8 @@ std::string bgmv_cuda_fused(at::Tensor& y, const at::Tensor& x, const at::Tensor
   BGMV_TRY(shrink_impl(x, A, idx, ranks, v, false, std::nullopt, std::nullopt, {}, &p.s, op));
   BGMV_TRY(expand_impl(y, v, B, idx, scale, ranks, false, kBgmvTileRuleClassic, std::nullopt,
                        std::nullopt, {}, &p.e, op));
+  BGMV_CHECK(!p.e.b_rank_major, op, ": B: expected unit stride along r_max (the fused kernel "
+             "reads B by rows), got rank-major B");
   BGMV_TRY(check_device(op, "counters", counters, x));
   BGMV_CHECK(counters.scalar_type() == at::kInt && counters.dim() == 1 &&
                     counters.size(0) >= 2 * x.size(0) && counters.stride(0) == 1, op,

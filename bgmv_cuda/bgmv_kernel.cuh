@@ -1106,6 +1106,217 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Rank-major B (PERF_LOG v45): B_s stored as [L, r_max, h_out_s] with unit stride along
+// h_out, i.e. the contract's tensor [L, h_out_s, r_max] with strides (l, 1, h_out_s), what
+// B.transpose(1, 2).contiguous().transpose(1, 2) returns (same shape, same values).  A
+// rank-r adapter's B is then r whole rows of h_out, read densely at any rank; stored
+// row-wise in r_max-64 padding a rank-8 adapter reads 16 of every 128-byte row (PERF_LOG
+// v42: 2.9 us of the mixed point's expand at rank 8, 2.0 at 16, 1.2 at 32).
+// One block of 256 threads (8 warps) per (token, tile of output columns).  A lane owns W
+// consecutive columns (one 16-byte load per rank row, or one element when B or h_out is
+// not 16-byte aligned).  The 8 warps split into KS = min(8, next_pow2(ceil(rank / 8)))
+// groups along the rank and 8 / KS along the columns, so a warp takes at most 8 rows of a
+// rank <= 64, all in flight before the PDL wait (ranks above 64 loop, 8 rows per step,
+// after it): tile = 32 W 8 / KS columns (16-bit, rank 8: 2,048; rank 64: 256).  Warp w
+// takes column group w / KS and rows w % KS + KS u.  The KS partial sums meet in shared
+// memory in a fixed order (deterministic); the rank group's first warp scales them, adds
+// y (loaded before the wait) and stores.  Tile rules do not apply: this one kernel serves
+// every rule.  Grid: x = T, y = sum_s ceil(h_out_s / tile(r_max)) (a token of a smaller
+// rank takes its own wider tiles; the later ones exit at once), or with the token list 1-D
+// over only the tiles each listed token's rank needs (as the FMA expand's; bitwise the same
+// values as the grid x = T, since KS depends on the rank's group alone).
+// ---------------------------------------------------------------------------------------
+constexpr int kBgmvRmThreads = 256;
+constexpr int kBgmvRmWarps = kBgmvRmThreads / 32;
+constexpr int kBgmvRmRows = 8;             // rank rows per warp per step (loads in flight)
+constexpr int kBgmvRmMinBlocksPerSM = 3;
+
+// log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most
+// kBgmvRmRows rows per warp.
+__host__ __device__ __forceinline__ int bgmv_rm_log2_ks(int rank) {
+  int l = 0;
+  while (l < 3 && (kBgmvRmRows << l) < rank) ++l;
+  return l;
+}
+
+template <typename T, int W, bool WORK>
+__global__ void __launch_bounds__(kBgmvRmThreads, kBgmvRmMinBlocksPerSM)
+_bgmv_expand_rm_kernel(const BgmvExpandParams p) {
+  using Ty = BgmvType<T>;
+  static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
+  using Raw = typename std::conditional<W == 1, T, uint4>::type;
+  bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
+
+  // Block -> token t (adapter i, rank), slice s, tile q of the slice, KS (log2).
+  int64_t t, i;
+  int rank, s = 0, q, log2ks;
+  if constexpr (WORK) {
+    const int b = blockIdx.x;
+    if (b >= p.work_block_begin[kBgmvRankGroups]) {   // an empty list's one block
+      bgmv_wait_prior_grid();
+      return;
+    }
+    const int g = bgmv_work_group(p.work_block_begin, b);
+    const int* sb = p.work_slice_begin[g];
+    const int n = p.work_rows[g], local = b - p.work_block_begin[g];
+    int tt, ii;   // tile-major within the group, as the grid x = T
+    rank = bgmv_work_row(p, p.work_row_begin[g] + local % n, &tt, &ii);
+    t = tt;
+    i = ii;
+    const int qq = local / n;
+#pragma unroll
+    for (int k = 1; k < kBgmvMaxSlices; ++k)
+      if (k < p.S && qq >= sb[k]) s = k;
+    q = qq - sb[s];
+    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max));
+  } else {
+    t = blockIdx.x;
+    rank = bgmv_token(p, t, &i);
+#pragma unroll
+    for (int k = 1; k < kBgmvMaxSlices; ++k)
+      if (k < p.S && static_cast<int>(blockIdx.y) >= p.tile_begin[k]) s = k;
+    q = blockIdx.y - p.tile_begin[s];
+    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max);
+  }
+  const int ks = 1 << log2ks;
+  const int tile = 32 * W * (kBgmvRmWarps >> log2ks);
+  const int j0 = q * tile;
+  const int h_out = p.h_out[s];
+  T* yrow = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s];
+
+  // Early exits, uniform over the block.  Invalid index / rank: NaN over the tile (loud,
+  // nothing out of bounds read).  Only each token's first tile waits when it has nothing
+  // to do (the list's blocks always wait), so the expand's completion implies the shrink's.
+  if (rank < 0) {
+    bgmv_wait_prior_grid();   // y may still be in use before it
+    for (int j = j0 + threadIdx.x; j < min(j0 + tile, h_out); j += kBgmvRmThreads)
+      yrow[j] = Ty::from_float(__int_as_float(0x7fffffff));
+    return;
+  }
+  if (rank == 0 || j0 >= h_out) {
+    if (WORK || blockIdx.y == 0) bgmv_wait_prior_grid();
+    return;
+  }
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int kg = warp & (ks - 1);                      // rank group: rows kg + ks u
+  const int j = j0 + ((warp >> log2ks) * 32 + lane) * W;   // this lane's first column
+  const bool jin = j < h_out;                          // W divides h_out on the vector path
+  const T* bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j : 0);
+  const int64_t bsr = p.b_stride_r[s];
+
+  // B rows first (before the wait: the shrink writes no B), then y, then wait, then v.
+  Raw raw[kBgmvRmRows];
+#pragma unroll
+  for (int u = 0; u < kBgmvRmRows; ++u) {
+    const int k = kg + ks * u;
+    if constexpr (W == 1) {
+      raw[u] = (jin && k < rank) ? bcol[k * bsr] : Ty::from_float(0.f);
+    } else {
+      raw[u] = (jin && k < rank) ? __ldg(reinterpret_cast<const uint4*>(bcol + k * bsr))
+                                 : make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+  const bool storer = kg == 0 && jin;                  // the rank group's first warp
+  const float sc = p.scale[i];
+  T* yp = yrow + (jin ? j : 0);                        // this lane's y
+  union { Raw raw; T e[W]; } yb = {};                  // y kept packed across the wait
+  const bool y_vec = W > 1 && p.y_vec;
+  if (storer) {
+    if constexpr (W == 1) {
+      yb.raw = *yp;
+    } else if (y_vec) {
+      yb.raw = *reinterpret_cast<const uint4*>(yp);
+    } else {
+#pragma unroll
+      for (int e = 0; e < W; ++e) yb.e[e] = yp[e];
+    }
+  }
+  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;   // t, s no longer live
+  bgmv_wait_prior_grid();
+
+  // v[t, s, :rank] into shared memory, one load per thread (rank <= 128 < 256 threads: one
+  // round trip for the block, where per-lane loads of each warp's 8 rows cost registers
+  // that spilled), the n_split partial sums added in a fixed order.
+  __shared__ float v_s[kBgmvMaxRank];
+  if (static_cast<int>(threadIdx.x) < rank) {
+    float a = vrow[threadIdx.x];
+#pragma unroll 1  // n_split > 1 only in the opt-in "split" variant
+    for (int z = 1; z < p.n_split; ++z) a += vrow[z * p.v_stride_split + threadIdx.x];
+    v_s[threadIdx.x] = a;
+  }
+  __syncthreads();
+
+  float acc[W];
+#pragma unroll
+  for (int e = 0; e < W; ++e) acc[e] = 0.f;
+  // One step of 8 rows: rows past the rank were never loaded and have no v.
+  auto fma_rows = [&](const Raw* r8, int k_first) {
+#pragma unroll
+    for (int u = 0; u < kBgmvRmRows; ++u) {
+      const int k = k_first + ks * u;
+      if (k < rank) {
+        const float vk = v_s[k];
+        float bf[W];
+        if constexpr (W == 1) {
+          bf[0] = Ty::to_float(r8[u]);
+        } else {
+          Ty::unpack(r8[u], bf);
+        }
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] = fmaf(vk, bf[e], acc[e]);
+      }
+    }
+  };
+  fma_rows(raw, kg);
+  // Ranks above 8 KS (r_max > 64): further steps of 8 rows, loaded after the wait.
+  for (int k_first = kg + ks * kBgmvRmRows; k_first < rank; k_first += ks * kBgmvRmRows) {
+#pragma unroll
+    for (int u = 0; u < kBgmvRmRows; ++u) {
+      const int k = k_first + ks * u;
+      if constexpr (W == 1) {
+        raw[u] = (jin && k < rank) ? bcol[k * bsr] : Ty::from_float(0.f);
+      } else {
+        raw[u] = (jin && k < rank) ? __ldg(reinterpret_cast<const uint4*>(bcol + k * bsr))
+                                   : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
+    fma_rows(raw, k_first);
+  }
+
+  // The KS partial sums of a column group, added in rank-group order by its first warp.
+  if (ks > 1) {
+    __shared__ float red[kBgmvRmWarps][W][32];   // [warp][element][lane]: no bank conflicts
+    if (kg != 0) {
+#pragma unroll
+      for (int e = 0; e < W; ++e) red[warp][e][lane] = acc[e];
+    }
+    __syncthreads();
+    if (kg == 0) {
+      for (int m = 1; m < ks; ++m)
+#pragma unroll
+        for (int e = 0; e < W; ++e) acc[e] += red[warp + m][e][lane];
+    }
+  }
+  if (!storer) return;
+  if constexpr (W == 1) {
+    *yp = Ty::from_float(fmaf(sc, acc[0], Ty::to_float(yb.raw)));
+  } else {
+    float ys[W];
+    Ty::unpack(yb.raw, ys);
+    alignas(16) T out[W];
+#pragma unroll
+    for (int e = 0; e < W; ++e) out[e] = Ty::from_float(fmaf(sc, acc[e], ys[e]));
+    if (y_vec) {
+      *reinterpret_cast<uint4*>(yp) = *reinterpret_cast<const uint4*>(out);
+    } else {
+#pragma unroll
+      for (int e = 0; e < W; ++e) yp[e] = out[e];
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // Host launchers: validate what the kernels rely on, launch, report launch errors.
 // Return nullptr on success, else a message saying what is supported.
 // ---------------------------------------------------------------------------------------
@@ -1271,10 +1482,8 @@ inline int bgmv_fill_tiles(BgmvExpandParams& p, int outs) {
 
 // Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin
 // (for J = kBgmvExpandOuts); *vec tells whether B rows take 16-byte loads.
-template <typename T>
-const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
-  constexpr int VEC = BgmvType<T>::kVec;
-  constexpr int64_t es = sizeof(T);
+// The checks every expand launcher makes.
+inline const char* bgmv_expand_check(const BgmvExpandParams& p) {
   if (p.T < 0 || p.L < 1) return "bgmv_expand: need T >= 0, L >= 1";
   if (p.S < 1 || p.S > kBgmvMaxSlices) return "bgmv_expand: S (output slices) must be 1, 2 or 3";
   if (p.r_max < 1 || p.r_max > kBgmvMaxRank) return "bgmv_expand: r_max must be in [1, 128]";
@@ -1282,10 +1491,20 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
     return "bgmv_expand: n_split (partial sums of v) must be in [1, 64]";
   if (p.tile_rule < kBgmvTileRuleClassic || p.tile_rule > kBgmvTileRuleMma)
     return "bgmv_expand: tile_rule must be 0 (classic), 1 (residency), 2 (rank) or 3 (mma)";
+  for (int s = 0; s < p.S; ++s)
+    if (p.h_out[s] < 1) return "bgmv_expand: every h_out_s must be >= 1";
+  return nullptr;
+}
+
+template <typename T>
+const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  constexpr int64_t es = sizeof(T);
+  if (const char* err = bgmv_expand_check(p)) return err;
+  if (p.b_rank_major) return "bgmv_expand: this path needs B with unit stride along r_max";
   // 16-byte loads along the rank when every B_s row is 16-byte aligned, else one element.
   bool vec = true;
   for (int s = 0; s < p.S; ++s) {
-    if (p.h_out[s] < 1) return "bgmv_expand: every h_out_s must be >= 1";
     vec = vec && bgmv_aligned16(p.B[s]) && (p.b_stride_l[s] * es) % 16 == 0 &&
           (p.b_stride_o[s] * es) % 16 == 0 && p.r_max % VEC == 0;
   }
@@ -1297,18 +1516,64 @@ const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   return nullptr;
 }
 
-// The rank-tile expand's: group g's tiles, 4 warps x (32 / G) lane groups x J outputs with
-// G lanes per B row for its group rank (group 0: r_max's, p.log2_group), per slice.
-inline const char* bgmv_fill_work(BgmvExpandParams& p, int vec, int outs) {
+// An expand's token list: group g's tiles of tile_of(g) output columns per slice.
+template <typename F>
+inline const char* bgmv_fill_work_tiles(BgmvExpandParams& p, F tile_of) {
   for (int g = 0; g < kBgmvRankGroups; ++g) {
-    const int log2g = bgmv_log2_group(bgmv_group_rank(g, p.r_max), vec);  // any rank of g's
-    const int tile = (kBgmvExpandThreads / 32) * (32 >> log2g) * outs;
+    const int tile = tile_of(g);
     int* sb = p.work_slice_begin[g];
     sb[0] = 0;
     for (int s = 0; s < p.S; ++s) sb[s + 1] = sb[s] + (p.h_out[s] + tile - 1) / tile;
     for (int s = p.S; s < kBgmvMaxSlices; ++s) sb[s + 1] = sb[s];
   }
   return bgmv_fill_work_blocks(p, [&](int g) { return p.work_slice_begin[g][p.S]; });
+}
+
+// The rank-tile expand's: 4 warps x (32 / G) lane groups x J outputs with G lanes per B row
+// for group g's rank (group 0: r_max's, p.log2_group).
+inline const char* bgmv_fill_work(BgmvExpandParams& p, int vec, int outs) {
+  return bgmv_fill_work_tiles(p, [&](int g) {
+    const int log2g = bgmv_log2_group(bgmv_group_rank(g, p.r_max), vec);  // any rank of g's
+    return (kBgmvExpandThreads / 32) * (32 >> log2g) * outs;
+  });
+}
+
+// Rank-major B (_bgmv_expand_rm_kernel): 16-byte loads along h_out when every B_s and its
+// rank rows are 16-byte aligned and W divides every h_out_s (no vector straddles a slice's
+// end), else one element; y in 16-byte vectors when also aligned.
+template <typename T>
+const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
+  constexpr int VEC = BgmvType<T>::kVec;
+  constexpr int64_t es = sizeof(T);
+  bool vec = true;
+  for (int s = 0; s < p.S; ++s)
+    vec = vec && bgmv_aligned16(p.B[s]) && (p.b_stride_l[s] * es) % 16 == 0 &&
+          (p.b_stride_r[s] * es) % 16 == 0 && p.h_out[s] % VEC == 0;
+  const int w = vec ? VEC : 1;
+  p.y_vec = vec && bgmv_aligned16(p.y) && p.y_stride_t % VEC == 0;
+  for (int s = 0; s < p.S; ++s) p.y_vec = p.y_vec && p.col_off[s] % VEC == 0;
+  auto tile_of_rank = [&](int rank) { return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank)); };
+  if (bgmv_fill_tiles_of(p, tile_of_rank(p.r_max)) > 65535)
+    return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
+  if (p.T == 0) return nullptr;
+  dim3 grid(p.T, p.tile_begin[p.S]);
+  const bool work = p.work != nullptr;
+  if (work) {   // the token list: one block per tile its rank needs
+    if (const char* e = bgmv_fill_work_tiles(
+            p, [&](int g) { return tile_of_rank(bgmv_group_rank(g, p.r_max)); }))
+      return e;
+    grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
+  }
+  constexpr int kT = kBgmvRmThreads;
+  cudaError_t err;
+  if (vec) {
+    err = work ? bgmv_launch<_bgmv_expand_rm_kernel<T, VEC, true>>(grid, kT, stream, p)
+               : bgmv_launch<_bgmv_expand_rm_kernel<T, VEC, false>>(grid, kT, stream, p);
+  } else {
+    err = work ? bgmv_launch<_bgmv_expand_rm_kernel<T, 1, true>>(grid, kT, stream, p)
+               : bgmv_launch<_bgmv_expand_rm_kernel<T, 1, false>>(grid, kT, stream, p);
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 // Outputs per lane J of a two-launch expand by p.tile_rule (see kBgmvExpandSmallGrid and
@@ -1394,6 +1659,10 @@ const char* bgmv_expand_mma_launch(BgmvExpandParams& p, bool vec, cudaStream_t s
 template <typename T>
 const char* bgmv_expand_launch(BgmvExpandParams p, cudaStream_t stream) {
   constexpr int VEC = BgmvType<T>::kVec;
+  if (p.b_rank_major) {   // one kernel for every tile rule
+    if (const char* err = bgmv_expand_check(p)) return err;
+    return bgmv_expand_rm_launch<T>(p, stream);
+  }
   bool vec = false;
   if (const char* err = bgmv_expand_prepare<T>(p, &vec)) return err;
   if (p.T == 0) return nullptr;

@@ -121,6 +121,11 @@ struct BgmvExpandParams {
   int work_block_begin[kBgmvRankGroups + 1];
   int work_row_begin[kBgmvRankGroups];
   int work_slice_begin[kBgmvRankGroups][kBgmvMaxSlices + 1];
+  // Rank-major B (PERF_LOG v45; bgmv_kernel.cuh, _bgmv_expand_rm_kernel): B_s stored
+  // [L, r_max, h_out_s], unit stride along h_out (b_stride_o unused), b_stride_r[s]
+  // between rank rows.  0: the row layout above (unit stride along r_max).
+  int b_rank_major = 0;
+  int64_t b_stride_r[kBgmvMaxSlices] = {};
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.

@@ -179,7 +179,7 @@ def demangle_short(name: str) -> str:
     shrink_mma<>."""
     if re.match(r"_Z\d+_bgmv_shrink_mma_kernel\d", name):       # not a template
         return "shrink_mma<>"
-    m = re.match(r"_Z\d+_bgmv_(shrink|expand|expand_mma|fused)_kernelI(.*)Ev",
+    m = re.match(r"_Z\d+_bgmv_(shrink|expand|expand_mma|expand_rm|fused)_kernelI(.*)Ev",
                  name)
     if not m:
         return name

@@ -25,7 +25,7 @@ import torch
 
 from multilora_impl import (RANK_GROUPS, TOLERANCE, build_chunks, build_rank_work, check_mode,
                             get_mode, lora_reference, make_lora_inputs, make_meta, make_workload,
-                            relative_error)
+                            relative_error, to_rank_major)
 from bgmv_cuda import bgmv_cuda as bc
 from bgmv_cuda import compile_check as cc
 
@@ -43,8 +43,9 @@ def test_compile_check_sm80_sm90_no_spills():
     # 3 dtypes x (shrink of 128 / 256 threads, expand 16-byte x {J = 1, 4, 8} x {rule
     # "rank" or not} and 1-element x {J = 1, 4}, fused 16-byte / 1-element) x 2 archs, +
     # rule "mma"'s 3 expands (bf16 only: KB = 1, 2, 4) and 1 shrink x 2 archs, + rule
-    # "rank"'s token-list instances (half and bf16: 2 shrinks, 3 expands) x 2 archs
-    assert len(kernels) == 100 and len(names) == 100, sorted(names)
+    # "rank"'s token-list instances (half and bf16: 2 shrinks, 3 expands) x 2 archs, +
+    # rank-major B's expand (3 dtypes x {16-byte, 1-element} x {grid, token list}) x 2 archs
+    assert len(kernels) == 124 and len(names) == 124, sorted(names)
     for arch in ("sm_80", "sm_90"):
         for dt, vec in (("__half", 8), ("__nv_bfloat16", 8), ("float", 4)):
             work = dt != "float"
@@ -58,6 +59,8 @@ def test_compile_check_sm80_sm90_no_spills():
             assert (f"expand<{dt}, {vec}, 1, 8, true, false>", arch) in names
             assert ((f"expand<{dt}, {vec}, 1, 8, true, true>", arch) in names) == work
             assert sum(n.startswith(f"fused<{dt},") and a == arch for n, a in names) == 2
+            assert {n for n, a in names if n.startswith(f"expand_rm<{dt},") and a == arch} == \
+                {f"expand_rm<{dt}, {w}, {work}>" for w in (vec, 1) for work in ("false", "true")}
         assert {n for n, a in names if n.startswith("expand_mma") and a == arch} == \
             {f"expand_mma<{kb}>" for kb in (1, 2, 4)}
         assert ("shrink_mma<>", arch) in names
@@ -67,8 +70,9 @@ def test_compile_check_sm80_sm90_no_spills():
         # the mma kernels (128, 6): 80 (the allocation granule below 85), but the mma
         # expand of KB = 4 (128, 4): 128; the token-list shrinks (128, 7): 72, (256, 3): 80
         short = cc.demangle_short(k.kernel)
+        # rank-major B's expand (256, 3): 80
         limit = 128 if "fused" in k.kernel or "expand_mma_kernelILi4E" in k.kernel else \
-            80 if "mma" in k.kernel else \
+            80 if "mma" in k.kernel or "expand_rm" in k.kernel else \
             (72 if ", 128," in short else 80) if short.startswith("shrink<") and \
             short.endswith("true>") else 64
         assert 0 < k.registers <= limit, k
@@ -78,6 +82,9 @@ def test_compile_check_sm80_sm90_no_spills():
             # (8 tokens x 1,024 columns), the chunk's 8 tokens (PERF_LOG v29: no v sums)
             kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 1024 * 2 + 8 * 4, k
+        elif "expand_rm" in k.kernel:   # v[t, s, :128] fp32, the 8 warps' W partial sums
+            w = int(cc.demangle_short(k.kernel).split(", ")[1])
+            assert k.smem_bytes == 128 * 4 + 8 * w * 32 * 4, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T;
             # rule "rank" parks its token, slice and tile (3 ints, PERF_LOG v41)
             dt, *_, j, _rank, work = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
@@ -248,6 +255,12 @@ BAD_CASES = [
     ("B_h_out_0", "expand", "B[1]", lambda d: _B(d, 1, d["B"][1][:, :0])),
     ("B_strided", "expand", "B[1]", lambda d: _B(d, 1, _strided(d["B"][1]))),
     ("B_too_many_tiles", "expand", "B", _too_many_tiles),
+    # rank-major B (PERF_LOG v45): every slice in B[0]'s layout
+    ("B_rank_major_then_row", "expand", "B[1]", lambda d: {"B": [to_rank_major(d["B"][0]),
+                                                                d["B"][1]]}),
+    ("B_row_then_rank_major", "expand", "B[1]", lambda d: _B(d, 1, to_rank_major(d["B"][1]))),
+    ("B_rank_major_strided", "expand", "B[1]", lambda d: {"B": [  # stride 2 along h_out
+        to_rank_major(d["B"][0]), _strided(d["B"][1].transpose(1, 2)).transpose(1, 2)]}),
     ("v_e_device", "expand", "v", lambda d: {"v": _meta(d["v"])}),
     ("v_e_dtype", "expand", "v", lambda d: {"v": d["v"].double()}),
     ("v_e_slices", "expand", "v", lambda d: {"v": d["v"][:, :1]}),
@@ -300,6 +313,32 @@ def test_python_checks_accept_what_the_kernels_support(no_build):
                          device_type="cpu")
     bc.check_expand_args(d["y"][:, :48], d["v"][:, :1, :1], _strided(B1[..., :1]), d["idx"],
                          d["scale"], device_type="cpu")
+    # rank-major B (every slice), and B[0] deciding the layout
+    rm = [to_rank_major(b) for b in d["B"]]
+    assert [torch.equal(a, b) for a, b in zip(rm, d["B"])] == [True, True]
+    assert bc.b_rank_major(rm, 8) and not bc.b_rank_major(d["B"], 8)
+    assert bc.check_expand_args(d["y"], d["v"], rm, d["idx"], d["scale"], d["ranks"],
+                                device_type="cpu") == rm
+    # r_max 1 or both unit strides: the row layout; h_out 1 rank-major: any h_out stride
+    assert not bc.b_rank_major([to_rank_major(B1[..., :1])], 1)
+    assert not bc.b_rank_major([to_rank_major(B1[:, :1])], 8)
+    assert bc.b_rank_major([torch.empty_strided((3, 1, 8), (64, 7, 8))], 8)
+
+
+def test_rank_major_tiles_mirror_the_kernel():
+    """expand_rm_tiles: 32 lanes x W columns x 8 / KS warps, KS = min(8, next_pow2(ceil(r /
+    8))), W = 16 bytes only with 16-byte aligned B strides and W dividing every h_out."""
+    def rm(h, r, dt=torch.float16, L=2):
+        return [to_rank_major(torch.empty(L, h, r, dtype=dt))]
+    assert bc.expand_rm_tiles(rm(4096, 8), 8) == (2048, 2)        # KS 1
+    assert bc.expand_rm_tiles(rm(4096, 16), 16) == (1024, 4)      # KS 2
+    assert bc.expand_rm_tiles(rm(4096, 32), 32) == (512, 8)       # KS 4
+    assert bc.expand_rm_tiles(rm(4096, 64), 64) == (256, 16)      # KS 8
+    assert bc.expand_rm_tiles(rm(4096, 128), 128) == (256, 16)    # KS 8, two steps
+    assert bc.expand_rm_tiles(rm(4096, 64, torch.float32), 64) == (128, 32)
+    assert bc.expand_rm_tiles(rm(1030, 64), 64) == (32, 33)       # h_out % 8: 1 element
+    assert bc.expand_rm_tiles(rm(1024, 5), 5)[0] == 32 * 8 * 8    # rank stride 1024: aligned
+    assert bc.expand_rm_tiles(rm(1028, 5), 5)[0] == 32 * 1 * 8    # 1028 % 8 != 0
 
 
 def test_python_limits_match_cpp_constants():
@@ -1391,6 +1430,67 @@ def test_rank_work_pays_rule():
     assert bc.rank_work_pays(zero, 2, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixed", "odd", "bad", "slices", "r128", "none", "split",
+                                  "unaligned"])
+def test_rank_major_B(kind):
+    """Rank-major B (to_rank_major; _bgmv_expand_rm_kernel, PERF_LOG v45) in every dtype: the
+    full grid, make_meta's token list, the default (which takes "rank" for it) and a CUDA
+    graph replay bitwise equal; the float64 reference on valid rows, idx = -1 and rank-0 rows
+    untouched, invalid idx / ranks NaN; 1-element loads where h_out is not a multiple of
+    16 bytes ("unaligned"); ranks above 64 in two steps ("r128"); split-K partial sums
+    ("split"); rule "mma"'s chunked shrink before it (bf16); the fused variant refused."""
+    T, L, r, ranks, h_out, idx_h = _rank_work_case(kind)
+    idx = idx_h.int().cuda()
+    kw = {"variant": "split", "split_k": 3} if kind == "split" else {}
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T,
+                               rank_major=True)
+        Bs = inp["B"] if isinstance(inp["B"], tuple) else [inp["B"]]
+        assert bc.b_rank_major(Bs, r) and all(b.stride(1) == 1 for b in Bs)
+        rk = inp["ranks"].clone()
+        if kind == "bad":
+            rk[1], rk[2] = -1, r + 8
+        meta = make_meta(idx, ranks=rk)
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], rk)
+        full, listed, default = inp["y"].clone(), inp["y"].clone(), inp["y"].clone()
+        bc.bgmv_lora(full, *args, tiles="rank", **kw)
+        bc.bgmv_lora(listed, *args, meta, tiles="rank", **kw)
+        bc.bgmv_lora(default, *args, meta, **kw)
+        assert torch.equal(_bits(full), _bits(listed)), (kind, dtype)
+        assert torch.equal(_bits(full), _bits(default)), (kind, dtype)
+        rank_t = torch.where((idx_h >= 0) & (idx_h < L), rk.cpu()[idx_h.clamp(0, L - 1)], -1)
+        ok = (idx_h >= 0) & (idx_h < L) & (rank_t > 0) & (rank_t <= r)
+        outs = [listed]
+        if dtype == torch.bfloat16 and kind != "bad":   # the chunked mma shrink, then this expand
+            mma = inp["y"].clone()
+            bc.bgmv_lora(mma, *args, meta, tiles="mma", **kw)
+            outs.append(mma)
+        if ok.any():
+            ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
+                                 inp["scale"], rk)
+            for out in outs:
+                assert relative_error(out[ok], ref) < TOLERANCE[dtype], (kind, dtype)
+        quiet = (idx_h == -1) | (((idx_h >= 0) & (idx_h < L)) & (rank_t == 0))
+        for out in outs:
+            assert torch.equal(_bits(out[quiet]), _bits(inp["y"][quiet])), (kind, dtype)
+        loud = ~ok & ~quiet
+        assert torch.isnan(listed[loud]).all() and (kind == "bad") == bool(loud.any())
+        y = inp["y"].clone()
+        bc.bgmv_lora(y, *args, meta, **kw)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        y.copy_(inp["y"])
+        with torch.cuda.graph(graph):
+            bc.bgmv_lora(y, *args, meta, **kw)
+        y.copy_(inp["y"])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(_bits(y), _bits(full)), (kind, dtype)
+    with pytest.raises(ValueError, match="^B: expected unit stride along r_max"):
+        bc.bgmv_lora(inp["y"].clone(), *args, variant="fused")
+
+
 def _rank_work_case(kind: str):
     """(T, L, r_max, ranks, h_out, idx CPU int64) of a token-list test case."""
     g = torch.Generator().manual_seed(len(kind))
@@ -1402,7 +1502,8 @@ def _rank_work_case(kind: str):
         "r128": (16, 4, 128, [128, 100, 7, 128], 4096),
         "none": (16, 3, 16, [16, 8, 0], 512),
         "split": (24, 4, 64, [64, 40, 9, 64], 2048),
-        "big": (300, 64, 64, None, 4096)}[kind]
+        "big": (300, 64, 64, None, 4096),
+        "unaligned": (20, 4, 24, [24, 5, 13, 0], [1030, 7])}[kind]
     if ranks is None:
         ranks = torch.randint(1, r + 1, (L,), generator=g).tolist()
     idx = torch.randint(0, L, (T,), generator=g)

@@ -11,9 +11,13 @@ list (PERF_LOG v41), the default pair (bgmv_lora with meta), the chunked mma pai
 (where the ranks are given), each timed as
 bench_utils.time_graph (back-to-back calls in one CUDA graph over a cold pool), us per
 call, beside the bytes that must move and the sum of the tokens' ranks.
+Each layout runs with B in the row layout and stored rank-major (to_rank_major; PERF_LOG
+v45: rank-major B has its own expand, which every rule then runs), unless --storage says
+otherwise.
 
-    python notes/probes/mixed_rank_probe.py
+    python notes/probes/mixed_rank_probe.py [--storage row rank-major]
 """
+import argparse
 import os
 import sys
 
@@ -41,6 +45,10 @@ LAYOUTS = [  # (name, r_max, ranks or None, idx seed)
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--storage", nargs="+", default=["row", "rank-major"],
+                    choices=["row", "rank-major"], help="B storage(s) to run every layout in")
+    storages = ap.parse_args().storage
     T, h, L = 64, 4096, 32
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()
@@ -49,14 +57,18 @@ def main() -> None:
           f"adapters (idx seed 64 as run_bgmv_cuda's point, 0 as the mixed_rank figure's); "
           f"us per call")
     cols = ["rank", "rank+list", "default", "mma_ch", "shrink", "shrink+l", "expand", "expand+l"]
-    print(f"{'layout':24} {'MB':>5} {'rank_sum':>8} " + " ".join(f"{c:>9}" for c in cols))
-    for name, r_max, ranks, seed in LAYOUTS:
+    print(f"{'layout (RM: rank-major B)':27} {'MB':>5} {'rank_sum':>8} " + " ".join(f"{c:>9}" for c in cols))
+    for name, r_max, ranks, seed, rm in [(*lay, rm) for rm in storages for lay in LAYOUTS]:
+        rank_major = rm == "rank-major"
+        name = name + (" RM" if rank_major else "")
         idx = make_workload("uniform", T, L, seed=seed).to(dev)
-        set0 = make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=0)
+        set0 = make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=0,
+                                rank_major=rank_major)
         meta = make_meta(idx, ranks=set0["ranks"])
         nbytes = bu.lora_bytes(idx, h, [h], r_max, dtype, set0["ranks"])
         n_sets = bu.pool_size(nbytes, max_sets=32)
-        sets = [set0] + [make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=k)
+        sets = [set0] + [make_lora_inputs(T, h, h, L, r_max, dtype, dev, ranks=ranks, seed=k,
+                                          rank_major=rank_major)
                          for k in range(1, n_sets)]
         vs = [bc.bgmv_shrink(s["x"], s["A"], idx, s["ranks"], pdl=False) for s in sets]
 
@@ -102,7 +114,7 @@ def main() -> None:
               if work is not None or fn not in (shrink_list, expand_list) else float("nan")
               for fn in fns]
         rank_sum = getattr(meta, "rank_sum", None) or T * r_max
-        print(f"{name:24} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:9.2f}" for u in us))
+        print(f"{name:27} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:9.2f}" for u in us))
         sets = vs = None
         torch.cuda.empty_cache()
 
