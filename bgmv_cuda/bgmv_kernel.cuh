@@ -1129,7 +1129,7 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 constexpr int kBgmvRmThreads = 256;
 constexpr int kBgmvRmWarps = kBgmvRmThreads / 32;
 constexpr int kBgmvRmRows = 8;             // rank rows per warp per step (loads in flight)
-constexpr int kBgmvRmMinBlocksPerSM = 3;
+constexpr int kBgmvRmMinBlocksPerSM = 4;
 
 // log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most
 // kBgmvRmRows rows per warp.
@@ -1202,7 +1202,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   const int kg = warp & (ks - 1);                      // rank group: rows kg + ks u
   const int j = j0 + ((warp >> log2ks) * 32 + lane) * W;   // this lane's first column
   const bool jin = j < h_out;                          // W divides h_out on the vector path
-  const T* bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j : 0);
+  const T* bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j : 0);  // rebuilt
   const int64_t bsr = p.b_stride_r[s];
 
   // B rows first (before the wait: the shrink writes no B), then y, then wait, then v.
@@ -1219,7 +1219,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   }
   const bool storer = kg == 0 && jin;                  // the rank group's first warp
   const float sc = p.scale[i];
-  T* yp = yrow + (jin ? j : 0);                        // this lane's y
+  T* yp = yrow + (jin ? j : 0);                        // this lane's y (rebuilt)
   union { Raw raw; T e[W]; } yb = {};                  // y kept packed across the wait
   const bool y_vec = W > 1 && p.y_vec;
   if (storer) {
@@ -1232,8 +1232,27 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
       for (int e = 0; e < W; ++e) yb.e[e] = yp[e];
     }
   }
-  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;   // t, s no longer live
+  // Rather than hold t, i, s, the tile and the pointers built from them across the wait
+  // (the 16-bit 16-byte instances spilled 48 bytes at 64 registers: the token list's on
+  // sm_90, both on sm_80), thread 0 parks them in shared memory and every thread rebuilds
+  // its pointers after the wait (as the FMA expand's token list does).
+  __shared__ int64_t parked[3];
+  if (threadIdx.x == 0) {
+    parked[0] = t;
+    parked[1] = i;
+    parked[2] = (static_cast<int64_t>(s) << 32) | static_cast<uint32_t>(j0);
+  }
   bgmv_wait_prior_grid();
+  {
+    __syncthreads();
+    t = parked[0];
+    i = parked[1];
+    s = static_cast<int>(parked[2] >> 32);
+    const int j_late = static_cast<int>(parked[2] & 0xffffffff) + ((warp >> log2ks) * 32 + lane) * W;
+    bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j_late : 0);
+    yp = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s] + (jin ? j_late : 0);
+  }
+  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
 
   // v[t, s, :rank] into shared memory, one load per thread (rank <= 128 < 256 threads: one
   // round trip for the block, where per-lane loads of each warp's 8 rows cost registers
