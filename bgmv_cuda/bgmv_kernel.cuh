@@ -42,6 +42,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -1128,15 +1129,21 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // ---------------------------------------------------------------------------------------
 constexpr int kBgmvRmThreads = 256;
 constexpr int kBgmvRmWarps = kBgmvRmThreads / 32;
-constexpr int kBgmvRmRows = 8;             // rank rows per warp per step (loads in flight)
+constexpr int kBgmvRmStep = 8;             // rank rows per warp per step (loads in flight)
+constexpr int kBgmvRmRows = 8;             // BgmvExpandParams::rm_rows' default (see KS)
 constexpr int kBgmvRmMinBlocksPerSM = 4;
 
-// log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most
-// kBgmvRmRows rows per warp.
-__host__ __device__ __forceinline__ int bgmv_rm_log2_ks(int rank) {
+// log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most `rows`
+// rows per warp.
+__host__ __device__ __forceinline__ int bgmv_rm_log2_ks(int rank, int rows) {
   int l = 0;
-  while (l < 3 && (kBgmvRmRows << l) < rank) ++l;
+  while (l < 3 && (rows << l) < rank) ++l;
   return l;
+}
+
+// Rows per warp for a rank split in KS groups: ceil(rank / KS).
+__device__ __forceinline__ int bgmv_rm_warp_rows(int rank, int log2ks) {
+  return (rank + (1 << log2ks) - 1) >> log2ks;
 }
 
 template <typename T, int W, bool WORK>
@@ -1145,6 +1152,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   using Ty = BgmvType<T>;
   static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
   using Raw = typename std::conditional<W == 1, T, uint4>::type;
+  constexpr int U = kBgmvRmStep;
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
 
   // Block -> token t (adapter i, rank), slice s, tile q of the slice, KS (log2).
@@ -1168,7 +1176,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
     for (int k = 1; k < kBgmvMaxSlices; ++k)
       if (k < p.S && qq >= sb[k]) s = k;
     q = qq - sb[s];
-    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max));
+    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max), p.rm_rows);
   } else {
     t = blockIdx.x;
     rank = bgmv_token(p, t, &i);
@@ -1176,9 +1184,8 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
     for (int k = 1; k < kBgmvMaxSlices; ++k)
       if (k < p.S && static_cast<int>(blockIdx.y) >= p.tile_begin[k]) s = k;
     q = blockIdx.y - p.tile_begin[s];
-    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max);
+    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max, p.rm_rows);
   }
-  const int ks = 1 << log2ks;
   const int tile = 32 * W * (kBgmvRmWarps >> log2ks);
   const int j0 = q * tile;
   const int h_out = p.h_out[s];
@@ -1199,27 +1206,33 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   }
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int kg = warp & (ks - 1);                      // rank group: rows kg + ks u
+  const int kg = warp & ((1 << log2ks) - 1);           // rank group
+  const int rw = bgmv_rm_warp_rows(rank, log2ks);
+  const int k_begin = kg * rw;                         // this warp's rows [k_begin, k_end)
+  const int k_end = min(k_begin + rw, rank);
   const int j = j0 + ((warp >> log2ks) * 32 + lane) * W;   // this lane's first column
   const bool jin = j < h_out;                          // W divides h_out on the vector path
-  const T* bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j : 0);  // rebuilt
   const int64_t bsr = p.b_stride_r[s];
 
   // B rows first (before the wait: the shrink writes no B), then y, then wait, then v.
-  Raw raw[kBgmvRmRows];
+  Raw raw[U];
+  // B rows [k0, k0 + U) of this warp; past k_end nothing is loaded (zeros).
+  auto load_b = [&](const T* b, int k0) {
 #pragma unroll
-  for (int u = 0; u < kBgmvRmRows; ++u) {
-    const int k = kg + ks * u;
-    if constexpr (W == 1) {
-      raw[u] = (jin && k < rank) ? bcol[k * bsr] : Ty::from_float(0.f);
-    } else {
-      raw[u] = (jin && k < rank) ? __ldg(reinterpret_cast<const uint4*>(bcol + k * bsr))
-                                 : make_uint4(0u, 0u, 0u, 0u);
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u;
+      if constexpr (W == 1) {
+        raw[u] = (jin && k < k_end) ? b[k * bsr] : Ty::from_float(0.f);
+      } else {
+        raw[u] = (jin && k < k_end) ? __ldg(reinterpret_cast<const uint4*>(b + k * bsr))
+                                    : make_uint4(0u, 0u, 0u, 0u);
+      }
     }
-  }
+  };
+  load_b(static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j : 0), k_begin);
   const bool storer = kg == 0 && jin;                  // the rank group's first warp
   const float sc = p.scale[i];
-  T* yp = yrow + (jin ? j : 0);                        // this lane's y (rebuilt)
+  const T* yp = yrow + (jin ? j : 0);                  // this lane's y (stored through yq)
   union { Raw raw; T e[W]; } yb = {};                  // y kept packed across the wait
   const bool y_vec = W > 1 && p.y_vec;
   if (storer) {
@@ -1232,79 +1245,67 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
       for (int e = 0; e < W; ++e) yb.e[e] = yp[e];
     }
   }
-  // Rather than hold t, i, s, the tile and the pointers built from them across the wait
-  // (the 16-bit 16-byte instances spilled 48 bytes at 64 registers: the token list's on
-  // sm_90, both on sm_80), thread 0 parks them in shared memory and every thread rebuilds
-  // its pointers after the wait (as the FMA expand's token list does).
+  // Rather than hold i, s, the tile and the pointers built from them across the wait (the
+  // 16-bit 16-byte instances spilled 48 bytes at 64 registers: the token list's on sm_90,
+  // both on sm_80), thread 0 parks them in shared memory and every thread rebuilds its
+  // pointers after the wait (the block's warps reach it together: a short barrier).
   __shared__ int64_t parked[3];
   if (threadIdx.x == 0) {
     parked[0] = t;
     parked[1] = i;
     parked[2] = (static_cast<int64_t>(s) << 32) | static_cast<uint32_t>(j0);
   }
-  bgmv_wait_prior_grid();
-  {
-    __syncthreads();
-    t = parked[0];
-    i = parked[1];
-    s = static_cast<int>(parked[2] >> 32);
-    const int j_late = static_cast<int>(parked[2] & 0xffffffff) + ((warp >> log2ks) * 32 + lane) * W;
-    bcol = static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + (jin ? j_late : 0);
-    yp = static_cast<T*>(p.y) + t * p.y_stride_t + p.col_off[s] + (jin ? j_late : 0);
-  }
-  const float* vrow = p.v + t * p.v_stride_t + s * p.v_stride_s;
+  // After the wait, from the parked values: this lane's first column, B rows, y, v row.
+  auto parked_j = [&]() {
+    return static_cast<int>(parked[2] & 0xffffffff) + ((warp >> log2ks) * 32 + lane) * W;
+  };
+  auto parked_s = [&]() { return static_cast<int>(parked[2] >> 32); };
 
-  // v[t, s, :rank] into shared memory, one load per thread (rank <= 128 < 256 threads: one
-  // round trip for the block, where per-lane loads of each warp's 8 rows cost registers
-  // that spilled), the n_split partial sums added in a fixed order.
-  __shared__ float v_s[kBgmvMaxRank];
-  if (static_cast<int>(threadIdx.x) < rank) {
-    float a = vrow[threadIdx.x];
+  // v at rows [k0, k0 + U) (0 past k_end: padded B has no v), the n_split partial sums in
+  // a fixed order: lane l loads row k0 + l % U, and each row's value reaches the warp by a
+  // shuffle (per-lane v for all U rows took registers that spilled).
+  auto load_v = [&](int k0) {
+    const float* vrow = p.v + parked[0] * p.v_stride_t + parked_s() * p.v_stride_s;
+    const int k = k0 + (lane & (U - 1));
+    float a = 0.f;
+    if (k < k_end) {
+      a = vrow[k];
 #pragma unroll 1  // n_split > 1 only in the opt-in "split" variant
-    for (int z = 1; z < p.n_split; ++z) a += vrow[z * p.v_stride_split + threadIdx.x];
-    v_s[threadIdx.x] = a;
-  }
-  __syncthreads();
-
+      for (int z = 1; z < p.n_split; ++z) a += vrow[z * p.v_stride_split + k];
+    }
+    return a;
+  };
   float acc[W];
 #pragma unroll
   for (int e = 0; e < W; ++e) acc[e] = 0.f;
-  // One step of 8 rows: rows past the rank were never loaded and have no v.
-  auto fma_rows = [&](const Raw* r8, int k_first) {
+  auto fma_rows = [&](float v_lane) {
 #pragma unroll
-    for (int u = 0; u < kBgmvRmRows; ++u) {
-      const int k = k_first + ks * u;
-      if (k < rank) {
-        const float vk = v_s[k];
-        float bf[W];
-        if constexpr (W == 1) {
-          bf[0] = Ty::to_float(r8[u]);
-        } else {
-          Ty::unpack(r8[u], bf);
-        }
-#pragma unroll
-        for (int e = 0; e < W; ++e) acc[e] = fmaf(vk, bf[e], acc[e]);
+    for (int u = 0; u < U; ++u) {
+      float bf[W];
+      if constexpr (W == 1) {
+        bf[0] = Ty::to_float(raw[u]);
+      } else {
+        Ty::unpack(raw[u], bf);
       }
+      const float v_u = __shfl_sync(0xffffffffu, v_lane, u);
+#pragma unroll
+      for (int e = 0; e < W; ++e) acc[e] = fmaf(v_u, bf[e], acc[e]);
     }
   };
-  fma_rows(raw, kg);
-  // Ranks above 8 KS (r_max > 64): further steps of 8 rows, loaded after the wait.
-  for (int k_first = kg + ks * kBgmvRmRows; k_first < rank; k_first += ks * kBgmvRmRows) {
-#pragma unroll
-    for (int u = 0; u < kBgmvRmRows; ++u) {
-      const int k = k_first + ks * u;
-      if constexpr (W == 1) {
-        raw[u] = (jin && k < rank) ? bcol[k * bsr] : Ty::from_float(0.f);
-      } else {
-        raw[u] = (jin && k < rank) ? __ldg(reinterpret_cast<const uint4*>(bcol + k * bsr))
-                                   : make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-    fma_rows(raw, k_first);
+
+  bgmv_wait_prior_grid();
+  __syncthreads();   // parked
+  fma_rows(load_v(k_begin));
+  // More than U rows per warp (rank > 8 KS: r_max > 64): further steps, loaded after the wait.
+#pragma unroll 1
+  for (int k0 = k_begin + U; k0 < k_end; k0 += U) {
+    const int sl = parked_s();
+    load_b(static_cast<const T*>(p.B[sl]) + parked[1] * p.b_stride_l[sl] + (jin ? parked_j() : 0), k0);
+    fma_rows(load_v(k0));
   }
 
   // The KS partial sums of a column group, added in rank-group order by its first warp.
-  if (ks > 1) {
+  if (log2ks > 0) {
     __shared__ float red[kBgmvRmWarps][W][32];   // [warp][element][lane]: no bank conflicts
     if (kg != 0) {
 #pragma unroll
@@ -1312,14 +1313,15 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
     }
     __syncthreads();
     if (kg == 0) {
-      for (int m = 1; m < ks; ++m)
+      for (int m = 1; m < (1 << log2ks); ++m)
 #pragma unroll
         for (int e = 0; e < W; ++e) acc[e] += red[warp + m][e][lane];
     }
   }
   if (!storer) return;
+  T* yq = static_cast<T*>(p.y) + parked[0] * p.y_stride_t + p.col_off[parked_s()] + parked_j();
   if constexpr (W == 1) {
-    *yp = Ty::from_float(fmaf(sc, acc[0], Ty::to_float(yb.raw)));
+    *yq = Ty::from_float(fmaf(sc, acc[0], Ty::to_float(yb.raw)));
   } else {
     float ys[W];
     Ty::unpack(yb.raw, ys);
@@ -1327,10 +1329,10 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
 #pragma unroll
     for (int e = 0; e < W; ++e) out[e] = Ty::from_float(fmaf(sc, acc[e], ys[e]));
     if (y_vec) {
-      *reinterpret_cast<uint4*>(yp) = *reinterpret_cast<const uint4*>(out);
+      *reinterpret_cast<uint4*>(yq) = *reinterpret_cast<const uint4*>(out);
     } else {
 #pragma unroll
-      for (int e = 0; e < W; ++e) yp[e] = out[e];
+      for (int e = 0; e < W; ++e) yq[e] = out[e];
     }
   }
 }
@@ -1571,7 +1573,15 @@ const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
   const int w = vec ? VEC : 1;
   p.y_vec = vec && bgmv_aligned16(p.y) && p.y_stride_t % VEC == 0;
   for (int s = 0; s < p.S; ++s) p.y_vec = p.y_vec && p.col_off[s] % VEC == 0;
-  auto tile_of_rank = [&](int rank) { return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank)); };
+  // Rows per warp behind KS (session 13 A/B knob: MULTILORA_RM_ROWS = 4 or 8).
+  static const int rm_rows = [] {
+    const char* e = std::getenv("MULTILORA_RM_ROWS");
+    return (e != nullptr && std::atoi(e) == 4) ? 4 : kBgmvRmRows;
+  }();
+  p.rm_rows = rm_rows;
+  auto tile_of_rank = [&](int rank) {
+    return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank, p.rm_rows));
+  };
   if (bgmv_fill_tiles_of(p, tile_of_rank(p.r_max)) > 65535)
     return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   if (p.T == 0) return nullptr;

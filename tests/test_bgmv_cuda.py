@@ -82,10 +82,10 @@ def test_compile_check_sm80_sm90_no_spills():
             # (8 tokens x 1,024 columns), the chunk's 8 tokens (PERF_LOG v29: no v sums)
             kb = int(cc.demangle_short(k.kernel)[len("expand_mma<"):-1].split(", ")[0])
             assert k.smem_bytes == 8 * 4 * 4 * kb * 16 + 8 * 1024 * 2 + 8 * 4, k
-        elif "expand_rm" in k.kernel:   # v[t, s, :128] fp32, the 8 warps' W partial sums,
-            # the parked token, adapter, slice and tile (3 int64)
+        elif "expand_rm" in k.kernel:   # the 8 warps' W partial sums, the parked token,
+            # adapter, slice and tile (3 int64)
             _, w, _ = cc.demangle_short(k.kernel)[len("expand_rm<"):-1].split(", ")
-            assert k.smem_bytes == 128 * 4 + 8 * int(w) * 32 * 4 + 24, k
+            assert k.smem_bytes == 8 * int(w) * 32 * 4 + 24, k
         elif "expand" in k.kernel:   # J = 8 parks y in shared memory: 8 per thread, in T;
             # rule "rank" parks its token, slice and tile (3 ints, PERF_LOG v41)
             dt, *_, j, _rank, work = cc.demangle_short(k.kernel)[len("expand<"):-1].split(", ")
@@ -340,6 +340,8 @@ def test_rank_major_tiles_mirror_the_kernel():
     assert bc.expand_rm_tiles(rm(1030, 64), 64) == (32, 33)       # h_out % 8: 1 element
     assert bc.expand_rm_tiles(rm(1024, 5), 5)[0] == 32 * 8 * 8    # rank stride 1024: aligned
     assert bc.expand_rm_tiles(rm(1028, 5), 5)[0] == 32 * 1 * 8    # 1028 % 8 != 0
+    assert bc.expand_rm_tiles(rm(4096, 8), 8, rows=4) == (1024, 4)   # KS 2 with 4 rows a warp
+    assert bc.expand_rm_tiles(rm(4096, 64), 64, rows=4) == (256, 16)  # KS capped at 8
 
 
 def test_python_limits_match_cpp_constants():
@@ -354,6 +356,7 @@ def test_python_limits_match_cpp_constants():
             c["kBgmvTileRuleMma"]] == \
         [bc.EXPAND_TILE_RULES.index(r) for r in ("classic", "residency", "rank", "mma")]
     assert (c["kBgmvRankGroups"], c["kBgmvWorkStride"]) == (RANK_GROUPS, bc.WORK_STRIDE)
+    assert c["kBgmvRmRows"] == bc.RM_ROWS
     assert "constexpr int kBgmvChunkStride = kBgmvChunkTokens + 1;" in text
     assert bc.CHUNK_STRIDE == bc.CHUNK_TOKENS + 1
     assert (c["kBgmvMmaRowsPerWarp"], c["kBgmvChunkTokens"], c["kBgmvMmaMaxSplit"],
