@@ -373,11 +373,11 @@ def b_rank_major(Bs: Sequence[Tensor], r_max: int) -> bool:
     return not _row_layout(b, r_max) and (b.stride(1) == 1 or b.shape[1] == 1)
 
 
-def expand_rm_tiles(Bs: Sequence[Tensor], r_max: int, rows: int = RM_ROWS) -> tuple[int, int]:
+def expand_rm_tiles(Bs: Sequence[Tensor], r_max: int) -> tuple[int, int]:
     """Rank-major B's expand (_bgmv_expand_rm_kernel): (output columns per block at r_max,
     blocks along grid.y): 32 lanes x W columns x 8 / KS warps, W = 16 bytes when every B_s
     (base, adapter and rank strides) is 16-byte aligned and W divides every h_out_s, else
-    1; KS = min(8, next_pow2(ceil(r_max / rows))), rows = kBgmvRmRows."""
+    1; KS = min(8, next_pow2(ceil(r_max / RM_ROWS)))."""
     vec = 16 // Bs[0].element_size()
     es = Bs[0].element_size()
     w = vec if not any(_byte_address(b) % 16 or b.shape[1] % vec
@@ -385,7 +385,7 @@ def expand_rm_tiles(Bs: Sequence[Tensor], r_max: int, rows: int = RM_ROWS) -> tu
                        or (b.shape[2] > 1 and (b.stride(2) * es) % 16)
                        for b in Bs) else 1
     log2ks = 0
-    while log2ks < 3 and (rows << log2ks) < r_max:
+    while log2ks < 3 and (RM_ROWS << log2ks) < r_max:
         log2ks += 1
     tile = 32 * w * (8 >> log2ks)
     return tile, sum(-(-b.shape[1] // tile) for b in Bs)

@@ -42,7 +42,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -1119,25 +1118,28 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // groups along the rank and 8 / KS along the columns, so a warp takes at most 8 rows of a
 // rank <= 64, all in flight before the PDL wait (ranks above 64 loop, 8 rows per step,
 // after it): tile = 32 W 8 / KS columns (16-bit, rank 8: 2,048; rank 64: 256).  Warp w
-// takes column group w / KS and rows w % KS + KS u.  The KS partial sums meet in shared
-// memory in a fixed order (deterministic); the rank group's first warp scales them, adds
-// y (loaded before the wait) and stores.  Tile rules do not apply: this one kernel serves
-// every rule.  Grid: x = T, y = sum_s ceil(h_out_s / tile(r_max)) (a token of a smaller
+// takes column group w / KS and the contiguous rows [g m, g m + m), g = w % KS,
+// m = ceil(rank / KS); after the wait lane l loads v at row l % 8 of the step and each
+// row's value reaches the warp by a shuffle (PERF_LOG v47).  The KS partial sums meet in
+// shared memory in a fixed order (deterministic); the rank group's first warp scales them,
+// adds y (loaded before the wait) and stores.  64 registers at (256, 4), no spills (the
+// token, adapter, slice and tile parked in shared memory across the wait).  Tile rules do
+// not apply: this one kernel serves every rule.  Grid: x = T, y = sum_s ceil(h_out_s / tile(r_max)) (a token of a smaller
 // rank takes its own wider tiles; the later ones exit at once), or with the token list 1-D
 // over only the tiles each listed token's rank needs (as the FMA expand's; bitwise the same
 // values as the grid x = T, since KS depends on the rank's group alone).
 // ---------------------------------------------------------------------------------------
 constexpr int kBgmvRmThreads = 256;
 constexpr int kBgmvRmWarps = kBgmvRmThreads / 32;
-constexpr int kBgmvRmStep = 8;             // rank rows per warp per step (loads in flight)
-constexpr int kBgmvRmRows = 8;             // BgmvExpandParams::rm_rows' default (see KS)
+constexpr int kBgmvRmRows = 8;             // rank rows per warp per step (loads in flight)
 constexpr int kBgmvRmMinBlocksPerSM = 4;
 
-// log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most `rows`
-// rows per warp.
-__host__ __device__ __forceinline__ int bgmv_rm_log2_ks(int rank, int rows) {
+// log2 KS for a rank: the fewest rank groups (a power of two <= 8) with at most
+// kBgmvRmRows rows per warp (PERF_LOG v47: 4 rows per warp, twice the warps at ranks 8-32,
+// measured 0.2-3.3 us slower).
+__host__ __device__ __forceinline__ int bgmv_rm_log2_ks(int rank) {
   int l = 0;
-  while (l < 3 && (rows << l) < rank) ++l;
+  while (l < 3 && (kBgmvRmRows << l) < rank) ++l;
   return l;
 }
 
@@ -1152,7 +1154,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   using Ty = BgmvType<T>;
   static_assert(W == 1 || W == Ty::kVec, "W is one element or one 16-byte vector");
   using Raw = typename std::conditional<W == 1, T, uint4>::type;
-  constexpr int U = kBgmvRmStep;
+  constexpr int U = kBgmvRmRows;
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
 
   // Block -> token t (adapter i, rank), slice s, tile q of the slice, KS (log2).
@@ -1176,7 +1178,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
     for (int k = 1; k < kBgmvMaxSlices; ++k)
       if (k < p.S && qq >= sb[k]) s = k;
     q = qq - sb[s];
-    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max), p.rm_rows);
+    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max));
   } else {
     t = blockIdx.x;
     rank = bgmv_token(p, t, &i);
@@ -1184,7 +1186,7 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
     for (int k = 1; k < kBgmvMaxSlices; ++k)
       if (k < p.S && static_cast<int>(blockIdx.y) >= p.tile_begin[k]) s = k;
     q = blockIdx.y - p.tile_begin[s];
-    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max, p.rm_rows);
+    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max);
   }
   const int tile = 32 * W * (kBgmvRmWarps >> log2ks);
   const int j0 = q * tile;
@@ -1573,15 +1575,7 @@ const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
   const int w = vec ? VEC : 1;
   p.y_vec = vec && bgmv_aligned16(p.y) && p.y_stride_t % VEC == 0;
   for (int s = 0; s < p.S; ++s) p.y_vec = p.y_vec && p.col_off[s] % VEC == 0;
-  // Rows per warp behind KS (session 13 A/B knob: MULTILORA_RM_ROWS = 4 or 8).
-  static const int rm_rows = [] {
-    const char* e = std::getenv("MULTILORA_RM_ROWS");
-    return (e != nullptr && std::atoi(e) == 4) ? 4 : kBgmvRmRows;
-  }();
-  p.rm_rows = rm_rows;
-  auto tile_of_rank = [&](int rank) {
-    return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank, p.rm_rows));
-  };
+  auto tile_of_rank = [&](int rank) { return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank)); };
   if (bgmv_fill_tiles_of(p, tile_of_rank(p.r_max)) > 65535)
     return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   if (p.T == 0) return nullptr;

@@ -126,7 +126,6 @@ struct BgmvExpandParams {
   // between rank rows.  0: the row layout above (unit stride along r_max).
   int b_rank_major = 0;
   int64_t b_stride_r[kBgmvMaxSlices] = {};
-  int rm_rows = 8;   // rank-major: rows per warp behind its rank split (filled by the launcher)
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.

@@ -340,8 +340,6 @@ def test_rank_major_tiles_mirror_the_kernel():
     assert bc.expand_rm_tiles(rm(1030, 64), 64) == (32, 33)       # h_out % 8: 1 element
     assert bc.expand_rm_tiles(rm(1024, 5), 5)[0] == 32 * 8 * 8    # rank stride 1024: aligned
     assert bc.expand_rm_tiles(rm(1028, 5), 5)[0] == 32 * 1 * 8    # 1028 % 8 != 0
-    assert bc.expand_rm_tiles(rm(4096, 8), 8, rows=4) == (1024, 4)   # KS 2 with 4 rows a warp
-    assert bc.expand_rm_tiles(rm(4096, 64), 64, rows=4) == (256, 16)  # KS capped at 8
 
 
 def test_python_limits_match_cpp_constants():
