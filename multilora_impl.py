@@ -10,7 +10,8 @@ Shapes (torch.nn.Linear / PEFT layouts, so PEFT weights drop in unchanged):
     x      [T, h_in]            fp16 / bf16 / fp32
     y      [T, h_out]           same dtype as x, updated in place
     A      [L, r_max, h_in]     stacked lora_A weights of L adapters
-    B      [L, h_out, r_max]    stacked lora_B weights
+    B      [L, h_out, r_max]    stacked lora_B weights (PEFT's rows, or the same tensor stored
+                                rank-major by to_rank_major, which bgmv_cuda reads densely)
     idx    [T]                  int32 / int64, adapter of each token, -1 = no LoRA
     scale  [L]                  fp32 (lora_alpha / r, or alpha / sqrt(r) for rsLoRA)
     ranks  [L] int32 or None    adapter i uses its first ranks[i] rows of A / columns
@@ -942,7 +943,7 @@ def plot_mixed_rank(data: dict, path: str) -> None:
     import bench_utils as bu
     plt = bu.pyplot()
     cfg = data["config"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8.5, 4))
     # One pair of bars per (mode, B layout): the row layout for every mode, then rank-major
     # B (to_rank_major) for the kernels, where the JSON has it.
     bars = []

@@ -742,6 +742,9 @@ def bgmv_expand(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor,
     (chunk, tile), each B tile read once per chunk.
     work (rule "rank" only): the token list of bgmv_shrink: with 16-byte B loads a grid of
     only the tiles the tokens' ranks need (the same values).
+    B stored rank-major (unit stride along h_out, multilora_impl.to_rank_major; every slice
+    alike) runs its own expand under every rule (_bgmv_expand_rm_kernel, PERF_LOG v45-v47;
+    chunks ignored, the token list used).
     Raises ValueError (check_expand_args, expand_tile_rule) before building or calling
     anything."""
     Bs = check_expand_args(y, v, B, idx, scale, ranks)
@@ -856,7 +859,9 @@ def bgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: BList, idx: Tensor, scale: Ten
                  zeroed counter buffer (_fused_counters): calls must be stream-ordered.
     tiles: the expand's outputs-per-lane rule for "default" and "split" (bgmv_expand;
     None = $MULTILORA_EXPAND_TILES; "mma" with meta's chunks groups both kernels' tokens
-    by adapter); "fused" keeps its own (J = 4) and ignores it."""
+    by adapter); "fused" keeps its own (J = 4) and ignores it.
+    B stored rank-major (multilora_impl.to_rank_major): the default takes rule "rank" (with
+    meta's token list) and the rank-major expand; "fused" refuses it (ValueError)."""
     if variant not in VARIANTS:
         _fail("variant", f"one of {VARIANTS}", repr(variant))
     A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)

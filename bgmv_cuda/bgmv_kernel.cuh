@@ -11,7 +11,9 @@
 //   x   [T, h_in]               half / __nv_bfloat16 / float, unit stride along h_in
 //   A   [S, L, r_max, h_in]     same dtype; S output slices share one shrink (q/k/v)
 //   v   [T, S, r_max]           float, the shrink result kept in fp32 until the expand
-//   B_s [L, h_out_s, r_max]     same dtype as x, one tensor (pointer) per slice, S <= 3
+//   B_s [L, h_out_s, r_max]     same dtype as x, one tensor (pointer) per slice, S <= 3;
+//                               unit stride along r_max, or rank-major: unit stride along
+//                               h_out (every slice alike; _bgmv_expand_rm_kernel, below)
 //   y   [T, sum_s h_out_s]      same dtype; slice s owns columns [off_s, off_s + h_out_s)
 //   idx [T]                     int32 or int64, -1 = row untouched (both kernels exit)
 //   scale [L]                   float, per adapter
@@ -22,7 +24,8 @@
 //
 // Supported: h_in a multiple of 8 elements (the shrink reads x and A with 16-byte vector
 // loads, 8 halves / 4 floats, with 16-byte aligned base pointers and row strides), any
-// h_out >= 1 (the expand vectorises along the rank, not along h_out), 1 <= r_max <= 128,
+// h_out >= 1 (the expand vectorises along the rank, not along h_out; rank-major B along
+// h_out where 16-byte aligned, else one element), 1 <= r_max <= 128,
 // 1 <= S <= 3.  The launchers below reject anything else with a message.
 // idx outside [-1, L) or ranks[i] outside [0, r_max] cannot be checked on the host
 // without a sync, so the kernels check them: nothing out of bounds is read and the
