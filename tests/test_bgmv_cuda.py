@@ -1437,11 +1437,12 @@ def test_rank_work_pays_rule():
                                   "unaligned"])
 def test_rank_major_B(kind):
     """Rank-major B (to_rank_major; _bgmv_expand_rm_kernel, PERF_LOG v45) in every dtype: the
-    full grid, make_meta's token list, the default (which takes "rank" for it) and a CUDA
-    graph replay bitwise equal; the float64 reference on valid rows, idx = -1 and rank-0 rows
+    full grid, make_meta's token list and the default (which takes "rank" for it) bitwise
+    equal; the float64 reference on valid rows, idx = -1 and rank-0 rows
     untouched, invalid idx / ranks NaN; 1-element loads where h_out is not a multiple of
     16 bytes ("unaligned"); ranks above 64 in two steps ("r128"); split-K partial sums
-    ("split"); rule "mma"'s chunked shrink before it (bf16); the fused variant refused."""
+    ("split"); rule "mma"'s chunked shrink before it (bf16); the fused variant refused.
+    (The CUDA-graph replay: test_rank_major_B_cuda_graph.)"""
     T, L, r, ranks, h_out, idx_h = _rank_work_case(kind)
     idx = idx_h.int().cuda()
     kw = {"variant": "split", "split_k": 3} if kind == "split" else {}
@@ -1478,19 +1479,35 @@ def test_rank_major_B(kind):
             assert torch.equal(_bits(out[quiet]), _bits(inp["y"][quiet])), (kind, dtype)
         loud = ~ok & ~quiet
         assert torch.isnan(listed[loud]).all() and (kind == "bad") == bool(loud.any())
+    with pytest.raises(ValueError, match="^B: expected unit stride along r_max"):
+        bc.bgmv_lora(inp["y"].clone(), *args, variant="fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["mixed", "r128", "unaligned"])
+def test_rank_major_B_cuda_graph(kind):
+    """Rank-major B's default path (token list, PDL) captured in a CUDA graph and replayed:
+    bitwise the eager full grid's result, in every dtype."""
+    T, L, r, ranks, h_out, idx_h = _rank_work_case(kind)
+    idx = idx_h.int().cuda()
+    for dtype in DTYPES:
+        inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=ranks, seed=T,
+                               rank_major=True)
+        meta = make_meta(idx, ranks=inp["ranks"])
+        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+        full = inp["y"].clone()
+        bc.bgmv_lora(full, *args, tiles="rank")
         y = inp["y"].clone()
-        bc.bgmv_lora(y, *args, meta, **kw)
+        bc.bgmv_lora(y, *args, meta)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         y.copy_(inp["y"])
         with torch.cuda.graph(graph):
-            bc.bgmv_lora(y, *args, meta, **kw)
+            bc.bgmv_lora(y, *args, meta)
         y.copy_(inp["y"])
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(_bits(y), _bits(full)), (kind, dtype)
-    with pytest.raises(ValueError, match="^B: expected unit stride along r_max"):
-        bc.bgmv_lora(inp["y"].clone(), *args, variant="fused")
 
 
 def _rank_work_case(kind: str):

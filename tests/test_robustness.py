@@ -90,13 +90,14 @@ def random_case(seed: int, big: bool = False, dtypes=DTYPES) -> dict:
     idx = make_idx(rng, layout, T, L, none_share)
     return dict(T=T, h_in=h_in, h_outs=h_outs, L=L, r_max=r_max, ranks=ranks, layout=layout,
                 dtype=rng.choice(dtypes), idx_dtype=rng.choice([torch.int32, torch.int64]),
-                idx=idx, sliced=len(h_outs) > 1 or rng.random() < 0.5, seed=seed)
+                idx=idx, sliced=len(h_outs) > 1 or rng.random() < 0.5, seed=seed,
+                rank_major=rng.random() < 0.3)     # B stored rank-major (to_rank_major)
 
 
 def case_inputs(c: dict, device="cpu") -> tuple[dict, torch.Tensor]:
     h_out = c["h_outs"] if c["sliced"] else c["h_outs"][0]
     inp = make_lora_inputs(c["T"], c["h_in"], h_out, c["L"], c["r_max"], c["dtype"], device,
-                           ranks=c["ranks"], seed=c["seed"])
+                           ranks=c["ranks"], seed=c["seed"], rank_major=c["rank_major"])
     return inp, torch.tensor(c["idx"], dtype=c["idx_dtype"], device=device)
 
 
@@ -123,6 +124,8 @@ def test_sweep_covers_the_space():
     assert any(c["ranks"] and 0 in c["ranks"] for c in cs)
     assert any(c["r_max"] == MAX_RANK for c in cs)
     assert any(c["T"] == 1 for c in cs)
+    assert {c["rank_major"] for c in cs} == {False, True}
+    assert any(c["rank_major"] and c["ranks"] for c in cs)
 
 
 # ---------------------------------------------------------------------------------------
