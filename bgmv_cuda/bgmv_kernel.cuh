@@ -45,7 +45,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -1152,35 +1151,6 @@ __device__ __forceinline__ int bgmv_rm_warp_rows(int rank, int log2ks) {
   return (rank + (1 << log2ks) - 1) >> log2ks;
 }
 
-// L2 prefetch, by the whole block, of the B rows [0, rank) (every slice) of token row w's
-// adapter (WORK: row w of the token list; else token w): one 128-byte line per thread per
-// step, nothing held in registers (PERF_LOG v48).
-template <typename T, bool WORK>
-__device__ __forceinline__ void bgmv_rm_prefetch_token(const BgmvExpandParams& p, int w) {
-  int64_t i;
-  int rank;
-  if constexpr (WORK) {
-    int t, ii;
-    rank = bgmv_work_row(p, w, &t, &ii);
-    i = ii;
-  } else {
-    rank = bgmv_token(p, w, &i);
-  }
-  if (rank <= 0) return;
-  for (int s = 0; s < p.S; ++s) {
-    const int64_t row_bytes = static_cast<int64_t>(p.h_out[s]) * sizeof(T);
-    const int lines = static_cast<int>((row_bytes + 127) / 128) + 1;   // + 1: rows not line-aligned
-    const char* base = static_cast<const char*>(p.B[s]) + i * p.b_stride_l[s] * sizeof(T);
-    const int64_t row_stride = p.b_stride_r[s] * sizeof(T);
-    int k = threadIdx.x / lines, l = threadIdx.x - k * lines;   // line l of row k, then on
-    while (k < rank) {                                           // by the block's size
-      const int64_t off = min(static_cast<int64_t>(l) * 128, row_bytes - 1);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(base + k * row_stride + off));
-      for (l += kBgmvRmThreads; l >= lines; l -= lines) ++k;
-    }
-  }
-}
-
 template <typename T, int W, bool WORK>
 __global__ void __launch_bounds__(kBgmvRmThreads, kBgmvRmMinBlocksPerSM)
 _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
@@ -1189,19 +1159,6 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   using Raw = typename std::conditional<W == 1, T, uint4>::type;
   constexpr int U = kBgmvRmRows;
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
-
-  // The first p.pf_ahead blocks (those that start beside the shrink: one per SM fits there)
-  // prefetch into L2 the B rows of token rows b, b + pf_ahead, ..., whose other blocks can
-  // only start once the shrink is done: their B then comes from L2, not DRAM (PERF_LOG v48).
-  // First thing: nothing else live across it, and before this block's own B loads.
-  // (Grid x = T: the blocks of tile row 0, the first in launch order.)
-  // sm_90+ only: below, no PDL, so no block starts beside the shrink.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (static_cast<int>(blockIdx.x) < p.pf_ahead && (WORK || blockIdx.y == 0)) {
-#pragma unroll 1
-    for (int w = blockIdx.x; w < p.pf_rows; w += p.pf_ahead) bgmv_rm_prefetch_token<T, WORK>(p, w);
-  }
-#endif
 
   // Block -> token t (adapter i, rank), slice s, tile q of the slice, KS (log2).
   int64_t t, i;
@@ -1622,12 +1579,6 @@ const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
   p.y_vec = vec && bgmv_aligned16(p.y) && p.y_stride_t % VEC == 0;
   for (int s = 0; s < p.S; ++s) p.y_vec = p.y_vec && p.col_off[s] % VEC == 0;
   auto tile_of_rank = [&](int rank) { return 32 * w * (kBgmvRmWarps >> bgmv_rm_log2_ks(rank)); };
-  // L2 prefetch by the first blocks (PERF_LOG v48).  MULTILORA_RM_PREFETCH=0 turns it off
-  // (session 13's A/B).
-  static const bool prefetch = [] {
-    const char* e = std::getenv("MULTILORA_RM_PREFETCH");
-    return e == nullptr || std::atoi(e) != 0;
-  }();
   if (bgmv_fill_tiles_of(p, tile_of_rank(p.r_max)) > 65535)
     return "bgmv_expand: too many output tiles (sum h_out_s / tile > 65535)";
   if (p.T == 0) return nullptr;
@@ -1638,17 +1589,6 @@ const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
             p, [&](int g) { return tile_of_rank(bgmv_group_rank(g, p.r_max)); }))
       return e;
     grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
-  }
-  // Only grids with blocks that cannot start beside the shrink (more than one per SM).
-  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
-  const int sms = bgmv_num_sms();
-  // Blocks 0 .. pf_ahead - 1 (grid x = T: those of tile row 0, at most T of them).
-  p.pf_ahead = prefetch && p.pdl && blocks > sms ? (work ? sms : std::min(sms, p.T)) : 0;
-  p.pf_rows = 0;
-  if (work) {
-    for (int g = 0; g < kBgmvRankGroups; ++g) p.pf_rows += p.work_rows[g];
-  } else {
-    p.pf_rows = p.T;
   }
   constexpr int kT = kBgmvRmThreads;
   cudaError_t err;

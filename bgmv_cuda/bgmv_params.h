@@ -126,10 +126,6 @@ struct BgmvExpandParams {
   // between rank rows.  0: the row layout above (unit stride along r_max).
   int b_rank_major = 0;
   int64_t b_stride_r[kBgmvMaxSlices] = {};
-  // Rank-major: blocks b < pf_ahead prefetch into L2 the B rows of token rows b, b +
-  // pf_ahead, ... < pf_rows (filled by the launcher; pf_ahead 0: none).
-  int pf_ahead = 0;
-  int pf_rows = 0;
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.
