@@ -624,7 +624,7 @@ def to_rank_major(B: BList) -> BList:
     values, unit stride along h_out, each adapter's rank rows of h_out contiguous (as A's
     rows are). A layout taken once when adapters are loaded: an adapter of rank r < r_max
     then reads r dense rows, where the row layout reads r of every r_max elements of each
-    of h_out rows (PERF_LOG v42 / v45). Every mode takes either layout."""
+    of h_out rows (PERF_LOG v42 / v45). Every registry mode takes either layout."""
     def one(b: Tensor) -> Tensor:
         return b.transpose(1, 2).contiguous().transpose(1, 2)
     return tuple(one(b) for b in B) if isinstance(B, (tuple, list)) else one(B)
@@ -1123,7 +1123,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--figures", nargs="+", default=list(FIGURES), choices=FIGURES,
                    help="which figures: decode (latency vs batch, one panel per workload), "
                         "bandwidth (batch up to 256, 128 distinct adapters, r=64), mixed_rank "
-                        "(ranks {8,16,32,64} over 32 adapters vs all padded to 64, batch 64), "
+                        "(ranks {8,16,32,64} over 32 adapters vs all padded to 64, batch 64; the kernels "
+                        "again with B stored rank-major), "
                         "punica (h 4096->11008, r=16, batch 1..64, best mode vs its floor)")
     p.add_argument("--modes", nargs="+", default=DECODE_MODES, help="modes to run (registry names)")
     p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="x, y, A, B dtype")

@@ -1127,10 +1127,12 @@ _bgmv_fused_kernel(const BgmvFusedParams p) {
 // shared memory in a fixed order (deterministic); the rank group's first warp scales them,
 // adds y (loaded before the wait) and stores.  64 registers at (256, 4), no spills (the
 // token, adapter, slice and tile parked in shared memory across the wait).  Tile rules do
-// not apply: this one kernel serves every rule.  Grid: x = T, y = sum_s ceil(h_out_s / tile(r_max)) (a token of a smaller
-// rank takes its own wider tiles; the later ones exit at once), or with the token list 1-D
-// over only the tiles each listed token's rank needs (as the FMA expand's; bitwise the same
-// values as the grid x = T, since KS depends on the rank's group alone).
+// not apply: this one kernel serves every rule.  Grid: x = T, y = sum_s ceil(h_out_s /
+// tile(r_max)) (a token of a smaller rank takes its own wider tiles; the later ones exit
+// at once), or with the token list 1-D over only the tiles each listed token's rank needs
+// (as the FMA expand's; bitwise the same values as the grid x = T, since KS depends on the
+// rank's group alone).  PERF_LOG v48: prefetching the later blocks' B into L2 from the
+// first ones, beside the shrink, made every pair slower (not kept).
 // ---------------------------------------------------------------------------------------
 constexpr int kBgmvRmThreads = 256;
 constexpr int kBgmvRmWarps = kBgmvRmThreads / 32;
@@ -1506,8 +1508,6 @@ inline int bgmv_fill_tiles(BgmvExpandParams& p, int outs) {
   return bgmv_fill_tiles_of(p, (kBgmvExpandThreads / 32) * (32 >> p.log2_group) * outs);
 }
 
-// Shared by the expand and fused launchers: checks, then fills log2_group and tile_begin
-// (for J = kBgmvExpandOuts); *vec tells whether B rows take 16-byte loads.
 // The checks every expand launcher makes.
 inline const char* bgmv_expand_check(const BgmvExpandParams& p) {
   if (p.T < 0 || p.L < 1) return "bgmv_expand: need T >= 0, L >= 1";
@@ -1522,6 +1522,8 @@ inline const char* bgmv_expand_check(const BgmvExpandParams& p) {
   return nullptr;
 }
 
+// Shared by the row-layout expand and fused launchers: checks, then fills log2_group and
+// tile_begin (for J = kBgmvExpandOuts); *vec tells whether B rows take 16-byte loads.
 template <typename T>
 const char* bgmv_expand_prepare(BgmvExpandParams& p, bool* vec_out) {
   constexpr int VEC = BgmvType<T>::kVec;
