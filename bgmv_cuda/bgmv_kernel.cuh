@@ -211,6 +211,30 @@ __device__ __forceinline__ int bgmv_work_row(const P& p, int row, int* t, int* i
   return (*i < -1 || *i >= p.L || r < 0 || r > p.r_max) ? -1 : r;
 }
 
+// Group g's rank (its blocks' shape), r_max for group 0.
+__host__ __device__ __forceinline__ int bgmv_group_rank(int g, int r_max) {
+  return g == 0 ? r_max : min(256 >> g, r_max);
+}
+
+// An expand's token-list block b (< p.work_block_begin[kBgmvRankGroups]): its row's token t,
+// adapter i and rank (bgmv_work_row's), its group g, the token's q-th block (tile-major
+// within the group, as the grid x = T: PERF_LOG v43) and that block's slice s; its tile
+// within the slice is q - p.work_slice_begin[g][s].
+__device__ __forceinline__ int bgmv_work_block(const BgmvExpandParams& p, int b, int* t, int* i,
+                                               int* g, int* q, int* s) {
+  *g = bgmv_work_group(p.work_block_begin, b);
+  const int* sb = p.work_slice_begin[*g];
+  const int n = p.work_rows[*g], local = b - p.work_block_begin[*g];
+  const int rank = bgmv_work_row(p, p.work_row_begin[*g] + local % n, t, i);
+  *q = local / n;
+  int sl = 0;
+#pragma unroll
+  for (int k = 1; k < kBgmvMaxSlices; ++k)
+    if (k < p.S && *q >= sb[k]) sl = k;
+  *s = sl;
+  return rank;
+}
+
 // ---------------------------------------------------------------------------------------
 // Programmatic dependent launch (PDL, sm_90+).  A kernel launched with the programmatic
 // stream-serialization attribute may start while the kernel before it in the stream is
@@ -690,18 +714,10 @@ _bgmv_expand_kernel(const BgmvExpandParams p) {
       bgmv_wait_prior_grid();
       return;
     }
-    const int g = bgmv_work_group(p.work_block_begin, b);
-    const int* sb = p.work_slice_begin[g];
-    const int n = p.work_rows[g], local = b - p.work_block_begin[g];
-    int t, i;   // tile-major within the group, as the x = T grid (PERF_LOG v43)
-    const int rank = bgmv_work_row(p, p.work_row_begin[g] + local % n, &t, &i);
-    const int q = local / n;                       // the token's q-th block -> slice, tile
-    int s = 0;
-#pragma unroll
-    for (int k = 1; k < kBgmvMaxSlices; ++k)
-      if (k < p.S && q >= sb[k]) s = k;
-    bgmv_expand_block<T, W, NCHUNK, J, false, true, true>(
-        p, t, p.tile_begin[s] + q - sb[s], i, rank, nullptr, 0);   // that tile of x = T's grid
+    int t, i, g, q, s;
+    const int rank = bgmv_work_block(p, b, &t, &i, &g, &q, &s);
+    bgmv_expand_block<T, W, NCHUNK, J, false, true, true>(   // that tile of x = T's grid
+        p, t, p.tile_begin[s] + q - p.work_slice_begin[g][s], i, rank, nullptr, 0);
   } else {
     int64_t i;
     const int rank = bgmv_token(p, blockIdx.x, &i);
@@ -1171,19 +1187,12 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
       bgmv_wait_prior_grid();
       return;
     }
-    const int g = bgmv_work_group(p.work_block_begin, b);
-    const int* sb = p.work_slice_begin[g];
-    const int n = p.work_rows[g], local = b - p.work_block_begin[g];
-    int tt, ii;   // tile-major within the group, as the grid x = T
-    rank = bgmv_work_row(p, p.work_row_begin[g] + local % n, &tt, &ii);
+    int tt, ii, g, qq;
+    rank = bgmv_work_block(p, b, &tt, &ii, &g, &qq, &s);
     t = tt;
     i = ii;
-    const int qq = local / n;
-#pragma unroll
-    for (int k = 1; k < kBgmvMaxSlices; ++k)
-      if (k < p.S && qq >= sb[k]) s = k;
-    q = qq - sb[s];
-    log2ks = bgmv_rm_log2_ks(g == 0 ? p.r_max : min(256 >> g, p.r_max));
+    q = qq - p.work_slice_begin[g][s];
+    log2ks = bgmv_rm_log2_ks(bgmv_group_rank(g, p.r_max));
   } else {
     t = blockIdx.x;
     rank = bgmv_token(p, t, &i);
@@ -1423,11 +1432,6 @@ inline int bgmv_log2_group(int rank, int w) {
   int log2g = 0;
   while ((1 << log2g) < lanes && log2g < 5) ++log2g;
   return log2g;
-}
-
-// Rule "rank"'s token list: group g's rank (its blocks' shape), r_max for group 0.
-inline int bgmv_group_rank(int g, int r_max) {
-  return g == 0 ? r_max : std::min(256 >> g, r_max);
 }
 
 // Checks the list's group sizes and fills each group's first row and block for per_token(g)
