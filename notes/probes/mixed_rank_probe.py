@@ -15,7 +15,12 @@ Each layout runs with B in the row layout and stored rank-major (to_rank_major; 
 v45: rank-major B has its own expand, which every rule then runs), unless --storage says
 otherwise.
 
-    python notes/probes/mixed_rank_probe.py [--storage row rank-major]
+With --wave (PERF_LOG session 14): instead, rank-major B with every adapter at rank 32
+in r_max 64 storage at batch 48..96 (the rank-major expand's token list: 8 blocks of 32 KB
+of B per token; 528 = 132 SMs x 4 fit one wave on the H200), and the figure's batch (546
+blocks): does the expand's time jump where its grid passes one wave?
+
+    python notes/probes/mixed_rank_probe.py [--storage row rank-major] [--wave]
 """
 import argparse
 import os
@@ -48,7 +53,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--storage", nargs="+", default=["row", "rank-major"],
                     choices=["row", "rank-major"], help="B storage(s) to run every layout in")
-    storages = ap.parse_args().storage
+    ap.add_argument("--wave", action="store_true", help="the batch sweep above instead")
+    args = ap.parse_args()
+    storages = args.storage
     T, h, L = 64, 4096, 32
     dev, dtype = "cuda", torch.bfloat16
     bc.ensure_loaded()
@@ -58,7 +65,12 @@ def main() -> None:
           f"us per call")
     cols = ["rank", "rank+list", "default", "mma_ch", "shrink", "shrink+l", "expand", "expand+l"]
     print(f"{'layout (RM: rank-major B)':27} {'MB':>5} {'rank_sum':>8} " + " ".join(f"{c:>9}" for c in cols))
-    for name, r_max, ranks, seed, rm in [(*lay, rm) for rm in storages for lay in LAYOUTS]:
+    runs = [(*lay, rm, T) for rm in storages for lay in LAYOUTS]
+    if args.wave:
+        runs = [(f"all 32, r_max 64, bs {n}", 64, [32] * 32, 64, "rank-major", n)
+                for n in (48, 56, 60, 64, 66, 68, 70, 72, 80, 96)]
+        runs.append(LAYOUTS[1] + ("rank-major", T))
+    for name, r_max, ranks, seed, rm, T in runs:
         rank_major = rm == "rank-major"
         name = name + (" RM" if rank_major else "")
         idx = make_workload("uniform", T, L, seed=seed).to(dev)
@@ -114,7 +126,8 @@ def main() -> None:
               if work is not None or fn not in (shrink_list, expand_list) else float("nan")
               for fn in fns]
         rank_sum = getattr(meta, "rank_sum", None) or T * r_max
-        print(f"{name:27} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:9.2f}" for u in us))
+        print(f"{name:27} {nbytes / 1e6:5.1f} {rank_sum:8d} " + " ".join(f"{u:9.2f}" for u in us)
+              + (f"  (rank-major expand: {rank_sum // 4} blocks)" if args.wave else ""), flush=True)
         sets = vs = None
         torch.cuda.empty_cache()
 
