@@ -45,7 +45,6 @@
 #include <stdint.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "bgmv_params.h"  // limits, BgmvDtype, the parameter blocks, the dispatch functions
@@ -1170,45 +1169,6 @@ __device__ __forceinline__ int bgmv_rm_warp_rows(int rank, int log2ks) {
   return (rank + (1 << log2ks) - 1) >> log2ks;
 }
 
-// PERF_LOG v49: a grid a few blocks past one wave waits for its last blocks, which start
-// only when the first ones end (after the shrink) and then fetch their B from DRAM
-// (session 14, call 1: 528 -> 544 blocks, +1.7 us).  So when at most one block per SM
-// is left over, the grid's first rm_tail blocks (which start beside the shrink) prefetch
-// the B of blocks rm_wave + b into L2: one 128-byte line per thread per step, nothing held
-// (B is never written by the shrink, so before the wait is safe).  Block b as the kernel
-// maps it: the token list's, or the grid x = T's (x fastest).
-template <typename T, int W, bool WORK>
-__device__ __forceinline__ void bgmv_rm_prefetch_block(const BgmvExpandParams& p, int b) {
-  int64_t i;
-  int rank, s = 0, q, log2ks;
-  if constexpr (WORK) {
-    int tt, ii, g, qq;
-    rank = bgmv_work_block(p, b, &tt, &ii, &g, &qq, &s);
-    i = ii;
-    q = qq - p.work_slice_begin[g][s];
-    log2ks = bgmv_rm_log2_ks(bgmv_group_rank(g, p.r_max));
-  } else {
-    const int y = b / static_cast<int>(gridDim.x);
-    rank = bgmv_token(p, b % static_cast<int>(gridDim.x), &i);
-#pragma unroll
-    for (int k = 1; k < kBgmvMaxSlices; ++k)
-      if (k < p.S && y >= p.tile_begin[k]) s = k;
-    q = y - p.tile_begin[s];
-    log2ks = bgmv_rm_log2_ks(rank > 0 ? rank : p.r_max);
-  }
-  const int tile = 32 * W * (kBgmvRmWarps >> log2ks);
-  const int j0 = q * tile;
-  const int bytes = min(tile, p.h_out[s] - j0) * static_cast<int>(sizeof(T));
-  if (rank <= 0 || bytes <= 0) return;
-  const char* row0 = reinterpret_cast<const char*>(static_cast<const T*>(p.B[s]) + i * p.b_stride_l[s] + j0);
-  const int lines = (bytes + 127) / 128 + 1;   // + 1: a row that does not start on a line
-  for (int e = threadIdx.x; e < rank * lines; e += kBgmvRmThreads) {
-    const int k = e / lines, m = e - k * lines;
-    const char* a = row0 + k * p.b_stride_r[s] * static_cast<int64_t>(sizeof(T)) + min(m * 128, bytes - 1);
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(a));
-  }
-}
-
 template <typename T, int W, bool WORK>
 __global__ void __launch_bounds__(kBgmvRmThreads, kBgmvRmMinBlocksPerSM)
 _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
@@ -1217,10 +1177,6 @@ _bgmv_expand_rm_kernel(const BgmvExpandParams p) {
   using Raw = typename std::conditional<W == 1, T, uint4>::type;
   constexpr int U = kBgmvRmRows;
   bgmv_let_next_grid_launch();   // a PDL-launched next kernel still waits for this one
-  if (p.rm_tail > 0) {
-    const int b = WORK ? blockIdx.x : blockIdx.x + blockIdx.y * gridDim.x;
-    if (b < p.rm_tail) bgmv_rm_prefetch_block<T, W, WORK>(p, p.rm_wave + b);
-  }
 
   // Block -> token t (adapter i, rank), slice s, tile q of the slice, KS (log2).
   int64_t t, i;
@@ -1614,34 +1570,6 @@ inline const char* bgmv_fill_work(BgmvExpandParams& p, int vec, int outs) {
   });
 }
 
-// Blocks of Kernel resident per SM (its registers and shared memory on this GPU), queried
-// once per kernel; fallback if the query fails.
-template <auto Kernel>
-int bgmv_blocks_per_sm(int threads, int fallback) {
-  static const int per_sm = [&] {
-    int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, 0) != cudaSuccess || n < 1) {
-      (void)cudaGetLastError();
-      return fallback;
-    }
-    return n;
-  }();
-  return per_sm;
-}
-
-// Launch a rank-major expand instance with its wave and tail (PERF_LOG v49): the wave is
-// its occupancy (4 blocks per SM on the H200) x SMs; the tail the blocks past one wave
-// when they are at most one per SM.
-template <auto Kernel>
-cudaError_t bgmv_rm_run(dim3 grid, cudaStream_t stream, BgmvExpandParams p) {
-  const int sms = bgmv_num_sms();
-  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
-  p.rm_wave = bgmv_blocks_per_sm<Kernel>(kBgmvRmThreads, kBgmvRmMinBlocksPerSM) * sms;
-  p.rm_tail = blocks > p.rm_wave && blocks - p.rm_wave <= sms ? static_cast<int>(blocks - p.rm_wave) : 0;
-  if (const char* e = std::getenv("MULTILORA_RM_TAIL"); e && e[0] == '0') p.rm_tail = 0;  // A/B, session 14
-  return bgmv_launch<Kernel>(grid, kBgmvRmThreads, stream, p);
-}
-
 // Rank-major B (_bgmv_expand_rm_kernel): 16-byte loads along h_out when every B_s and its
 // rank rows are 16-byte aligned and W divides every h_out_s (no vector straddles a slice's
 // end), else one element; y in 16-byte vectors when also aligned.
@@ -1668,13 +1596,14 @@ const char* bgmv_expand_rm_launch(BgmvExpandParams p, cudaStream_t stream) {
       return e;
     grid = dim3(std::max(p.work_block_begin[kBgmvRankGroups], 1));
   }
+  constexpr int kT = kBgmvRmThreads;
   cudaError_t err;
   if (vec) {
-    err = work ? bgmv_rm_run<_bgmv_expand_rm_kernel<T, VEC, true>>(grid, stream, p)
-               : bgmv_rm_run<_bgmv_expand_rm_kernel<T, VEC, false>>(grid, stream, p);
+    err = work ? bgmv_launch<_bgmv_expand_rm_kernel<T, VEC, true>>(grid, kT, stream, p)
+               : bgmv_launch<_bgmv_expand_rm_kernel<T, VEC, false>>(grid, kT, stream, p);
   } else {
-    err = work ? bgmv_rm_run<_bgmv_expand_rm_kernel<T, 1, true>>(grid, stream, p)
-               : bgmv_rm_run<_bgmv_expand_rm_kernel<T, 1, false>>(grid, stream, p);
+    err = work ? bgmv_launch<_bgmv_expand_rm_kernel<T, 1, true>>(grid, kT, stream, p)
+               : bgmv_launch<_bgmv_expand_rm_kernel<T, 1, false>>(grid, kT, stream, p);
   }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -1723,10 +1652,18 @@ inline int bgmv_mma_pick_tiles(BgmvExpandParams& p, int num_sms, int per_sm) {
 
 template <int KB>
 const char* bgmv_expand_mma_run(BgmvExpandParams& p, cudaStream_t stream) {
-  // The wave: the kernel's own occupancy (on the H200 7 blocks / SM for KB = 2, 72
-  // registers, where the launch bounds promise 6).
-  const int per_sm = bgmv_blocks_per_sm<_bgmv_expand_mma_kernel<KB>>(
-      kBgmvExpandThreads, KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM);
+  // The wave: the kernel's own occupancy (its registers and shared memory on this GPU; on
+  // the H200 7 blocks / SM for KB = 2, 72 registers, where the launch bounds promise 6),
+  // queried once.
+  static const int per_sm = [] {
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, _bgmv_expand_mma_kernel<KB>,
+                                                      kBgmvExpandThreads, 0) != cudaSuccess || n < 1) {
+      (void)cudaGetLastError();
+      return KB == 4 ? 4 : kBgmvMmaMinBlocksPerSM;
+    }
+    return n;
+  }();
   p.mma_tiles = bgmv_mma_pick_tiles(p, bgmv_num_sms(), per_sm);
   // y in 16-byte vectors (8 bf16): aligned base, row stride and slice offsets, whole
   // vectors in every slice.

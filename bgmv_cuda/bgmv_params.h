@@ -126,11 +126,6 @@ struct BgmvExpandParams {
   // between rank rows.  0: the row layout above (unit stride along r_max).
   int b_rank_major = 0;
   int64_t b_stride_r[kBgmvMaxSlices] = {};
-  // Rank-major expand (PERF_LOG v49; filled by its launcher): blocks per wave (the kernel's
-  // occupancy x SMs) and the blocks past one wave when they are at most one per SM (else
-  // 0): blocks [0, rm_tail) prefetch the B of blocks [rm_wave, rm_wave + rm_tail) into L2.
-  int rm_wave = 0;
-  int rm_tail = 0;
 };
 
 // Fused single launch: the split-K shrink blocks, then the expand blocks of the same grid.

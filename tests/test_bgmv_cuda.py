@@ -1510,42 +1510,6 @@ def test_rank_major_B_cuda_graph(kind):
         assert torch.equal(_bits(y), _bits(full)), (kind, dtype)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("over", ["one", "half", "all", "past"])
-def test_rank_major_tail_prefetch(over, monkeypatch):
-    """PERF_LOG v49: a rank-major grid at most one block per SM past one wave (4 blocks of
-    256 threads per SM) has its first blocks prefetch the last ones' B into L2 ("past": one
-    block per SM and 8 more, no prefetch). The result is the float64 reference's and bitwise
-    the one with the prefetch off (MULTILORA_RM_TAIL=0), on the grid x = T and with the
-    token list (whose -1 tokens take no blocks), in every dtype."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    extra = {"one": 1, "half": sms // 2, "all": sms, "past": sms + 8}[over]
-    L, r, h_out = 16, 32, 4096
-    for dtype in DTYPES:
-        per_token = h_out // (2 * 16 // dtype.itemsize * 32)     # rank 32: KS 4, tile 64 W
-        T = -(-(4 * sms + extra) // per_token)
-        idx = make_workload("uniform", T, L, no_lora_share=0.03, seed=T).cuda()
-        inp = make_lora_inputs(T, 1024, h_out, L, r, dtype, "cuda", ranks=[r] * L, seed=T,
-                               rank_major=True)
-        meta = make_meta(idx, ranks=inp["ranks"])
-        args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
-        outs = {}
-        for tail in ("1", "0"):
-            monkeypatch.setenv("MULTILORA_RM_TAIL", tail)
-            for path, extra_args in (("grid", ()), ("list", (meta,))):
-                y = inp["y"].clone()
-                bc.bgmv_lora(y, *args, *extra_args, tiles="rank")
-                outs[tail, path] = y
-        for path in ("grid", "list"):
-            assert torch.equal(_bits(outs["1", path]), _bits(outs["0", path])), (over, dtype, path)
-        assert torch.equal(_bits(outs["1", "grid"]), _bits(outs["1", "list"])), (over, dtype)
-        ok = idx >= 0
-        ref = lora_reference(inp["y"][ok], inp["x"][ok], inp["A"], inp["B"], idx[ok],
-                             inp["scale"], inp["ranks"])
-        assert relative_error(outs["1", "list"][ok], ref) < TOLERANCE[dtype], (over, dtype)
-        assert torch.equal(_bits(outs["1", "list"][~ok]), _bits(inp["y"][~ok])), (over, dtype)
-
-
 def _rank_work_case(kind: str):
     """(T, L, r_max, ranks, h_out, idx CPU int64) of a token-list test case."""
     g = torch.Generator().manual_seed(len(kind))
