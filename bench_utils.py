@@ -39,6 +39,7 @@ MODE_STYLE = {
     "sglang_triton": ("#e377c2", "<"),
     "sglang_csgmv": ("#bcbd22", ">"),
     "sglang_csgmv_c16": ("#c49c94", "p"),
+    "vllm_triton": ("#7f7f7f", "X"),
 }
 
 

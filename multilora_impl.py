@@ -1149,7 +1149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    help="print the performance targets from the JSON in --out-dir and exit")
     p.add_argument("--public", action="store_true",
                    help="also time the public Triton LoRA kernels of public_kernels.py "
-                        "(SGLang's, when installed) at every point, for target 6")
+                        "(SGLang's and vLLM's, where available) at every point, for target 6")
     args = p.parse_args(argv)
     public = None
     if args.public and not args.plot_only and not args.report:

@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from its JSON")
     p.add_argument("--public", action="store_true",
                    help="also time the public Triton LoRA kernels of public_kernels.py "
-                        "(SGLang's, when installed), for target 6")
+                        "(SGLang's and vLLM's, where available), for target 6")
     args = p.parse_args(argv)
     name = args.name or PREFILL_FIG + ("_ragged" if args.ragged else "")
     path = os.path.join(args.out_dir, name)

@@ -18,6 +18,38 @@ Install without dependencies: `pip install --no-deps sglang==0.5.10.post1` (or, 
 `pip install --no-index --no-deps --target /tmp/site .whl/sglang-*.whl` and put /tmp/site
 on PYTHONPATH).
 
+Package 2: vLLM, pinned to `vllm==0.33.0`, its Triton LoRA ops (what vLLM runs for LoRA on
+CUDA: PunicaWrapperGPU -> lora_shrink / lora_expand), `vllm/lora/ops/triton_ops/` of that
+release:
+    kernel_utils.py     do_shrink_kernel / do_expand_kernel (the shared Triton bodies)
+    utils.py            get_lora_op_configs (tile sizes; its defaults: vLLM ships no tuned
+                        tables, they are user-supplied), the weight-pointer tables
+    lora_shrink_op.py   _lora_shrink: zero the fp32 output, one launch (split-K atomics)
+    lora_expand_op.py   _lora_expand: one launch, adds into y (add_inputs=True)
+The wheel is 336 MB of mostly compiled code; only these four source files are used. They
+are read from MULTILORA_VLLM_DIR, else from an installed vllm package (found without
+importing it), else from .whl/vllm-0.33.0/ where `.ci/setup` extracts them from the wheel
+(`python public_kernels.py --extract-vllm WHEEL`). Loaded by path like SGLang's, with these
+names stubbed in sys.modules during the load only (vLLM's own values where they have one):
+    vllm.envs            VLLM_BATCH_INVARIANT False, VLLM_TUNED_CONFIG_FOLDER None,
+                         VLLM_LORA_DISABLE_PDL False, VLLM_LORA_ENABLE_DUAL_STREAM False
+                         (vLLM's defaults; without dual streams vLLM launches without PDL)
+    vllm.triton_utils    triton, triton.language
+    vllm.utils.torch_utils  direct_register_custom_op raises AttributeError, so both files
+                         take their own fallback (`lora_shrink = _lora_shrink`, the same
+                         function without the torch.ops wrapper); async_tensor_h2d copies
+    vllm.utils.math_utils   next_power_of_2; vllm.logger: logging; vllm.platforms:
+                         current_platform.is_cuda / has_device_capability / is_device_capability
+Mode `vllm_triton`: prepare builds, outside the timed call, what vLLM holds per batch and per
+loaded adapter: LoRAKernelMeta.prepare_tensors's tensors (tokens sorted stably by adapter,
+the active ids with -1 for no LoRA, counts, start offsets; our code, its rule; the active
+count exact, as vLLM's specialize_active_lora), the fp32 shrink buffer [S, T, r_max], and
+the weights as vLLM's LoRA layers store them: A and B per slice zero-padded past each
+adapter's rank, each adapter's scale folded into B (vLLM's optimize()), so the shrink's
+`scaling` is 1.0. The timed call: vLLM's shrink (a memset and one launch) and expand.
+Its contract differences: fp16 / bf16 weights only (ValueError for fp32), a contiguous y,
+v rounded to B's dtype before the expand (its CAST_TYPE); idx = -1 rows untouched.
+
 Import workaround (stated plainly). `import sglang...` runs sglang/__init__.py (the whole
 frontend) and the kernel files import `sglang.srt.lora.utils` (which pulls the model
 executor and transformers config code) and `sglang.srt.utils` (psutil, orjson, PIL,
@@ -39,7 +71,7 @@ unaffected):
                                          does not exist at all.
 If the real modules are already imported (a full SGLang install), they are used instead.
 
-Modes (all take fn(y, x, A, B, idx, scale, ranks=None, meta=None), like multilora_impl):
+SGLang modes (all take fn(y, x, A, B, idx, scale, ranks=None, meta=None), like multilora_impl):
     sglang_csgmv      chunked SGMV: tokens sorted by adapter (a permutation), cut into
                       chunks of at most C tokens of one adapter; one program per (chunk,
                       16 rank columns) for the shrink, per (chunk, slice, 64 output columns)
@@ -109,7 +141,18 @@ _SGLANG_KERNEL_FILES = ("chunked_sgmv_shrink", "chunked_sgmv_expand", "sgemm_lor
                         "sgemm_lora_b", "qkv_lora_b", "gate_up_lora_b")
 _SGLANG_KERNEL_DIR = ("srt", "lora", "triton_ops")
 
-MODE_NAMES = ("sglang_csgmv", "sglang_csgmv_c16", "sglang_triton")
+VLLM_PACKAGE = "vllm"
+VLLM_VERSION = "0.33.0"
+VLLM_WHEEL = f"vllm-{VLLM_VERSION}-cp38-abi3-manylinux_2_28_x86_64.whl"
+VLLM_DIR_ENV = "MULTILORA_VLLM_DIR"
+_VLLM_KERNEL_FILES = ("kernel_utils", "utils", "lora_shrink_op", "lora_expand_op")  # deps first
+_VLLM_KERNEL_DIR = ("vllm", "lora", "ops", "triton_ops")
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_VLLM_DIR = os.path.join(_ROOT, ".whl", f"vllm-{VLLM_VERSION}")
+
+SGLANG_MODE_NAMES = ("sglang_csgmv", "sglang_csgmv_c16", "sglang_triton")
+VLLM_MODE_NAMES = ("vllm_triton",)
+MODE_NAMES = SGLANG_MODE_NAMES + VLLM_MODE_NAMES
 # SGLang's chunk size rule (ChunkedSgmvLoRABackend): 16 / 32 / 128 by token count, capped by
 # --max-lora-chunk-size (a power of two in [16, 128], default 16).
 MIN_CHUNK_SIZE = 16
@@ -233,22 +276,29 @@ def _load_sglang() -> types.SimpleNamespace:
 
 def available() -> dict[str, Optional[str]]:
     """{mode name: None if it can run here, else the reason}. Never raises."""
-    try:
-        import triton  # noqa: F401
-        _load_sglang()
-        reason = None
-    except ImportError as e:
-        reason = str(e)
-    return {name: reason for name in MODE_NAMES}
+    out = {}
+    for names, load in ((SGLANG_MODE_NAMES, _load_sglang), (VLLM_MODE_NAMES, _load_vllm)):
+        try:
+            import triton  # noqa: F401
+            load()
+            reason = None
+        except ImportError as e:
+            reason = str(e)
+        out.update({name: reason for name in names})
+    return out
 
 
 def versions() -> dict:
-    """Package and version actually loaded (for benchmark JSON), or the reason it is not."""
-    try:
-        ns = _load_sglang()
-        return {"package": SGLANG_PACKAGE, "version": ns.version, "path": ns.root}
-    except ImportError as e:
-        return {"package": SGLANG_PACKAGE, "pinned": SGLANG_VERSION, "unavailable": str(e)}
+    """{package: what was loaded (version, path) or why not} (for benchmark JSON)."""
+    out = {}
+    for pkg, pinned, load in ((SGLANG_PACKAGE, SGLANG_VERSION, _load_sglang),
+                              (VLLM_PACKAGE, VLLM_VERSION, _load_vllm)):
+        try:
+            ns = load()
+            out[pkg] = {"version": ns.version, "path": ns.root}
+        except ImportError as e:
+            out[pkg] = {"pinned": pinned, "unavailable": str(e)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -434,6 +484,251 @@ def sglang_triton_lora(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
         k.qkv_b(v, Bw, bi, meta.slice_offsets, meta.max_slice, base_output=y)
 
 
+# ---------------------------------------------------------------------------------------
+# vLLM: loading its four kernel files by path
+# ---------------------------------------------------------------------------------------
+_vllm: Optional[types.SimpleNamespace] = None
+_vllm_error: Optional[str] = None
+
+
+def _vllm_dir() -> tuple[Optional[str], str]:
+    """(directory holding vllm/lora/ops/triton_ops, the version found there) or (None, why)."""
+    d = os.environ.get(VLLM_DIR_ENV)
+    if d:
+        return d, VLLM_VERSION + f" ({VLLM_DIR_ENV})"
+    spec = importlib.util.find_spec(VLLM_PACKAGE)       # top level: does not run __init__
+    if spec is not None and spec.submodule_search_locations:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            got = version(VLLM_PACKAGE)
+        except PackageNotFoundError:
+            got = "unknown"
+        return os.path.dirname(list(spec.submodule_search_locations)[0]), got
+    if os.path.isdir(DEFAULT_VLLM_DIR):
+        return DEFAULT_VLLM_DIR, VLLM_VERSION
+    return None, (f"vllm {VLLM_VERSION} kernels not found: no {VLLM_DIR_ENV}, no installed vllm, "
+                  f"no {DEFAULT_VLLM_DIR} (python public_kernels.py --extract-vllm {VLLM_WHEEL})")
+
+
+class _Platform:
+    """Stand-in for vllm.platforms.current_platform: the three questions the files ask."""
+
+    @staticmethod
+    def is_cuda() -> bool:
+        return torch.cuda.is_available() and torch.version.cuda is not None
+
+    @staticmethod
+    def _cap() -> int:
+        if not torch.cuda.is_available():
+            return -1
+        major, minor = torch.cuda.get_device_capability()
+        return 10 * major + minor
+
+    def has_device_capability(self, cap: int) -> bool:
+        return self._cap() >= cap
+
+    def is_device_capability(self, cap: int) -> bool:
+        return self._cap() == cap
+
+
+class _OnceLogger:
+    """Stand-in for vllm.logger's logger: logging plus its *_once methods."""
+
+    def __init__(self, name: str):
+        import logging
+        self._log = logging.getLogger(name)
+        self._seen: set = set()
+
+    def __getattr__(self, attr):
+        if attr.endswith("_once"):
+            level = attr[:-len("_once")]
+
+            def once(msg, *args, **kwargs):
+                if msg not in self._seen:
+                    self._seen.add(msg)
+                    getattr(self._log, level)(msg, *args)
+            return once
+        return getattr(self._log, attr)
+
+
+def _no_custom_op(*args, **kwargs):
+    raise AttributeError("not registered (public_kernels): the files' own fallback runs")
+
+
+def _vllm_stubs() -> dict:
+    import triton
+    import triton.language as tl
+
+    def mod(name, **attrs):
+        m = types.ModuleType(name)
+        m.__path__ = []            # a package, so submodules can be looked up under it
+        for k, v in attrs.items():
+            setattr(m, k, v)
+        return m
+    envs = mod("vllm.envs", VLLM_BATCH_INVARIANT=False, VLLM_TUNED_CONFIG_FOLDER=None,
+               VLLM_LORA_DISABLE_PDL=False, VLLM_LORA_ENABLE_DUAL_STREAM=False)
+    stubs = [mod("vllm", envs=envs), envs,
+             mod("vllm.triton_utils", triton=triton, tl=tl),
+             mod("vllm.utils"),
+             mod("vllm.utils.torch_utils", direct_register_custom_op=_no_custom_op,
+                 async_tensor_h2d=lambda data, device=None, dtype=None, out=None:
+                 torch.tensor(data, dtype=dtype, device=device)),
+             mod("vllm.utils.math_utils",
+                 next_power_of_2=lambda n: 1 if n < 1 else 1 << (n - 1).bit_length()),
+             mod("vllm.logger", init_logger=_OnceLogger),
+             mod("vllm.platforms", current_platform=_Platform()),
+             mod("vllm.lora"), mod("vllm.lora.ops"), mod("vllm.lora.ops.triton_ops")]
+    return {m.__name__: m for m in stubs}
+
+
+def _load_vllm() -> types.SimpleNamespace:
+    """Load vLLM's four kernel files by path (once). Raises ImportError with the reason."""
+    global _vllm, _vllm_error
+    if _vllm is not None:
+        return _vllm
+    if _vllm_error is not None:
+        raise ImportError(_vllm_error)
+    try:
+        root, got = _vllm_dir()
+        if root is None:
+            raise ImportError(got)
+        if not got.startswith(VLLM_VERSION):
+            raise ImportError(f"{VLLM_PACKAGE} {got} is installed; these adapters are "
+                              f"written for {VLLM_VERSION}")
+        kdir = os.path.join(root, *_VLLM_KERNEL_DIR)
+        stubs = _vllm_stubs()
+        clash = [k for k in stubs if k in sys.modules]
+        if clash:   # a real vllm is imported: its modules, not ours, would be found
+            raise ImportError(f"vllm modules already imported ({clash[0]}, ...): load these "
+                              "adapters in a process without vllm")
+        ns = types.SimpleNamespace(root=root, version=got)
+        real_names = []
+        sys.modules.update(stubs)
+        try:
+            for name in _VLLM_KERNEL_FILES:
+                path = os.path.join(kdir, name + ".py")
+                if not os.path.isfile(path):
+                    raise ImportError(f"{path} not found")
+                modname = f"_public_vllm_{VLLM_VERSION.replace('.', '_')}.{name}"
+                spec = importlib.util.spec_from_file_location(modname, path)
+                m = importlib.util.module_from_spec(spec)
+                sys.modules[modname] = m        # triton / inspect look functions up by module
+                real = "vllm.lora.ops.triton_ops." + name   # what the files import each other as
+                sys.modules[real] = m
+                real_names.append(real)
+                spec.loader.exec_module(m)
+                setattr(ns, name, m)
+        finally:
+            for k in list(stubs) + real_names:
+                sys.modules.pop(k, None)
+        ns.shrink = ns.lora_shrink_op.lora_shrink
+        ns.expand = ns.lora_expand_op.lora_expand
+    except Exception as e:   # noqa: BLE001 - any failure makes the adapter unavailable
+        _vllm_error = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+        raise ImportError(_vllm_error) from e
+    _vllm = ns
+    return ns
+
+
+def extract_vllm_kernels(wheel: str, dest: str = DEFAULT_VLLM_DIR) -> list[str]:
+    """Copy the four kernel files out of vLLM's wheel into dest (what .ci/setup does)."""
+    import zipfile
+    names = ["/".join(_VLLM_KERNEL_DIR) + f"/{n}.py" for n in _VLLM_KERNEL_FILES]
+    with zipfile.ZipFile(wheel) as z:
+        for n in names:
+            z.extract(n, dest)
+    return [os.path.join(dest, n) for n in names]
+
+
+# ---------------------------------------------------------------------------------------
+# vLLM: metadata and the mode
+# ---------------------------------------------------------------------------------------
+@dataclass
+class VllmMeta:
+    """What vLLM holds for one batch and one adapter set (see prepare_vllm_triton)."""
+    lora_a: list                   # S x [L, r_max, h_in], zero past each adapter's rank
+    lora_b: list                   # S x [L, h_out_s, r_max], scale folded in, zero past the rank
+    buffer: Tensor                 # [S, T, r_max] fp32: the shrink's output
+    token_lora_mapping: Tensor     # [T] int32, -1 = no LoRA
+    sorted_tokens: Tensor          # [T] int32: tokens sorted (stably) by adapter
+    num_tokens_per_lora: Tensor    # [L + 1] int32
+    lora_token_start_loc: Tensor   # [L + 2] int32
+    lora_ids: Tensor               # [L + 1] int32: the active ids (-1 first if present), then -1
+    no_lora_flag_cpu: Tensor       # [1] bool, CPU
+    num_active_loras_cpu: Tensor   # [1] int32, CPU
+    key: tuple
+
+    def args(self) -> tuple:
+        return (self.token_lora_mapping, self.sorted_tokens, self.num_tokens_per_lora,
+                self.lora_token_start_loc, self.lora_ids, self.no_lora_flag_cpu,
+                self.num_active_loras_cpu)
+
+
+def _check_vllm(y, x, A, B, idx, scale, ranks):
+    A4, Bs = check_lora_args(y, x, A, B, idx, scale, ranks)
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        _fail("x", "float16 or bfloat16 (vLLM's LoRA kernels assert it)", x.dtype)
+    if not y.is_contiguous():
+        _fail("y", "a contiguous tensor (vLLM's expand asserts it)", tuple(y.stride()))
+    return A4, Bs
+
+
+def prepare_vllm_triton(x, A, B, idx, scale, ranks=None) -> VllmMeta:
+    """Metadata and weights for vllm_triton (host side, once per batch / adapter set)."""
+    Bl = [B] if isinstance(B, Tensor) else list(B)
+    y0 = torch.empty((x.shape[0], sum(b.shape[1] for b in Bl)), dtype=x.dtype, device=x.device)
+    A4, Bs = _check_vllm(y0, x, A, B, idx, scale, ranks)
+    S, L, r_max, _ = A4.shape
+    dev, T = x.device, x.shape[0]
+    idx_h = idx.detach().to("cpu", torch.int64)
+    if T and (int(idx_h.min()) < -1 or int(idx_h.max()) >= L):
+        _fail("idx", f"values in [-1, {L - 1}]", f"range [{int(idx_h.min())}, {int(idx_h.max())}]")
+    rk = (ranks.detach().to("cpu", torch.int64) if ranks is not None
+          else torch.full((L,), r_max, dtype=torch.int64))
+    if L and (int(rk.min()) < 0 or int(rk.max()) > r_max):
+        _fail("ranks", f"values in [0, r_max={r_max}]", rk.tolist())
+    used = (torch.arange(r_max)[None, :] < rk[:, None]).to(dev)          # [L, r_max]
+    lora_a = [torch.where(used[:, :, None], A4[s], 0).contiguous() for s in range(S)]
+    sc = scale.detach().float().to(dev)[:, None, None]
+    lora_b = [torch.where(used[:, None, :], b.float() * sc, 0).to(b.dtype).contiguous()
+              for b in Bs]
+    # LoRAKernelMeta.prepare_tensors's tensors, for this batch (its rule, our code)
+    mapping = idx_h.to(torch.int32)
+    order = torch.sort(mapping, stable=True)[1].to(torch.int32)
+    ids, counts = torch.unique(mapping, sorted=True, return_counts=True)
+    n = ids.numel()
+    lora_ids = torch.full((L + 1,), -1, dtype=torch.int32)
+    lora_ids[:n] = ids
+    per = torch.zeros(L + 1, dtype=torch.int32)
+    per[:n] = counts
+    start = torch.zeros(L + 2, dtype=torch.int32)
+    start[1:n + 1] = torch.cumsum(counts, 0)
+    return VllmMeta(lora_a=lora_a, lora_b=lora_b,
+                    buffer=torch.zeros((S, T, r_max), dtype=torch.float32, device=dev),
+                    token_lora_mapping=mapping.to(dev), sorted_tokens=order.to(dev),
+                    num_tokens_per_lora=per.to(dev), lora_token_start_loc=start.to(dev),
+                    lora_ids=lora_ids.to(dev),
+                    no_lora_flag_cpu=torch.tensor([bool((mapping == -1).all())]),
+                    num_active_loras_cpu=torch.tensor([n], dtype=torch.int32),
+                    key=_key(x, A4, Bs, scale, ranks))
+
+
+def vllm_triton_lora(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
+    """Mode vllm_triton: vLLM's lora_shrink (into its fp32 buffer) then lora_expand (adds
+    into y), on the weights as vLLM stores them (prepare_vllm_triton)."""
+    A4, Bs = _check_vllm(y, x, A, B, idx, scale, ranks)
+    k = _load_vllm()
+    if meta is None:
+        meta = prepare_vllm_triton(x, A, B, idx, scale, ranks)    # host sync: tests, not graphs
+    if not isinstance(meta, VllmMeta):
+        _fail("meta", "a VllmMeta from prepare_vllm_triton(...) or None", type(meta).__name__)
+    if meta.key != _key(x, A4, Bs, scale, ranks):
+        _fail("meta", "metadata built for these x (token count), A, B, scale and ranks "
+              "tensors (call prepare again)", "a meta built for other tensors")
+    k.shrink(x, meta.lora_a, meta.buffer, *meta.args(), 1.0)
+    k.expand(meta.buffer, meta.lora_b, y, *meta.args(), offset_start=0, add_inputs=True)
+
+
 _MODE_TABLE = {
     "sglang_csgmv": (sglang_csgmv_lora, prepare_sglang_csgmv,
                      f"SGLang {SGLANG_VERSION} chunked SGMV (csgmv, its default backend), "
@@ -444,6 +739,9 @@ _MODE_TABLE = {
     "sglang_triton": (sglang_triton_lora, prepare_sglang_triton,
                       f"SGLang {SGLANG_VERSION} 'triton' backend: sgemm_lora_a + "
                       "sgemm_lora_b / qkv_lora_b / gate_up_lora_b per segment"),
+    "vllm_triton": (vllm_triton_lora, prepare_vllm_triton,
+                    f"vLLM {VLLM_VERSION} Triton LoRA ops: lora_shrink (split-K, atomics) + "
+                    "lora_expand, its default configs"),
 }
 
 
@@ -454,3 +752,16 @@ def lora_modes(only_available: bool = False) -> list[LoraMode]:
     return [LoraMode(name, fn, prepare=prep, description=desc, is_triton=True)
             for name, (fn, prep, desc) in _MODE_TABLE.items()
             if not only_available or avail[name] is None]
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Public kernels: what can run here; vLLM's kernel files.")
+    ap.add_argument("--extract-vllm", metavar="WHEEL",
+                    help=f"copy vLLM's four kernel files out of {VLLM_WHEEL} into {DEFAULT_VLLM_DIR}")
+    a = ap.parse_args()
+    if a.extract_vllm:
+        for path in extract_vllm_kernels(a.extract_vllm):
+            print(path)
+    for name, reason in available().items():
+        print(f"{name}: {'available' if reason is None else reason}")

@@ -1,12 +1,13 @@
 """Adapters to public Triton multi-LoRA kernels (public_kernels.py: SGLang's csgmv and
-triton backends), against the float64 reference.
+triton backends, vLLM's lora_shrink / lora_expand), against the float64 reference.
 
-Without the pinned package installed (CI) only the tests that need no package run and the
-rest skip. With it (`pip install --no-deps sglang==0.5.10.post1`): CPU tier in the Triton
+Without the pinned packages (SGLang installed with `pip install --no-deps
+sglang==0.5.10.post1`; vLLM's four kernel files extracted by `.ci/setup`) only the tests that
+need no package run and each mode's tests skip. With them: CPU tier in the Triton
 interpreter at small, awkward sizes (mixed ranks with NaN pads, rank 0, idx = -1 rows kept
 bit-identical, 1-3 output slices, fp32 / fp16, chunk sizes 16 / 32 / 128; bf16 is skipped
 in the interpreter, see BF16_INTERPRETER_BUG), and the
-ValueErrors for what SGLang's kernels cannot do. GPU tier (`pytest -m gpu`): Llama-3-8B
+ValueErrors for what SGLang's and vLLM's kernels cannot do. GPU tier (`pytest -m gpu`): Llama-3-8B
 shapes in bf16 and CUDA-graph capture / replay.
 """
 import os
@@ -20,8 +21,16 @@ from multilora_impl import (LLAMA3_8B_LAYERS, TOLERANCE, check_mode, lora_refere
                             make_lora_inputs, make_meta, make_workload, relative_error)
 
 F16, BF16, F32 = torch.float16, torch.bfloat16, torch.float32
-REASON = pk.available()["sglang_csgmv"]
-needs_pkg = pytest.mark.skipif(REASON is not None, reason=f"public kernels unavailable: {REASON}")
+AVAILABLE = pk.available()
+REASON = AVAILABLE["sglang_csgmv"]
+needs_pkg = pytest.mark.skipif(REASON is not None, reason=f"SGLang kernels unavailable: {REASON}")
+needs_vllm = pytest.mark.skipif(AVAILABLE["vllm_triton"] is not None,
+                                reason=f"vLLM kernels unavailable: {AVAILABLE['vllm_triton']}")
+
+
+def _need(mode: str) -> None:
+    if AVAILABLE[mode] is not None:
+        pytest.skip(f"{mode} unavailable: {AVAILABLE[mode]}")
 MODES = {m.name: m for m in pk.lora_modes()}
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The Triton interpreter adds two bf16 tensors as raw 16-bit patterns (a bf16 + bf16 add
@@ -36,7 +45,9 @@ def test_available_never_raises_and_names_every_mode():
     for reason in avail.values():
         assert reason is None or isinstance(reason, str) and reason
     info = pk.versions()
-    assert info["package"] == "sglang"
+    assert set(info) == {"sglang", "vllm"}
+    for pkg, mode in (("sglang", "sglang_csgmv"), ("vllm", "vllm_triton")):
+        assert ("version" in info[pkg]) == (avail[mode] is None), (pkg, info[pkg])
 
 
 def test_chunk_size_rule():
@@ -57,6 +68,17 @@ def test_loading_leaves_no_stub_modules():
                                and getattr(mod, "LoRABatchInfo", None) is not pk.SglangBatchInfo)
 
 
+@needs_vllm
+def test_loading_vllm_leaves_no_vllm_modules():
+    """vLLM's stubs and its files' real module names live in sys.modules only during the
+    load (a later real `import vllm` is unaffected); its custom-op registration is not
+    used (the files' own fallback: the plain functions)."""
+    ns = pk._load_vllm()
+    assert not [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]
+    assert ns.shrink is ns.lora_shrink_op._lora_shrink and ns.expand is ns.lora_expand_op._lora_expand
+    assert ns.utils.is_batch_invariant is False
+
+
 # (T, h_in, h_out or slices, L, r_max, ranks, dtype, idx dtype, share of -1 rows)
 CASES = {
     "T1-fp32": (1, 40, 24, 2, 8, None, F32, torch.int32, 0.0),
@@ -68,10 +90,10 @@ CASES = {
 }
 
 
-@needs_pkg
 @pytest.mark.parametrize("mode", list(pk.MODE_NAMES))
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference(mode, case):
+    _need(mode)
     T, h_in, h_out, L, r_max, ranks, dtype, idx_dtype, share = CASES[case]
     if dtype == BF16 and INTERPRETER:
         pytest.skip(BF16_INTERPRETER_BUG)
@@ -79,15 +101,19 @@ def test_matches_reference(mode, case):
     idx = make_workload("uniform", T, L, no_lora_share=share, seed=T + 1).to(idx_dtype)
     if T >= 3:
         idx[T // 2] = -1
+    if mode == "vllm_triton" and dtype == F32:                 # its kernels assert 16-bit
+        with pytest.raises(ValueError, match="^x: expected float16 or bfloat16"):
+            check_mode(MODES[mode], inp, idx)
+        return
     err = check_mode(MODES[mode], inp, idx)     # also: idx = -1 rows bit-identical
     assert err <= TOLERANCE[dtype], f"{mode} {case}: error {err:.3g}"
 
 
-@needs_pkg
 @pytest.mark.parametrize("workload", ["distinct", "identical", "skewed"])
-@pytest.mark.parametrize("mode", ["sglang_csgmv", "sglang_triton"])
+@pytest.mark.parametrize("mode", ["sglang_csgmv", "sglang_triton", "vllm_triton"])
 def test_prefill_layout_workloads(mode, workload):
     """Requests of ragged lengths, each contiguous, adapter per request by workload."""
+    _need(mode)
     lens = [1, 17, 5, 40, 2, 9]
     ad = make_workload(workload, len(lens), 4, no_lora_share=0.2, seed=3)
     idx = torch.repeat_interleave(ad, torch.tensor(lens))
@@ -118,6 +144,30 @@ def test_metadata_contents():
     assert mt.batch_info.max_len == 2 and m.weights is None     # one contiguous slice: as is
 
 
+@needs_vllm
+def test_vllm_metadata_and_weights():
+    """LoRAKernelMeta's tensors (tokens sorted stably by adapter, the active ids with -1
+    first, counts, start offsets) and the weights as vLLM stores them: zero past each
+    adapter's rank (our padding may hold NaN), scale folded into B."""
+    idx = torch.tensor([2, -1, 0, 2, 2, 0, -1, 1, 2, 2], dtype=torch.int32)
+    inp = make_lora_inputs(10, 32, [16, 8], 4, 8, F16, "cpu", ranks=[8, 3, 0, 5], seed=0)
+    m = pk.prepare_vllm_triton(inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    assert m.sorted_tokens.tolist() == [1, 6, 2, 5, 7, 0, 3, 4, 8, 9]
+    assert m.lora_ids.tolist() == [-1, 0, 1, 2, -1]
+    assert m.num_tokens_per_lora.tolist() == [2, 2, 1, 5, 0]
+    assert m.lora_token_start_loc.tolist() == [0, 2, 4, 5, 10, 0]
+    assert m.num_active_loras_cpu.item() == 4 and not m.no_lora_flag_cpu.item()
+    assert m.buffer.shape == (2, 10, 8) and m.buffer.dtype == F32
+    for s, (a, b) in enumerate(zip(m.lora_a, m.lora_b)):
+        for i, r in enumerate([8, 3, 0, 5]):
+            assert torch.equal(a[i, :r], inp["A"][s, i, :r]) and not a[i, r:].any()
+            want = (inp["B"][s][i, :, :r].float() * inp["scale"][i]).to(F16)
+            assert torch.equal(b[i, :, :r], want) and not b[i, :, r:].any()
+    none = pk.prepare_vllm_triton(inp["x"], inp["A"], inp["B"], torch.full((10,), -1),
+                                  inp["scale"], inp["ranks"])
+    assert none.no_lora_flag_cpu.item()
+
+
 @needs_pkg
 def test_non_contiguous_weights_and_strided_y():
     inp = make_lora_inputs(9, 40, 24, 3, 8, F32, "cpu", ranks=[8, 2, 5], seed=2)
@@ -125,7 +175,7 @@ def test_non_contiguous_weights_and_strided_y():
     A = inp["A"].transpose(1, 2).contiguous().transpose(1, 2)     # same values, new strides
     B = inp["B"].transpose(1, 2).contiguous().transpose(1, 2)
     assert not A.is_contiguous() and not B.is_contiguous()
-    for name in pk.MODE_NAMES:
+    for name in pk.SGLANG_MODE_NAMES:
         err = check_mode(MODES[name], dict(inp, A=A, B=B), idx)
         assert err <= TOLERANCE[F32], name
     # A column slice of a wider y: the triton backend takes row strides, csgmv refuses.
@@ -138,12 +188,31 @@ def test_non_contiguous_weights_and_strided_y():
         pk.sglang_csgmv_lora(y, inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
 
 
+@needs_vllm
+def test_vllm_non_contiguous_weights_and_inputs():
+    """vLLM's stored weights are copies (any strides in), x is made contiguous by its
+    shrink, 4 slices run; a strided y is refused (its expand asserts contiguity)."""
+    inp = make_lora_inputs(9, 40, [24, 8, 8, 16], 3, 8, F16, "cpu", ranks=[8, 2, 5], seed=2)
+    idx = make_workload("uniform", 9, 3, no_lora_share=0.2, seed=4)
+    A = inp["A"].transpose(2, 3).contiguous().transpose(2, 3)
+    B = tuple(b.transpose(1, 2).contiguous().transpose(1, 2) for b in inp["B"])
+    x = torch.zeros(40, 9, dtype=F16).t()
+    x.copy_(inp["x"])
+    assert not A.is_contiguous() and not B[0].is_contiguous() and not x.is_contiguous()
+    err = check_mode(MODES["vllm_triton"], dict(inp, A=A, B=B, x=x), idx)
+    assert err <= TOLERANCE[F16]
+    wide = torch.zeros(9, 72, dtype=F16)
+    with pytest.raises(ValueError, match="^y: .*contiguous"):
+        pk.vllm_triton_lora(wide[:, 8:64], inp["x"], inp["A"], inp["B"], idx, inp["scale"],
+                            inp["ranks"])
+
+
 @needs_pkg
 def test_unsupported_inputs_raise_value_error():
     inp = make_lora_inputs(6, 32, [16, 8, 8, 8], 2, 4, F16, "cpu", seed=1)
     idx = torch.tensor([0, 1, -1, 0, 1, 1], dtype=torch.int32)
     args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
-    for name in pk.MODE_NAMES:
+    for name in pk.SGLANG_MODE_NAMES:
         with pytest.raises(ValueError, match="^B: .*at most 3"):       # 4 slices
             MODES[name](inp["y"].clone(), *args)
     inp = make_lora_inputs(6, 32, [16, 8], 2, 4, F16, "cpu", seed=1)
@@ -154,8 +223,11 @@ def test_unsupported_inputs_raise_value_error():
     x_nc = torch.zeros(32, 6, dtype=F16).t()
     x_nc.copy_(inp["x"])
     for name in pk.MODE_NAMES:
-        with pytest.raises(ValueError, match="^x: .*contiguous"):
-            MODES[name](inp["y"].clone(), x_nc, inp["A"], inp["B"], idx, inp["scale"])
+        if AVAILABLE[name] is not None:
+            continue
+        if name in pk.SGLANG_MODE_NAMES:
+            with pytest.raises(ValueError, match="^x: .*contiguous"):
+                MODES[name](inp["y"].clone(), x_nc, inp["A"], inp["B"], idx, inp["scale"])
         with pytest.raises(ValueError, match="^idx: "):                 # out of range, host
             MODES[name].make_meta(inp["x"], inp["A"], inp["B"], torch.tensor(
                 [0, 2, 0, 0, 0, 0]), inp["scale"])
@@ -181,17 +253,26 @@ def test_meta_must_match_the_call():
         pk.sglang_triton_lora(inp["y"].clone(), *args, meta)
     with pytest.raises(ValueError, match="^meta: "):                    # a plain LoraMeta
         pk.sglang_csgmv_lora(inp["y"].clone(), *args, make_meta(idx))
+    if AVAILABLE["vllm_triton"] is None:
+        vmeta = pk.prepare_vllm_triton(*args)
+        with pytest.raises(ValueError, match="^meta: "):
+            pk.vllm_triton_lora(inp["y"].clone(), inp["x"], other_A, inp["B"], idx,
+                                inp["scale"], None, vmeta)
+        with pytest.raises(ValueError, match="^meta: "):                # another package's
+            pk.vllm_triton_lora(inp["y"].clone(), *args, meta)
+        with pytest.raises(ValueError, match="^meta: "):
+            pk.sglang_csgmv_lora(inp["y"].clone(), *args, vmeta)
 
 
 # ---------------------------------------------------------------------------------------
 # GPU tier
 # ---------------------------------------------------------------------------------------
 @pytest.mark.gpu
-@needs_pkg
 @pytest.mark.parametrize("mode", list(pk.MODE_NAMES))
 @pytest.mark.parametrize("proj", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("T", [1, 64, 256, 2048])
 def test_gpu_llama3_8b_bf16(mode, proj, T):
+    _need(mode)
     h_in, h_outs = LLAMA3_8B_LAYERS[proj]
     inp = make_lora_inputs(T, h_in, h_outs if len(h_outs) > 1 else h_outs[0], 8, 16, BF16,
                            "cuda", ranks=[16, 8, 16, 4, 16, 16, 12, 16], seed=T)
@@ -211,10 +292,10 @@ def test_gpu_fp32_refused_unless_ieee(monkeypatch):
 
 
 @pytest.mark.gpu
-@needs_pkg
 @pytest.mark.parametrize("mode", list(pk.MODE_NAMES))
 def test_gpu_cuda_graph_replay(mode):
     """Capture once with a meta from prepare, replay on new x / y values."""
+    _need(mode)
     T, h = 64, 4096
     inp = make_lora_inputs(T, h, h, 7, 16, BF16, "cuda", seed=1)
     idx = make_workload("uniform", T, 7, no_lora_share=0.1, seed=1).cuda()
