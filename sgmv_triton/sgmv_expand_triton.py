@@ -9,7 +9,8 @@ slice s with columns [off_s, off_s + h_out_s) of y:
 
 Shapes and dtypes:
     y           [T, sum_s h_out_s]          fp16 / bf16 / fp32, updated in place
-    v           [T, S, r_max] fp32          the shrink's output (sgmv_shrink_triton.py)
+    v           [T, S, r_max] fp32          the shrink's output (sgmv_shrink_triton.py), or
+                [n, T, S, r_max] fp32       its split-K partial sums, added here in order
     B           [L, h_out, r_max], or a tuple of S such tensors whose h_out differ
                 (q/k/v of Llama-3-8B: 4096 / 1024 / 1024), same dtype as y
     seg_starts  [num_segments + 1] int32,  seg_adapter [num_segments] int32 (-1: skip)
@@ -68,13 +69,23 @@ NUM_STAGES = 2        # the rank loop is 1-8 steps: double buffering is enough
 # Kernel
 # ---------------------------------------------------------------------------------------
 @triton.jit
+def _load_v(v_ptrs, mask, stride_vk, N_PARTS: tl.constexpr):
+    """v, or the sum of its N_PARTS split-K partials in order 0, 1, ... (deterministic)."""
+    vt = tl.load(v_ptrs, mask=mask, other=0.0)
+    for k in tl.static_range(1, N_PARTS):
+        vt += tl.load(v_ptrs + k * stride_vk, mask=mask, other=0.0)
+    return vt
+
+
+@triton.jit
 def _expand_tile(
     y_ptr, v_ptr, b_ptr, scale_ptr,
     rows64, row_mask, adapter, rank, v_slice, pid_n, col_off, h_out,
-    stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_bl, stride_bn, stride_br,
+    stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_vk, stride_bl, stride_bn,
+    stride_br,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     HAS_RANKS: tl.constexpr, RANK8: tl.constexpr, SPLIT_V: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, N_PARTS: tl.constexpr,
 ):
     """One [BLOCK_M, BLOCK_N] tile of one slice: y += scale * v[:, :rank] @ B_s[a, n, :rank].T."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,11 +110,11 @@ def _expand_tile(
             # rows are r_max long, a multiple of 8), and never used (NaN-safe).
             m8 = offs_r < tl.multiple_of(rank8 - r0, 8)
             vt = tl.where(r_mask[None, :],
-                          tl.load(v_ptrs, mask=row_mask[:, None] & m8[None, :], other=0.0), 0.0)
+                          _load_v(v_ptrs, row_mask[:, None] & m8[None, :], stride_vk, N_PARTS), 0.0)
             bt = tl.where(r_mask[:, None],
                           tl.load(b_ptrs, mask=m8[:, None] & n_mask[None, :], other=0.0), 0.0)
         else:
-            vt = tl.load(v_ptrs, mask=row_mask[:, None] & r_mask[None, :], other=0.0)   # fp32
+            vt = _load_v(v_ptrs, row_mask[:, None] & r_mask[None, :], stride_vk, N_PARTS)  # fp32
             bt = tl.load(b_ptrs, mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         # Tensor-core inputs in B's dtype (a no-op for fp32). bf16 keeps 8 mantissa bits:
         # v = hi + lo, two dots, so v stays fp32-accurate (the expand is bound by y's
@@ -138,13 +149,14 @@ def _sgmv_expand_kernel(
     num_tokens, num_adapters, r_max, num_m_blocks, v_slice0,
     h_out0, h_out1, h_out2, col_off0, col_off1, col_off2, nb0, nb1, nb_total,
     # strides
-    stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
+    stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_vk,
     stride_b0l, stride_b0n, stride_b0r, stride_b1l, stride_b1n, stride_b1r,
     stride_b2l, stride_b2n, stride_b2r,
     # meta-parameters
     NUM_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, HAS_RANKS: tl.constexpr, RANK8: tl.constexpr,
     SPLIT_V: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    N_PARTS: tl.constexpr,
 ):
     # Program id -> (segment, token block, n-block over all slices); the n-blocks of one
     # token block are neighbours so they share the v tile through L2.
@@ -177,22 +189,25 @@ def _sgmv_expand_kernel(
     if pid_n < nb0:
         _expand_tile(y_ptr, v_ptr, b0_ptr, scale_ptr, rows64, row_mask, adapter, rank,
                      v_slice0, pid_n, col_off0, h_out0,
-                     stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
+                     stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_vk,
                      stride_b0l, stride_b0n, stride_b0r,
-                     BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
+                     BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION,
+                     N_PARTS)
     elif NUM_SLICES >= 2:
         if pid_n < nb0 + nb1:
             _expand_tile(y_ptr, v_ptr, b1_ptr, scale_ptr, rows64, row_mask, adapter, rank,
                          v_slice0 + 1, pid_n - nb0, col_off1, h_out1,
-                         stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
+                         stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_vk,
                          stride_b1l, stride_b1n, stride_b1r,
-                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION,
+                         N_PARTS)
         elif NUM_SLICES >= 3:
             _expand_tile(y_ptr, v_ptr, b2_ptr, scale_ptr, rows64, row_mask, adapter, rank,
                          v_slice0 + 2, pid_n - nb0 - nb1, col_off2, h_out2,
-                         stride_yt, stride_yn, stride_vt, stride_vs, stride_vr,
+                         stride_yt, stride_yn, stride_vt, stride_vs, stride_vr, stride_vk,
                          stride_b2l, stride_b2n, stride_b2r,
-                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION)
+                         BLOCK_M, BLOCK_N, BLOCK_R, HAS_RANKS, RANK8, SPLIT_V, UPCAST, PRECISION,
+                         N_PARTS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,12 +250,14 @@ def _launch_sgmv_expand(y: Tensor, v: Tensor, Bs: Sequence[Tensor], seg_starts: 
             ranks if ranks is not None else seg_adapter,
             T, L, r_max, num_m_blocks, s0,
             *h_outs, *offs, nbs[0], nbs[1] if n > 1 else 0, sum(nbs),
-            y.stride(0), y.stride(1), v.stride(0), v.stride(1), v.stride(2),
+            y.stride(0), y.stride(1), v.stride(-3), v.stride(-2), v.stride(-1),
+            v.stride(0) if v.dim() == 4 else 0,
             *group[0].stride(), *group[1].stride(), *group[2].stride(),
             NUM_SLICES=n, HAS_RANKS=ranks is not None, RANK8=(r_max % 8 == 0),
             SPLIT_V=(y.dtype == torch.bfloat16),
             UPCAST=(y.device.type == "cpu" and y.dtype == torch.bfloat16),
             PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+            N_PARTS=v.shape[0] if v.dim() == 4 else 1,
             **cfg,
         )
 
@@ -267,7 +284,8 @@ def sgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], seg_st
                 check: bool = False) -> None:
     """y[rows of g, slice s] += scale[a] * v[rows, s, :ranks[a]] @ B_s[a, :, :ranks[a]].T.
 
-    y [T, sum h_out_s] in place; v [T, S, r_max] fp32; B a tensor [L, h_out, r_max] or a
+    y [T, sum h_out_s] in place; v [T, S, r_max] fp32, or sgmv_shrink's partials
+    [n, T, S, r_max] (partials=True), added in order; B a tensor [L, h_out, r_max] or a
     sequence of S of them. max_seg_len: host int >= the longest segment, None = T.
     block_m / block_n: 0 picks the H200 defaults. check=True also checks index values."""
     if not isinstance(y, Tensor) or y.dim() != 2 or y.dtype not in (
@@ -293,9 +311,10 @@ def sgmv_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], seg_st
     h_total = sum(b.shape[1] for b in Bs)
     if y.shape[1] != h_total:
         _fail("y", f"[T, sum h_out = {h_total}]", tuple(y.shape))
-    if not isinstance(v, Tensor) or v.shape != (T, S, r_max) or v.dtype != torch.float32 \
-            or v.device != y.device:
-        _fail("v", f"fp32 [T={T}, S={S}, r_max={r_max}] on {y.device}",
+    if not isinstance(v, Tensor) or v.shape[-3:] != (T, S, r_max) or v.dim() not in (3, 4) \
+            or v.dtype != torch.float32 or v.device != y.device \
+            or (v.dim() == 4 and not 1 <= v.shape[0] <= 64):
+        _fail("v", f"fp32 [T={T}, S={S}, r_max={r_max}] or [n <= 64, T, S, r_max] on {y.device}",
               f"{getattr(v, 'dtype', None)} {tuple(getattr(v, 'shape', ()))}")
     if not isinstance(scale, Tensor) or scale.dtype != torch.float32 or scale.shape != (L,) \
             or scale.device != y.device:

@@ -1,7 +1,7 @@
 """The `sgmv_triton` mode: Punica's SGMV for prefill, shrink then expand, in Triton.
 
-    v = sgmv_shrink(x, A, seg_starts, seg_adapter, ranks)       # [T, S, r_max] fp32
-    sgmv_expand(y, v, B, seg_starts, seg_adapter, scale, ranks)  # y += scale * v B^T
+    v = sgmv_shrink(x, A, seg_starts, seg_adapter, ranks, partials=True)  # [(n,) T, S, r_max] fp32
+    sgmv_expand(y, v, B, seg_starts, seg_adapter, scale, ranks)           # y += scale * v B^T
 
 Segments (one per run of tokens with the same adapter, -1 runs skipped) come from
 meta = multilora_impl.make_meta(idx), built on the host where the request-to-adapter
@@ -58,20 +58,22 @@ def sgmv_lora(y: Tensor, x: Tensor, A: Tensor, B: Union[Tensor, Sequence[Tensor]
             seg_idx = torch.repeat_interleave(ad, st[1:] - st[:-1])
             if seg_idx.shape != idx.shape or not torch.equal(seg_idx, idx.to("cpu", torch.int64)):
                 _fail("meta", "segments that rebuild idx", "a different assignment")
+    # [T, S, r_max] fp32, or its split-K partials, which the expand adds (one launch fewer)
     v = sgmv_shrink(x, A4, meta.seg_starts, meta.seg_adapter, ranks,
-                    max_seg_len=meta.max_seg_len, check=check)          # [T, S, r_max] fp32
+                    max_seg_len=meta.max_seg_len, partials=True, check=check)
     sgmv_expand(y, v, Bs, meta.seg_starts, meta.seg_adapter, scale, ranks,
                 max_seg_len=meta.max_seg_len, check=check)
 
 
 def lora_shrink(x: Tensor, A: Tensor, idx: Tensor, ranks: Optional[Tensor] = None,
                 meta: Optional[LoraMeta] = None) -> Tensor:
-    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32 over the
-    segments of meta (built from idx when None: a host sync)."""
+    """Registry half (engine lora_overlap="shrink"): v [T, S, r_max] fp32 (or its split-K
+    partials, as sgmv_lora passes them: the same bits) over the segments of meta (built from
+    idx when None: a host sync)."""
     meta = meta if meta is not None else make_meta(idx)
     A4 = A if A.dim() == 4 else A.unsqueeze(0)
     return sgmv_shrink(x, A4, meta.seg_starts, meta.seg_adapter, ranks,
-                       max_seg_len=meta.max_seg_len, check=debug_checks())
+                       max_seg_len=meta.max_seg_len, partials=True, check=debug_checks())
 
 
 def lora_expand(y: Tensor, v: Tensor, B: Union[Tensor, Sequence[Tensor]], idx: Tensor,

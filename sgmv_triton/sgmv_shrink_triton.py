@@ -289,8 +289,8 @@ def _launch_sgmv_shrink(v: Tensor, x: Tensor, A4: Tensor, seg_starts: Tensor, se
 def _sgmv_shrink_op(v: Tensor, x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
                     ranks: Optional[Tensor], max_seg_len: Optional[int], split_k: int,
                     block_m: int, block_k: int) -> None:
-    if split_k == 1:
-        _launch_sgmv_shrink(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, 1,
+    if split_k == 1 or v.dim() == 4:      # v itself, or the partials kept (sgmv_expand adds them)
+        _launch_sgmv_shrink(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, split_k,
                             block_m, block_k)
         return
     parts = torch.empty((split_k,) + tuple(v.shape), device=v.device, dtype=torch.float32)
@@ -307,7 +307,7 @@ def _(v, x, A, seg_starts, seg_adapter, ranks, max_seg_len, split_k, block_m, bl
 def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
                 ranks: Optional[Tensor] = None, v: Optional[Tensor] = None,
                 max_seg_len: Optional[int] = None, *, split_k: int = 0, block_m: int = 0,
-                block_k: int = 0, check: bool = False) -> Tensor:
+                block_k: int = 0, partials: bool = False, check: bool = False) -> Tensor:
     """v[rows of segment g, s, :ranks[a]] = x[rows] @ A[s, a, :ranks[a]].T in fp32, returns v.
 
     A: [L, r_max, h_in] or [S, L, r_max, h_in]. v: [T, S, r_max] fp32, allocated when None.
@@ -316,7 +316,9 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
     (deterministic): more parallelism for few, short segments. 0 (default) picks by the
     token count and columns only (pick_split_k of the grid 64-row tiles would make), so
     the same T gives the same split, and the same bits, whatever the segment layout (eager
-    and CUDA-graph calls agree).
+    and CUDA-graph calls agree). partials=True returns the split's partial sums
+    [split_k, T, S, r_max] unsummed when it splits (sgmv_expand adds them in order as it
+    loads v: one launch fewer than summing them here; PERF_LOG session 14), else v.
     block_m / block_k: 0 picks the H200 defaults. check=True also checks index values
     (a host sync)."""
     if not isinstance(x, Tensor) or x.dim() != 2 or x.dtype not in (
@@ -344,11 +346,12 @@ def sgmv_shrink(x: Tensor, A: Tensor, seg_starts: Tensor, seg_adapter: Tensor,
     if split_k == 0:
         block_c = shrink_config(x.dtype, S * r_max, None)["BLOCK_C"]
         split_k = pick_split_k(triton.cdiv(T, BLOCK_M_MAX) * triton.cdiv(S * r_max, block_c))
+    shape = (split_k, T, S, r_max) if partials and split_k > 1 else (T, S, r_max)
     if v is None:
-        v = torch.empty(T, S, r_max, device=x.device, dtype=torch.float32)   # [T, S, r_max]
-    elif not isinstance(v, Tensor) or v.shape != (T, S, r_max) or v.dtype != torch.float32 \
+        v = torch.empty(shape, device=x.device, dtype=torch.float32)
+    elif not isinstance(v, Tensor) or v.shape != shape or v.dtype != torch.float32 \
             or v.device != x.device:
-        _fail("v", f"fp32 [T={T}, S={S}, r_max={r_max}] on {x.device}",
+        _fail("v", f"fp32 {list(shape)} on {x.device}",
               f"{getattr(v, 'dtype', None)} {tuple(getattr(v, 'shape', ()))}")
     torch.ops.multilora.sgmv_shrink(v, x, A4, seg_starts, seg_adapter, ranks, max_seg_len,
                                     split_k, block_m, block_k)

@@ -139,6 +139,38 @@ def test_auto_split_is_deterministic_and_layout_free():
     assert not torch.equal(v1, sgmv_shrink(x, A, *one, split_k=1))
 
 
+def test_partials_added_by_the_expand():
+    """partials=True (sgmv_lora's path): the shrink returns its split-K partial sums
+    [n, T, S, r_max] unsummed and the expand adds them in order 0, 1, ... as it loads v:
+    the partials sum to the summed v, the expand of the partials matches the expand of their
+    sum in order, sgmv_lora equals its halves bitwise, and a wrong v shape is refused."""
+    from sgmv_triton.sgmv_lora import lora_expand, lora_shrink
+    from multilora_impl import make_meta
+    inp = make_lora_inputs(21, 256, [24, 16], 3, 16, torch.float32, "cpu", ranks=[16, 5, 9], seed=5)
+    idx = torch.tensor([0] * 6 + [-1] * 3 + [2] * 9 + [1] * 3, dtype=torch.int32)
+    st, ad = build_segments(idx)
+    parts = sgmv_shrink(inp["x"], inp["A"], st, ad, inp["ranks"], split_k=4, partials=True)
+    v = sgmv_shrink(inp["x"], inp["A"], st, ad, inp["ranks"], split_k=4)
+    assert parts.shape == (4, 21, 2, 16) and torch.allclose(parts.sum(0), v, rtol=1e-6, atol=1e-6)
+    in_order = parts[0] + parts[1] + parts[2] + parts[3]
+    y1, y2 = inp["y"].clone(), inp["y"].clone()
+    sgmv_expand(y1, parts, inp["B"], st, ad, inp["scale"], inp["ranks"])
+    sgmv_expand(y2, in_order, inp["B"], st, ad, inp["scale"], inp["ranks"])
+    assert torch.equal(y1, y2)
+    meta = make_meta(idx)
+    args = (inp["x"], inp["A"], inp["B"], idx, inp["scale"], inp["ranks"])
+    full, halves = inp["y"].clone(), inp["y"].clone()
+    sgmv_lora(full, *args, meta)
+    vh = lora_shrink(inp["x"], inp["A"], idx, inp["ranks"], meta)
+    assert vh.dim() == 4                                     # T = 21: the auto split splits
+    lora_expand(halves, vh, inp["B"], idx, inp["scale"], inp["ranks"], meta)
+    assert torch.equal(full, halves)
+    with pytest.raises(ValueError, match="^v: "):
+        sgmv_expand(y1, parts[:, :20], inp["B"], st, ad, inp["scale"], inp["ranks"])
+    with pytest.raises(ValueError, match="^v: "):
+        sgmv_shrink(inp["x"], inp["A"], st, ad, inp["ranks"], v=v, split_k=4, partials=True)
+
+
 @pytest.mark.parametrize("block_m,max_seg_len,split_k", [(16, None, 1), (16, 53, 3), (32, 60, 2)])
 def test_long_segments_blocks_split_k(block_m, max_seg_len, split_k):
     # Segments of 53 and 41 tokens span several 16-row blocks; max_seg_len None sizes the

@@ -80,10 +80,10 @@ def sgmv_expand_loads(has_ranks: bool) -> dict:
     fn = se._sgmv_expand_kernel
     consts = dict(stride_b0r=1, stride_b1r=1, stride_b2r=1, stride_vr=1, stride_yn=1,
                   NUM_SLICES=1, BLOCK_M=16, BLOCK_N=256, BLOCK_R=16, HAS_RANKS=has_ranks,
-                  RANK8=True, SPLIT_V=True, UPCAST=False, PRECISION="tf32")
+                  RANK8=True, SPLIT_V=True, UPCAST=False, PRECISION="tf32", N_PARTS=1)
     ptrs = dict(y_ptr=P, v_ptr="*fp32", b0_ptr=P, b1_ptr=P, b2_ptr=P, scale_ptr="*fp32",
                 seg_starts_ptr="*i32", seg_adapter_ptr="*i32", ranks_ptr="*i32")
-    aligned = list(ptrs) + ["r_max", "h_out0", "col_off0", "stride_yt", "stride_vt", "stride_vs",
+    aligned = list(ptrs) + ["r_max", "h_out0", "col_off0", "stride_yt", "stride_vt", "stride_vs", "stride_vk",
                             "stride_b0l", "stride_b0n", "stride_b1l", "stride_b1n",
                             "stride_b2l", "stride_b2n"]
     sig = {n: "constexpr" if n in consts else ptrs.get(n, I32) for n in fn.arg_names}
