@@ -692,6 +692,12 @@ def prepare_vllm_triton(x, A, B, idx, scale, ranks=None) -> VllmMeta:
     sc = scale.detach().float().to(dev)[:, None, None]
     lora_b = [torch.where(used[:, None, :], b.float() * sc, 0).to(b.dtype).contiguous()
               for b in Bs]
+    # vLLM caches each weight list's pointer table and strides by data pointers alone (its
+    # weights never move); ours are new tensors, so an entry under their addresses is a
+    # freed list's: drop it.
+    k = _load_vllm()
+    k.utils._LORA_A_PTR_DICT.pop(tuple(w.data_ptr() for w in lora_a), None)
+    k.utils._LORA_B_PTR_DICT.pop(tuple(w.data_ptr() for w in lora_b), None)
     # LoRAKernelMeta.prepare_tensors's tensors, for this batch (its rule, our code)
     mapping = idx_h.to(torch.int32)
     order = torch.sort(mapping, stable=True)[1].to(torch.int32)
