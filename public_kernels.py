@@ -201,6 +201,33 @@ _loaded: Optional[types.SimpleNamespace] = None
 _load_error: Optional[str] = None
 
 
+def _load_by_path(kdir: str, files: Sequence[str], prefix: str, stubs: dict,
+                  also_as: Optional[str] = None) -> dict:
+    """Load kdir/<name>.py for each name, in order, as module prefix.<name> (kept in
+    sys.modules: triton / inspect look functions up by module), with the stub modules in
+    sys.modules during the loads only; also_as: the package the files import each other
+    from (each module is also listed as also_as.<name> while the files load)."""
+    mods, aliases = {}, []
+    sys.modules.update(stubs)
+    try:
+        for name in files:
+            path = os.path.join(kdir, name + ".py")
+            if not os.path.isfile(path):
+                raise ImportError(f"{path} not found")
+            spec = importlib.util.spec_from_file_location(f"{prefix}.{name}", path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod
+            if also_as:
+                aliases.append(f"{also_as}.{name}")
+                sys.modules[aliases[-1]] = mod
+            spec.loader.exec_module(mod)
+            mods[name] = mod
+    finally:
+        for k in list(stubs) + aliases:
+            sys.modules.pop(k, None)
+    return mods
+
+
 def _sglang_dir() -> Optional[str]:
     """Directory of the installed sglang package, found without importing it."""
     spec = importlib.util.find_spec(SGLANG_PACKAGE)   # top level: does not run __init__
@@ -246,21 +273,8 @@ def _load_sglang() -> types.SimpleNamespace:
             m.cached_triton_kernel = _identity_cached_triton_kernel
             stubs[m.__name__] = m
         ns = types.SimpleNamespace(root=root, version=got)
-        sys.modules.update(stubs)
-        try:
-            for name in _SGLANG_KERNEL_FILES:
-                path = os.path.join(kdir, name + ".py")
-                if not os.path.isfile(path):
-                    raise ImportError(f"{path} not found in the installed {SGLANG_PACKAGE}")
-                modname = f"_public_sglang_{SGLANG_VERSION.replace('.', '_')}.{name}"
-                spec = importlib.util.spec_from_file_location(modname, path)
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules[modname] = mod      # triton / inspect look functions up by module
-                spec.loader.exec_module(mod)
-                setattr(ns, name, mod)
-        finally:
-            for k in stubs:
-                sys.modules.pop(k, None)
+        ns.__dict__.update(_load_by_path(kdir, _SGLANG_KERNEL_FILES,
+                                         f"_public_sglang_{SGLANG_VERSION.replace('.', '_')}", stubs))
         ns.shrink_csgmv = ns.chunked_sgmv_shrink.chunked_sgmv_lora_shrink_forward
         ns.expand_csgmv = ns.chunked_sgmv_expand.chunked_sgmv_lora_expand_forward
         ns.lora_a = ns.sgemm_lora_a.sgemm_lora_a_fwd
@@ -602,25 +616,9 @@ def _load_vllm() -> types.SimpleNamespace:
             raise ImportError(f"vllm modules already imported ({clash[0]}, ...): load these "
                               "adapters in a process without vllm")
         ns = types.SimpleNamespace(root=root, version=got)
-        real_names = []
-        sys.modules.update(stubs)
-        try:
-            for name in _VLLM_KERNEL_FILES:
-                path = os.path.join(kdir, name + ".py")
-                if not os.path.isfile(path):
-                    raise ImportError(f"{path} not found")
-                modname = f"_public_vllm_{VLLM_VERSION.replace('.', '_')}.{name}"
-                spec = importlib.util.spec_from_file_location(modname, path)
-                m = importlib.util.module_from_spec(spec)
-                sys.modules[modname] = m        # triton / inspect look functions up by module
-                real = "vllm.lora.ops.triton_ops." + name   # what the files import each other as
-                sys.modules[real] = m
-                real_names.append(real)
-                spec.loader.exec_module(m)
-                setattr(ns, name, m)
-        finally:
-            for k in list(stubs) + real_names:
-                sys.modules.pop(k, None)
+        ns.__dict__.update(_load_by_path(kdir, _VLLM_KERNEL_FILES,
+                                         f"_public_vllm_{VLLM_VERSION.replace('.', '_')}", stubs,
+                                         also_as="vllm.lora.ops.triton_ops"))
         ns.shrink = ns.lora_shrink_op.lora_shrink
         ns.expand = ns.lora_expand_op.lora_expand
     except Exception as e:   # noqa: BLE001 - any failure makes the adapter unavailable
