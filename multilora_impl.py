@@ -1166,13 +1166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
              "mixed_rank": "decode_mixed_rank", "punica": "decode_punica_grid_vs_floor"}
     plotters = {"decode": plot_decode, "bandwidth": plot_bandwidth,
                 "mixed_rank": plot_mixed_rank, "punica": plot_floor}
-    if not args.plot_only and str(args.device).startswith("cuda"):
-        # The launch floor is measured once per process (bench_utils.empty_graph_us): take
-        # it first, right after a copy, as a decode sweep's start does, whichever figures
-        # run (after the mixed-rank figure's graph replays it read 1.25 us, not 0.93:
-        # PERF_LOG session 14, call 5).
-        bu.copy_bandwidth_gbs(args.device)
-        bu.empty_graph_us(args.device)
+    if not args.plot_only:
+        bu.ceilings(args.device)    # the launch floor first, whichever figures run
     for fig in args.figures:
         path = os.path.join(args.out_dir, names[fig])
         if not args.plot_only:

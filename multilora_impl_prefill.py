@@ -63,14 +63,15 @@ def run_point(args, num_requests: int, tokens: int, seed: int) -> dict:
 
 
 def run(args) -> dict:
+    copy_gbs, empty_us = bu.ceilings(args.device)    # the floor first: `none`'s column
     data = {"env": bu.env_info(), "config": {
         k: getattr(args, k) for k in ("dtype", "h_in", "h_out", "rank", "num_adapters",
                                       "workload", "no_lora_share", "ragged", "modes",
                                       "tokens_per_request", "num_requests",
                                       "fixed_requests", "fixed_tokens", "seed")},
-        "copy_gbs": bu.copy_bandwidth_gbs(args.device), "sweep_tokens": [], "sweep_requests": []}
+        "copy_gbs": copy_gbs, "empty_graph_us": empty_us, "sweep_tokens": [], "sweep_requests": []}
     data["config"]["command"] = " ".join(sys.argv)
-    print(f"copy bandwidth {data['copy_gbs']:.0f} GB/s")
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s, empty graph kernel {empty_us:.2f} us")
     print(f"sweep: tokens per request, {args.fixed_requests} requests")
     for tok in args.tokens_per_request:
         data["sweep_tokens"].append(run_point(args, args.fixed_requests, tok, args.seed + tok))

@@ -122,6 +122,7 @@ with the mode's prepare outside the timed region.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -195,10 +196,23 @@ class SglangMeta:
 
 
 # ---------------------------------------------------------------------------------------
-# Loading SGLang's kernel files by path
+# Loading the packages' kernel files by path (SGLang's, vLLM's below)
 # ---------------------------------------------------------------------------------------
-_loaded: Optional[types.SimpleNamespace] = None
-_load_error: Optional[str] = None
+def _load_once(load):
+    """load() runs once: its result, or the ImportError saying why it failed (any exception
+    counts as a failure), is kept and returned / raised again on every later call."""
+    state: dict = {}
+
+    def wrapper():
+        if "error" not in state and "ns" not in state:
+            try:
+                state["ns"] = load()
+            except Exception as e:   # noqa: BLE001 - any failure makes the adapters unavailable
+                state["error"] = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+        if "error" in state:
+            raise ImportError(state["error"])
+        return state["ns"]
+    return functools.wraps(load)(wrapper)
 
 
 def _load_by_path(kdir: str, files: Sequence[str], prefix: str, stubs: dict,
@@ -242,49 +256,40 @@ def _identity_cached_triton_kernel(key_fn=None):
     return lambda fn: fn
 
 
+@_load_once
 def _load_sglang() -> types.SimpleNamespace:
     """Load the six kernel files by path (once). Raises ImportError with the reason."""
-    global _loaded, _load_error
-    if _loaded is not None:
-        return _loaded
-    if _load_error is not None:
-        raise ImportError(_load_error)
+    root = _sglang_dir()
+    if root is None:
+        raise ImportError(f"{SGLANG_PACKAGE} is not installed (pip install --no-deps "
+                          f"{SGLANG_PACKAGE}=={SGLANG_VERSION})")
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        root = _sglang_dir()
-        if root is None:
-            raise ImportError(f"{SGLANG_PACKAGE} is not installed (pip install --no-deps "
-                              f"{SGLANG_PACKAGE}=={SGLANG_VERSION})")
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            got = version(SGLANG_PACKAGE)
-        except PackageNotFoundError:
-            got = "unknown"
-        if got != SGLANG_VERSION:
-            raise ImportError(f"{SGLANG_PACKAGE} {got} is installed; these adapters are "
-                              f"written for {SGLANG_VERSION}")
-        kdir = os.path.join(root, *_SGLANG_KERNEL_DIR)
-        stubs = {}
-        if "sglang.srt.lora.utils" not in sys.modules:
-            m = types.ModuleType("sglang.srt.lora.utils")
-            m.LoRABatchInfo = SglangBatchInfo
-            stubs[m.__name__] = m
-        if "sglang.srt.utils" not in sys.modules:
-            m = types.ModuleType("sglang.srt.utils")
-            m.cached_triton_kernel = _identity_cached_triton_kernel
-            stubs[m.__name__] = m
-        ns = types.SimpleNamespace(root=root, version=got)
-        ns.__dict__.update(_load_by_path(kdir, _SGLANG_KERNEL_FILES,
-                                         f"_public_sglang_{SGLANG_VERSION.replace('.', '_')}", stubs))
-        ns.shrink_csgmv = ns.chunked_sgmv_shrink.chunked_sgmv_lora_shrink_forward
-        ns.expand_csgmv = ns.chunked_sgmv_expand.chunked_sgmv_lora_expand_forward
-        ns.lora_a = ns.sgemm_lora_a.sgemm_lora_a_fwd
-        ns.lora_b = ns.sgemm_lora_b.sgemm_lora_b_fwd
-        ns.qkv_b = ns.qkv_lora_b.qkv_lora_b_fwd
-        ns.gate_up_b = ns.gate_up_lora_b.gate_up_lora_b_fwd
-    except Exception as e:   # noqa: BLE001 - any failure makes the adapters unavailable
-        _load_error = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
-        raise ImportError(_load_error) from e
-    _loaded = ns
+        got = version(SGLANG_PACKAGE)
+    except PackageNotFoundError:
+        got = "unknown"
+    if got != SGLANG_VERSION:
+        raise ImportError(f"{SGLANG_PACKAGE} {got} is installed; these adapters are "
+                          f"written for {SGLANG_VERSION}")
+    kdir = os.path.join(root, *_SGLANG_KERNEL_DIR)
+    stubs = {}
+    if "sglang.srt.lora.utils" not in sys.modules:
+        m = types.ModuleType("sglang.srt.lora.utils")
+        m.LoRABatchInfo = SglangBatchInfo
+        stubs[m.__name__] = m
+    if "sglang.srt.utils" not in sys.modules:
+        m = types.ModuleType("sglang.srt.utils")
+        m.cached_triton_kernel = _identity_cached_triton_kernel
+        stubs[m.__name__] = m
+    ns = types.SimpleNamespace(root=root, version=got)
+    ns.__dict__.update(_load_by_path(kdir, _SGLANG_KERNEL_FILES,
+                                     f"_public_sglang_{SGLANG_VERSION.replace('.', '_')}", stubs))
+    ns.shrink_csgmv = ns.chunked_sgmv_shrink.chunked_sgmv_lora_shrink_forward
+    ns.expand_csgmv = ns.chunked_sgmv_expand.chunked_sgmv_lora_expand_forward
+    ns.lora_a = ns.sgemm_lora_a.sgemm_lora_a_fwd
+    ns.lora_b = ns.sgemm_lora_b.sgemm_lora_b_fwd
+    ns.qkv_b = ns.qkv_lora_b.qkv_lora_b_fwd
+    ns.gate_up_b = ns.gate_up_lora_b.gate_up_lora_b_fwd
     return ns
 
 
@@ -501,8 +506,6 @@ def sglang_triton_lora(y, x, A, B, idx, scale, ranks=None, meta=None) -> None:
 # ---------------------------------------------------------------------------------------
 # vLLM: loading its four kernel files by path
 # ---------------------------------------------------------------------------------------
-_vllm: Optional[types.SimpleNamespace] = None
-_vllm_error: Optional[str] = None
 
 
 def _vllm_dir() -> tuple[Optional[str], str]:
@@ -595,36 +598,27 @@ def _vllm_stubs() -> dict:
     return {m.__name__: m for m in stubs}
 
 
+@_load_once
 def _load_vllm() -> types.SimpleNamespace:
     """Load vLLM's four kernel files by path (once). Raises ImportError with the reason."""
-    global _vllm, _vllm_error
-    if _vllm is not None:
-        return _vllm
-    if _vllm_error is not None:
-        raise ImportError(_vllm_error)
-    try:
-        root, got = _vllm_dir()
-        if root is None:
-            raise ImportError(got)
-        if not got.startswith(VLLM_VERSION):
-            raise ImportError(f"{VLLM_PACKAGE} {got} is installed; these adapters are "
-                              f"written for {VLLM_VERSION}")
-        kdir = os.path.join(root, *_VLLM_KERNEL_DIR)
-        stubs = _vllm_stubs()
-        clash = [k for k in stubs if k in sys.modules]
-        if clash:   # a real vllm is imported: its modules, not ours, would be found
-            raise ImportError(f"vllm modules already imported ({clash[0]}, ...): load these "
-                              "adapters in a process without vllm")
-        ns = types.SimpleNamespace(root=root, version=got)
-        ns.__dict__.update(_load_by_path(kdir, _VLLM_KERNEL_FILES,
-                                         f"_public_vllm_{VLLM_VERSION.replace('.', '_')}", stubs,
-                                         also_as="vllm.lora.ops.triton_ops"))
-        ns.shrink = ns.lora_shrink_op.lora_shrink
-        ns.expand = ns.lora_expand_op.lora_expand
-    except Exception as e:   # noqa: BLE001 - any failure makes the adapter unavailable
-        _vllm_error = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
-        raise ImportError(_vllm_error) from e
-    _vllm = ns
+    root, got = _vllm_dir()
+    if root is None:
+        raise ImportError(got)
+    if not got.startswith(VLLM_VERSION):
+        raise ImportError(f"{VLLM_PACKAGE} {got} is installed; these adapters are "
+                          f"written for {VLLM_VERSION}")
+    kdir = os.path.join(root, *_VLLM_KERNEL_DIR)
+    stubs = _vllm_stubs()
+    clash = [k for k in stubs if k in sys.modules]
+    if clash:   # a real vllm is imported: its modules, not ours, would be found
+        raise ImportError(f"vllm modules already imported ({clash[0]}, ...): load these "
+                          "adapters in a process without vllm")
+    ns = types.SimpleNamespace(root=root, version=got)
+    ns.__dict__.update(_load_by_path(kdir, _VLLM_KERNEL_FILES,
+                                     f"_public_vllm_{VLLM_VERSION.replace('.', '_')}", stubs,
+                                     also_as="vllm.lora.ops.triton_ops"))
+    ns.shrink = ns.lora_shrink_op.lora_shrink
+    ns.expand = ns.lora_expand_op.lora_expand
     return ns
 
 
