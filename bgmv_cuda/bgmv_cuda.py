@@ -540,8 +540,7 @@ def check_expand_args(y: Tensor, v: Tensor, B: BList, idx: Tensor, scale: Tensor
         if b.dim() != 3 or b.shape[0] != L or L < 1 or b.shape[2] != r_max \
                 or not 1 <= b.shape[1] <= INT_MAX:
             _fail(name, f"[L={L}, h_out >= 1, r_max={r_max}]", tuple(b.shape))
-        if rank_major and not (not _row_layout(b, r_max)
-                               and (b.stride(1) == 1 or b.shape[1] == 1)):
+        if rank_major and not b_rank_major([b], r_max):
             _fail(name, "unit stride along h_out (rank-major, as B[0])",
                   f"strides {tuple(b.stride())}")
         if not rank_major and not _row_layout(b, r_max):
